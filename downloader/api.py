@@ -1,0 +1,100 @@
+"""The library entry points that the CLI is built on: ``run`` and ``iter_results``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+from downloader.errors import InputError
+from downloader.manifest import ManifestWriter, OutputFolder, PreviousRun
+from downloader.modes import RUNNERS
+from downloader.progress import Events, ignore_events
+from downloader.records import Job, Outcome
+from downloader.report import RunReport, Tally
+from downloader.runtime import Cancellation, RunContext, cancel_on_signals
+from downloader.settings import Settings
+from downloader.sources import Line, plan_jobs, read_lines
+
+__all__ = ["Source", "iter_results", "run"]
+
+Source = str | Path | TextIO | Iterable[str]
+"""A URL list: a file path (``"-"`` for stdin), an open text file, or URLs."""
+
+SKIP_NOTE = "already ok in the manifest (use --force to redo)"
+
+
+def _plan(
+    lines: Iterator[Line], previous: PreviousRun, force: bool
+) -> Iterator[Job | Outcome]:
+    for item in plan_jobs(lines):
+        if isinstance(item, Job) and not force:
+            done = previous.finished(item.url)
+            if done is not None:
+                yield done.skipped(SKIP_NOTE, line=item.line)
+                continue
+        yield item
+
+
+def iter_results(
+    source: Source,
+    settings: Settings,
+    *,
+    events: Events = ignore_events,
+    cancel: Cancellation | None = None,
+) -> Iterator[Outcome]:
+    """Run the job and yield each URL's record as soon as it is written.
+
+    The manifest in ``settings.out`` gets one line per unique input. Stopping early
+    (``break``, ``close()``, Ctrl-C or ``cancel.set()``) shuts the run down cleanly;
+    records of URLs cut short say ``interrupted``.
+
+    Raises:
+        InputError: the list cannot be read (before anything is written).
+        OutputError: the output folder is unusable, locked, or the disk is full.
+        WorkerCrashed: a worker failed in a way that is a bug, not a bad image.
+    """
+    if isinstance(source, str | Path) and str(source) != "-" and Path(source).is_dir():
+        raise InputError(f"cannot read URL list {source}: it is a directory")
+    lines = read_lines(source)
+    cancel = cancel or Cancellation()
+    runner = RUNNERS.get(settings.mode)
+    if runner is None:
+        raise InputError(f"mode {settings.mode.value!r} is not available")
+    with (
+        cancel_on_signals(cancel),
+        OutputFolder(settings.out) as folder,
+    ):
+        previous = PreviousRun(folder)
+        context = RunContext(folder.path, folder.tmp, events, cancel)
+        with ManifestWriter(folder, previous) as manifest:
+            results = runner(_plan(lines, previous, settings.force), settings, context)
+            try:
+                for outcome in results:
+                    manifest.write(outcome)
+                    yield outcome
+            finally:
+                close = getattr(results, "close", None)
+                if close is not None:
+                    close()
+
+
+def run(
+    source: Source,
+    settings: Settings | None = None,
+    *,
+    events: Events = ignore_events,
+    cancel: Cancellation | None = None,
+) -> RunReport:
+    """Run the whole job and return every record plus the totals.
+
+    Keeps every record in memory; for very long lists iterate ``iter_results``.
+    """
+    settings = settings or Settings()
+    cancel = cancel or Cancellation()
+    tally = Tally()
+    results = []
+    for outcome in iter_results(source, settings, events=events, cancel=cancel):
+        tally.add(outcome)
+        results.append(outcome)
+    return RunReport(tuple(results), tally.summary(interrupted=cancel.is_set()))

@@ -1,0 +1,611 @@
+"""The download stage: one URL to one complete file on disk under a temporary name.
+
+``fetch()`` streams a body to ``<tmp_dir>/<stem>.part`` through a shared
+``httpx.Client`` and returns a ``Fetched`` record. A URL that cannot be fetched
+raises ``FetchError`` (a per-URL failure, turned into a record by the caller); a local
+write fault raises ``OutputError`` (the run stops). Either way no ``.part`` file is
+left behind.
+
+Redirects (followed by hand, each hop checked), retries with jittered backoff,
+``Retry-After``, size caps on raw and decoded bytes, the per-attempt deadline and the
+minimum-speed check all live here, so every scheduler gets the same behaviour. This
+module never starts a thread or a process: callers run ``fetch()`` from as many threads
+as they like, sharing one client (``make_client``) and one ``HostLimiter``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import os
+import random
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from downloader.errors import FetchError, OutputError
+from downloader.records import Fetched, Job
+from downloader.settings import HttpSettings
+
+__all__ = ["CHUNK", "HostLimiter", "fetch", "make_client"]
+
+CHUNK = 256 * 1024
+"""Most bytes one decompression step may produce, so a gzip bomb is cut off in pieces
+of this size instead of inflating a 64 KiB read to tens of megabytes at once (S12)."""
+
+_SLOT_WAIT_SLICE = 0.25
+"""Seconds one wait for a host slot lasts before the cancel flag is checked again."""
+
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_RATE_LIMIT_STATUSES = frozenset({429, 503})
+_TRANSIENT_CLIENT_STATUSES = frozenset({408, 429})
+_ALLOWED_SCHEMES = frozenset({"http", "https"})
+_TIMEOUT_KINDS: dict[type[httpx.TimeoutException], str] = {
+    httpx.ConnectTimeout: "connect",
+    httpx.ReadTimeout: "read",
+    httpx.WriteTimeout: "write",
+    httpx.PoolTimeout: "pool",
+}
+# O_EXCL|O_NOFOLLOW: never write through a file or link someone else put there.
+_PART_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+
+
+def make_client(http: HttpSettings, threads: int) -> httpx.Client:
+    """Build the one client a run shares between all its download threads."""
+    headers = httpx.Headers(
+        {
+            "User-Agent": http.user_agent,
+            # Images are already compressed; identity also sidesteps gzip bombs (S12).
+            "Accept-Encoding": "identity",
+            "Accept": "image/*,*/*;q=0.8",
+        }
+    )
+    headers.update(list(http.headers))
+    return httpx.Client(
+        headers=headers,
+        limits=httpx.Limits(max_connections=threads, max_keepalive_connections=threads),
+        # Threads may outnumber free connections, so waiting for one may take long.
+        timeout=httpx.Timeout(http.timeout, pool=http.deadline),
+        # Redirects are followed by hand so that every hop is checked.
+        follow_redirects=False,
+        verify=http.verify,
+        trust_env=True,
+    )
+
+
+class HostLimiter:
+    """Cap concurrent requests per host:port; hold back hosts that asked us to wait."""
+
+    def __init__(self, per_host: int) -> None:
+        if per_host <= 0:
+            raise ValueError("per_host must be greater than 0")
+        self._per_host = per_host
+        self._lock = threading.Lock()
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self._not_before: dict[str, float] = {}
+
+    @contextmanager
+    def slot(self, host: str, cancel: threading.Event) -> Iterator[None]:
+        """Hold one of ``host``'s slots, after any wait the host asked for.
+
+        Raises:
+            FetchError: "interrupted" once ``cancel`` is set while waiting.
+        """
+        semaphore = self._semaphore(host)
+        while not semaphore.acquire(timeout=_SLOT_WAIT_SLICE):
+            if cancel.is_set():
+                raise FetchError("interrupted")
+        try:
+            self._wait_until_allowed(host, cancel)
+            yield
+        finally:
+            semaphore.release()
+
+    def slow_down(self, host: str, delay: float) -> None:
+        """Make every thread wait ``delay`` seconds before its next request there."""
+        if delay <= 0:
+            return
+        until = time.monotonic() + delay
+        with self._lock:
+            self._not_before[host] = max(until, self._not_before.get(host, until))
+
+    def _semaphore(self, host: str) -> threading.BoundedSemaphore:
+        with self._lock:
+            semaphore = self._slots.get(host)
+            if semaphore is None:
+                semaphore = self._slots[host] = threading.BoundedSemaphore(
+                    self._per_host
+                )
+            return semaphore
+
+    def _wait_until_allowed(self, host: str, cancel: threading.Event) -> None:
+        while True:
+            with self._lock:
+                remaining = self._not_before.get(host, 0.0) - time.monotonic()
+            if cancel.is_set():
+                raise FetchError("interrupted")
+            if remaining <= 0:
+                return
+            cancel.wait(remaining)
+
+
+def fetch(
+    job: Job,
+    client: httpx.Client,
+    http: HttpSettings,
+    tmp_dir: Path,
+    *,
+    cancel: threading.Event,
+    hosts: HostLimiter,
+    on_bytes: Callable[[int], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Fetched:
+    """Download ``job.url`` to ``tmp_dir/<stem>.part``, retrying transient failures.
+
+    Raises:
+        FetchError: the URL failed (``reason`` says why); nothing is left on disk.
+        OutputError: the ``.part`` file could not be written; the run should stop.
+    """
+    download = _Download(
+        job=job,
+        client=client,
+        http=http,
+        path=tmp_dir / f"{job.stem}.part",
+        cancel=cancel,
+        hosts=hosts,
+        on_bytes=on_bytes,
+        clock=clock,
+    )
+    succeeded = False
+    try:
+        fetched = download.run()
+        succeeded = True
+        return fetched
+    except FetchError as exc:
+        exc.attempts = download.attempts
+        raise
+    finally:
+        if not succeeded:
+            _remove(download.path)
+
+
+class _Transient(FetchError):
+    """A failure worth another attempt; ``retry_after`` is the server's own wait."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        host: str,
+        http_status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(reason, http_status=http_status)
+        self.host = host
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class _Body:
+    """A complete body on disk, as one attempt saw it."""
+
+    final_url: str
+    nbytes: int
+    sha256: str
+
+
+class _Received:
+    """Raw bytes seen so far on one response, for the truncation message."""
+
+    __slots__ = ("expected", "raw")
+
+    def __init__(self) -> None:
+        self.raw = 0
+        self.expected: int | None = None
+
+
+class _Download:
+    """The state of one ``fetch()`` call: attempts made and the current deadline."""
+
+    def __init__(
+        self,
+        *,
+        job: Job,
+        client: httpx.Client,
+        http: HttpSettings,
+        path: Path,
+        cancel: threading.Event,
+        hosts: HostLimiter,
+        on_bytes: Callable[[int], None] | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.job, self.client, self.http, self.path = job, client, http, path
+        self.cancel, self.hosts, self.on_bytes, self.clock = (
+            cancel,
+            hosts,
+            on_bytes,
+            clock,
+        )
+        self.attempts = 0
+        self.deadline: float | None = None
+
+    def run(self) -> Fetched:
+        """Make attempts until one succeeds, a failure is final, or retries run out."""
+        started = self.clock()
+        while True:
+            if self.cancel.is_set():
+                raise FetchError("interrupted")
+            self.attempts += 1
+            try:
+                body = self._attempt()
+            except _Transient as exc:
+                _remove(self.path)
+                if self.attempts > self.http.retries:
+                    raise self._give_up(exc) from exc
+                self._pause(exc)
+            else:
+                elapsed = self.clock() - started
+                return Fetched(
+                    job=self.job,
+                    path=self.path,
+                    nbytes=body.nbytes,
+                    sha256=body.sha256,
+                    final_url=body.final_url,
+                    http_status=200,
+                    attempts=self.attempts,
+                    elapsed=elapsed,
+                )
+
+    def _give_up(self, exc: _Transient) -> FetchError:
+        reason = exc.reason
+        if self.attempts > 1:
+            reason = f"{reason} after {self.attempts} attempts"
+        return FetchError(reason, http_status=exc.http_status, final_url=exc.final_url)
+
+    def _pause(self, exc: _Transient) -> None:
+        """Wait before the next attempt: the server's ``Retry-After`` or a backoff."""
+        if exc.retry_after is not None:
+            delay = exc.retry_after
+        else:
+            ceiling = self.http.backoff * 2 ** (self.attempts - 1)
+            # Full jitter keeps threads that failed together from retrying together.
+            delay = random.uniform(0.5, 1.0) * min(self.http.max_backoff, ceiling)
+        if exc.http_status in _RATE_LIMIT_STATUSES:
+            self.hosts.slow_down(exc.host, delay)
+        if self.cancel.wait(delay):
+            raise FetchError("interrupted")
+
+    def _attempt(self) -> _Body:
+        """Follow redirects from ``job.url`` to a body and save it."""
+        self.deadline = None
+        url = _parse_url(self.job.url)
+        seen = {str(url)}
+        hops = 0
+        while True:
+            outcome = self._request(url)
+            if isinstance(outcome, _Body):
+                return outcome
+            if hops == self.http.max_redirects:
+                raise FetchError(
+                    f"too many redirects (more than {self.http.max_redirects})",
+                    final_url=str(url),
+                )
+            url = _redirect_target(url, outcome, seen)
+            hops += 1
+
+    def _request(self, url: httpx.URL) -> _Body | str:
+        """Send one GET; return the saved body, or the ``Location`` of a redirect."""
+        host = _host_key(url)
+        received = _Received()
+        try:
+            with self.hosts.slot(host, self.cancel):
+                if self.deadline is None:
+                    # Time spent queueing for a slot is not the server's fault.
+                    self.deadline = self.clock() + self.http.deadline
+                self._check_running(host)
+                with self.client.stream("GET", url) as response:
+                    location = _check_status(response, host, self.http.max_backoff)
+                    if location is not None:
+                        return location
+                    return self._save(response, str(url), received)
+        except httpx.HTTPError as exc:
+            raise _translate(exc, host, self.http, received) from exc
+        except FetchError as exc:
+            exc.final_url = exc.final_url or str(url)
+            raise
+
+    def _check_running(self, host: str) -> None:
+        if self.cancel.is_set():
+            raise FetchError("interrupted")
+        if self.deadline is not None and self.clock() > self.deadline:
+            raise _Transient(f"timed out after {self.http.deadline:g}s", host=host)
+
+    def _save(self, response: httpx.Response, url: str, received: _Received) -> _Body:
+        """Stream the body of a 200 response into the ``.part`` file."""
+        host = _host_key(response.url)
+        max_bytes = self.http.max_bytes
+        received.expected = expected = _content_length(response)
+        if expected is not None and expected > max_bytes:
+            limit = f"larger than --max-bytes ({max_bytes} bytes)"
+            raise FetchError(f"{limit}: Content-Length {expected}")
+        if expected == 0:
+            raise FetchError("empty body")
+        decoder = _decoder_for(response.headers.get("Content-Encoding", ""))
+        speed = _SpeedCheck(self.http, self.clock, host)
+        with _PartFile(self.path) as part:
+            # No chunk_size: httpx would buffer reads up to it, so a slow drip would
+            # never reach the deadline check. httpcore already reads 64 KiB at a time.
+            for data in response.iter_raw():
+                received.raw += len(data)
+                if received.raw > max_bytes:
+                    raise FetchError(f"larger than --max-bytes ({max_bytes} bytes)")
+                self._write(part, decoder.feed(data))
+                self._check_running(host)
+                speed.update(received.raw)
+            self._write(part, decoder.finish())
+            if expected is not None and received.raw < expected:
+                raise _Transient(
+                    f"connection closed early ({received.raw} of {expected} bytes)",
+                    host=host,
+                )
+            if part.nbytes == 0:
+                raise FetchError("empty body")
+            return _Body(url, part.nbytes, part.sha256)
+
+    def _write(self, part: _PartFile, pieces: Iterator[bytes]) -> None:
+        for piece in pieces:
+            if part.nbytes + len(piece) > self.http.max_bytes:
+                raise FetchError(
+                    f"larger than --max-bytes ({self.http.max_bytes} bytes)"
+                )
+            part.write(piece)
+            if self.on_bytes is not None:
+                self.on_bytes(len(piece))
+
+
+class _SpeedCheck:
+    """Fail a body whose average rate over each window falls below the minimum."""
+
+    def __init__(self, http: HttpSettings, clock: Callable[[], float], host: str):
+        self._window, self._min_speed = http.speed_window, http.min_speed
+        self._clock, self._host = clock, host
+        self._mark_time, self._mark_bytes = clock(), 0
+
+    def update(self, total: int) -> None:
+        """Record ``total`` bytes received so far; raise if the last window was slow."""
+        now = self._clock()
+        elapsed = now - self._mark_time
+        if elapsed < self._window:
+            return
+        rate = (total - self._mark_bytes) / elapsed
+        if rate < self._min_speed:
+            raise _Transient(
+                f"too slow: {rate:.0f} B/s for {self._window:g}s", host=self._host
+            )
+        self._mark_time, self._mark_bytes = now, total
+
+
+class _PartFile:
+    """The ``.part`` being written, hashed and counted; local faults → OutputError."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.nbytes = 0
+        self._digest = hashlib.sha256()
+        self._fd = -1
+
+    @property
+    def sha256(self) -> str:
+        """Hex digest of everything written so far."""
+        return self._digest.hexdigest()
+
+    def __enter__(self) -> _PartFile:
+        try:
+            # A stale file from an earlier attempt or run would make O_EXCL fail.
+            self.path.unlink(missing_ok=True)
+            self._fd = os.open(self.path, _PART_FLAGS, 0o600)
+        except OSError as exc:
+            raise _output_error(self.path, exc) from exc
+        return self
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` (all of it: ``os.write`` may write less than asked)."""
+        self._digest.update(data)
+        self.nbytes += len(data)
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            raise _output_error(self.path, exc) from exc
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            os.close(self._fd)
+        except OSError as close_exc:
+            # A delayed write error (NFS, quota) shows up here; report it if first.
+            _remove(self.path)
+            if exc_type is None:
+                raise _output_error(self.path, close_exc) from close_exc
+        if exc_type is not None:
+            _remove(self.path)
+
+
+class _Identity:
+    """Pass bytes through: the body was sent as asked, without a content coding."""
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Return ``data`` as the one decoded piece."""
+        yield data
+
+    def finish(self) -> Iterator[bytes]:
+        """Return nothing: an identity body has no trailer."""
+        yield from ()
+
+
+class _Inflater:
+    """Decode gzip/deflate in pieces of at most ``CHUNK`` bytes, so caps bite early."""
+
+    def __init__(self, encoding: str) -> None:
+        self._encoding = encoding
+        # 47 = 32 + 15: accept a gzip or zlib header, with the largest window.
+        self._inflate = zlib.decompressobj(wbits=47)
+        self._started = False
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Decode ``data``, yielding pieces of at most ``CHUNK`` bytes."""
+        while True:
+            piece = self._decompress(data)
+            data = self._inflate.unconsumed_tail
+            if piece:
+                yield piece
+            if not data and len(piece) < CHUNK:
+                return
+
+    def finish(self) -> Iterator[bytes]:
+        """Drain what is left and check that the stream ended properly."""
+        yield from self.feed(b"")
+        if not self._inflate.eof:
+            raise FetchError(f"bad {self._encoding} data: stream ends early")
+
+    def _decompress(self, data: bytes) -> bytes:
+        try:
+            piece = self._inflate.decompress(data, CHUNK)
+        except zlib.error as exc:
+            if self._started or self._encoding != "deflate":
+                raise FetchError(f"bad {self._encoding} data: {exc}") from exc
+            # Some servers send "deflate" without the zlib header (raw deflate).
+            self._inflate = zlib.decompressobj(wbits=-15)
+            self._started = True
+            return self._decompress(data)
+        self._started = True
+        return piece
+
+
+def _decoder_for(content_encoding: str) -> _Identity | _Inflater:
+    encoding = content_encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return _Identity()
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        return _Inflater(encoding)
+    raise FetchError(f"unsupported Content-Encoding {content_encoding.strip()!r}")
+
+
+def _check_status(
+    response: httpx.Response, host: str, max_backoff: float
+) -> str | None:
+    """Return None for a 200, the target of a redirect, or raise for anything else."""
+    code = response.status_code
+    if code == 200:
+        return None
+    if code in _REDIRECT_STATUSES and "Location" in response.headers:
+        return response.headers["Location"]
+    if code in _TRANSIENT_CLIENT_STATUSES or code >= 500:
+        retry_after = None
+        if code in _RATE_LIMIT_STATUSES:
+            retry_after = _retry_after(response.headers.get("Retry-After"), max_backoff)
+        raise _Transient(
+            f"HTTP {code}", host=host, http_status=code, retry_after=retry_after
+        )
+    if code >= 400:
+        raise FetchError(f"HTTP {code}", http_status=code)
+    raise FetchError(f"unexpected HTTP status {code}", http_status=code)
+
+
+def _retry_after(value: str | None, cap: float) -> float | None:
+    """Seconds asked for by a ``Retry-After`` header, capped; None if absent or bad."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return min(cap, max(0.0, seconds))
+
+
+def _redirect_target(current: httpx.URL, location: str, seen: set[str]) -> httpx.URL:
+    """Resolve ``location`` against ``current`` and refuse unsafe or looping hops."""
+    try:
+        target = current.join(location)
+    except httpx.InvalidURL as exc:
+        raise FetchError(f"bad redirect: {exc}", final_url=str(current)) from exc
+    if target.scheme not in _ALLOWED_SCHEMES:
+        raise FetchError(
+            f"redirect to unsupported scheme {target.scheme!r}", final_url=str(current)
+        )
+    if str(target) in seen:
+        raise FetchError("redirect loop", final_url=str(current))
+    seen.add(str(target))
+    return target
+
+
+def _parse_url(url: str) -> httpx.URL:
+    try:
+        return httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise FetchError(f"invalid URL: {exc}") from exc
+
+
+def _host_key(url: httpx.URL) -> str:
+    """Return "host:port", the unit that per-host limits apply to."""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return f"{host}:{port}"
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    try:
+        return int(response.headers["Content-Length"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _translate(
+    exc: httpx.HTTPError, host: str, http: HttpSettings, received: _Received
+) -> FetchError:
+    """Turn an httpx exception into the FetchError a person reads (the one place)."""
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        kind = _TIMEOUT_KINDS.get(type(exc), "network")
+        seconds = http.deadline if kind == "pool" else http.timeout
+        return _Transient(f"timed out after {seconds:g}s ({kind})", host=host)
+    if isinstance(exc, httpx.RemoteProtocolError):
+        expected = received.expected
+        if expected is not None and 0 < received.raw < expected:
+            message = f"connection closed early ({received.raw} of {expected} bytes)"
+        return _Transient(message, host=host)
+    if isinstance(exc, httpx.ConnectError):
+        return _Transient(f"cannot connect: {message}", host=host)
+    if isinstance(exc, httpx.NetworkError | httpx.ProxyError):
+        return _Transient(f"connection error: {message}", host=host)
+    return FetchError(message)
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def _remove(path: Path) -> None:
+    """Delete our own temporary file if it is there; a failure here changes nothing."""
+    with suppress(OSError):
+        path.unlink(missing_ok=True)

@@ -1,0 +1,563 @@
+"""The threads → Queue → processes → Pipes engine; the only owner of its pools.
+
+::
+
+    jobs ─► feed ─► N download threads ─fetch─► handoff ─► inbox Queue per worker
+            (lock)        │ failed / ready records    (bounded)            │
+                          ▼                                                ▼
+             outbox (SimpleQueue + self-pipe)                    P worker processes
+                          │                                      transform_file()
+                          ▼                                                │ Pipe
+             main loop: connection.wait(self-pipe, worker Pipes, sentinels) ◄─┘
+                          │
+                          └─► yields one Outcome per job (the caller writes manifest)
+
+- Download threads share one ``httpx.Client``; each finished file is handed to the
+  worker with the fewest assigned tasks as a ``Task`` (a path, never the bytes).
+- Backpressure: at most ``procs * (1 + WORK_QUEUE_SLACK)`` files wait for or are in a
+  worker; a download thread that finds no free slot waits, so memory and scratch space
+  stay bounded whatever the length of the list.
+- Each worker has its own inbox Queue and its own Pipe back. A killed worker can damage
+  only its own channels, which are thrown away with it (a shared Queue whose reader dies
+  holding its lock would hang every other worker).
+- The main loop wakes on a message, a dead worker (its sentinel) or a deadline. A dead
+  worker's started item is retried once on a fresh worker, then failed; its queued items
+  go to other workers; the worker is replaced.
+- One shutdown path (``_stop`` then ``_close``) for the normal end, errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import Queue
+from types import TracebackType
+
+from downloader.errors import OutputError, WorkerCrashed
+from downloader.fetch import HostLimiter, make_client
+from downloader.progress import EventKind
+from downloader.records import Fetched, Job, Outcome, Stage
+from downloader.runtime import RunContext, Wakeup
+from downloader.settings import Settings
+from downloader.steps import discard, emit, fetch_step, interrupted
+from downloader.worker import (
+    Task,
+    TaskDone,
+    TaskFailed,
+    TaskStarted,
+    WorkerMessage,
+    WorkerRetired,
+    worker_main,
+)
+
+__all__ = ["mp_context", "run_pipeline"]
+
+# Tasks queued per worker beyond the one it is running. Two absorb a burst of finished
+# downloads without starving a worker; more would strand more work behind a slow image
+# and keep more downloaded files on disk at once.
+WORK_QUEUE_SLACK = 2
+# Longest the main loop sleeps without a message: it bounds how late a stuck item's
+# deadline or a stop request is noticed.
+TICK_S = 0.5
+# Time given to workers and download threads to finish their current item on stop.
+SHUTDOWN_GRACE_S = 5.0
+# Replacing workers that keep dying before finishing anything would loop forever.
+MAX_FRUITLESS_RESTARTS_PER_WORKER = 3
+
+
+def mp_context() -> BaseContext:
+    """Return the explicit start method: forkserver on Linux, spawn elsewhere.
+
+    Never plain fork: the main process runs threads (httpx, tqdm) by the time a worker
+    may be replaced, and forking a threaded process can deadlock the child.
+    """
+    if sys.platform == "linux":
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["downloader.worker"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def run_pipeline(
+    items: Iterable[Job | Outcome], settings: Settings, context: RunContext
+) -> Iterator[Outcome]:
+    """Download with threads and transform in worker processes; yield each outcome."""
+    with _Pipeline(settings, context) as pipeline:
+        yield from pipeline.run(items)
+
+
+@dataclass(eq=False)
+class _Worker:
+    number: int
+    process: BaseProcess
+    inbox: Queue[Task | None]
+    reader: Connection
+    assigned: dict[int, Fetched] = field(default_factory=dict)
+    current: int | None = None
+    started_at: float = 0.0
+    retiring: bool = False
+    timed_out: bool = False
+    error: str | None = None
+
+    @property
+    def lane(self) -> str:
+        return f"proc-{self.number}"
+
+
+@dataclass(frozen=True, slots=True)
+class _ThreadDone:
+    lane: str
+
+
+@dataclass(frozen=True, slots=True)
+class _ThreadCrashed:
+    lane: str
+    traceback: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Fatal:
+    error: OutputError
+
+
+_ThreadMessage = Outcome | _ThreadDone | _ThreadCrashed | _Fatal
+
+
+def _describe_exit(process: BaseProcess) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class _Pipeline:
+    """One run of the pipeline: owns the client, threads, workers, queues and pipes."""
+
+    def __init__(self, settings: Settings, context: RunContext) -> None:
+        self._settings = settings
+        self._context = context
+        self._mp = mp_context()
+        self._stop_workers = self._mp.Event()
+        self._workers: list[_Worker] = []
+        self._worker_numbers = iter(range(1_000_000))
+        self._capacity = settings.procs * (1 + WORK_QUEUE_SLACK)
+        self._free_slots = self._capacity
+        self._handoff = threading.Condition()
+        self._outbox: queue.SimpleQueue[_ThreadMessage] = queue.SimpleQueue()
+        self._wakeup = Wakeup()
+        self._threads: list[threading.Thread] = []
+        self._threads_running = 0
+        self._in_flight: dict[str, Job] = {}
+        self._feed_lock = threading.Lock()
+        self._feed: Iterator[Job | Outcome] = iter(())
+        self._crashes: Counter[int] = Counter()
+        self._fruitless_restarts = 0
+        self._stopping = False
+        self._finished = False
+        self._abandoned = False
+        self._stop_deadline = 0.0
+        self._error: BaseException | None = None
+        self._exit_stack = contextlib.ExitStack()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> _Pipeline:
+        try:
+            for _ in range(self._settings.procs):
+                self._workers.append(self._start_worker())
+            self._client = self._exit_stack.enter_context(
+                make_client(self._settings.http, self._settings.threads)
+            )
+            self._hosts = HostLimiter(self._settings.http.per_host)
+            self._exit_stack.enter_context(self._context.cancel.waking(self._wakeup))
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._close()
+
+    def _start_worker(self) -> _Worker:
+        reader, writer = self._mp.Pipe(duplex=False)
+        inbox: Queue[Task | None] = self._mp.Queue(maxsize=self._capacity + 1)
+        number = next(self._worker_numbers)
+        process = self._mp.Process(
+            target=worker_main,
+            args=(
+                inbox,
+                writer,
+                self._stop_workers,
+                str(self._context.out),
+                self._settings.image,
+                self._settings.max_tasks_per_worker,
+            ),
+            name=f"downloader-worker-{number}",
+            daemon=True,
+        )
+        process.start()
+        writer.close()  # the parent keeps no writer end: EOF means the worker is gone
+        return _Worker(number, process, inbox, reader)
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self, items: Iterable[Job | Outcome]) -> Iterator[Outcome]:
+        """Start the download threads, then yield outcomes until all work is done."""
+        self._feed = iter(items)
+        for number in range(self._settings.threads):
+            lane = f"thread-{number}"
+            thread = threading.Thread(
+                target=self._download_loop, args=(lane,), name=lane, daemon=True
+            )
+            self._threads.append(thread)
+            self._threads_running += 1
+            thread.start()
+        while self._threads_running or self._workers_busy():
+            yield from self._step()
+            if self._stopping and time.monotonic() > self._stop_deadline:
+                yield from self._abandon_stragglers()
+                break
+        self._finish_workers()
+        self._finished = True
+        if self._error is not None:
+            raise self._error
+
+    def _workers_busy(self) -> bool:
+        return any(worker.assigned for worker in self._workers)
+
+    def _step(self) -> Iterator[Outcome]:
+        ready = set(wait(self._wait_objects(), self._timeout()))
+        self._wakeup.clear()
+        if self._context.cancel.is_set() and not self._stopping:
+            self._stop()
+        yield from self._read_outbox()
+        for worker in list(self._workers):
+            if worker.reader in ready or worker.process.sentinel in ready:
+                yield from self._read_worker(worker)
+        self._enforce_deadlines()
+
+    def _wait_objects(self) -> list[object]:
+        objects: list[object] = [self._wakeup]
+        for worker in self._workers:
+            objects += [worker.reader, worker.process.sentinel]
+        return objects
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        deadlines = [
+            worker.started_at + self._settings.item_timeout
+            for worker in self._workers
+            if worker.current is not None
+        ]
+        if self._stopping:
+            deadlines.append(self._stop_deadline)
+        return max(0.0, min([now + TICK_S, *deadlines]) - now)
+
+    # ----------------------------------------------------------- download threads
+
+    def _download_loop(self, lane: str) -> None:
+        try:
+            while not self._context.cancel.is_set():
+                item = self._next_item(lane)
+                if item is None:
+                    break
+                if isinstance(item, Outcome):
+                    self._post(item)
+                    continue
+                result = fetch_step(
+                    item, self._client, self._settings, self._context, self._hosts, lane
+                )
+                if isinstance(result, Outcome):
+                    self._settle(lane, result)
+                else:
+                    self._hand_off(lane, result)
+        except OutputError as exc:
+            self._post(_Fatal(exc))
+        except BaseException:  # noqa: BLE001 (thread boundary: report to the main loop)
+            self._post(_ThreadCrashed(lane, traceback.format_exc()))
+        finally:
+            self._post(_ThreadDone(lane))
+
+    def _next_item(self, lane: str) -> Job | Outcome | None:
+        with self._feed_lock:
+            item = next(self._feed, None)
+            if isinstance(item, Job):
+                self._in_flight[lane] = item
+            return item
+
+    def _settle(self, lane: str, outcome: Outcome) -> None:
+        """Post the record of ``lane``'s job, unless the main loop gave up on it."""
+        with self._feed_lock:
+            if self._abandoned:
+                return
+            self._in_flight.pop(lane, None)
+            self._post(outcome)
+
+    def _post(self, message: _ThreadMessage) -> None:
+        self._outbox.put(message)
+        self._wakeup.wake()
+
+    def _hand_off(self, lane: str, fetched: Fetched) -> None:
+        """Give a downloaded file to the least busy worker, waiting for a free slot."""
+        with self._handoff:
+            while self._free_slots == 0 and not self._stopping:
+                self._handoff.wait(TICK_S)
+            if not self._stopping and self._workers:
+                self._free_slots -= 1
+                with self._feed_lock:
+                    self._in_flight.pop(lane, None)
+                self._assign(fetched)
+                return
+        discard(fetched)
+        self._settle(lane, interrupted(fetched.job, Stage.TRANSFORM, fetched))
+
+    def _assign(self, fetched: Fetched, worker: _Worker | None = None) -> None:
+        """Queue ``fetched`` on ``worker`` or the least busy one (handoff lock held)."""
+        if worker is None:
+            candidates = [w for w in self._workers if not w.retiring] or self._workers
+            worker = min(candidates, key=lambda w: len(w.assigned))
+        worker.assigned[fetched.job.index] = fetched
+        worker.inbox.put_nowait(
+            Task(fetched.job.index, str(fetched.path), fetched.job.stem)
+        )
+
+    def _release(self, fetched: Fetched) -> None:
+        discard(fetched)
+        with self._handoff:
+            self._free_slots += 1
+            self._handoff.notify()
+
+    # ------------------------------------------------------------------ messages
+
+    def _read_outbox(self) -> Iterator[Outcome]:
+        while True:
+            try:
+                message = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(message, Outcome):
+                yield message
+            elif isinstance(message, _ThreadDone):
+                self._threads_running -= 1
+            elif isinstance(message, _Fatal):
+                self._fail(message.error)
+            else:
+                self._fail(
+                    WorkerCrashed(
+                        f"download thread {message.lane} crashed:\n{message.traceback}"
+                    )
+                )
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._context.cancel.set(str(error))
+        if not self._stopping:
+            self._stop()
+
+    def _read_worker(self, worker: _Worker) -> Iterator[Outcome]:
+        try:
+            while worker.reader.poll():
+                message: WorkerMessage = worker.reader.recv()
+                yield from self._handle(worker, message)
+        except (EOFError, OSError):
+            pass
+        else:
+            if worker.process.is_alive():
+                return
+        yield from self._bury(worker)
+
+    def _handle(self, worker: _Worker, message: WorkerMessage) -> Iterator[Outcome]:
+        events = self._context.events
+        if isinstance(message, TaskStarted):
+            worker.current = message.index
+            worker.started_at = time.monotonic()
+            emit(
+                events,
+                Stage.TRANSFORM,
+                EventKind.STARTED,
+                message.index,
+                worker.lane,
+                at=message.time,
+            )
+        elif isinstance(message, TaskDone | TaskFailed):
+            worker.current = None
+            fetched = worker.assigned.pop(message.index)
+            self._release(fetched)
+            emit(
+                events,
+                Stage.TRANSFORM,
+                EventKind.FINISHED,
+                message.index,
+                worker.lane,
+                at=message.time,
+            )
+            if isinstance(message, TaskDone):
+                self._fruitless_restarts = 0
+                yield Outcome.success(fetched, message.result)
+            else:
+                yield Outcome.failure(
+                    fetched.job,
+                    Stage.TRANSFORM,
+                    message.reason,
+                    fetched=fetched,
+                    transform_s=message.elapsed,
+                )
+                if message.fatal:
+                    self._fail(OutputError(message.reason))
+        elif isinstance(message, WorkerRetired):
+            worker.retiring = True
+        else:
+            worker.error = message.traceback
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for worker in self._workers:
+            overdue = now - worker.started_at > self._settings.item_timeout
+            if worker.current is not None and overdue and not worker.timed_out:
+                worker.timed_out = True
+                worker.process.kill()
+
+    # -------------------------------------------------------------- dead workers
+
+    def _bury(self, worker: _Worker) -> Iterator[Outcome]:
+        """Account for a worker that exited: its items, its channels, its successor."""
+        worker.process.join(SHUTDOWN_GRACE_S)
+        if worker.error is not None:
+            self._fail(WorkerCrashed(f"worker {worker.lane} failed:\n{worker.error}"))
+        replacement = None
+        if not self._stopping and self._keep_restarting(worker):
+            replacement = self._start_worker()
+        with self._handoff:
+            self._workers.remove(worker)
+            if replacement is not None:
+                self._workers.append(replacement)
+        self._discard_channels(worker)
+        for index, fetched in worker.assigned.items():
+            if self._stopping:
+                self._release(fetched)
+                yield interrupted(fetched.job, Stage.TRANSFORM, fetched)
+            elif index != worker.current:
+                with self._handoff:
+                    self._assign(fetched)
+            else:
+                yield from self._retry_or_fail(worker, fetched, replacement)
+
+    def _keep_restarting(self, worker: _Worker) -> bool:
+        if worker.retiring and worker.current is None:
+            return True
+        self._fruitless_restarts += 1
+        limit = MAX_FRUITLESS_RESTARTS_PER_WORKER * self._settings.procs
+        if self._fruitless_restarts > limit:
+            self._fail(
+                WorkerCrashed(
+                    f"worker processes keep dying ({_describe_exit(worker.process)}); "
+                    "giving up"
+                )
+            )
+            return False
+        return True
+
+    def _retry_or_fail(
+        self, worker: _Worker, fetched: Fetched, replacement: _Worker | None
+    ) -> Iterator[Outcome]:
+        index = fetched.job.index
+        self._crashes[index] += 1
+        if worker.timed_out:
+            reason = (
+                f"processing timed out after {self._settings.item_timeout:g}s "
+                "(worker replaced)"
+            )
+        else:
+            reason = (
+                f"worker process crashed ({_describe_exit(worker.process)}) "
+                "while processing this image"
+            )
+        if worker.timed_out or self._crashes[index] > 1 or replacement is None:
+            if self._crashes[index] > 1:
+                reason += "; retried once"
+            self._release(fetched)
+            yield Outcome.failure(fetched.job, Stage.TRANSFORM, reason, fetched=fetched)
+        else:
+            with self._handoff:
+                self._assign(fetched, replacement)
+
+    @staticmethod
+    def _discard_channels(worker: _Worker) -> None:
+        worker.reader.close()
+        # The tasks still in a dead worker's inbox are tracked in ``assigned`` and
+        # handed out again, so its unsent data may be dropped.
+        worker.inbox.cancel_join_thread()
+        worker.inbox.close()
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _stop(self) -> None:
+        """Stop feeding and ask everything to finish its current item."""
+        self._stopping = True
+        self._stop_deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        self._stop_workers.set()
+        with self._handoff:
+            self._handoff.notify_all()
+        for worker in self._workers:
+            with contextlib.suppress(ValueError, queue.Full, OSError):
+                worker.inbox.put_nowait(None)
+
+    def _abandon_stragglers(self) -> Iterator[Outcome]:
+        """Past the grace period: kill workers, give up on stuck downloads."""
+        for worker in list(self._workers):
+            worker.process.kill()
+            yield from self._bury(worker)
+        with self._feed_lock:
+            self._abandoned = True
+            stuck, self._in_flight = list(self._in_flight.values()), {}
+        yield from self._read_outbox()
+        for job in stuck:
+            yield interrupted(job, Stage.DOWNLOAD)
+
+    def _finish_workers(self) -> None:
+        """Send one end-of-work sentinel per worker and wait for them to leave."""
+        for worker in self._workers:
+            with contextlib.suppress(ValueError, queue.Full, OSError):
+                worker.inbox.put_nowait(None)
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        for worker in self._workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+
+    def _close(self) -> None:
+        """Release everything this run owns, whatever state it is in (idempotent)."""
+        if not self._finished:
+            # Left early (an error, or the caller stopped iterating): stop the threads.
+            self._context.cancel.set("run abandoned")
+        if not self._stopping:
+            self._stop()
+        for thread in self._threads:
+            thread.join(max(0.0, self._stop_deadline - time.monotonic()))
+        for worker in self._workers:
+            worker.process.join(max(0.0, self._stop_deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(SHUTDOWN_GRACE_S)
+            self._discard_channels(worker)
+        self._workers.clear()
+        self._exit_stack.close()
+        self._wakeup.close()

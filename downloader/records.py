@@ -1,0 +1,189 @@
+"""Typed records that flow between the stages and into the manifest.
+
+``Job`` (one unique input URL) → ``Fetched`` (its body on disk) → ``Transformed`` (the
+output image) → ``Outcome`` (the one manifest line for that URL). Records that cross a
+process boundary carry paths and small numbers, never image bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Fetched", "Job", "Outcome", "Stage", "Status", "Transformed"]
+
+
+class Status(enum.Enum):
+    """How a URL ended; ``.value`` is what the manifest writes."""
+
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class Stage(enum.Enum):
+    """The two stages of work on one URL."""
+
+    DOWNLOAD = "download"
+    TRANSFORM = "transform"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One unique input URL, with the file stem its outputs will be named after."""
+
+    index: int
+    """Position among the unique, valid URLs of this run (0-based)."""
+    line: int
+    """Line number in the input list (1-based), for messages."""
+    url: str
+    """The URL as written in the list (stripped)."""
+    key: str
+    """Normalised URL used to recognise duplicates and earlier results."""
+    stem: str
+    """Safe output file name without extension, unique per key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A URL whose body is complete on disk under a temporary name."""
+
+    job: Job
+    path: Path
+    nbytes: int
+    sha256: str
+    final_url: str
+    http_status: int
+    attempts: int
+    elapsed: float
+
+
+@dataclass(frozen=True, slots=True)
+class Transformed:
+    """An output image written under its final name."""
+
+    path: str
+    """Relative to the output folder."""
+    width: int
+    height: int
+    nbytes: int
+    elapsed: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """The manifest record of one unique input (URL or unusable line)."""
+
+    url: str
+    status: Status
+    line: int | None = None
+    path: str | None = None
+    error: str | None = None
+    """Why it failed (failed records only)."""
+    note: str | None = None
+    """Why it was skipped (skipped records only)."""
+    stage: Stage | None = None
+    """For a failure, the stage where it happened."""
+    bytes: int | None = None
+    width: int | None = None
+    height: int | None = None
+    sha256: str | None = None
+    final_url: str | None = None
+    http_status: int | None = None
+    attempts: int = 0
+    download_s: float | None = None
+    transform_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True for a URL whose output exists (ok now, or skipped as already done)."""
+        return self.status is Status.OK or (
+            self.status is Status.SKIPPED and self.path is not None
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the manifest form: enums as their values, ``None`` fields dropped."""
+        record = asdict(self)
+        record["status"] = self.status.value
+        record["stage"] = self.stage.value if self.stage else None
+        return {key: value for key, value in record.items() if value is not None}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> Outcome:
+        """Rebuild a record from its manifest form, ignoring unknown fields."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in record.items() if key in known}
+        values["status"] = Status(values["status"])
+        if values.get("stage") is not None:
+            values["stage"] = Stage(values["stage"])
+        return cls(**values)
+
+    @classmethod
+    def success(cls, fetched: Fetched, transformed: Transformed) -> Outcome:
+        """Combine both stages' records of one URL into an ``ok`` record."""
+        job = fetched.job
+        return cls(
+            url=job.url,
+            status=Status.OK,
+            line=job.line,
+            path=transformed.path,
+            bytes=fetched.nbytes,
+            width=transformed.width,
+            height=transformed.height,
+            sha256=fetched.sha256,
+            final_url=fetched.final_url,
+            http_status=fetched.http_status,
+            attempts=fetched.attempts,
+            download_s=round(fetched.elapsed, 4),
+            transform_s=round(transformed.elapsed, 4),
+        )
+
+    @classmethod
+    def failure(
+        cls,
+        job: Job,
+        stage: Stage | None,
+        reason: str,
+        *,
+        fetched: Fetched | None = None,
+        http_status: int | None = None,
+        attempts: int = 0,
+        final_url: str | None = None,
+        download_s: float | None = None,
+        transform_s: float | None = None,
+    ) -> Outcome:
+        """Make a ``failed`` record, with what the download told, if it got that far."""
+        if fetched is not None:
+            return cls(
+                url=job.url,
+                status=Status.FAILED,
+                line=job.line,
+                error=reason,
+                stage=stage,
+                bytes=fetched.nbytes,
+                sha256=fetched.sha256,
+                final_url=fetched.final_url,
+                http_status=fetched.http_status,
+                attempts=fetched.attempts,
+                download_s=round(fetched.elapsed, 4),
+                transform_s=None if transform_s is None else round(transform_s, 4),
+            )
+        return cls(
+            url=job.url,
+            status=Status.FAILED,
+            line=job.line,
+            error=reason,
+            stage=stage,
+            http_status=http_status,
+            attempts=attempts,
+            final_url=final_url,
+            download_s=None if download_s is None else round(download_s, 4),
+        )
+
+    def skipped(self, note: str, *, line: int | None = None) -> Outcome:
+        """Return this earlier ok record as a ``skipped`` one, keeping its facts."""
+        return replace(
+            self, status=Status.SKIPPED, note=note, line=line, attempts=0, error=None
+        )

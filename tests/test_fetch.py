@@ -1,0 +1,773 @@
+"""Tests for the download stage against a misbehaving HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import random
+import select
+import socket
+import struct
+import threading
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import count
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+from downloader.errors import FetchError, OutputError
+from downloader.fetch import CHUNK, HostLimiter, fetch, make_client
+from downloader.records import Fetched, Job
+from downloader.settings import HttpSettings
+
+FAST = HttpSettings(
+    timeout=0.5,
+    deadline=2.0,
+    retries=2,
+    backoff=0,
+    max_backoff=0.2,
+    max_bytes=1_000_000,
+    max_redirects=5,
+    per_host=4,
+    min_speed=1000,
+    speed_window=0.3,
+)
+"""Small limits so that every failure path of the whole file runs in a few seconds."""
+
+WAIT = 10.0
+"""Seconds any blocking call in a test may take before the test fails instead."""
+
+BIG = 300_000
+BOMB = gzip.compress(bytes(20 * 1024 * 1024))
+_tokens = count()
+
+
+def payload(size: int) -> bytes:
+    """Return ``size`` pseudo-random bytes, the same ones for the same size."""
+    return random.Random(size).randbytes(size)
+
+
+def client_gone(connection: socket.socket, seconds: float) -> bool:
+    """Wait up to ``seconds``; True if the client closed (or wrote) meanwhile."""
+    readable, _, _ = select.select([connection], [], [], seconds)
+    return bool(readable)
+
+
+class Server(ThreadingHTTPServer):
+    """A threaded HTTP/1.1 server that logs requests and counts concurrency."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.lock = threading.Lock()
+        self.log: list[tuple[str, dict[str, str]]] = []
+        self.counters: Counter[str] = Counter()
+        self.active: Counter[str] = Counter()
+        self.peak: Counter[str] = Counter()
+
+    def record(self, path: str, headers: dict[str, str]) -> None:
+        """Append one request to the log."""
+        with self.lock:
+            self.log.append((path, headers))
+
+    def bump(self, key: str) -> int:
+        """Count one more request for ``key``; return the new count."""
+        with self.lock:
+            self.counters[key] += 1
+            return self.counters[key]
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Route ``/<name>/<args...>`` to ``route_<name>``."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 5
+    server: Server
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Keep the test output quiet."""
+
+    def handle(self) -> None:
+        """Serve requests until the client goes; a client hanging up is not an error."""
+        try:
+            super().handle()
+        except ConnectionError:
+            self.close_connection = True
+
+    def do_GET(self) -> None:
+        """Log the request and dispatch on the first path segment."""
+        self.server.record(self.path, {k.lower(): v for k, v in self.headers.items()})
+        parts = urlsplit(self.path)
+        name, *args = parts.path.strip("/").split("/")
+        self.query = parts.query
+        route: Callable[..., None] = getattr(self, f"route_{name.replace('-', '_')}")
+        route(*args)
+
+    def send_body(self, body: bytes, status: int = 200, **headers: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def redirect(self, location: str, **headers: str) -> None:
+        self.send_body(b"", 302, Location=location, **headers)
+
+    def route_ok(self, size: str) -> None:
+        self.send_body(payload(int(size)), Content_Type="image/jpeg")
+
+    def route_status(self, code: str) -> None:
+        if code in ("204", "304"):
+            self.send_response(int(code))
+            self.end_headers()
+        else:
+            self.send_body(b"", int(code))
+
+    def route_flaky503(self, key: str, failures: str) -> None:
+        if self.server.bump(self.path) <= int(failures):
+            self.send_body(b"", 503)
+        else:
+            self.route_ok("100")
+
+    def route_retry_after(self, key: str, value: str) -> None:
+        if self.server.bump(self.path) == 1:
+            self.send_body(b"", 429, Retry_After=unquote(value))
+        else:
+            self.route_ok("100")
+
+    def route_short(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(payload(100))
+        self.close_connection = True
+
+    def route_chunked_cut(self) -> None:
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(b"64\r\n" + payload(100) + b"\r\n")
+        self.close_connection = True
+
+    def route_reset(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        self.wfile.write(payload(5000))
+        self.wfile.flush()
+        # Linger 0: closing sends RST instead of FIN. The real close happens when
+        # finish() drops the file objects; the server's own shutdown then fails quietly.
+        linger = struct.pack("ii", 1, 0)
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        self.connection.close()
+        self.close_connection = True
+
+    def route_drip(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        for byte in payload(100):  # 100 bytes, one per 0.05 s: 5 s at most
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            if client_gone(self.connection, 0.05):
+                break
+        self.close_connection = True
+
+    def route_silent(self) -> None:
+        client_gone(self.connection, 5.0)
+        self.close_connection = True
+
+    def route_slow(self, size: str) -> None:
+        with self.server.lock:
+            self.server.active[self.query] += 1
+            self.server.peak[self.query] = max(
+                self.server.peak[self.query], self.server.active[self.query]
+            )
+        try:
+            client_gone(self.connection, 0.1)
+            self.route_ok(size)
+        finally:
+            with self.server.lock:
+                self.server.active[self.query] -= 1
+
+    def route_big(self) -> None:
+        self.route_ok(str(BIG))
+
+    def route_big_nolen(self) -> None:
+        self.send_response(200)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(payload(BIG))
+        self.close_connection = True
+
+    def route_gzip_bomb(self) -> None:
+        self.send_body(BOMB, Content_Encoding="gzip")
+
+    def route_encoded(self, kind: str) -> None:
+        body = payload(5000)
+        raw_deflate = zlib.compressobj(wbits=-15)
+        encodings = {
+            "gzip": ("gzip", gzip.compress(body)),
+            "zlib": ("deflate", zlib.compress(body)),
+            "raw": ("deflate", raw_deflate.compress(body) + raw_deflate.flush()),
+            "br": ("br", body),
+            "bad": ("gzip", b"This is not valid gzip data"),
+            "cut": ("gzip", gzip.compress(body)[:-20]),
+        }
+        encoding, data = encodings[kind]
+        self.send_body(data, Content_Encoding=encoding)
+
+    def route_redirect(self, hops: str) -> None:
+        if int(hops) == 0:
+            self.route_ok("10")
+        else:
+            self.redirect(f"/redirect/{int(hops) - 1}?{self.query}")
+
+    def route_loop(self) -> None:
+        self.redirect(self.path, Connection="close")
+        self.close_connection = True
+
+    def route_to_file(self) -> None:
+        self.redirect("file:///etc/passwd")
+
+    def route_to_ftp(self) -> None:
+        self.redirect("ftp://127.0.0.1/image.jpg")
+
+    def route_relative(self) -> None:
+        self.redirect("ok/10")
+
+    def route_empty(self) -> None:
+        self.send_body(b"")
+
+
+class Site:
+    """One test's view of the server: URLs tagged with a token, and their requests."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.token = f"t={next(_tokens)}"
+        self.host = f"127.0.0.1:{server.server_address[1]}"
+
+    def url(self, path: str) -> str:
+        """Return the absolute URL of ``path``, tagged with this test's token."""
+        return f"http://{self.host}{path}?{self.token}"
+
+    def requests(self, prefix: str = "/") -> list[dict[str, str]]:
+        """Return the headers of this test's requests whose path starts with prefix."""
+        with self.server.lock:
+            return [
+                headers
+                for path, headers in self.server.log
+                if path.startswith(prefix) and path.endswith(f"?{self.token}")
+            ]
+
+    def hits(self, prefix: str = "/") -> int:
+        """Count this test's requests whose path starts with ``prefix``."""
+        return len(self.requests(prefix))
+
+
+class RecordingLimiter(HostLimiter):
+    """A real limiter that also records every slow_down() call."""
+
+    def __init__(self, per_host: int = 4, *, cancel: threading.Event | None = None):
+        super().__init__(per_host)
+        self.slowed: list[tuple[str, float]] = []
+        self._cancel_on_slow_down = cancel
+
+    def slow_down(self, host: str, delay: float) -> None:
+        self.slowed.append((host, delay))
+        if self._cancel_on_slow_down is not None:
+            self._cancel_on_slow_down.set()
+        super().slow_down(host, delay)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    httpd = Server()
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=WAIT)
+
+
+@pytest.fixture
+def site(server: Server) -> Site:
+    return Site(server)
+
+
+def make_job(url: str, stem: str = "item") -> Job:
+    return Job(index=0, line=1, url=url, key=url, stem=stem)
+
+
+def download(
+    url: str,
+    tmp_dir: Path,
+    http: HttpSettings = FAST,
+    *,
+    cancel: threading.Event | None = None,
+    hosts: HostLimiter | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    stem: str = "item",
+) -> Fetched:
+    with make_client(http, threads=4) as client:
+        return fetch(
+            make_job(url, stem),
+            client,
+            http,
+            tmp_dir,
+            cancel=cancel or threading.Event(),
+            hosts=hosts or HostLimiter(http.per_host),
+            on_bytes=on_bytes,
+        )
+
+
+def failure(
+    url: str, tmp_dir: Path, http: HttpSettings = FAST, **kw: Any
+) -> FetchError:
+    """Fetch ``url`` expecting a FetchError; check that nothing was left on disk."""
+    with pytest.raises(FetchError) as info:
+        download(url, tmp_dir, http, **kw)
+    assert list(tmp_dir.iterdir()) == []
+    return info.value
+
+
+def test_ok_body_is_saved_with_its_hash(site: Site, tmp_path: Path) -> None:
+    """A 200 body lands in <stem>.part, byte for byte, with its sha256 and size."""
+    fetched = download(site.url(f"/ok/{BIG}"), tmp_path)
+
+    body = payload(BIG)
+    assert fetched.path == tmp_path / "item.part"
+    assert fetched.path.read_bytes() == body
+    assert fetched.sha256 == hashlib.sha256(body).hexdigest()
+    assert fetched.nbytes == BIG
+    assert (fetched.http_status, fetched.attempts) == (200, 1)
+    assert fetched.final_url == site.url(f"/ok/{BIG}")
+    assert fetched.path.stat().st_mode & 0o777 == 0o600
+    assert site.hits() == 1
+
+
+def test_request_headers(site: Site, tmp_path: Path) -> None:
+    """Requests ask for identity and images, with our UA and the extra headers."""
+    http = replace(FAST, headers=(("X-Test", "yes"),))
+    download(site.url("/ok/10"), tmp_path, http)
+
+    [headers] = site.requests()
+    assert headers["accept-encoding"] == "identity"
+    assert "downloader/" in headers["user-agent"]
+    assert headers["accept"].startswith("image/*")
+    assert headers["x-test"] == "yes"
+
+
+def test_make_client_settings() -> None:
+    """The client leaves redirects to us and waits for a connection up to deadline."""
+    with make_client(FAST, threads=3) as client:
+        assert client.follow_redirects is False
+        assert client.timeout.read == FAST.timeout
+        assert client.timeout.pool == FAST.deadline
+
+
+def test_on_bytes_sees_every_byte(site: Site, tmp_path: Path) -> None:
+    """The progress callback's counts add up to the body size."""
+    seen: list[int] = []
+    fetched = download(site.url(f"/ok/{BIG}"), tmp_path, on_bytes=seen.append)
+
+    assert sum(seen) == fetched.nbytes == BIG
+
+
+def test_stale_part_file_is_replaced(site: Site, tmp_path: Path) -> None:
+    """A leftover .part from an earlier run does not block or pollute the download."""
+    (tmp_path / "item.part").write_bytes(b"stale" * 1000)
+    fetched = download(site.url("/ok/100"), tmp_path)
+
+    assert fetched.path.read_bytes() == payload(100)
+
+
+def test_part_symlink_is_not_followed(site: Site, tmp_path: Path) -> None:
+    """A symlink planted at the .part name never leads a write outside tmp_dir."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"precious")
+    tmp_dir = tmp_path / "tmp"
+    tmp_dir.mkdir()
+    (tmp_dir / "item.part").symlink_to(outside)
+    fetched = download(site.url("/ok/100"), tmp_dir)
+
+    assert outside.read_bytes() == b"precious"
+    assert not fetched.path.is_symlink()
+    assert fetched.path.read_bytes() == payload(100)
+
+
+@pytest.mark.parametrize("code", [400, 401, 403, 404, 410])
+def test_client_errors_are_not_retried(site: Site, tmp_path: Path, code: int) -> None:
+    """4xx other than 408/429 fails after one request."""
+    error = failure(site.url(f"/status/{code}"), tmp_path)
+
+    assert error.reason == f"HTTP {code}"
+    assert (error.http_status, error.attempts) == (code, 1)
+    assert site.hits() == 1
+
+
+@pytest.mark.parametrize("code", [204, 206, 301, 304])
+def test_unexpected_statuses_fail(site: Site, tmp_path: Path, code: int) -> None:
+    """Other 2xx, and 3xx without a Location, fail without retry."""
+    error = failure(site.url(f"/status/{code}"), tmp_path)
+
+    assert error.reason == f"unexpected HTTP status {code}"
+    assert site.hits() == 1
+
+
+@pytest.mark.parametrize("code", [408, 429, 500, 502, 503, 504])
+def test_transient_statuses_are_retried(site: Site, tmp_path: Path, code: int) -> None:
+    """408, 429 and 5xx are retried `retries` times, then reported with the count."""
+    error = failure(site.url(f"/status/{code}"), tmp_path)
+
+    assert error.reason == f"HTTP {code} after 3 attempts"
+    assert (error.http_status, error.attempts) == (code, 3)
+    assert site.hits() == 3
+
+
+def test_no_retries_means_one_request(site: Site, tmp_path: Path) -> None:
+    """With retries=0 a 503 fails at once, without an attempt count."""
+    error = failure(site.url("/status/503"), tmp_path, replace(FAST, retries=0))
+
+    assert error.reason == "HTTP 503"
+    assert site.hits() == 1
+
+
+def test_flaky_server_recovers(site: Site, tmp_path: Path) -> None:
+    """503 twice then 200: three requests and a success that says so."""
+    fetched = download(site.url("/flaky503/a/2"), tmp_path)
+
+    assert fetched.attempts == 3
+    assert fetched.path.read_bytes() == payload(100)
+    assert site.hits() == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "delay"),
+    [
+        ("1", 0.2),  # capped at max_backoff
+        ("0", 0.0),
+        ("Wed, 21 Oct 2099 07:28:00 GMT", 0.2),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+        ("abc", 0.0),  # garbage: normal backoff, which is 0 here
+    ],
+)
+def test_retry_after_slows_the_host(
+    site: Site, tmp_path: Path, value: str, delay: float
+) -> None:
+    """429 + Retry-After: the wait is capped, the host is slowed, the retry succeeds."""
+    hosts = RecordingLimiter()
+    fetched = download(site.url(f"/retry-after/k/{value}"), tmp_path, hosts=hosts)
+
+    assert fetched.attempts == 2
+    assert site.hits() == 2
+    assert hosts.slowed == [(site.host, delay)]
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/short", "connection closed early (100 of 1000 bytes) after 3 attempts"),
+        ("/chunked-cut", "incomplete chunked read"),
+        ("/reset", "Connection reset by peer after 3 attempts"),
+    ],
+)
+def test_cut_bodies_are_retried(
+    site: Site, tmp_path: Path, path: str, reason: str
+) -> None:
+    """A body cut short (lying length, cut chunks, RST) is retried, then fails."""
+    error = failure(site.url(path), tmp_path)
+
+    assert reason in error.reason
+    assert error.attempts == 3
+    assert site.hits() == 3
+
+
+def test_connection_reset_names_the_cause(site: Site, tmp_path: Path) -> None:
+    """A reset mid-body reads as a connection problem, not as success."""
+    error = failure(site.url("/reset"), tmp_path, replace(FAST, retries=0))
+
+    assert error.reason.startswith("connection error:")
+    assert "reset" in error.reason.lower()
+
+
+def test_refused_connection_is_retried(tmp_path: Path) -> None:
+    """A closed port is a transient failure: retried, then reported."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    error = failure(f"http://127.0.0.1:{port}/x", tmp_path)
+
+    assert error.reason.startswith("cannot connect:")
+    assert error.attempts == 3
+
+
+def test_silent_server_times_out(site: Site, tmp_path: Path) -> None:
+    """A server that never answers hits the read timeout."""
+    error = failure(site.url("/silent"), tmp_path, replace(FAST, retries=0))
+
+    assert error.reason == "timed out after 0.5s (read)"
+    assert site.hits() == 1
+
+
+def test_drip_is_too_slow(site: Site, tmp_path: Path) -> None:
+    """A byte every 0.05 s fails the minimum-speed check, and is retried once."""
+    error = failure(site.url("/drip"), tmp_path, replace(FAST, retries=1))
+
+    assert error.reason.startswith("too slow: ")
+    assert error.reason.endswith(" B/s for 0.3s after 2 attempts")
+    assert site.hits() == 2
+
+
+def test_drip_hits_the_deadline(site: Site, tmp_path: Path) -> None:
+    """With no speed floor, the whole-download deadline still stops a drip."""
+    http = replace(FAST, retries=0, min_speed=0, deadline=0.5)
+    error = failure(site.url("/drip"), tmp_path, http)
+
+    assert error.reason == "timed out after 0.5s"
+
+
+def test_declared_size_over_cap_fails_at_once(site: Site, tmp_path: Path) -> None:
+    """A Content-Length above --max-bytes fails without reading or retrying."""
+    error = failure(site.url("/big"), tmp_path, replace(FAST, max_bytes=100_000))
+
+    assert error.reason == (
+        f"larger than --max-bytes (100000 bytes): Content-Length {BIG}"
+    )
+    assert site.hits() == 1
+
+
+def test_undeclared_size_over_cap_fails(site: Site, tmp_path: Path) -> None:
+    """A close-delimited body is cut off once it passes --max-bytes."""
+    seen: list[int] = []
+    http = replace(FAST, max_bytes=100_000)
+    error = failure(site.url("/big-nolen"), tmp_path, http, on_bytes=seen.append)
+
+    assert error.reason == "larger than --max-bytes (100000 bytes)"
+    assert sum(seen) <= 100_000
+    assert site.hits() == 1
+
+
+def test_gzip_bomb_is_cut_off_in_small_pieces(site: Site, tmp_path: Path) -> None:
+    """A gzip bomb is decoded at most CHUNK bytes at a time and stops at the cap."""
+    seen: list[int] = []
+    error = failure(site.url("/gzip-bomb"), tmp_path, on_bytes=seen.append)
+
+    assert error.reason == f"larger than --max-bytes ({FAST.max_bytes} bytes)"
+    assert max(seen) <= CHUNK
+    assert sum(seen) <= FAST.max_bytes
+    assert site.hits() == 1
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zlib", "raw"])
+def test_encoded_bodies_are_decoded(site: Site, tmp_path: Path, kind: str) -> None:
+    """gzip and both kinds of deflate are decoded; the hash is of the decoded body."""
+    fetched = download(site.url(f"/encoded/{kind}"), tmp_path)
+
+    assert fetched.path.read_bytes() == payload(5000)
+    assert fetched.sha256 == hashlib.sha256(payload(5000)).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("br", "unsupported Content-Encoding 'br'"),
+        ("bad", "bad gzip data: "),
+        ("cut", "bad gzip data: stream ends early"),
+    ],
+)
+def test_bad_encodings_fail(site: Site, tmp_path: Path, kind: str, reason: str) -> None:
+    """Unknown or broken content codings fail without retry."""
+    error = failure(site.url(f"/encoded/{kind}"), tmp_path)
+
+    assert error.reason.startswith(reason)
+    assert site.hits() == 1
+
+
+def test_redirects_are_followed(site: Site, tmp_path: Path) -> None:
+    """A chain within the limit ends at the body, and the final URL is recorded."""
+    fetched = download(site.url("/redirect/3"), tmp_path)
+
+    assert fetched.final_url == site.url("/redirect/0")
+    assert fetched.path.read_bytes() == payload(10)
+    assert site.hits("/redirect/") == 4
+
+
+def test_too_many_redirects(site: Site, tmp_path: Path) -> None:
+    """A chain longer than max_redirects fails after max_redirects + 1 requests."""
+    error = failure(site.url("/redirect/6"), tmp_path)
+
+    assert error.reason == "too many redirects (more than 5)"
+    assert error.attempts == 1
+    assert site.hits("/redirect/") == 6
+
+
+def test_relative_redirect_is_resolved(site: Site, tmp_path: Path) -> None:
+    """A relative Location is resolved against the current URL."""
+    fetched = download(site.url("/relative"), tmp_path)
+
+    assert fetched.final_url == f"http://{site.host}/ok/10"
+    assert fetched.path.read_bytes() == payload(10)
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/loop", "redirect loop"),
+        ("/to-file", "redirect to unsupported scheme 'file'"),
+        ("/to-ftp", "redirect to unsupported scheme 'ftp'"),
+    ],
+)
+def test_bad_redirects_fail(site: Site, tmp_path: Path, path: str, reason: str) -> None:
+    """Loops and non-http(s) targets fail on the first hop, without retry."""
+    error = failure(site.url(path), tmp_path)
+
+    assert error.reason == reason
+    assert site.hits() == 1
+
+
+def test_empty_body_fails(site: Site, tmp_path: Path) -> None:
+    """A 200 with no bytes is a failure, not an empty image."""
+    error = failure(site.url("/empty"), tmp_path)
+
+    assert error.reason == "empty body"
+    assert site.hits() == 1
+
+
+def test_cancelled_before_start(site: Site, tmp_path: Path) -> None:
+    """A set cancel flag stops fetch before any request."""
+    cancel = threading.Event()
+    cancel.set()
+    error = failure(site.url("/ok/10"), tmp_path, cancel=cancel)
+
+    assert error.reason == "interrupted"
+    assert error.attempts == 0
+    assert site.hits() == 0
+
+
+def test_cancelled_between_chunks(site: Site, tmp_path: Path) -> None:
+    """Cancel during the body stops the download and removes the .part file."""
+    cancel = threading.Event()
+    error = failure(
+        site.url(f"/ok/{BIG}"), tmp_path, cancel=cancel, on_bytes=lambda _: cancel.set()
+    )
+
+    assert error.reason == "interrupted"
+
+
+def test_cancelled_during_backoff(site: Site, tmp_path: Path) -> None:
+    """Cancel while waiting to retry ends the wait at once."""
+    cancel = threading.Event()
+    hosts = RecordingLimiter(cancel=cancel)
+    http = replace(FAST, backoff=60, max_backoff=60)
+    error = failure(site.url("/status/503"), tmp_path, http, cancel=cancel, hosts=hosts)
+
+    assert error.reason == "interrupted"
+    assert error.attempts == 1
+    assert site.hits() == 1
+
+
+def test_unwritable_tmp_dir_is_an_output_error(site: Site, tmp_path: Path) -> None:
+    """A tmp_dir that cannot hold files stops the run instead of failing the URL."""
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(OutputError, match="cannot write"):
+        download(site.url("/ok/10"), blocker / "tmp")
+
+    assert list(tmp_path.iterdir()) == [blocker]
+
+
+def test_per_host_limit_holds_across_threads(site: Site, tmp_path: Path) -> None:
+    """With per_host=1, four threads never have two requests open on one host."""
+    http = replace(FAST, per_host=1)
+    hosts = HostLimiter(1)
+    with ThreadPoolExecutor(max_workers=4) as pool, make_client(http, 4) as client:
+        futures = [
+            pool.submit(
+                fetch,
+                make_job(site.url("/slow/1000"), f"item{n}"),
+                client,
+                http,
+                tmp_path,
+                cancel=threading.Event(),
+                hosts=hosts,
+            )
+            for n in range(4)
+        ]
+        results = [future.result(timeout=WAIT) for future in futures]
+
+    assert [r.nbytes for r in results] == [1000] * 4
+    assert site.server.peak[site.token] == 1
+    assert site.hits() == 4
+
+
+def test_slot_is_released_after_a_failure(site: Site, tmp_path: Path) -> None:
+    """A failed request gives its host slot back, so the next one can run."""
+    hosts = HostLimiter(1)
+    failure(site.url("/status/404"), tmp_path, hosts=hosts)
+    cancel = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(
+            download, site.url("/ok/10"), tmp_path, cancel=cancel, hosts=hosts
+        )
+        try:
+            fetched = future.result(timeout=WAIT)
+        finally:
+            cancel.set()
+
+    assert fetched.nbytes == 10
+
+
+def test_slot_wait_checks_cancel() -> None:
+    """Waiting for a busy host's slot ends with "interrupted" once cancel is set."""
+    hosts = HostLimiter(1)
+    cancel = threading.Event()
+    cancel.set()
+    with hosts.slot("a:80", threading.Event()):
+        with pytest.raises(FetchError, match="interrupted"), hosts.slot("a:80", cancel):
+            pytest.fail("got a second slot on a per_host=1 limiter")
+        with hosts.slot("b:80", threading.Event()):
+            busy_elsewhere = True
+
+    assert busy_elsewhere
+
+
+def test_slow_down_holds_back_only_that_host() -> None:
+    """slow_down() makes later requests to that host wait; other hosts go on."""
+    hosts = HostLimiter(2)
+    hosts.slow_down("a:80", 60)
+    with hosts.slot("b:80", threading.Event()):
+        other_host_ran = True
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(FetchError, match="interrupted"), hosts.slot("a:80", cancel):
+        pytest.fail("slot granted during a slow-down")
+
+    assert other_host_ran
+
+
+def test_invalid_limiter_size() -> None:
+    """A limiter needs at least one slot per host."""
+    with pytest.raises(ValueError, match="per_host"):
+        HostLimiter(0)
+
+
+def test_fetch_error_keeps_final_url(site: Site, tmp_path: Path) -> None:
+    """A failure after a redirect records the URL where it happened."""
+    error = failure(site.url("/relative"), tmp_path, replace(FAST, max_bytes=5))
+
+    assert error.reason == "larger than --max-bytes (5 bytes): Content-Length 10"
+    assert error.final_url == f"http://{site.host}/ok/10"

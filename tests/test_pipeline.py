@@ -1,0 +1,203 @@
+"""The threads → Queue → processes pipeline, end to end against the local server."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from PIL import Image
+
+from downloader import Cancellation, EventKind, ProgressEvent, Stage, Status, iter_results, run
+from downloader.progress import EventLog
+from tests.conftest import (
+    SLOW_IMAGE,
+    LocalServer,
+    corpus_urls,
+    fast_settings,
+    leftovers,
+    read_manifest,
+    wait_gone,
+    worker_pids,
+)
+
+
+def test_every_url_ends_ok_with_an_image_inside_the_box(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A clean list gives one ok record and one small decodable image per URL."""
+    urls = corpus_urls(server, corpus)
+    out = tmp_path / "out"
+
+    report = run(urls, fast_settings(out))
+
+    assert [o.status for o in report.results] == [Status.OK] * len(urls)
+    records = read_manifest(out)
+    assert sorted(r["url"] for r in records) == sorted(urls)
+    for record in records:
+        path = out / str(record["path"])
+        with Image.open(path) as image:
+            image.load()
+            assert image.format == "JPEG"
+            assert max(image.size) <= 64
+            assert image.size == (record["width"], record["height"])
+        assert record["http_status"] == 200
+        assert len(str(record["sha256"])) == 64
+    assert leftovers(out) == []
+    assert report.summary.images == len(urls)
+
+
+def test_failures_are_records_and_the_run_goes_on(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Bad lines, HTTP errors and non-images fail alone with a reason; others succeed."""
+    good = corpus_urls(server, corpus)[:3]
+    lines = [
+        *good,
+        good[0].replace("http://127.0.0.1", "HTTP://127.0.0.1") + "#frag",
+        "ftp://example.invalid/x.jpg",
+        "not a url",
+        "not a url",
+        f"{server.base_url}/status/404",
+        f"{server.base_url}/html",
+    ]
+    out = tmp_path / "out"
+
+    report = run(lines, fast_settings(out))
+
+    by_url = {o.url: o for o in report.results}
+    assert len(report.results) == len(read_manifest(out)) == 7
+    assert all(by_url[url].status is Status.OK for url in good)
+    assert "unsupported scheme" in str(by_url["ftp://example.invalid/x.jpg"].error)
+    assert by_url["not a url"].status is Status.FAILED
+    assert by_url[f"{server.base_url}/status/404"].error == "HTTP 404"
+    html = by_url[f"{server.base_url}/html"]
+    assert html.stage is Stage.TRANSFORM
+    assert str(html.error).startswith("not an image")
+    assert (out / "failed.txt").read_text().splitlines() == sorted(
+        (o.url for o in report.results if o.status is Status.FAILED),
+        key=[o.url for o in report.results].index,
+    )
+
+
+def test_rerun_skips_what_is_done_and_force_redoes_it(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A second run fetches nothing already ok; --force fetches everything again."""
+    urls = corpus_urls(server, corpus)[:5]
+    out = tmp_path / "out"
+    run(urls, fast_settings(out))
+    first = server.request_count()
+
+    again = run([*urls, f"{server.base_url}/status/500"], fast_settings(out))
+    after_rerun = server.request_count()
+    forced = run(urls, fast_settings(out, force=True))
+
+    assert first == len(urls)
+    assert [o.status for o in again.results].count(Status.SKIPPED) == len(urls)
+    assert all(o.path for o in again.results if o.status is Status.SKIPPED)
+    assert after_rerun - first == 2  # only the new URL: one attempt plus one retry
+    assert [o.status for o in forced.results] == [Status.OK] * len(urls)
+    assert server.request_count() - after_rerun == len(urls)
+    records = read_manifest(out)
+    assert len(records) == len(urls) + 1  # one line per unique URL, latest outcome
+    assert sorted(r["status"] for r in records) == ["failed"] + ["ok"] * len(urls)
+
+
+def test_a_killed_worker_is_replaced_and_its_item_retried(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """SIGKILL of the worker busy with an item: the item is redone, nothing is lost."""
+    urls = [server.url_for(SLOW_IMAGE), *corpus_urls(server, corpus)[:4]]
+    killed: list[int] = []
+
+    def kill_first_busy_worker(event: ProgressEvent) -> None:
+        starting_slow_image = event.index == 0 and event.kind is EventKind.STARTED
+        if event.stage is Stage.TRANSFORM and starting_slow_image and not killed:
+            (pid,) = worker_pids()
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    report = run(urls, fast_settings(tmp_path / "out", procs=1), events=kill_first_busy_worker)
+
+    assert len(killed) == 1
+    assert [o.status for o in report.results] == [Status.OK] * len(urls)
+    assert len(read_manifest(tmp_path / "out")) == len(urls)
+    assert wait_gone(killed) == []
+
+
+def test_an_item_that_kills_two_workers_fails_with_a_reason(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Killed twice on the same item: failed after one retry; the run still finishes."""
+    urls = [server.url_for(SLOW_IMAGE), *corpus_urls(server, corpus)[:3]]
+    killed: list[int] = []
+
+    def kill_on_slow_image(event: ProgressEvent) -> None:
+        if event.stage is Stage.TRANSFORM and event.kind is EventKind.STARTED:
+            if event.index == 0:
+                (pid,) = worker_pids()
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    report = run(urls, fast_settings(tmp_path / "out", procs=1), events=kill_on_slow_image)
+
+    by_url = {o.url: o for o in report.results}
+    slow = by_url[urls[0]]
+    assert len(killed) == 2
+    assert slow.status is Status.FAILED
+    assert slow.error == (
+        "worker process crashed (killed by SIGKILL) while processing this image; "
+        "retried once"
+    )
+    assert all(by_url[url].status is Status.OK for url in urls[1:])
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_a_stuck_item_is_failed_after_the_item_timeout(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    """An image that takes longer than --item-timeout fails; its worker is replaced."""
+    urls = [server.url_for(SLOW_IMAGE)]
+
+    report = run(urls, fast_settings(tmp_path / "out", procs=1, item_timeout=0.01))
+
+    (outcome,) = report.results
+    assert outcome.status is Status.FAILED
+    assert outcome.error == "processing timed out after 0.01s (worker replaced)"
+
+
+def test_cancelling_stops_early_and_records_what_was_cut_short(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Cancel after the first result: the run ends, every record is final, no temp."""
+    urls = corpus_urls(server, corpus)
+    cancel = Cancellation()
+    out = tmp_path / "out"
+    seen = []
+
+    for outcome in iter_results(urls, fast_settings(out, threads=1), cancel=cancel):
+        seen.append(outcome)
+        cancel.set()
+
+    records = read_manifest(out)
+    assert len(seen) == len(records) < len(urls)
+    assert seen[0].status is Status.OK
+    assert all(o.status is Status.OK or o.error == "interrupted" for o in seen)
+    assert leftovers(out) == []
+    assert worker_pids() == []
+
+
+def test_events_show_both_stages_in_threads_and_processes(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Downloads are reported from thread lanes and transforms from process lanes."""
+    log = EventLog()
+    urls = corpus_urls(server, corpus)
+
+    run(urls, fast_settings(tmp_path / "out"), events=log)
+
+    lanes = {(e.stage, e.lane.split("-")[0]) for e in log.events}
+    assert lanes == {(Stage.DOWNLOAD, "thread"), (Stage.TRANSFORM, "proc")}
+    finished = [e for e in log.events if e.kind is EventKind.FINISHED]
+    assert len(finished) == 2 * len(urls)
