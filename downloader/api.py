@@ -12,7 +12,7 @@ from downloader.modes import RUNNERS
 from downloader.progress import Events, ignore_events
 from downloader.records import Job, Outcome
 from downloader.report import RunReport, Tally
-from downloader.runtime import Cancellation, RunContext, cancel_on_signals
+from downloader.runtime import Cancellation, RunContext, Usage, cancel_on_signals
 from downloader.settings import Settings
 from downloader.sources import Line, plan_jobs, read_lines
 
@@ -42,6 +42,7 @@ def iter_results(
     *,
     events: Events = ignore_events,
     cancel: Cancellation | None = None,
+    usage: Usage | None = None,
 ) -> Iterator[Outcome]:
     """Run the job and yield each URL's record as soon as it is written.
 
@@ -66,7 +67,7 @@ def iter_results(
         OutputFolder(settings.out) as folder,
     ):
         previous = PreviousRun(folder)
-        context = RunContext(folder.path, folder.tmp, events, cancel)
+        context = RunContext(folder.path, folder.tmp, events, cancel, usage or Usage())
         with ManifestWriter(folder, previous) as manifest:
             results = runner(_plan(lines, previous, settings.force), settings, context)
             try:
@@ -92,9 +93,15 @@ def run(
     """
     settings = settings or Settings()
     cancel = cancel or Cancellation()
+    usage = Usage()
     tally = Tally()
     results = []
-    for outcome in iter_results(source, settings, events=events, cancel=cancel):
+    for outcome in iter_results(
+        source, settings, events=events, cancel=cancel, usage=usage
+    ):
         tally.add(outcome)
         results.append(outcome)
-    return RunReport(tuple(results), tally.summary(interrupted=cancel.is_set()))
+    summary = tally.summary(
+        interrupted=cancel.is_set(), worker_cpu_s=usage.worker_cpu_s
+    )
+    return RunReport(tuple(results), summary)

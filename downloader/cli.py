@@ -19,7 +19,7 @@ from downloader.errors import DownloaderError, InputError
 from downloader.progress import Bars
 from downloader.records import Status
 from downloader.report import Tally, print_summary
-from downloader.runtime import Cancellation
+from downloader.runtime import Cancellation, Usage
 from downloader.settings import (
     VERSION,
     HttpSettings,
@@ -214,12 +214,18 @@ def _url_list(args: argparse.Namespace) -> Iterator[str]:
 def _run(args: argparse.Namespace, settings: Settings, stderr: IO[str]) -> int:
     tally = Tally()
     cancel = Cancellation()
+    usage = Usage()
     disable = True if args.no_progress else None
     with _url_list(args) as source, Bars(file=stderr, disable=disable) as bars:
-        for outcome in iter_results(source, settings, events=bars, cancel=cancel):
+        results = iter_results(
+            source, settings, events=bars, cancel=cancel, usage=usage
+        )
+        for outcome in results:
             tally.add(outcome)
             bars.outcome(outcome)
-    summary = tally.summary(interrupted=cancel.is_set())
+    summary = tally.summary(
+        interrupted=cancel.is_set(), worker_cpu_s=usage.worker_cpu_s
+    )
     print_summary(summary, out_dir=str(settings.out), file=stderr)
     if summary.interrupted:
         stderr.write(f"{cancel.reason}; rerun the same command to finish the job\n")

@@ -228,12 +228,8 @@ class _Download:
         clock: Callable[[], float],
     ) -> None:
         self.job, self.client, self.http, self.path = job, client, http, path
-        self.cancel, self.hosts, self.on_bytes, self.clock = (
-            cancel,
-            hosts,
-            on_bytes,
-            clock,
-        )
+        self.cancel, self.hosts = cancel, hosts
+        self.on_bytes, self.clock = on_bytes, clock
         self.attempts = 0
         self.deadline: float | None = None
 
@@ -317,7 +313,9 @@ class _Download:
                         return location
                     return self._save(response, str(url), received)
         except httpx.HTTPError as exc:
-            raise _translate(exc, host, self.http, received) from exc
+            error = _translate(exc, host, self.http, received)
+            error.final_url = str(url)
+            raise error from exc
         except FetchError as exc:
             exc.final_url = exc.final_url or str(url)
             raise

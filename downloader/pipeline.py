@@ -40,7 +40,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from types import TracebackType
@@ -57,6 +57,7 @@ from downloader.worker import (
     TaskDone,
     TaskFailed,
     TaskStarted,
+    WorkerExit,
     WorkerMessage,
     WorkerRetired,
     worker_main,
@@ -77,7 +78,7 @@ SHUTDOWN_GRACE_S = 5.0
 MAX_FRUITLESS_RESTARTS_PER_WORKER = 3
 
 
-def mp_context() -> BaseContext:
+def mp_context() -> ForkServerContext | SpawnContext:
     """Return the explicit start method: forkserver on Linux, spawn elsewhere.
 
     Never plain fork: the main process runs threads (httpx, tqdm) by the time a worker
@@ -236,7 +237,7 @@ class _Pipeline:
             if self._stopping and time.monotonic() > self._stop_deadline:
                 yield from self._abandon_stragglers()
                 break
-        self._finish_workers()
+        yield from self._finish_workers()
         self._finished = True
         if self._error is not None:
             raise self._error
@@ -255,8 +256,8 @@ class _Pipeline:
                 yield from self._read_worker(worker)
         self._enforce_deadlines()
 
-    def _wait_objects(self) -> list[object]:
-        objects: list[object] = [self._wakeup]
+    def _wait_objects(self) -> list[Connection | int]:
+        objects: list[Connection | int] = [self._wakeup.fileno()]
         for worker in self._workers:
             objects += [worker.reader, worker.process.sentinel]
         return objects
@@ -426,6 +427,8 @@ class _Pipeline:
                     self._fail(OutputError(message.reason))
         elif isinstance(message, WorkerRetired):
             worker.retiring = True
+        elif isinstance(message, WorkerExit):
+            self._context.usage.add_worker_cpu(message.cpu_s)
         else:
             worker.error = message.traceback
 
@@ -534,14 +537,12 @@ class _Pipeline:
         for job in stuck:
             yield interrupted(job, Stage.DOWNLOAD)
 
-    def _finish_workers(self) -> None:
-        """Send one end-of-work sentinel per worker and wait for them to leave."""
-        for worker in self._workers:
-            with contextlib.suppress(ValueError, queue.Full, OSError):
-                worker.inbox.put_nowait(None)
-        deadline = time.monotonic() + SHUTDOWN_GRACE_S
-        for worker in self._workers:
-            worker.process.join(max(0.0, deadline - time.monotonic()))
+    def _finish_workers(self) -> Iterator[Outcome]:
+        """Send each worker its end-of-work sentinel; read them out until they leave."""
+        if not self._stopping:
+            self._stop()
+        while self._workers and time.monotonic() <= self._stop_deadline:
+            yield from self._step()
 
     def _close(self) -> None:
         """Release everything this run owns, whatever state it is in (idempotent)."""

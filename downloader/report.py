@@ -84,14 +84,16 @@ class Tally:
         elif outcome.error:
             self.reasons[outcome.error] += 1
 
-    def summary(self, *, interrupted: bool = False) -> Summary:
-        """Return the totals so far."""
+    def summary(
+        self, *, interrupted: bool = False, worker_cpu_s: float = 0.0
+    ) -> Summary:
+        """Return the totals so far; add the CPU time that worker processes reported."""
         return Summary(
             counts={status: self.counts[status] for status in Status},
             bytes_downloaded=self.bytes,
             images=self.images,
             wall_s=self._clock() - self._started,
-            cpu_s=_cpu_seconds() - self._cpu_started,
+            cpu_s=_cpu_seconds() - self._cpu_started + worker_cpu_s,
             interrupted=interrupted,
             failure_reasons=dict(self.reasons.most_common()),
         )

@@ -11,14 +11,14 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 from downloader.progress import Events
 
-__all__ = ["Cancellation", "RunContext", "Wakeup", "cancel_on_signals"]
+__all__ = ["Cancellation", "RunContext", "Usage", "Wakeup", "cancel_on_signals"]
 
 
 class Wakeup:
@@ -89,6 +89,23 @@ class Cancellation:
                 self._wakeups.remove(wakeup)
 
 
+class Usage:
+    """CPU seconds used by worker processes, which ``os.times`` cannot see.
+
+    Workers are forked by the forkserver, not by this process, so their time never
+    shows up in this process's children counters; each reports it when it exits.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.worker_cpu_s = 0.0
+
+    def add_worker_cpu(self, seconds: float) -> None:
+        """Add the CPU time a finished worker reported."""
+        with self._lock:
+            self.worker_cpu_s += seconds
+
+
 @dataclass(frozen=True, slots=True)
 class RunContext:
     """Paths and shared objects one scheduler needs besides the settings."""
@@ -99,6 +116,7 @@ class RunContext:
     """Scratch folder inside ``out`` for partial downloads and outputs."""
     events: Events
     cancel: Cancellation
+    usage: Usage = field(default_factory=Usage)
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -121,11 +139,10 @@ def cancel_on_signals(cancel: Cancellation) -> Iterator[None]:
         name = signal.Signals(signum).name
         cancel.set(f"interrupted by {name}")
 
-    previous: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
-    for signum in _SIGNALS:
-        previous[signum] = signal.signal(signum, handle)
+    previous = {number: signal.signal(number, handle) for number in _SIGNALS}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for number, handler in previous.items():
+            # None means a handler installed from C; the default is the best we have.
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)

@@ -9,7 +9,9 @@ retires after ``max_tasks`` items so that a long run does not accumulate memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import signal
 import threading
 import time
@@ -32,6 +34,7 @@ __all__ = [
     "TaskFailed",
     "TaskStarted",
     "WorkerError",
+    "WorkerExit",
     "WorkerMessage",
     "WorkerRetired",
     "worker_main",
@@ -83,13 +86,22 @@ class WorkerRetired:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerExit:
+    """The worker's last word: the CPU time it used, for the run's totals."""
+
+    cpu_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerError:
     """An unexpected exception ended the worker; the traceback comes back as text."""
 
     traceback: str
 
 
-WorkerMessage = TaskStarted | TaskDone | TaskFailed | WorkerRetired | WorkerError
+WorkerMessage = (
+    TaskStarted | TaskDone | TaskFailed | WorkerRetired | WorkerError | WorkerExit
+)
 
 
 def _exit_when_parent_dies() -> None:
@@ -142,4 +154,7 @@ def worker_main(
     except Exception:  # noqa: BLE001 (worker boundary: report, then end)
         results.send(WorkerError(traceback.format_exc()))
     finally:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        with contextlib.suppress(OSError):
+            results.send(WorkerExit(usage.ru_utime + usage.ru_stime))
         results.close()

@@ -8,9 +8,17 @@ from pathlib import Path
 
 from PIL import Image
 
-from downloader import Cancellation, EventKind, ProgressEvent, Stage, Status, iter_results, run
+from downloader import (
+    Cancellation,
+    EventKind,
+    ProgressEvent,
+    Stage,
+    Status,
+    iter_results,
+    run,
+)
 from downloader.progress import EventLog
-from tests.conftest import (
+from tests.helpers import (
     SLOW_IMAGE,
     LocalServer,
     corpus_urls,
@@ -33,7 +41,7 @@ def test_every_url_ends_ok_with_an_image_inside_the_box(
 
     assert [o.status for o in report.results] == [Status.OK] * len(urls)
     records = read_manifest(out)
-    assert sorted(r["url"] for r in records) == sorted(urls)
+    assert sorted(str(r["url"]) for r in records) == sorted(urls)
     for record in records:
         path = out / str(record["path"])
         with Image.open(path) as image:
@@ -50,7 +58,7 @@ def test_every_url_ends_ok_with_an_image_inside_the_box(
 def test_failures_are_records_and_the_run_goes_on(
     server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
-    """Bad lines, HTTP errors and non-images fail alone with a reason; others succeed."""
+    """Bad lines, HTTP errors and non-images fail alone, with a reason."""
     good = corpus_urls(server, corpus)[:3]
     lines = [
         *good,
@@ -101,7 +109,7 @@ def test_rerun_skips_what_is_done_and_force_redoes_it(
     assert server.request_count() - after_rerun == len(urls)
     records = read_manifest(out)
     assert len(records) == len(urls) + 1  # one line per unique URL, latest outcome
-    assert sorted(r["status"] for r in records) == ["failed"] + ["ok"] * len(urls)
+    assert sorted(str(r["status"]) for r in records) == ["failed"] + ["ok"] * len(urls)
 
 
 def test_a_killed_worker_is_replaced_and_its_item_retried(
@@ -118,7 +126,9 @@ def test_a_killed_worker_is_replaced_and_its_item_retried(
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    report = run(urls, fast_settings(tmp_path / "out", procs=1), events=kill_first_busy_worker)
+    report = run(
+        urls, fast_settings(tmp_path / "out", procs=1), events=kill_first_busy_worker
+    )
 
     assert len(killed) == 1
     assert [o.status for o in report.results] == [Status.OK] * len(urls)
@@ -134,13 +144,15 @@ def test_an_item_that_kills_two_workers_fails_with_a_reason(
     killed: list[int] = []
 
     def kill_on_slow_image(event: ProgressEvent) -> None:
-        if event.stage is Stage.TRANSFORM and event.kind is EventKind.STARTED:
-            if event.index == 0:
-                (pid,) = worker_pids()
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+        starting = event.stage is Stage.TRANSFORM and event.kind is EventKind.STARTED
+        if starting and event.index == 0:
+            (pid,) = worker_pids()
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
 
-    report = run(urls, fast_settings(tmp_path / "out", procs=1), events=kill_on_slow_image)
+    report = run(
+        urls, fast_settings(tmp_path / "out", procs=1), events=kill_on_slow_image
+    )
 
     by_url = {o.url: o for o in report.results}
     slow = by_url[urls[0]]
