@@ -1,0 +1,160 @@
+"""The command line, run in-process through ``main(argv)``, and its entry points."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from downloader import __version__
+from downloader.cli import main
+from tests.helpers import LocalServer, corpus_urls, read_manifest, write_list
+
+FAST = ["--no-progress", "--threads", "2", "--procs", "1", "--retries", "0"]
+
+
+def test_a_clean_list_exits_0_with_a_summary(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """All URLs ok: exit 0, a one-line-per-URL manifest, a summary on stderr."""
+    urls = corpus_urls(server, corpus)[:3]
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+
+    code = main([str(url_list), "--out", str(out), "--max-size", "32", *FAST])
+
+    assert code == 0
+    assert len(read_manifest(out)) == 3
+    err = capsys.readouterr().err
+    assert "done: 3 URLs (3 ok, 0 failed, 0 skipped)" in err
+    assert "images/s" in err
+
+
+def test_a_failed_url_exits_1_and_a_rerun_skips_the_rest(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One 404 makes exit 1; the rerun skips the ok URL and still exits 1."""
+    urls = [corpus_urls(server, corpus)[0], f"{server.base_url}/status/404"]
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+    args = [str(url_list), "--out", str(out), *FAST]
+
+    first = main(args)
+    second = main(args)
+
+    assert (first, second) == (1, 1)
+    assert "failed x1: HTTP 404" in capsys.readouterr().err
+    assert sorted(str(r["status"]) for r in read_manifest(out)) == ["failed", "skipped"]
+    assert (out / "failed.txt").read_text() == urls[1] + "\n"
+
+
+def test_stdin_list(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """'-' reads the URL list from standard input."""
+    urls = corpus_urls(server, corpus)[:2]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(urls) + "\n"))
+
+    code = main(["-", "--out", str(tmp_path / "out"), *FAST])
+
+    assert code == 0
+    assert {str(r["url"]) for r in read_manifest(tmp_path / "out")} == set(urls)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["missing.txt"], "error: cannot read URL list missing.txt"),
+        ([], "error: give a file of URLs"),
+        (["urls.txt", "--threads", "0"], "--threads: must be greater than 0: 0"),
+        (["urls.txt", "--max-bytes", "lots"], "--max-bytes: not a size: 'lots'"),
+        (["urls.txt", "--quality", "101"], "error: quality must be between 1 and 100"),
+        (["urls.txt", "--format", "tiff"], "--format: invalid choice: 'tiff'"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_clear_line(
+    argv: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Bad arguments: exit 2, a message naming the problem, no traceback."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/x.jpg\n")
+
+    code = main([*argv, "--out", str(tmp_path / "out")])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
+def test_an_unusable_output_folder_exits_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out below a regular file: exit 3 before any download."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    url_list = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/x.jpg"])
+
+    code = main([str(url_list), "--out", str(blocker / "out"), *FAST])
+
+    assert code == 3
+    assert "error: cannot create output folder" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """--version prints the package version and exits 0."""
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"downloader {__version__}"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "cli.py", "--version"],
+        [sys.executable, "-m", "downloader", "--version"],
+    ],
+)
+def test_entry_points(command: list[str]) -> None:
+    """The top-level cli.py and ``python -m downloader`` run the same main()."""
+    root = Path(__file__).resolve().parent.parent
+
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"downloader {__version__}"
+
+
+def test_demo_runs_offline_on_the_embedded_corpus(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--demo generates a corpus, serves it on loopback and processes all of it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+
+    code = main(["--demo", "--demo-count", "3", "--out", str(out), *FAST])
+
+    records = read_manifest(out)
+    assert code == 0
+    assert [r["status"] for r in records] == ["ok"] * 3
+    assert all(str(r["url"]).startswith("http://127.0.0.1:") for r in records)
+    assert (out / "demo-urls.txt").is_file()
+    assert "demo: serving" in capsys.readouterr().err
