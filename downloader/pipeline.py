@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import queue
 import signal
@@ -36,7 +37,8 @@ import sys
 import threading
 import time
 import traceback
-from collections import Counter
+import urllib.parse
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -65,6 +67,8 @@ from downloader.worker import (
 
 __all__ = ["mp_context", "run_pipeline"]
 
+_log = logging.getLogger("downloader")
+
 # Tasks queued per worker beyond the one it is running. Two absorb a burst of finished
 # downloads without starving a worker; more would strand more work behind a slow image
 # and keep more downloaded files on disk at once.
@@ -76,6 +80,10 @@ TICK_S = 0.5
 SHUTDOWN_GRACE_S = 5.0
 # Replacing workers that keep dying before finishing anything would loop forever.
 MAX_FRUITLESS_RESTARTS_PER_WORKER = 3
+# Jobs per download thread that may be set aside while their host is at --per-host, so
+# that threads serve other hosts instead of queueing behind one (a list sorted by host
+# would otherwise starve every other host). More would read further ahead of the list.
+HOST_LOOKAHEAD_PER_THREAD = 4
 
 
 def mp_context() -> ForkServerContext | SpawnContext:
@@ -136,6 +144,16 @@ class _Fatal:
 _ThreadMessage = Outcome | _ThreadDone | _ThreadCrashed | _Fatal
 
 
+def _host_of(url: str) -> str:
+    """Return the host:port a job's first request goes to (for scheduling only)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{parts.hostname}:{port or parts.scheme}"
+
+
 def _describe_exit(process: BaseProcess) -> str:
     code = process.exitcode
     if code is not None and code < 0:
@@ -165,6 +183,8 @@ class _Pipeline:
         self._in_flight: dict[str, Job] = {}
         self._feed_lock = threading.Lock()
         self._feed: Iterator[Job | Outcome] = iter(())
+        self._deferred: deque[Job] = deque()
+        self._host_load: Counter[str] = Counter()
         self._crashes: Counter[int] = Counter()
         self._fruitless_restarts = 0
         self._stopping = False
@@ -172,6 +192,7 @@ class _Pipeline:
         self._abandoned = False
         self._stop_deadline = 0.0
         self._error: BaseException | None = None
+        self._last_progress = time.monotonic()
         self._exit_stack = contextlib.ExitStack()
 
     # ----------------------------------------------------------------- lifecycle
@@ -246,6 +267,12 @@ class _Pipeline:
         return any(worker.assigned for worker in self._workers)
 
     def _step(self) -> Iterator[Outcome]:
+        for outcome in self._wait_and_read():
+            self._last_progress = time.monotonic()
+            yield outcome
+        self._report_stall()
+
+    def _wait_and_read(self) -> Iterator[Outcome]:
         ready = set(wait(self._wait_objects(), self._timeout()))
         self._wakeup.clear()
         if self._context.cancel.is_set() and not self._stopping:
@@ -255,6 +282,27 @@ class _Pipeline:
             if worker.reader in ready or worker.process.sentinel in ready:
                 yield from self._read_worker(worker)
         self._enforce_deadlines()
+
+    def _report_stall(self) -> None:
+        """Name the URLs in progress when nothing has finished for a long while."""
+        quiet = time.monotonic() - self._last_progress
+        if quiet < self._settings.stall_report:
+            return
+        self._last_progress = time.monotonic()  # report again after as long
+        with self._feed_lock:
+            downloading = [job.url for job in self._in_flight.values()]
+        processing = [
+            worker.assigned[worker.current].job.url
+            for worker in self._workers
+            if worker.current in worker.assigned
+        ]
+        if downloading or processing:
+            _log.warning(
+                "no item finished for %.1fs; downloading: %s; processing: %s",
+                quiet,
+                ", ".join(downloading) or "-",
+                ", ".join(processing) or "-",
+            )
 
     def _wait_objects(self) -> list[Connection | int]:
         objects: list[Connection | int] = [self._wakeup.fileno()]
@@ -284,14 +332,27 @@ class _Pipeline:
                 if isinstance(item, Outcome):
                     self._post(item)
                     continue
-                result = fetch_step(
-                    item, self._client, self._settings, self._context, self._hosts, lane
-                )
+                try:
+                    result = fetch_step(
+                        item,
+                        self._client,
+                        self._settings,
+                        self._context,
+                        self._hosts,
+                        lane,
+                    )
+                finally:
+                    self._fetched(item)
                 if isinstance(result, Outcome):
                     self._settle(lane, result)
                 else:
                     self._hand_off(lane, result)
         except OutputError as exc:
+            # The job this thread was on still needs its one record.
+            with self._feed_lock:
+                job = self._in_flight.pop(lane, None)
+            if job is not None:
+                self._post(Outcome.failure(job, Stage.DOWNLOAD, str(exc)))
             self._post(_Fatal(exc))
         except BaseException:  # noqa: BLE001 (thread boundary: report to the main loop)
             self._post(_ThreadCrashed(lane, traceback.format_exc()))
@@ -299,11 +360,41 @@ class _Pipeline:
             self._post(_ThreadDone(lane))
 
     def _next_item(self, lane: str) -> Job | Outcome | None:
+        """Take the next record, or the next job whose host has a free slot."""
         with self._feed_lock:
-            item = next(self._feed, None)
+            item = self._pick_deferred() or self._pull()
             if isinstance(item, Job):
                 self._in_flight[lane] = item
+                self._host_load[_host_of(item.url)] += 1
             return item
+
+    def _pick_deferred(self) -> Job | None:
+        for position, job in enumerate(self._deferred):
+            if self._host_free(job):
+                del self._deferred[position]
+                return job
+        return None
+
+    def _pull(self) -> Job | Outcome | None:
+        limit = HOST_LOOKAHEAD_PER_THREAD * self._settings.threads
+        for item in self._feed:
+            if isinstance(item, Outcome) or self._host_free(item):
+                return item
+            self._deferred.append(item)
+            if len(self._deferred) > limit:
+                # Every host in sight is busy: wait in line for the oldest.
+                return self._deferred.popleft()
+        return self._deferred.popleft() if self._deferred else None
+
+    def _host_free(self, job: Job) -> bool:
+        return self._host_load[_host_of(job.url)] < self._settings.http.per_host
+
+    def _fetched(self, job: Job) -> None:
+        with self._feed_lock:
+            host = _host_of(job.url)
+            self._host_load[host] -= 1
+            if not self._host_load[host]:
+                del self._host_load[host]
 
     def _settle(self, lane: str, outcome: Outcome) -> None:
         """Post the record of ``lane``'s job, unless the main loop gave up on it."""

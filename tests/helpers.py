@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
+import functools
+import gzip
 import json
 import os
-import re
 import select
+import socket
+import struct
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 from downloader.demo import CorpusHandler, CorpusServer
 from downloader.settings import HttpSettings, ImageSpec, Settings
@@ -18,23 +26,219 @@ CORPUS_SIZE = 12
 SLOW_IMAGE = "slow.png"
 SLOW_IMAGE_SIZE = (8000, 6000)
 WAIT_S = 30.0
+# Misbehaving routes hold a connection at most this long (or until the server closes).
+HOLD_S = 10.0
+# The slow drip sends one byte per this many seconds.
+DRIP_S = 0.05
+# Size of the oversized bodies (tests set --max-bytes far below it).
+BIG_BODY = 1_000_000
+# Zeros that the gzip bomb inflates to (about 20 KB on the wire).
+BOMB_BYTES = 20_000_000
+# Seconds a 429 asks the client to wait (tests cap the wait with max_backoff).
+RETRY_AFTER_S = 2
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """A small gzip stream that inflates to ``BOMB_BYTES`` zeros."""
+    return gzip.compress(b"\0" * BOMB_BYTES, compresslevel=9)
 
 
 class LocalHandler(CorpusHandler):
-    """The corpus server plus a few misbehaving routes."""
+    """The corpus server plus misbehaving routes, each bounded in time.
+
+    ``/status/NNN``, ``/html``; ``/flaky/N/NAME`` (503 N times, then NAME);
+    ``/retry-after/seconds|date/NAME`` (one 429, then NAME); ``/reset`` (RST mid-body);
+    ``/short`` (Content-Length 1000, 100 bytes); ``/silent`` (headers, then nothing);
+    ``/drip`` (a byte every ``DRIP_S``); ``/chunked-cut``; ``/big`` and
+    ``/big-unsized`` (``BIG_BODY`` bytes with and without a Content-Length);
+    ``/gzip-bomb``; ``/redirect/N/NAME`` (a chain of N hops to NAME); ``/loop``;
+    ``/to-file``; ``/to-ftp``; ``/relative/NAME`` (``Location: ../NAME``);
+    ``/disposition/dotdot|absolute/NAME``; ``/named/...`` (any path: the first file
+    of the corpus); ``/empty`` (a 200 with no body).
+    """
 
     def do_GET(self) -> None:
         """Route special paths, else serve the corpus."""
         path = self.request_path()
-        status = re.fullmatch(r"/status/(\d{3})", path)
-        if status:
-            self.count_request()
-            self.send_bytes(int(status.group(1)), b"nope\n", "text/plain")
-        elif path == "/html":
-            self.count_request()
-            self.send_bytes(200, b"<html><body>404</body></html>", "text/html")
+        head, _, rest = path.removeprefix("/").partition("/")
+        route = self.ROUTES.get(head)
+        server = self.server
+        assert isinstance(server, LocalServer)
+        with server.tracking(path):
+            if route is None:
+                super().do_GET()
+            else:
+                self.count_request()
+                route(self, rest)
+
+    def _status(self, rest: str) -> None:
+        self.send_bytes(int(rest), b"nope\n", "text/plain")
+
+    def _html(self, rest: str) -> None:
+        self.send_bytes(200, b"<html><body>404</body></html>", "text/html")
+
+    def _corpus_file(self, name: str) -> None:
+        path = self.server.corpus / name
+        if "/" in name or not path.is_file():
+            self.send_bytes(404, b"not found\n", "text/plain")
         else:
-            super().do_GET()
+            self.send_file(path)
+
+    def _flaky(self, rest: str) -> None:
+        failures, _, name = rest.partition("/")
+        if self.server.request_count(self.request_path()) <= int(failures):
+            self.send_bytes(503, b"busy\n", "text/plain")
+        else:
+            self._corpus_file(name)
+
+    def _retry_after(self, rest: str) -> None:
+        form, _, name = rest.partition("/")
+        if self.server.request_count(self.request_path()) > 1:
+            self._corpus_file(name)
+            return
+        if form == "date":
+            value = email.utils.formatdate(time.time() + RETRY_AFTER_S, usegmt=True)
+        else:
+            value = str(RETRY_AFTER_S)
+        self.send_response(429)
+        self.send_header("Retry-After", value)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _start(self, length: int | None, **headers: str) -> None:
+        """Send a 200's headers; no Content-Length (close-delimited) if ``length``
+        is None."""
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", headers.pop("content_type", "image/jpeg"))
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        self.wfile.flush()
+
+    def _reset(self, rest: str) -> None:
+        self._start(100_000)
+        self.wfile.write(b"\xff" * 5000)
+        self.wfile.flush()
+        # Linger 0: closing sends RST instead of FIN.
+        self.connection.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        os.close(self.connection.detach())
+
+    def _short(self, rest: str) -> None:
+        self._start(1000)
+        self.wfile.write(b"\xff" * 100)
+
+    def _silent(self, rest: str) -> None:
+        self._start(1000)
+        self._hold(HOLD_S)
+
+    def _hold(self, seconds: float) -> bool:
+        """Wait ``seconds`` unless the server closes; True if it is closing."""
+        server = self.server
+        assert isinstance(server, LocalServer)
+        return server.closing.wait(seconds)
+
+    def _drip(self, rest: str) -> None:
+        self._start(1000)
+        for _ in range(1000):
+            try:
+                self.wfile.write(b"\xff")
+                self.wfile.flush()
+            except OSError:
+                return
+            if self._hold(DRIP_S):
+                return
+
+    def _chunked_cut(self, rest: str) -> None:
+        self._start(None, Transfer_Encoding="chunked")
+        self.wfile.write(b"5\r\nhello\r\n")
+
+    def _big(self, rest: str, *, sized: bool = True) -> None:
+        self._start(BIG_BODY if sized else None)
+        block = b"\xff" * 65536
+        sent = 0
+        try:
+            while sent < BIG_BODY:
+                self.wfile.write(block[: BIG_BODY - sent])
+                sent += len(block)
+        except OSError:
+            return  # the client hung up, as it should
+
+    def _big_unsized(self, rest: str) -> None:
+        self._big(rest, sized=False)
+
+    def _gzip_bomb(self, rest: str) -> None:
+        body = gzip_bomb()
+        self._start(len(body), Content_Encoding="gzip")
+        with contextlib.suppress(OSError):
+            self.wfile.write(body)
+
+    def _redirect_to(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _redirect(self, rest: str) -> None:
+        hops, _, name = rest.partition("/")
+        if int(hops) == 0:
+            self._corpus_file(name)
+        else:
+            self._redirect_to(f"/redirect/{int(hops) - 1}/{name}")
+
+    def _loop(self, rest: str) -> None:
+        self._redirect_to("/loop")
+
+    def _to_file(self, rest: str) -> None:
+        self._redirect_to("file:///etc/passwd")
+
+    def _to_ftp(self, rest: str) -> None:
+        self._redirect_to("ftp://127.0.0.1/x.jpg")
+
+    def _relative(self, rest: str) -> None:
+        self._redirect_to(f"../{rest}")
+
+    def _disposition(self, rest: str) -> None:
+        kind, _, name = rest.partition("/")
+        filename = "../../evil.jpg" if kind == "dotdot" else "/evil-absolute.jpg"
+        data = (self.server.corpus / name).read_bytes()
+        self._start(len(data), Content_Disposition=f'attachment; filename="{filename}"')
+        self.wfile.write(data)
+
+    def _named(self, rest: str) -> None:
+        first = min(p for p in self.server.corpus.iterdir() if p.is_file())
+        self.send_file(first)
+
+    def _empty(self, rest: str) -> None:
+        self.send_bytes(200, b"", "image/jpeg")
+
+    ROUTES: ClassVar[dict[str, Callable[[LocalHandler, str], None]]] = {
+        "status": _status,
+        "html": _html,
+        "flaky": _flaky,
+        "retry-after": _retry_after,
+        "reset": _reset,
+        "short": _short,
+        "silent": _silent,
+        "drip": _drip,
+        "chunked-cut": _chunked_cut,
+        "big": _big,
+        "big-unsized": _big_unsized,
+        "gzip-bomb": _gzip_bomb,
+        "redirect": _redirect,
+        "loop": _loop,
+        "to-file": _to_file,
+        "to-ftp": _to_ftp,
+        "relative": _relative,
+        "disposition": _disposition,
+        "named": _named,
+        "empty": _empty,
+    }
 
     def count_request(self) -> None:
         """Count the request and wake anyone waiting for a number of requests."""
@@ -48,9 +252,36 @@ class LocalHandler(CorpusHandler):
 class LocalServer(CorpusServer):
     """A corpus server whose tests can wait for requests to arrive."""
 
+    # socketserver's default backlog of 5 drops the SYNs of a burst of connections, and
+    # a dropped SYN is retried only after 1 s: longer than the tests' connect timeouts.
+    request_queue_size = 128
+
     def __init__(self, corpus: Path, *, latency: float = 0.0) -> None:
         super().__init__(corpus, latency=latency, handler=LocalHandler)
         self.arrivals = threading.Condition(self.lock)
+        self.closing = threading.Event()
+        self.active = 0
+        self.max_active = 0
+        self.log: list[tuple[str, float]] = []
+        """(path, arrival time) of every request, in order."""
+
+    @contextlib.contextmanager
+    def tracking(self, path: str) -> Iterator[None]:
+        """Log the request and count it as active while it is being answered."""
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.log.append((path, time.monotonic()))
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def server_close(self) -> None:
+        """Release handlers that hold their connection, then close."""
+        self.closing.set()
+        super().server_close()
 
     def wait_for_requests(self, count: int, timeout: float = WAIT_S) -> None:
         """Block until at least ``count`` requests arrived (fails after ``timeout``)."""

@@ -1,0 +1,300 @@
+"""The command line under interruption, crashes, a held lock and local faults.
+
+Runs ``python cli.py`` as a real subprocess in its own session, so signals go to its
+whole process group as a terminal's Ctrl-C would, and every process it started can
+be found afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from downloader.cli import main
+from downloader.demo import serve_in_thread
+from tests.helpers import (
+    WAIT_S,
+    LocalServer,
+    corpus_urls,
+    leftovers,
+    read_manifest,
+    session_pids,
+    wait_gone,
+    write_list,
+)
+
+CLI = Path(__file__).resolve().parents[1] / "cli.py"
+LATENCY_S = 0.2
+# How long the tool may take to stop after a signal.
+STOP_S = 8.0
+
+
+@pytest.fixture
+def slow_server(corpus: Path) -> Iterator[LocalServer]:
+    """The corpus server with latency, so that a run is mid-flight for a while."""
+    with serve_in_thread(LocalServer(corpus, latency=LATENCY_S)) as running:
+        assert isinstance(running, LocalServer)
+        yield running
+
+
+def _command(url_list: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(CLI),
+        str(url_list),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--threads",
+        "2",
+        "--procs",
+        "2",
+        "--per-host",
+        "2",
+        "--max-size",
+        "64",
+        "--retries",
+        "0",
+        *extra,
+    ]
+
+
+def _start(command: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        command,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(process: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=WAIT_S)
+        raise
+    return process.returncode, stderr
+
+
+def _ok_paths(out: Path) -> set[str]:
+    """Server paths (``/name``) of the URLs the manifest records as ok."""
+    return {
+        "/" + str(r["url"]).rpartition("/")[2]
+        for r in read_manifest(out)
+        if r["status"] == "ok"
+    }
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_a_signal_stops_the_run_cleanly_and_a_rerun_finishes_it(
+    slow_server: LocalServer, corpus: Path, tmp_path: Path, signum: int
+) -> None:
+    """Ctrl-C/SIGTERM: exit 130 soon, valid manifest, no temp, no child; rerun: 0."""
+    urls = corpus_urls(slow_server, corpus)
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+    command = _command(url_list, out)
+    process = _start(command)
+    slow_server.wait_for_requests(3)
+
+    os.killpg(process.pid, signum)
+    code, stderr = _finish(process, STOP_S)
+
+    assert code == 130, stderr
+    assert "rerun the same command" in stderr
+    assert wait_gone(session_pids(process.pid)) == []
+    records = read_manifest(out)  # every line is complete JSON
+    assert len({r["url"] for r in records}) == len(records) < len(urls)
+    assert all(r["status"] == "ok" or r["error"] == "interrupted" for r in records)
+    assert leftovers(out) == []
+    assert not (out / ".tmp").exists()
+    done = _ok_paths(out)
+    before = {path: slow_server.request_count(path) for path in done}
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=WAIT_S)
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert {path: slow_server.request_count(path) for path in done} == before
+    records = read_manifest(out)
+    assert sorted(str(r["url"]) for r in records) == sorted(urls)
+    assert {str(r["status"]) for r in records} <= {"ok", "skipped"}
+    assert all((out / str(r["path"])).is_file() for r in records)
+    assert leftovers(out) == []
+
+
+def test_kill_9_of_the_main_process_leaves_no_orphan_and_a_rerun_cleans_up(
+    slow_server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """SIGKILL of the main process only: its workers exit; the next run sweeps .tmp."""
+    urls = corpus_urls(slow_server, corpus)
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+    command = _command(url_list, out)
+    process = _start(command)
+    slow_server.wait_for_requests(3)
+
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=WAIT_S)
+
+    assert process.returncode == -signal.SIGKILL
+    assert wait_gone(session_pids(process.pid), timeout=10) == []
+    assert (out / ".tmp").is_dir()  # what the killed run left behind
+    (out / ".tmp" / "stale.part").write_bytes(b"half a download")
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=WAIT_S)
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert leftovers(out) == []
+    assert not (out / ".tmp").exists()
+    records = read_manifest(out)
+    assert sorted(str(r["url"]) for r in records) == sorted(urls)
+    assert {str(r["status"]) for r in records} <= {"ok", "skipped"}
+
+
+def test_a_second_run_on_the_same_out_is_refused(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """While another process holds the lock, a run exits 3 and fetches nothing."""
+    url_list = write_list(tmp_path / "urls.txt", corpus_urls(server, corpus)[:2])
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys\n"
+            "f = open(sys.argv[1], 'ab')\n"
+            "fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n",
+            str(out / ".lock"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "locked\n"
+
+        code = main([str(url_list), "--out", str(out), "--no-progress"])
+    finally:
+        holder.communicate(input="", timeout=WAIT_S)
+
+    assert code == 3
+    assert "another run is using" in capsys.readouterr().err
+    assert server.request_count() == 0
+    assert not (out / "manifest.jsonl").exists()
+    assert main([str(url_list), "--out", str(out), "--no-progress"]) == 0
+
+
+@contextlib.contextmanager
+def _tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """Mount a tmpfs at ``where`` for the block (tests run as root)."""
+    where.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+        check=True,
+        timeout=WAIT_S,
+    )
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True, timeout=WAIT_S)
+
+
+def test_a_full_disk_stops_the_run_with_exit_3_and_a_true_manifest(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A 1 MB body on a 256 KiB filesystem: exit 3, a clear error, honest records."""
+    small = corpus_urls(server, corpus)[:3]
+    big = f"{server.base_url}/big-unsized"
+    url_list = write_list(tmp_path / "urls.txt", [*small, big])
+
+    with _tmpfs(tmp_path / "disk", "size=256k") as disk:
+        out = disk / "out"
+        options = [
+            "--no-progress",
+            "--threads",
+            "1",
+            "--procs",
+            "1",
+            "--max-size",
+            "64",
+        ]
+        code = main([str(url_list), "--out", str(out), *options])
+        err = capsys.readouterr().err
+        records = [
+            json.loads(line)
+            for line in (out / "manifest.jsonl").read_text().splitlines()
+        ]
+        left = leftovers(out)
+        for record in records:
+            if record["status"] == "ok":
+                with Image.open(out / record["path"]) as image:
+                    image.load()
+
+    assert code == 3
+    assert "No space left on device" in err
+    by_url = {r["url"]: r for r in records}
+    assert len(by_url) == len(records)
+    assert "No space left on device" in by_url[big]["error"]
+    assert by_url[big]["status"] == "failed"
+    assert all(
+        r["status"] == "ok" or r["error"] == "interrupted"
+        for url, r in by_url.items()
+        if url != big
+    )
+    assert left == []
+
+
+def test_a_read_only_output_folder_is_exit_3(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An --out on a read-only mount fails at once with exit 3; nothing is fetched."""
+    url_list = write_list(tmp_path / "urls.txt", corpus_urls(server, corpus)[:2])
+
+    with _tmpfs(tmp_path / "ro", "ro,size=64k") as read_only:
+        code = main([str(url_list), "--out", str(read_only / "out"), "--no-progress"])
+
+    assert code == 3
+    assert "Read-only file system" in capsys.readouterr().err
+    assert server.request_count() == 0
+
+
+def test_an_output_folder_under_a_file_is_exit_3(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An --out whose parent is a regular file fails with exit 3 and says why."""
+    url_list = write_list(tmp_path / "urls.txt", corpus_urls(server, corpus)[:2])
+    (tmp_path / "file").write_text("not a folder")
+
+    code = main([str(url_list), "--out", str(tmp_path / "file" / "out")])
+
+    assert code == 3
+    assert "Not a directory" in capsys.readouterr().err
+    assert server.request_count() == 0
