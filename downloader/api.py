@@ -36,6 +36,14 @@ def _plan(
         yield item
 
 
+def _not_started(plan: Iterator[Job | Outcome], reason: str) -> Iterator[Outcome]:
+    for item in plan:
+        if isinstance(item, Job):
+            yield Outcome.failure(item, None, f"not started ({reason})")
+        else:
+            yield item
+
+
 def iter_results(
     source: Source,
     settings: Settings,
@@ -47,8 +55,10 @@ def iter_results(
     """Run the job and yield each URL's record as soon as it is written.
 
     The manifest in ``settings.out`` gets one line per unique input. Stopping early
-    (``break``, ``close()``, Ctrl-C or ``cancel.set()``) shuts the run down cleanly;
-    records of URLs cut short say ``interrupted``.
+    (``break``, ``close()``, Ctrl-C or ``cancel.set()``) shuts the run down cleanly.
+    After Ctrl-C or ``cancel.set()``, URLs cut short are recorded as ``interrupted`` and
+    those never reached as ``not started``; a caller that stops iterating gets records
+    only for what had started.
 
     Raises:
         InputError: the list cannot be read (before anything is written).
@@ -69,7 +79,8 @@ def iter_results(
         previous = PreviousRun(folder)
         context = RunContext(folder.path, folder.tmp, events, cancel, usage or Usage())
         with ManifestWriter(folder, previous) as manifest:
-            results = runner(_plan(lines, previous, settings.force), settings, context)
+            plan = _plan(lines, previous, settings.force)
+            results = runner(plan, settings, context)
             try:
                 for outcome in results:
                     manifest.write(outcome)
@@ -78,6 +89,12 @@ def iter_results(
                 close = getattr(results, "close", None)
                 if close is not None:
                     close()
+            if cancel.is_set():
+                # Stopped before reaching the end of the list: every input still
+                # gets its one record, so failed.txt and the rerun cover them too.
+                for outcome in _not_started(plan, cancel.reason or "interrupted"):
+                    manifest.write(outcome)
+                    yield outcome
 
 
 def run(
