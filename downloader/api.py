@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
 
 from downloader.errors import InputError
 from downloader.manifest import ManifestWriter, OutputFolder, PreviousRun
@@ -14,20 +13,17 @@ from downloader.records import Job, Outcome
 from downloader.report import RunReport, Tally
 from downloader.runtime import Cancellation, RunContext, Usage, cancel_on_signals
 from downloader.settings import Settings
-from downloader.sources import Line, plan_jobs, read_lines
+from downloader.sources import Source, open_source
 
 __all__ = ["Source", "iter_results", "run"]
-
-Source = str | Path | TextIO | Iterable[str]
-"""A URL list: a file path (``"-"`` for stdin), an open text file, or URLs."""
 
 SKIP_NOTE = "already ok in the manifest (use --force to redo)"
 
 
 def _plan(
-    lines: Iterator[Line], previous: PreviousRun, force: bool
+    items: Iterator[Job | Outcome], previous: PreviousRun, force: bool
 ) -> Iterator[Job | Outcome]:
-    for item in plan_jobs(lines):
+    for item in items:
         if isinstance(item, Job) and not force:
             done = previous.finished(item.url)
             if done is not None:
@@ -67,7 +63,7 @@ def iter_results(
     """
     if isinstance(source, str | Path) and str(source) != "-" and Path(source).is_dir():
         raise InputError(f"cannot read URL list {source}: it is a directory")
-    lines = read_lines(source)
+    items = open_source(source, exclude=settings.out)
     cancel = cancel or Cancellation()
     runner = RUNNERS.get(settings.mode)
     if runner is None:
@@ -79,7 +75,7 @@ def iter_results(
         previous = PreviousRun(folder)
         context = RunContext(folder.path, folder.tmp, events, cancel, usage or Usage())
         with ManifestWriter(folder, previous) as manifest:
-            plan = _plan(lines, previous, settings.force)
+            plan = _plan(items, previous, settings.force)
             results = runner(plan, settings, context)
             try:
                 for outcome in results:

@@ -44,6 +44,10 @@ class Job:
     """Normalised URL used to recognise duplicates and earlier results."""
     stem: str
     """Safe output file name without extension, unique per key."""
+    extra: tuple[tuple[str, str], ...] = ()
+    """Other columns of the input row (CSV, TSV, JSON Lines), for the manifest."""
+    local_path: str | None = None
+    """A local file to process instead of downloading ``url`` (``--input-dir``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +58,10 @@ class Fetched:
     path: Path
     nbytes: int
     sha256: str
-    final_url: str
-    http_status: int
+    final_url: str | None
+    """Where the body came from after redirects; None for a local file."""
+    http_status: int | None
+    """None for a local file."""
     attempts: int
     elapsed: float
 
@@ -65,11 +71,13 @@ class Transformed:
     """An output image written under its final name."""
 
     path: str
-    """Relative to the output folder."""
+    """The main output, relative to the output folder."""
     width: int
     height: int
     nbytes: int
     elapsed: float
+    outputs: tuple[str, ...] = ()
+    """The other outputs (``ImageSpec.sizes``), relative to the output folder."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,6 +103,10 @@ class Outcome:
     attempts: int = 0
     download_s: float | None = None
     transform_s: float | None = None
+    outputs: tuple[str, ...] | None = None
+    """Outputs besides ``path`` (one per extra size), relative to the output folder."""
+    extra: tuple[tuple[str, str], ...] | None = None
+    """The input row's other columns; the manifest writes them as an object."""
 
     @property
     def ok(self) -> bool:
@@ -108,6 +120,8 @@ class Outcome:
         record = asdict(self)
         record["status"] = self.status.value
         record["stage"] = self.stage.value if self.stage else None
+        record["outputs"] = list(self.outputs) if self.outputs else None
+        record["extra"] = dict(self.extra) if self.extra else None
         return {key: value for key, value in record.items() if value is not None}
 
     @classmethod
@@ -118,6 +132,10 @@ class Outcome:
         values["status"] = Status(values["status"])
         if values.get("stage") is not None:
             values["stage"] = Stage(values["stage"])
+        if values.get("outputs") is not None:
+            values["outputs"] = tuple(values["outputs"])
+        if values.get("extra") is not None:
+            values["extra"] = tuple(dict(values["extra"]).items())
         return cls(**values)
 
     @classmethod
@@ -138,6 +156,8 @@ class Outcome:
             attempts=fetched.attempts,
             download_s=round(fetched.elapsed, 4),
             transform_s=round(transformed.elapsed, 4),
+            outputs=transformed.outputs or None,
+            extra=job.extra or None,
         )
 
     @classmethod
@@ -169,6 +189,7 @@ class Outcome:
                 attempts=fetched.attempts,
                 download_s=round(fetched.elapsed, 4),
                 transform_s=None if transform_s is None else round(transform_s, 4),
+                extra=job.extra or None,
             )
         return cls(
             url=job.url,
@@ -180,6 +201,7 @@ class Outcome:
             attempts=attempts,
             final_url=final_url,
             download_s=None if download_s is None else round(download_s, 4),
+            extra=job.extra or None,
         )
 
     def skipped(self, note: str, *, line: int | None = None) -> Outcome:

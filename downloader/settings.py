@@ -7,13 +7,25 @@ plain message (``InputError``, exit code 2) before any thread or process starts.
 from __future__ import annotations
 
 import enum
+import importlib
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from downloader.errors import InputError
 
-__all__ = ["HttpSettings", "ImageFormat", "ImageSpec", "Mode", "Settings"]
+__all__ = [
+    "HttpSettings",
+    "ImageFormat",
+    "ImageSpec",
+    "Mode",
+    "ResizeMode",
+    "Settings",
+    "box_label",
+    "import_callable",
+]
 
 VERSION = "0.1.0"
 USER_AGENT = f"downloader/{VERSION} (+https://github.com/downloader/downloader)"
@@ -36,11 +48,78 @@ class ImageFormat(enum.Enum):
     JPEG = "jpeg"
     WEBP = "webp"
     PNG = "png"
+    AVIF = "avif"
+    KEEP = "keep"
+    """The source's own format when it is one of the above, else JPEG."""
 
     @property
     def extension(self) -> str:
         """File name extension (without the dot) for this format."""
+        if self is ImageFormat.KEEP:
+            raise ValueError("format 'keep' has no extension of its own")
         return "jpg" if self is ImageFormat.JPEG else self.value
+
+
+class ResizeMode(enum.Enum):
+    """How an image is brought to a box; ``.value`` is what ``--resize`` accepts."""
+
+    FIT = "fit"
+    """Scale to fit inside the box, keeping the aspect ratio."""
+    FILL = "fill"
+    """Scale to cover the box, keeping the aspect ratio, then crop the centre."""
+    EXACT = "exact"
+    """Scale to the box exactly, changing the aspect ratio if need be."""
+    NONE = "none"
+    """Keep the pixel size (the image is still oriented and re-encoded)."""
+
+
+# module:function, where function may be a dotted path (a class's static method).
+_CALLABLE_REF = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
+
+
+def import_callable(ref: str) -> Callable[..., object]:
+    """Import and return the callable that a ``module:function`` reference names.
+
+    Raises:
+        InputError: the reference is malformed, its module cannot be imported (any
+            exception the import raises), or it names nothing callable.
+    """
+    match = _CALLABLE_REF.fullmatch(ref)
+    if match is None:
+        raise InputError(f"transform {ref!r} is not of the form module:function")
+    module_name, attribute = match.groups()
+    try:
+        target: object = importlib.import_module(module_name)
+    # User code: any exception while importing it is a usage error.
+    except Exception as exc:
+        raise InputError(
+            f"cannot import transform module {module_name!r}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise InputError(
+                f"transform module {module_name!r} has no attribute {attribute!r}"
+            ) from None
+    if not callable(target):
+        raise InputError(f"transform {ref!r} is not callable")
+    return target
+
+
+def box_label(box: tuple[int, int]) -> str:
+    """Return the name of a box: ``"256"`` for a square, ``"640x480"`` otherwise."""
+    width, height = box
+    return str(width) if width == height else f"{width}x{height}"
+
+
+def _can_write(image_format: ImageFormat) -> bool:
+    """Tell whether the installed Pillow can encode ``image_format``."""
+    from PIL import Image  # only needed for this check; keeps settings import light
+
+    Image.init()
+    return image_format.name in Image.SAVE
 
 
 def _require(condition: bool, message: str) -> None:
@@ -90,12 +169,35 @@ class HttpSettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ImageSpec:
-    """What the transform stage makes of each downloaded image."""
+    """What the transform stage makes of each downloaded image.
 
+    The box is ``sizes`` (several outputs), else ``size``, else ``max_size`` square.
+    With several boxes the largest (by area) makes the main output
+    ``{stem}.{ext}``; each other box ``B`` makes ``{label}/{stem}.{ext}``, where the
+    label is ``"256"`` for a square box and ``"640x480"`` otherwise.
+    """
+
+    resize: ResizeMode = ResizeMode.FIT
     max_size: int = 1024
-    """Fit within a box of this many pixels on each side; never upscale."""
+    """Side of the square box when neither ``size`` nor ``sizes`` is given."""
+    size: tuple[int, int] | None = None
+    """The box as (width, height) in pixels."""
+    sizes: tuple[tuple[int, int], ...] = ()
+    """Several boxes: one output each, from one decode."""
+    upscale: bool = False
+    """Enlarge images smaller than the box (otherwise they are never enlarged)."""
     format: ImageFormat = ImageFormat.JPEG
     quality: int = 85
+    """JPEG, WebP and AVIF quality (PNG is lossless)."""
+    progressive: bool = False
+    """Write progressive JPEGs."""
+    optimize: bool = False
+    """Spend more time for smaller files (JPEG optimize, PNG level 9, WebP method 6)."""
+    keep_metadata: bool = False
+    """Keep EXIF (minus the orientation, which is applied) and the ICC profile."""
+    grayscale: bool = False
+    transform: str | None = None
+    """``module:function`` applied to each output image after the built-in steps."""
     max_pixels: int = 90_000_000
     """Images with more pixels than this are refused as decompression bombs."""
 
@@ -103,6 +205,36 @@ class ImageSpec:
         _require(self.max_size > 0, "max_size must be greater than 0")
         _require(1 <= self.quality <= 100, "quality must be between 1 and 100")
         _require(self.max_pixels > 0, "max_pixels must be greater than 0")
+        if not isinstance(self.sizes, tuple):
+            object.__setattr__(self, "sizes", tuple(self.sizes))
+        boxes = [*self.sizes, *([self.size] if self.size else [])]
+        for width, height in boxes:
+            _require(width > 0 and height > 0, "sizes must be greater than 0")
+        _require(
+            len(set(self.sizes)) == len(self.sizes), "sizes must not repeat a size"
+        )
+        _require(
+            self.resize is not ResizeMode.NONE or not boxes,
+            "resize 'none' keeps the pixel size: give no size or sizes with it",
+        )
+        if self.format not in (ImageFormat.KEEP, ImageFormat.JPEG):
+            _require(
+                _can_write(self.format),
+                f"this Pillow cannot write {self.format.name} images "
+                f"(format {self.format.value!r} is not supported here)",
+            )
+        if self.transform is not None:
+            import_callable(self.transform)
+
+    @property
+    def boxes(self) -> tuple[tuple[int, int], ...]:
+        """The boxes to make, the main output's first; empty for resize 'none'."""
+        if self.resize is ResizeMode.NONE:
+            return ()
+        if self.sizes:
+            main = max(self.sizes, key=lambda box: box[0] * box[1])
+            return (main, *(box for box in self.sizes if box != main))
+        return (self.size or (self.max_size, self.max_size),)
 
 
 def _default_procs() -> int:
@@ -123,6 +255,9 @@ class Settings:
     """Seconds one image may take in a worker before that worker is replaced."""
     max_tasks_per_worker: int = 1000
     """A worker process is recycled after this many images, to bound its memory."""
+    stall_report: float = 60.0
+    """Seconds without any item finishing after which the URLs in progress are logged
+    (logger ``downloader``, warning); the run goes on."""
     http: HttpSettings = field(default_factory=HttpSettings)
     image: ImageSpec = field(default_factory=ImageSpec)
 
@@ -131,5 +266,6 @@ class Settings:
         _require(self.procs > 0, "procs must be greater than 0")
         _require(self.item_timeout > 0, "item_timeout must be greater than 0")
         _require(self.max_tasks_per_worker > 0, "max_tasks_per_worker must be > 0")
+        _require(self.stall_report > 0, "stall_report must be greater than 0")
         if not isinstance(self.out, Path):
             object.__setattr__(self, "out", Path(self.out))

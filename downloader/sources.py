@@ -1,23 +1,33 @@
-"""Turn a URL list into ``Job`` records: streamed, validated, deduplicated.
+"""Turn an input list into ``Job`` records: streamed, validated, deduplicated.
 
 ::
 
     path / "-" / lines ──read_lines──► Line ──plan_jobs──┬─► Job      one per unique URL
-                                                         └─► Outcome  one per bad text
+      (txt, csv, tsv, jsonl)                            └─► Outcome  one per bad row
+    folder / glob ──local_jobs──► Job (with local_path: processed, never downloaded)
 
-- ``read_lines`` streams numbered, stripped lines and drops blanks and ``#`` comments. A
-  file is read in binary and decoded line by line, so one bad line becomes a ``Line``
-  with an ``error`` instead of stopping the run.
+- ``read_lines`` streams numbered lines of a list in one of the ``InputFormat``s. A file
+  is read in binary and decoded line by line, so one bad line becomes a ``Line`` with an
+  ``error`` instead of stopping the run. Plain text drops blanks and ``#`` comments;
+  CSV and TSV need a header row with a ``url`` column (checked when ``read_lines`` is
+  called), JSON Lines one object with a ``"url"`` per line. An optional ``name`` column
+  names the output file; the other columns are kept as the job's ``extra``.
 - ``check_url`` says why a text is not a usable http(s) URL.
 - ``normalize_url`` gives the key that recognises two spellings of one URL.
-- ``safe_stem`` gives the output file stem of a key: readable, and unique by its hash.
+- ``safe_stem`` gives the output file stem of a key: readable, and unique by its hash;
+  ``safe_name`` the stem a ``name`` column asks for.
 - ``plan_jobs`` keeps only digests of what it has seen, so memory grows with the number
   of unique URLs, never with the length of the list or of its URLs.
+- ``open_source`` is the one entry point the runner uses, for every kind of ``Source``.
 """
 
 from __future__ import annotations
 
+import csv
+import enum
+import glob
 import hashlib
+import json
 import os
 import re
 import sys
@@ -32,12 +42,20 @@ from downloader.errors import InputError
 from downloader.records import Job, Outcome, Status
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "MAX_URL_LENGTH",
+    "InputFormat",
     "Line",
+    "LocalFiles",
+    "Source",
+    "UrlList",
     "check_url",
+    "local_jobs",
     "normalize_url",
+    "open_source",
     "plan_jobs",
     "read_lines",
+    "safe_name",
     "safe_stem",
 ]
 
@@ -45,6 +63,9 @@ __all__ = [
 # refuse longer request lines (nginx and Apache both stop near 8 KiB), so a longer URL
 # could not be fetched anyway; the cap also bounds the memory one line can take.
 MAX_URL_LENGTH = 8192
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"})
+"""File name suffixes taken from an ``--input-dir`` folder: what the transform reads."""
 
 # A line longer than this cannot hold a usable URL (8192 characters of at most 4 UTF-8
 # bytes each, plus padding); reading stops there so one endless line cannot fill memory.
@@ -55,6 +76,9 @@ _LONG_LINE_PREVIEW = 200
 # Part of the file stem that is readable; with the hash the stem stays far below the
 # 255-byte name limit of common file systems, leaving room for suffixes.
 _STEM_READABLE_CHARS = 60
+# A name given in the list may be longer; still leaves 100+ bytes for the hash, size
+# label, extension and temporary suffix.
+_NAME_CHARS = 120
 # 48 bits of sha256: distinct keys that share a readable part collide only by chance.
 _STEM_HASH_DIGITS = 12
 # The "seen" sets hold 128-bit blake2b digests instead of keys: a false duplicate is
@@ -71,21 +95,87 @@ _UNSAFE_RUN = re.compile(r"[^A-Za-z0-9._-]+")
 # Only a short alphanumeric suffix counts as an extension, so the dots of a decoded
 # "../../x" are not mistaken for one.
 _EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,10}\Z")
+# A name keeps its dots ("2024.05.01"); only an image extension is dropped from it.
+_IMAGE_EXTENSION = re.compile(r"\.(jpe?g|png|gif|webp|bmp|avif|tiff?|heic)\Z", re.I)
+# The shape of a hashed stem: a name of that shape gets a hash too, so that a name can
+# never take the stem another URL of the list gets.
+_HASHED_STEM = re.compile(rf".*-[0-9a-f]{{{_STEM_HASH_DIGITS}}}\Z")
+_GLOB_MAGIC = re.compile(r"[*?[]")
 # Dropped at the start of every line, not only the first: lists joined with `cat` carry
 # one byte order mark per file.
 _BOM = "\ufeff"
+_URL_FIELD = "url"
+_NAME_FIELD = "name"
+
+
+class InputFormat(enum.Enum):
+    """How a list is written; ``.value`` is what ``--input-format`` accepts."""
+
+    TXT = "txt"
+    """One URL per line; blank lines and ``#`` comments are skipped."""
+    CSV = "csv"
+    """Comma-separated with a header row naming a ``url`` column."""
+    TSV = "tsv"
+    """Tab-separated with a header row naming a ``url`` column."""
+    JSONL = "jsonl"
+    """One JSON object per line with a ``"url"`` string (also ``.ndjson``)."""
+
+    @classmethod
+    def for_path(cls, path: str | os.PathLike[str]) -> InputFormat:
+        """Return the format a file name's extension says; plain text by default."""
+        suffix = Path(path).suffix.lower()
+        return {
+            ".csv": cls.CSV,
+            ".tsv": cls.TSV,
+            ".jsonl": cls.JSONL,
+            ".ndjson": cls.JSONL,
+        }.get(suffix, cls.TXT)
+
+
+@dataclass(frozen=True, slots=True)
+class UrlList:
+    """A list in an explicit format: a path, ``"-"`` for stdin, or lines of text."""
+
+    source: str | Path | TextIO | Iterable[str]
+    format: InputFormat | None = None
+    """None: from the file name's extension (plain text for stdin and streams)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFiles:
+    """Local image files to process without downloading (``--input-dir``).
+
+    ``pattern`` is a folder (its files with an image suffix, not recursive), a glob
+    pattern (every regular file it matches; ``**`` recurses), or one file. The files
+    are only read: the processing works on a hard link or a copy of each.
+    """
+
+    pattern: str | Path
+
+
+Source = str | Path | TextIO | Iterable[str] | UrlList | LocalFiles
+"""What a run reads: a list's path (``"-"`` for stdin), an open text stream, URLs, a
+``UrlList`` with an explicit format, or ``LocalFiles``."""
 
 
 @dataclass(frozen=True, slots=True)
 class Line:
-    """One non-blank, non-comment line of a URL list."""
+    """One usable-looking entry of a list: a line of text or a row with fields."""
 
     number: int
     """Line number in the list (1-based), counting blank and comment lines."""
     text: str
-    """The line without surrounding whitespace."""
+    """The URL (stripped); for an unusable entry, what the entry says."""
     error: str | None = None
     """Why the line cannot be used whatever it says, e.g. it is not valid UTF-8."""
+    name: str | None = None
+    """The ``name`` column: the output file stem it asks for (before sanitising)."""
+    extra: tuple[tuple[str, str], ...] = ()
+    """The other columns of a CSV, TSV or JSON Lines row, in order."""
+
+
+_Physical = tuple[int, str, str | None]
+"""A decoded line of a list: its number, its text (line end kept), what is wrong."""
 
 
 def normalize_url(url: str) -> str:
@@ -126,66 +216,182 @@ def check_url(url: str) -> str | None:
     return _check_authority(parts)
 
 
-def safe_stem(key: str) -> str:
+def safe_stem(key: str, readable_from: str | None = None) -> str:
     """Return a readable file stem for a normalised URL, unique by a hash of the key.
 
-    The readable part comes from the last path segment without its extension, limited
-    to ``[A-Za-z0-9._-]``; the stem never contains a path separator, never starts with
-    a dot or a dash and is at most 73 characters long.
+    The readable part comes from ``readable_from`` if given (a ``name`` column), else
+    from the last path segment without its extension, limited to ``[A-Za-z0-9._-]``;
+    the stem never contains a path separator, never starts with a dot or a dash and
+    is at most 73 characters long.
     """
-    path = key.partition("#")[0].partition("?")[0]
-    name = unquote(path.rpartition("/")[2], errors="replace")
-    base = _EXTENSION.sub("", name)
-    # A leading '-' would read as an option to command-line tools.
-    readable = _UNSAFE_RUN.sub("_", base).lstrip("._-")
+    if readable_from is None:
+        path = key.partition("#")[0].partition("?")[0]
+        name = unquote(path.rpartition("/")[2], errors="replace")
+        readable = _sanitise(_EXTENSION.sub("", name))
+    else:
+        readable = safe_name(readable_from)
     readable = readable[:_STEM_READABLE_CHARS] or "image"
     # surrogatepass: keep the function total for any str a library caller passes.
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
     return f"{readable}-{digest[:_STEM_HASH_DIGITS]}"
 
 
-def read_lines(source: str | Path | TextIO | Iterable[str]) -> Iterator[Line]:
-    """Stream the non-blank, non-comment lines of a URL list.
+def safe_name(name: str) -> str:
+    """Return the file stem a ``name`` column asks for; empty if nothing is left.
+
+    An image extension is dropped (``cat.png`` → ``cat``), runs of characters outside
+    ``[A-Za-z0-9._-]`` become ``_``, leading dots and dashes go, and the result is cut
+    to 120 characters, so a name can never leave the output folder.
+    """
+    base = _IMAGE_EXTENSION.sub("", name.strip())
+    return _sanitise(base)[:_NAME_CHARS]
+
+
+def read_lines(
+    source: str | Path | TextIO | Iterable[str],
+    input_format: InputFormat | None = None,
+) -> Iterator[Line]:
+    """Stream the entries of a list in ``input_format``.
 
     ``source`` is a path, ``"-"`` for standard input, an open text stream, or any
-    iterable of strings (numbered from 1).
+    iterable of strings (numbered from 1). Without ``input_format`` a path's
+    extension decides (``.csv``, ``.tsv``, ``.jsonl``/``.ndjson``, else plain text);
+    anything else is plain text.
 
     Raises:
         InputError: at call time, when a path cannot be opened (missing, unreadable,
-            a directory); also later if reading it fails.
+            a directory) or a CSV/TSV header has no ``url`` column; also later if
+            reading the file fails.
     """
+    if input_format is None:
+        if isinstance(source, str | os.PathLike) and source != "-":
+            input_format = InputFormat.for_path(source)
+        else:
+            input_format = InputFormat.TXT
     if isinstance(source, str) and source == "-":
         stdin_bytes: BinaryIO | None = getattr(sys.stdin, "buffer", None)
         if stdin_bytes is None:  # replaced by a text-only stream, e.g. in tests
-            return _text_lines(sys.stdin)
-        return _binary_lines(stdin_bytes)
+            return _parse(_text_lines(sys.stdin), input_format, "standard input")
+        return _parse(_binary_lines(stdin_bytes), input_format, "standard input")
     if isinstance(source, str | os.PathLike):
-        return _file_lines(Path(source))
-    return _text_lines(source)
+        return _file_lines(Path(source), input_format)
+    return _parse(_text_lines(source), input_format, "the URL list")
 
 
 def plan_jobs(lines: Iterable[Line]) -> Iterator[Job | Outcome]:
     """Yield a ``Job`` per unique usable URL and a failed ``Outcome`` per unusable text.
 
     Later spellings of an already seen URL are dropped silently; the first occurrence
-    gives the job its line and text. Jobs are indexed 0, 1, 2, ... in the order yielded.
+    gives the job its line, text, name and extra fields. Jobs are indexed 0, 1, 2, ...
+    in the order yielded. A ``name`` is used as the stem as is (sanitised) the first
+    time it appears; a name already taken in this list (compared ignoring case) gets
+    the URL's hash appended, like a stem made from the URL.
     """
     seen_keys: set[bytes] = set()
     seen_rejects: set[bytes] = set()
+    seen_names: set[bytes] = set()
     index = 0
     for line in lines:
         reason = line.error or check_url(line.text)
         if reason is not None:
             if _first_time(seen_rejects, line.text):
                 yield Outcome(
-                    url=line.text, status=Status.FAILED, line=line.number, error=reason
+                    url=line.text,
+                    status=Status.FAILED,
+                    line=line.number,
+                    error=reason,
+                    extra=line.extra or None,
                 )
             continue
         key = normalize_url(line.text)
         if _first_time(seen_keys, key):
-            stem = safe_stem(key)
-            yield Job(index=index, line=line.number, url=line.text, key=key, stem=stem)
+            stem = _stem_for(key, line.name, seen_names)
+            yield Job(index, line.number, line.text, key, stem, extra=line.extra)
             index += 1
+
+
+def local_jobs(
+    pattern: str | Path, *, exclude: Path | None = None
+) -> Iterator[Job | Outcome]:
+    """Yield a ``Job`` per local image file that ``pattern`` names (see ``LocalFiles``).
+
+    Each job's ``url`` is the file's ``file://`` URI (its identity in the manifest; it
+    is never fetched) and its ``local_path`` the resolved path. Files under
+    ``exclude`` (the output folder) are left out. The file names are listed and
+    sorted when called; the files are opened only when processed.
+
+    Raises:
+        InputError: at call time, when ``pattern`` names no folder or file, or matches
+            no image files.
+    """
+    files = _expand(str(pattern))
+    outside = None if exclude is None else exclude.resolve()
+    jobs: list[Job | Outcome] = []
+    seen: set[str] = set()
+    for number, file in enumerate(files, start=1):
+        resolved = file.resolve()
+        url = resolved.as_uri()
+        if url in seen or (outside is not None and resolved.is_relative_to(outside)):
+            continue
+        seen.add(url)
+        jobs.append(
+            Job(len(jobs), number, url, url, safe_stem(url), local_path=str(resolved))
+        )
+    if not jobs:
+        raise InputError(f"no image files to process in {pattern}")
+    return iter(jobs)
+
+
+def open_source(
+    source: Source, *, exclude: Path | None = None
+) -> Iterator[Job | Outcome]:
+    """Start reading ``source`` and return its jobs and records of unusable entries.
+
+    Errors in opening it are raised now, before any run starts; ``exclude`` (the
+    output folder) is only used by ``LocalFiles``.
+    """
+    if isinstance(source, LocalFiles):
+        return local_jobs(source.pattern, exclude=exclude)
+    if isinstance(source, UrlList):
+        return plan_jobs(read_lines(source.source, source.format))
+    return plan_jobs(read_lines(source))
+
+
+def _sanitise(text: str) -> str:
+    # A leading '-' would read as an option to command-line tools.
+    return _UNSAFE_RUN.sub("_", text).lstrip("._-")
+
+
+def _stem_for(key: str, name: str | None, seen_names: set[bytes]) -> str:
+    """Return the stem of a new job: its name if free, else a hashed stem."""
+    readable = None if name is None else safe_name(name)
+    if not readable:  # no name, or nothing of it is usable
+        return safe_stem(key)
+    free = not _HASHED_STEM.match(readable) and _first_time(
+        seen_names, readable.lower()
+    )
+    return readable if free else safe_stem(key, name)
+
+
+def _expand(pattern: str) -> list[Path]:
+    """Return the sorted files a folder, glob pattern or file name stands for."""
+    path = Path(pattern)
+    if path.is_dir():
+        try:
+            entries = list(path.iterdir())
+        except OSError as exc:
+            raise InputError(f"cannot list {pattern}: {exc.strerror or exc}") from exc
+        return sorted(
+            entry
+            for entry in entries
+            if entry.suffix.lower() in IMAGE_SUFFIXES and entry.is_file()
+        )
+    if _GLOB_MAGIC.search(pattern):
+        matches = glob.glob(pattern, recursive=True)
+        return sorted(Path(match) for match in matches if Path(match).is_file())
+    if path.is_file():
+        return [path]
+    raise InputError(f"no such folder or file: {pattern}")
 
 
 def _check_authority(parts: SplitResult) -> str | None:
@@ -239,20 +445,24 @@ def _first_time(seen: set[bytes], text: str) -> bool:
     return True
 
 
-def _file_lines(path: Path) -> Iterator[Line]:
-    """Open ``path`` now, so errors surface at call time, and stream its lines."""
+def _file_lines(path: Path, input_format: InputFormat) -> Iterator[Line]:
+    """Open ``path`` now, so errors surface at call time, and stream its entries."""
     try:
         file = path.open("rb")
     except OSError as exc:
         raise InputError(f"cannot read URL list {path}: {exc.strerror or exc}") from exc
-    lines = _read_and_close(file, path)
+    try:
+        lines = _parse(_read_and_close(file, path), input_format, str(path))
+    except BaseException:
+        file.close()
+        raise
     # A generator closed or dropped before its first next() never enters its `with`;
     # closing the file when the generator goes away covers that case too.
     weakref.finalize(lines, file.close)
     return lines
 
 
-def _read_and_close(file: BinaryIO, path: Path) -> Iterator[Line]:
+def _read_and_close(file: BinaryIO, path: Path) -> Iterator[_Physical]:
     """Stream the lines of an open file and close it when done or closed."""
     with file:
         try:
@@ -262,7 +472,7 @@ def _read_and_close(file: BinaryIO, path: Path) -> Iterator[Line]:
             raise InputError(message) from exc
 
 
-def _binary_lines(stream: BinaryIO) -> Iterator[Line]:
+def _binary_lines(stream: BinaryIO) -> Iterator[_Physical]:
     """Decode a byte stream line by line as UTF-8, marking lines that cannot be used."""
     number = 0
     while raw := stream.readline(_MAX_LINE_BYTES):
@@ -277,8 +487,7 @@ def _binary_lines(stream: BinaryIO) -> Iterator[Line]:
         except UnicodeDecodeError:
             text = raw.decode("utf-8", "replace").removeprefix(_BOM)
             error = error or "line is not valid UTF-8"
-        if line := _make_line(number, text, error):
-            yield line
+        yield number, text, error
 
 
 def _skip_rest_of_line(stream: BinaryIO) -> None:
@@ -287,10 +496,31 @@ def _skip_rest_of_line(stream: BinaryIO) -> None:
         pass
 
 
-def _text_lines(lines: Iterable[str]) -> Iterator[Line]:
-    """Number already decoded lines from 1, marking lines that cannot be used."""
+def _text_lines(lines: Iterable[str]) -> Iterator[_Physical]:
+    """Number already decoded lines from 1."""
     for number, text in enumerate(lines, start=1):
-        if line := _make_line(number, text.removeprefix(_BOM), None):
+        yield number, text.removeprefix(_BOM), None
+
+
+def _parse(
+    physical: Iterator[_Physical], input_format: InputFormat, where: str
+) -> Iterator[Line]:
+    """Return the entries of decoded lines; a CSV/TSV header is read and checked now."""
+    if input_format is InputFormat.TXT:
+        return _plain_lines(physical)
+    if input_format is InputFormat.JSONL:
+        return _json_lines(physical)
+    dialect = "excel" if input_format is InputFormat.CSV else "excel-tab"
+    rows = _Rows(physical)
+    reader = csv.reader(rows, dialect)
+    columns = _Columns.read(reader, rows, where)
+    return _table_lines(reader, rows, columns)
+
+
+def _plain_lines(physical: Iterator[_Physical]) -> Iterator[Line]:
+    """Yield the lines of a plain list, skipping blanks and comments."""
+    for number, text, error in physical:
+        if line := _make_line(number, text, error):
             yield line
 
 
@@ -302,3 +532,150 @@ def _make_line(number: int, text: str, error: str | None) -> Line | None:
     if error is None and "\x00" in text:
         error = "NUL byte in line"
     return Line(number, text, error)
+
+
+def _preview(text: str) -> str:
+    """Return the start of a long text, enough to recognise it in a record."""
+    text = text.strip()
+    if len(text) <= _LONG_LINE_PREVIEW:
+        return text
+    return text[:_LONG_LINE_PREVIEW] + "…"
+
+
+def _as_text(value: object) -> str:
+    """Return a field value as text: strings as they are, other JSON as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _json_lines(physical: Iterator[_Physical]) -> Iterator[Line]:
+    """Yield one entry per non-blank line of JSON Lines."""
+    for number, text, error in physical:
+        if not text.strip():
+            continue
+        if error is not None:
+            yield Line(number, _preview(text), error)
+        else:
+            yield _json_line(number, text)
+
+
+def _json_line(number: int, text: str) -> Line:
+    """Return the entry of one JSON line; a bad line becomes an entry with an error."""
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return Line(number, _preview(text), f"line is not valid JSON: {exc}")
+    if not isinstance(record, dict):
+        return Line(number, _preview(text), "line is not a JSON object")
+    extra = tuple(
+        (str(key), _as_text(value))
+        for key, value in record.items()
+        if key not in (_URL_FIELD, _NAME_FIELD)
+    )
+    url = record.get(_URL_FIELD)
+    if not isinstance(url, str) or not url.strip():
+        error = 'object has no "url" string'
+        return Line(number, _preview(text), error, extra=extra)
+    name = record.get(_NAME_FIELD)
+    name_text = None if name is None else _as_text(name)
+    return Line(number, url.strip(), None, name_text, extra)
+
+
+class _Rows:
+    """Feed decoded lines to ``csv.reader``; note where rows start, and faults."""
+
+    def __init__(self, physical: Iterator[_Physical]) -> None:
+        self._physical = physical
+        self.number = 0
+        """Number of the last line handed out."""
+        self.first_text = ""
+        self.error: str | None = None
+
+    def start_row(self) -> int:
+        """Forget the last row's faults; return the number the next row starts at."""
+        self.error = None
+        self.first_text = ""
+        return self.number + 1
+
+    def __iter__(self) -> _Rows:
+        return self
+
+    def __next__(self) -> str:
+        number, text, error = next(self._physical)
+        if not self.first_text:
+            self.first_text = text
+        self.number = number
+        self.error = self.error or error
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class _Columns:
+    """The header of a CSV/TSV list: where the url and name are, and the others."""
+
+    width: int
+    url: int
+    name: int | None
+    others: tuple[tuple[int, str], ...]
+
+    @classmethod
+    def read(cls, reader: Iterator[list[str]], rows: _Rows, where: str) -> _Columns:
+        """Read the first non-blank row as the header and check it."""
+        try:
+            header = next(row for row in reader if any(cell.strip() for cell in row))
+        except StopIteration:
+            raise InputError(f"{where} is empty: it needs a header row") from None
+        except csv.Error as exc:
+            raise InputError(f"{where}: cannot read the header row: {exc}") from exc
+        if rows.error is not None:
+            raise InputError(f"{where}: header row: {rows.error}")
+        names = [cell.strip() for cell in header]
+        folded = [name.casefold() for name in names]
+        repeated = sorted({n for n in folded if n and folded.count(n) > 1})
+        if repeated:
+            raise InputError(f"{where}: the header repeats the column {repeated[0]!r}")
+        if _URL_FIELD not in folded:
+            found = ", ".join(repr(name) for name in names[:5])
+            raise InputError(
+                f"{where} has no 'url' column; its first row must name the columns "
+                f"(found {found})"
+            )
+        name = folded.index(_NAME_FIELD) if _NAME_FIELD in folded else None
+        others = tuple(
+            (position, names[position])
+            for position, key in enumerate(folded)
+            if key and key not in (_URL_FIELD, _NAME_FIELD)
+        )
+        return cls(len(names), folded.index(_URL_FIELD), name, others)
+
+    def line(self, number: int, row: list[str], error: str | None) -> Line:
+        """Return the entry of one data row."""
+
+        def cell(position: int) -> str:
+            return row[position] if position < len(row) else ""
+
+        url = cell(self.url).strip()
+        name = None if self.name is None else (cell(self.name).strip() or None)
+        extra = tuple((header, cell(position)) for position, header in self.others)
+        if error is None and len(row) > self.width:
+            error = f"row has {len(row)} fields but the header has {self.width}"
+        if error is None and not url:
+            error = "no URL in the 'url' column"
+        text = url or _preview(",".join(row))
+        return Line(number, text, error, name, extra)
+
+
+def _table_lines(
+    reader: Iterator[list[str]], rows: _Rows, columns: _Columns
+) -> Iterator[Line]:
+    """Yield one entry per non-blank data row of a CSV/TSV list."""
+    while True:
+        number = rows.start_row()
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield Line(number, _preview(rows.first_text), f"malformed row: {exc}")
+            continue
+        if any(cell.strip() for cell in row):
+            yield columns.line(number, row, rows.error)

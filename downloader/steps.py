@@ -4,17 +4,27 @@
 ``transform_step`` turns a ``Fetched`` file into the final ``Outcome`` in the calling
 process (the process-based schedulers run ``worker.run_task`` in workers instead).
 Local faults (``OutputError``) are not per-URL failures and propagate.
+
+A job with a ``local_path`` (``--input-dir``) is never fetched: ``stage_local`` puts a
+hard link to the file (a copy across file systems) where a download would go, so every
+scheduler processes it unchanged and removing the staged file leaves the original.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 
-from downloader.errors import FetchError, TransformError
+from downloader.errors import FetchError, OutputError, TransformError
 from downloader.fetch import HostLimiter, fetch
 from downloader.progress import EventKind, Events, ProgressEvent
 from downloader.records import Fetched, Job, Outcome, Stage
@@ -28,8 +38,12 @@ __all__ = [
     "fetch_step",
     "interrupted",
     "passthrough",
+    "stage_local",
     "transform_step",
 ]
+
+# Read size for hashing or copying a local file: large reads, few system calls.
+_COPY_CHUNK = 1024 * 1024
 
 
 def emit(
@@ -66,6 +80,17 @@ def fetch_step(
     emit(context.events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane)
     started = time.perf_counter()
     try:
+        if job.local_path is not None:
+            staged = stage_local(job, context.tmp)
+            emit(
+                context.events,
+                Stage.DOWNLOAD,
+                EventKind.BYTES,
+                job.index,
+                lane,
+                nbytes=staged.nbytes,
+            )
+            return staged
         return fetch(
             job,
             client,
@@ -113,6 +138,94 @@ def transform_step(
         discard(fetched)
         emit(context.events, Stage.TRANSFORM, EventKind.FINISHED, index, lane)
     return Outcome.success(fetched, result)
+
+
+def stage_local(job: Job, tmp_dir: Path) -> Fetched:
+    """Put ``job.local_path`` at ``tmp_dir/<stem>.part`` as if it had been downloaded.
+
+    A hard link when the file is on the same file system, else a copy; the original
+    is only read. The record has no HTTP status, no final URL and no attempts.
+
+    Raises:
+        FetchError: the local file cannot be read or is not a regular file.
+        OutputError: the staged copy could not be written; the run should stop.
+    """
+    if job.local_path is None:
+        raise ValueError(f"job {job.index} has no local file")
+    started = time.perf_counter()
+    source = Path(job.local_path)
+    part = tmp_dir / f"{job.stem}.part"
+    try:
+        file = source.open("rb")
+    except OSError as exc:
+        raise FetchError(
+            f"cannot read local file: {exc.strerror or exc}", attempts=0
+        ) from exc
+    with file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise FetchError("local file is not a regular file", attempts=0)
+        try:
+            nbytes, sha256 = _link_or_copy(source, file, part)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                part.unlink()
+            raise
+    return Fetched(
+        job=job,
+        path=part,
+        nbytes=nbytes,
+        sha256=sha256,
+        final_url=None,
+        http_status=None,
+        attempts=0,
+        elapsed=time.perf_counter() - started,
+    )
+
+
+def _link_or_copy(source: Path, file: BinaryIO, part: Path) -> tuple[int, str]:
+    """Hard-link ``source`` to ``part`` or copy it there; return its size and hash."""
+    try:
+        os.link(source, part)
+    except OSError as exc:
+        # EXDEV: another file system; EPERM: protected_hardlinks or a file system
+        # without links. Anything else about ``part`` is a local fault.
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise OutputError(f"cannot stage {source}: {exc.strerror}") from exc
+        return _copy(file, part)
+    return _hash(file, None)
+
+
+def _copy(file: BinaryIO, part: Path) -> tuple[int, str]:
+    try:
+        target = part.open("xb")
+    except OSError as exc:
+        raise OutputError(f"cannot write {part}: {exc.strerror}") from exc
+    with target:
+        return _hash(file, target)
+
+
+def _hash(file: BinaryIO, target: BinaryIO | None) -> tuple[int, str]:
+    """Read ``file`` to the end, writing it to ``target`` if given; size and sha256."""
+    digest = hashlib.sha256()
+    nbytes = 0
+    while True:
+        try:
+            chunk = file.read(_COPY_CHUNK)
+        except OSError as exc:
+            raise FetchError(
+                f"cannot read local file: {exc.strerror}", attempts=0
+            ) from exc
+        if not chunk:
+            return nbytes, digest.hexdigest()
+        digest.update(chunk)
+        nbytes += len(chunk)
+        if target is not None:
+            try:
+                target.write(chunk)
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot write {target.name}: {exc.strerror}"
+                ) from exc
 
 
 def discard(fetched: Fetched) -> None:

@@ -1,34 +1,59 @@
-"""The CPU stage: one downloaded file on disk to one output image on disk, with Pillow.
+"""The CPU stage: one file on disk to one or more output images on disk, with Pillow.
 
 ::
 
-    src ──open lazily (allow-list)──► pixel guard ──► draft (JPEG: decode at 1/2..1/8)
-        ──► load ──► 8-bit L/RGB(A) ──► resize to fit ──► EXIF orientation ──► encode
-        ──► out_dir/.tmp/{stem}.{ext}.tmp ──os.replace──► out_dir/{stem}.{ext}
+    src ──open lazily (allow-list)──► pixel guard ──► plan each box (upright sizes)
+        ──► draft (JPEG: decode once at 1/2..1/8, enough for the largest box) ──► load
+        ──► 8-bit L/RGB(A) (grayscale: L/LA) ──► per box: resize/crop ──► orientation
+        ──► custom transform ──► encode (metadata kept or stripped)
+        ──► out_dir/.tmp/… .tmp ──os.replace──► out_dir/{stem}.{ext}, out_dir/{label}/…
 
 ``transform_file`` is a pure function of its arguments: it starts no thread or process,
 and the same input and ``ImageSpec`` give the same output bytes in any process. Pillow's
 exceptions are translated here, at this one boundary: a bad input image becomes a
 ``TransformError`` (a per-item failure), a failure to write the output becomes an
-``OutputError`` (a local fault that stops the run).
+``OutputError`` (a local fault that stops the run). A user's ``--transform`` function
+runs here too; whatever it raises fails that item only.
+
+Resize modes, for a box of BW x BH and an upright image of W x H:
+
+- ``fit``: scale to fit inside the box, keeping the aspect ratio.
+- ``fill``: scale to cover the box, then crop the centre to exactly BW x BH.
+- ``exact``: scale to BW x BH, changing the aspect ratio.
+- ``none``: keep W x H.
+
+Without ``upscale`` nothing is enlarged: ``fit`` keeps a smaller image as it is, and
+for ``fill`` and ``exact`` a box larger than the image is first shrunk, keeping its
+aspect ratio, until it fits inside the image.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import math
 import os
+import struct
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
-from downloader.errors import OutputError, TransformError
+from downloader.errors import InputError, OutputError, TransformError
 from downloader.records import Transformed
-from downloader.settings import ImageFormat, ImageSpec
+from downloader.settings import (
+    ImageFormat,
+    ImageSpec,
+    ResizeMode,
+    box_label,
+    import_callable,
+)
 
-__all__ = ["ALLOWED_FORMATS", "configure_pillow", "transform_file"]
+__all__ = ["ALLOWED_FORMATS", "configure_pillow", "output_names", "transform_file"]
 
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 """Formats that are decoded; never EPS/PDF (Ghostscript) nor the rarely used ones."""
@@ -40,10 +65,18 @@ _REDUCING_GAP = 3.0
 _RESAMPLE = Image.Resampling.LANCZOS
 # libwebp's default speed/size trade-off (0 is fastest, 6 gives the smallest files).
 _WEBP_METHOD = 4
+_WEBP_OPTIMIZED_METHOD = 6
 _PNG_COMPRESS_LEVEL = 6
+# zlib's smallest; Pillow's own PNG optimize flag came out larger on photos.
+_PNG_OPTIMIZED_COMPRESS_LEVEL = 9
+# One encoder thread: each worker process already has a core of its own, and a fixed
+# thread count keeps the AVIF bytes the same on every machine.
+_AVIF_THREADS = 1
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _SIXTEEN_TO_EIGHT_BIT = 255 / 65535
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA"})
+_GRAY_FAMILY = frozenset({"1", "L", "LA", "F", *_SIXTEEN_BIT_MODES})
+_RGB_FAMILY = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "P", "PA"})
 # Same table as ImageOps.exif_transpose, which cannot be used before the resize: it
 # loads the full-size image first, which would defeat draft().
 _ORIENTATION_TRANSPOSES = {
@@ -55,9 +88,17 @@ _ORIENTATION_TRANSPOSES = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+# Orientations whose transpose swaps width and height.
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+# Formats ``keep`` writes as themselves; any other source becomes JPEG.
+_KEPT_FORMATS = {"JPEG": ImageFormat.JPEG, "PNG": ImageFormat.PNG}
+_KEPT_IF_WRITABLE = {"WEBP": ImageFormat.WEBP}
 _TEMP_DIR = ".tmp"
+# Never in a stem ([A-Za-z0-9._-]), so the temporary names of two outputs never meet.
+_LABEL_SEPARATOR = "~"
 _SNIFF_BYTES = 64
 _HINT_CHARS = 20
+_CUSTOM_CACHE_SIZE = 4
 
 
 def configure_pillow(spec: ImageSpec) -> None:
@@ -70,33 +111,86 @@ def configure_pillow(spec: ImageSpec) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
+def output_names(stem: str, spec: ImageSpec, image_format: ImageFormat) -> list[str]:
+    """Return the output names of ``stem``, the main output's first.
+
+    The main output is ``{stem}.{ext}``; each other box of ``spec.sizes`` gives
+    ``{label}/{stem}.{ext}``, with labels like ``256`` or ``640x480``.
+    """
+    extension = image_format.extension
+    labels = ["", *(box_label(box) for box in spec.boxes[1:])]
+    return [
+        f"{label}/{stem}.{extension}" if label else f"{stem}.{extension}"
+        for label in labels
+    ]
+
+
 def transform_file(src: Path, out_dir: Path, stem: str, spec: ImageSpec) -> Transformed:
-    """Turn the downloaded file ``src`` into ``out_dir/{stem}.{ext}`` as ``spec`` says.
+    """Turn the file ``src`` into ``out_dir/{stem}.{ext}`` (and more) as ``spec`` says.
 
     Raises:
-        TransformError: ``src`` is not a usable image; nothing is left behind.
-        OutputError: the output could not be written (disk full, read-only folder).
+        TransformError: ``src`` is not a usable image, or the custom transform failed;
+            nothing is left behind.
+        OutputError: an output could not be written (disk full, read-only folder).
     """
     started = time.perf_counter()
-    encoded, (width, height) = _render(src, spec)
-    name = f"{stem}.{spec.format.extension}"
-    _write_atomically(out_dir, name, encoded)
+    image_format, rendered = _render(src, spec)
+    names = output_names(stem, spec, image_format)
+    for name, output in zip(names, rendered, strict=True):
+        _write_atomically(out_dir, name, output.data)
+    main = rendered[0]
     return Transformed(
-        path=name,
-        width=width,
-        height=height,
-        nbytes=len(encoded),
+        path=names[0],
+        width=main.size[0],
+        height=main.size[1],
+        nbytes=len(main.data),
         elapsed=time.perf_counter() - started,
+        outputs=tuple(names[1:]),
     )
 
 
-def _render(src: Path, spec: ImageSpec) -> tuple[bytes, tuple[int, int]]:
-    """Decode, reduce and encode ``src``; return the encoded bytes and the size."""
+@dataclass(frozen=True, slots=True)
+class _Rendered:
+    """One encoded output image, still in memory."""
+
+    data: bytes
+    size: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How one box is made from the image, in the image's stored orientation."""
+
+    target: tuple[int, int]
+    """Output size before the orientation is applied."""
+    crop: tuple[float, float] | None
+    """Size of the centred region of the source that is used; None for all of it."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Metadata:
+    """What ``keep_metadata`` carries from the source into the outputs."""
+
+    exif: bytes | None
+    icc_profile: bytes | None
+    source_family: str
+
+
+def _render(src: Path, spec: ImageSpec) -> tuple[ImageFormat, list[_Rendered]]:
+    """Decode ``src`` once and encode every output; return the format and outputs."""
     try:
         with Image.open(src, formats=ALLOWED_FORMATS) as image:
             _refuse_bomb(image.size, spec.max_pixels)
-            frame = _reduce(image, spec)
-            return _encode(frame, spec), frame.size
+            image_format = _output_format(spec.format, image.format)
+            keep_alpha = image_format is not ImageFormat.JPEG
+            metadata = _metadata(image) if spec.keep_metadata else None
+            frames = _frames(image, spec, keep_alpha=keep_alpha)
+            rendered = []
+            for frame in frames:
+                final = _custom(frame, spec, keep_alpha=keep_alpha)
+                data = _encode(final, image_format, spec, metadata)
+                rendered.append(_Rendered(data, final.size))
+            return image_format, rendered
     except UnidentifiedImageError as exc:
         raise TransformError(_unidentified_reason(src)) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -115,24 +209,55 @@ def _refuse_bomb(size: tuple[int, int], limit: int) -> None:
         )
 
 
-def _reduce(image: ImageFile.ImageFile, spec: ImageSpec) -> Image.Image:
-    """Return the first frame of ``image`` fitted, upright, in an output mode."""
+def _refuse_huge_output(size: tuple[int, int], limit: int) -> None:
+    """Raise if enlarging would make an output with more pixels than allowed."""
+    width, height = size
+    if width * height > limit:
+        raise TransformError(
+            f"output of {width}x{height} pixels is over the limit of {limit}"
+        )
+
+
+def _output_format(wanted: ImageFormat, source_format: str | None) -> ImageFormat:
+    """Resolve ``keep`` against the source's format; other formats stay."""
+    if wanted is not ImageFormat.KEEP:
+        return wanted
+    name = source_format or ""
+    if name in _KEPT_FORMATS:
+        return _KEPT_FORMATS[name]
+    kept = _KEPT_IF_WRITABLE.get(name)
+    if kept is not None and kept.name in Image.SAVE:
+        return kept
+    return ImageFormat.JPEG
+
+
+def _frames(
+    image: ImageFile.ImageFile, spec: ImageSpec, *, keep_alpha: bool
+) -> list[Image.Image]:
+    """Return the first frame of ``image`` made into each box, upright, main first."""
     orientation = _orientation(image)
-    target = _fitted_size(image.size, spec.max_size)
-    crop = None
-    if target != image.size:
-        # JPEG only (a no-op for the others): decode at 1/2, 1/4 or 1/8 scale, as long
-        # as that stays at least _REDUCING_GAP times the target.
-        request = (int(target[0] * _REDUCING_GAP), int(target[1] * _REDUCING_GAP))
-        drafted = image.draft(None, request)
-        # The scaled decode rounds up; this box is the original image within it.
-        crop = drafted[1] if drafted else None
+    width, height = image.size
+    swap = orientation in _SWAPPING_ORIENTATIONS
+    upright = (height, width) if swap else (width, height)
+    plans = [
+        _stored(_plan(upright, box, spec), swap)
+        for box in spec.boxes or [upright]  # resize 'none': the image's own size
+    ]
+    for plan in plans:
+        _refuse_huge_output(plan.target, spec.max_pixels)
+    scale = _decode_reduced(image, plans, grayscale=spec.grayscale)
     image.load()
-    frame = _to_output_mode(image, keep_alpha=spec.format is not ImageFormat.JPEG)
-    if frame.size != target:
-        frame = frame.resize(target, _RESAMPLE, box=crop, reducing_gap=_REDUCING_GAP)
+    source = _to_output_mode(image, keep_alpha=keep_alpha, grayscale=spec.grayscale)
     transpose = _ORIENTATION_TRANSPOSES.get(orientation)
-    return frame if transpose is None else frame.transpose(transpose)
+    frames = []
+    for plan in plans:
+        frame = _resize(source, plan, (width, height), scale)
+        if transpose is not None:
+            frame = frame.transpose(transpose)
+        # A user's function may change its argument in place: never hand it the
+        # shared source (or another output's image).
+        frames.append(frame.copy() if frame is source else frame)
+    return frames
 
 
 def _orientation(image: Image.Image) -> int:
@@ -141,17 +266,110 @@ def _orientation(image: Image.Image) -> int:
     return value if isinstance(value, int) else 1
 
 
-def _fitted_size(size: tuple[int, int], box: int) -> tuple[int, int]:
-    """Return ``size`` scaled to fit a ``box`` x ``box`` square; never enlarge."""
+def _plan(size: tuple[int, int], box: tuple[int, int], spec: ImageSpec) -> _Plan:
+    """Plan one box for an upright image of ``size``."""
     width, height = size
-    longest = max(width, height)
-    if longest <= box:
+    if spec.resize is ResizeMode.NONE:
+        return _Plan(size, None)
+    if spec.resize is ResizeMode.FIT:
+        return _Plan(_fit(size, box, spec.upscale), None)
+    if not spec.upscale:
+        box = _shrink_to_fit(box, size)
+    if spec.resize is ResizeMode.EXACT:
+        return _Plan(box, None)
+    box_width, box_height = box
+    # fill: the largest centred region with the box's aspect ratio.
+    if width * box_height > height * box_width:
+        crop = (height * box_width / box_height, float(height))
+    else:
+        crop = (float(width), width * box_height / box_width)
+    return _Plan(box, None if crop == (width, height) else crop)
+
+
+def _fit(size: tuple[int, int], box: tuple[int, int], upscale: bool) -> tuple[int, int]:
+    """Return ``size`` scaled to fit inside ``box``, keeping the aspect ratio."""
+    width, height = size
+    box_width, box_height = box
+    if not upscale and width <= box_width and height <= box_height:
         return size
-    return max(1, round(width * box / longest)), max(1, round(height * box / longest))
+    if width * box_height >= height * box_width:  # the width is what limits
+        return box_width, max(1, round(height * box_width / width))
+    return max(1, round(width * box_height / height)), box_height
 
 
-def _to_output_mode(image: Image.Image, *, keep_alpha: bool) -> Image.Image:
+def _shrink_to_fit(box: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """Return ``box`` shrunk (keeping its aspect ratio) until it fits in ``size``."""
+    box_width, box_height = box
+    width, height = size
+    factor = min(1.0, width / box_width, height / box_height)
+    if factor == 1.0:
+        return box
+    return max(1, round(box_width * factor)), max(1, round(box_height * factor))
+
+
+def _stored(plan: _Plan, swap: bool) -> _Plan:
+    """Turn a plan for the upright image into one for the image as stored."""
+    if not swap:
+        return plan
+    crop = None if plan.crop is None else (plan.crop[1], plan.crop[0])
+    return _Plan((plan.target[1], plan.target[0]), crop)
+
+
+def _decode_reduced(
+    image: ImageFile.ImageFile, plans: list[_Plan], *, grayscale: bool
+) -> float:
+    """Ask a JPEG to decode just large enough for every plan; return the scale.
+
+    Decoding at 1/2, 1/4 or 1/8 is a no-op for other formats. The scaled decode is
+    kept at least ``_REDUCING_GAP`` times each target, so quality does not suffer.
+    """
+    width, height = image.size
+    request = (1, 1)
+    for plan in plans:
+        crop_width, crop_height = plan.crop or (width, height)
+        needed = (
+            math.ceil(width * plan.target[0] * _REDUCING_GAP / crop_width),
+            math.ceil(height * plan.target[1] * _REDUCING_GAP / crop_height),
+        )
+        request = (max(request[0], needed[0]), max(request[1], needed[1]))
+    shrinking = request[0] < width and request[1] < height
+    mode = "L" if grayscale else None  # libjpeg decodes the luma channel only
+    if not shrinking and mode is None:
+        return 1.0
+    drafted = image.draft(mode, request if shrinking else None)
+    # The scaled decode rounds up; its box is the original image within it.
+    return drafted[1][2] / width if drafted else 1.0
+
+
+def _resize(
+    source: Image.Image, plan: _Plan, stored: tuple[int, int], scale: float
+) -> Image.Image:
+    """Make one plan's image from ``source``, decoded from a ``stored``-size image."""
+    width, height = stored
+    crop_width, crop_height = plan.crop or (width, height)
+    left, top = (width - crop_width) / 2, (height - crop_height) / 2
+    box = (
+        left * scale,
+        top * scale,
+        (left + crop_width) * scale,
+        (top + crop_height) * scale,
+    )
+    if plan.target == source.size and box == (0, 0, *source.size):
+        return source
+    return source.resize(plan.target, _RESAMPLE, box=box, reducing_gap=_REDUCING_GAP)
+
+
+def _to_output_mode(
+    image: Image.Image, *, keep_alpha: bool, grayscale: bool = False
+) -> Image.Image:
     """Return ``image`` as 8-bit L or RGB, or LA/RGBA when alpha is kept."""
+    frame = _eight_bit(image, keep_alpha=keep_alpha)
+    if grayscale and frame.mode not in ("L", "LA"):
+        return frame.convert("LA" if frame.mode == "RGBA" else "L")
+    return frame
+
+
+def _eight_bit(image: Image.Image, *, keep_alpha: bool) -> Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES:
         # convert("L") would clip every value above 255 to white.
         scaled = image.convert("I").point(lambda value: value * _SIXTEEN_TO_EIGHT_BIT)
@@ -171,24 +389,105 @@ def _on_white(image: Image.Image) -> Image.Image:
     return flat
 
 
-def _encode(image: Image.Image, spec: ImageSpec) -> bytes:
-    """Return ``image`` encoded as ``spec`` says, without any metadata."""
+@functools.lru_cache(maxsize=_CUSTOM_CACHE_SIZE)
+def _custom_function(ref: str) -> Callable[..., object]:
+    """Import a ``module:function`` once per process."""
+    return import_callable(ref)
+
+
+def _custom(frame: Image.Image, spec: ImageSpec, *, keep_alpha: bool) -> Image.Image:
+    """Apply the user's ``spec.transform`` to one output image, if there is one."""
+    if spec.transform is None:
+        return frame
+    try:
+        function = _custom_function(spec.transform)
+    except InputError as exc:
+        raise TransformError(f"custom transform unavailable: {exc}") from exc
+    try:
+        result = function(frame)
+    # User code: whatever it raises fails this item only (Ctrl-C still stops).
+    except Exception as exc:
+        raise TransformError(
+            f"custom transform failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(result, Image.Image):
+        raise TransformError(
+            f"custom transform returned {type(result).__name__}, not a PIL image"
+        )
+    # The function has the last word on the pixels; only make them encodable.
+    return _to_output_mode(result, keep_alpha=keep_alpha)
+
+
+def _metadata(image: Image.Image) -> _Metadata:
+    """Read what ``keep_metadata`` keeps, before any pixel is decoded."""
+    exif_bytes = None
+    with contextlib.suppress(OSError, ValueError, TypeError, SyntaxError, struct.error):
+        # A copy: the image's own Exif still says how to orient it.
+        exif = Image.Exif()
+        exif.load(image.getexif().tobytes())
+        exif.pop(ExifTags.Base.Orientation, None)
+        exif_bytes = exif.tobytes() if len(exif) else None
+    icc = image.info.get("icc_profile")
+    return _Metadata(
+        exif=exif_bytes,
+        icc_profile=icc if isinstance(icc, bytes) and icc else None,
+        source_family=_colour_family(image.mode),
+    )
+
+
+def _colour_family(mode: str) -> str:
+    """Name the colour space a mode's ICC profile would describe."""
+    if mode in _GRAY_FAMILY:
+        return "gray"
+    if mode in _RGB_FAMILY:
+        return "rgb"
+    return mode
+
+
+def _encode(
+    image: Image.Image,
+    image_format: ImageFormat,
+    spec: ImageSpec,
+    metadata: _Metadata | None,
+) -> bytes:
+    """Return ``image`` encoded as ``spec`` says, with metadata only if asked."""
     # Some encoders copy ICC profiles, comments and transparency from info by default.
     image.info = {}
-    options: dict[str, int | bool]
-    if spec.format is ImageFormat.JPEG:
-        options = {"quality": spec.quality, "optimize": False}
-    elif spec.format is ImageFormat.WEBP:
-        options = {"quality": spec.quality, "method": _WEBP_METHOD}
-    else:
-        options = {"compress_level": _PNG_COMPRESS_LEVEL}
+    options = _save_options(image_format, spec)
+    if metadata is not None:
+        if metadata.exif:
+            options["exif"] = metadata.exif
+        # A profile for another colour space (CMYK source, grayscale output) is wrong.
+        if metadata.icc_profile and _colour_family(image.mode) == (
+            metadata.source_family
+        ):
+            options["icc_profile"] = metadata.icc_profile
     buffer = io.BytesIO()
     try:
         # The enum's names are Pillow's format names.
-        image.save(buffer, format=spec.format.name, **options)
+        image.save(buffer, format=image_format.name, **options)
     except (OSError, ValueError) as exc:
         raise TransformError(f"cannot encode image: {exc}") from exc
     return buffer.getvalue()
+
+
+def _save_options(
+    image_format: ImageFormat, spec: ImageSpec
+) -> dict[str, int | bool | bytes]:
+    """Return the encoder options of ``image_format`` for ``spec``."""
+    if image_format is ImageFormat.JPEG:
+        return {
+            "quality": spec.quality,
+            "optimize": spec.optimize,
+            "progressive": spec.progressive,
+        }
+    if image_format is ImageFormat.WEBP:
+        method = _WEBP_OPTIMIZED_METHOD if spec.optimize else _WEBP_METHOD
+        return {"quality": spec.quality, "method": method}
+    if image_format is ImageFormat.AVIF:
+        return {"quality": spec.quality, "max_threads": _AVIF_THREADS}
+    level = _PNG_OPTIMIZED_COMPRESS_LEVEL if spec.optimize else _PNG_COMPRESS_LEVEL
+    return {"compress_level": level}
 
 
 def _unidentified_reason(src: Path) -> str:
@@ -241,11 +540,15 @@ def _decode_failure_reason(exc: OSError | ValueError) -> str:
 
 def _write_atomically(out_dir: Path, name: str, data: bytes) -> None:
     """Write ``data`` to ``out_dir/name`` through a temporary file and a rename."""
-    temp = out_dir / _TEMP_DIR / f"{name}.tmp"
+    folder, _, file_name = name.rpartition("/")
+    label = f"{_LABEL_SEPARATOR}{folder}" if folder else ""
+    temp = out_dir / _TEMP_DIR / f"{file_name}{label}.tmp"
+    final = out_dir / name
     try:
         temp.parent.mkdir(exist_ok=True)
         temp.write_bytes(data)
-        os.replace(temp, out_dir / name)
+        final.parent.mkdir(exist_ok=True)
+        os.replace(temp, final)
     except OSError as exc:
         # Nothing to remove, or the folder itself is unusable: the error below says so.
         with contextlib.suppress(OSError):

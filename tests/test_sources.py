@@ -19,11 +19,17 @@ from downloader.errors import InputError
 from downloader.records import Job, Outcome, Status
 from downloader.sources import (
     MAX_URL_LENGTH,
+    InputFormat,
     Line,
+    LocalFiles,
+    UrlList,
     check_url,
+    local_jobs,
     normalize_url,
+    open_source,
     plan_jobs,
     read_lines,
+    safe_name,
     safe_stem,
 )
 
@@ -402,3 +408,312 @@ def test_plan_jobs_streams_lazily() -> None:
         stem=safe_stem("http://example.com/0.jpg"),
     )
     assert taken == total
+
+
+# ---------------------------------------------------------------- input formats
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("list.txt", InputFormat.TXT),
+        ("list", InputFormat.TXT),
+        ("list.CSV", InputFormat.CSV),
+        ("list.tsv", InputFormat.TSV),
+        ("list.jsonl", InputFormat.JSONL),
+        ("list.ndjson", InputFormat.JSONL),
+        ("list.json", InputFormat.TXT),
+    ],
+)
+def test_format_follows_the_extension(name: str, expected: InputFormat) -> None:
+    """The extension picks the format; anything unknown is plain text."""
+    assert InputFormat.for_path(name) is expected
+
+
+def test_csv_rows_give_url_name_and_extra_fields(tmp_path: Path) -> None:
+    """A CSV header names the columns; quoted fields may hold commas and newlines."""
+    path = tmp_path / "list.csv"
+    path.write_bytes(
+        b"\xef\xbb\xbf Name ,URL,caption,licence\r\n"
+        b'cat,http://a/cat.jpg,"a cat, sitting",cc-by\r\n'
+        b"\r\n"
+        b',http://a/dog.jpg,"two\nlines",\r\n'
+        b"bird,http://a/bird.jpg\r\n"
+    )
+
+    lines = list(read_lines(path))
+
+    assert lines == [
+        Line(
+            2,
+            "http://a/cat.jpg",
+            None,
+            "cat",
+            (("caption", "a cat, sitting"), ("licence", "cc-by")),
+        ),
+        Line(
+            4,
+            "http://a/dog.jpg",
+            None,
+            None,
+            (("caption", "two\nlines"), ("licence", "")),
+        ),
+        Line(6, "http://a/bird.jpg", None, "bird", (("caption", ""), ("licence", ""))),
+    ]
+
+
+def test_tsv_is_tab_separated(tmp_path: Path) -> None:
+    """A .tsv list splits on tabs, so commas stay inside a field."""
+    path = tmp_path / "list.tsv"
+    path.write_text("url\tnote\nhttp://a/1.jpg\tone, two\n", encoding="utf-8")
+
+    assert list(read_lines(path)) == [
+        Line(2, "http://a/1.jpg", None, None, (("note", "one, two"),))
+    ]
+
+
+def test_csv_rows_that_cannot_be_used_become_errors(tmp_path: Path) -> None:
+    """Empty url, too many fields and bad bytes fail their row; the rest still come."""
+    path = tmp_path / "list.csv"
+    path.write_bytes(
+        b"url,name\n"
+        b",nameless\n"
+        b"http://a/1.jpg,one,surplus\n"
+        b"http://a/caf\xe9.jpg,two\n"
+        b"http://a/4.jpg,four\n"
+    )
+
+    lines = list(read_lines(path))
+
+    assert [(line.number, line.error) for line in lines] == [
+        (2, "no URL in the 'url' column"),
+        (3, "row has 3 fields but the header has 2"),
+        (4, "line is not valid UTF-8"),
+        (5, None),
+    ]
+    assert lines[1].text == "http://a/1.jpg"
+
+
+def test_csv_field_over_the_limit_fails_its_row_and_reading_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A runaway quoted field is cut off by csv's limit; later rows still come."""
+    path = tmp_path / "list.csv"
+    chunk = "x" * 60_000
+    path.write_text(
+        f'url\n"http://a/{chunk}\n{chunk}\n{chunk}\nhttp://b/2.jpg\n',
+        encoding="utf-8",
+    )
+
+    lines = list(read_lines(path))
+
+    assert lines[0].number == 2
+    assert lines[0].error is not None
+    assert lines[0].error.startswith("malformed row: field larger than field limit")
+    assert len(lines[0].text) < 300
+    assert lines[-1] == Line(5, "http://b/2.jpg")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("link,name\nhttp://a/1.jpg,x\n", "has no 'url' column"),
+        ("http://a/1.jpg\n", "has no 'url' column"),
+        ("\n\n", "is empty: it needs a header row"),
+        ("url,URL\nhttp://a/1.jpg,x\n", "repeats the column 'url'"),
+    ],
+)
+def test_csv_header_problems_fail_at_call_time(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    """A header without a url column stops the run before it starts."""
+    path = tmp_path / "list.csv"
+    path.write_text(content, encoding="utf-8")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(InputError, match=message):
+            read_lines(path)
+        gc.collect()
+
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_json_lines_give_url_name_and_extra(tmp_path: Path) -> None:
+    """JSON Lines: strings stay, other values become JSON text; bad lines fail."""
+    path = tmp_path / "list.jsonl"
+    path.write_text(
+        '{"url": "http://a/1.jpg", "name": "one", "tags": ["x"], "n": 2}\n'
+        "\n"
+        "{not json\n"
+        '["http://a/2.jpg"]\n'
+        '{"link": "http://a/3.jpg", "id": 3}\n'
+        '{"url": " http://a/4.jpg ", "name": 4}\n' + "[" * 50_000 + "\n",
+        encoding="utf-8",
+    )
+
+    lines = list(read_lines(path))
+
+    assert lines[0] == Line(
+        1, "http://a/1.jpg", None, "one", (("tags", '["x"]'), ("n", "2"))
+    )
+    assert lines[1].number == 3
+    assert lines[1].error is not None
+    assert lines[1].error.startswith("line is not valid JSON")
+    assert lines[2] == Line(4, '["http://a/2.jpg"]', "line is not a JSON object")
+    assert lines[3].error == 'object has no "url" string'
+    assert lines[3].extra == (("link", "http://a/3.jpg"), ("id", "3"))
+    assert lines[4] == Line(6, "http://a/4.jpg", None, "4")
+    assert lines[5].error is not None
+    assert len(lines[5].text) < 300
+
+
+def test_format_can_be_forced_and_stdin_read_as_csv(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An explicit format wins over the name; '-' reads stdin in that format."""
+    raw = io.BytesIO(b"url,name\nhttp://a/1.jpg,one\n")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(raw, encoding="utf-8"))
+
+    assert list(read_lines("-", InputFormat.CSV)) == [
+        Line(2, "http://a/1.jpg", None, "one")
+    ]
+
+
+def test_strings_can_be_read_as_json_lines() -> None:
+    """An iterable of strings works in any format."""
+    lines = ['{"url": "http://a/1.jpg"}', '{"url": "http://a/2.jpg"}']
+
+    assert [line.text for line in read_lines(lines, InputFormat.JSONL)] == [
+        "http://a/1.jpg",
+        "http://a/2.jpg",
+    ]
+
+
+# ------------------------------------------------------------- names and stems
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("cat", "cat"),
+        ("cat.PNG", "cat"),
+        ("2024.05.01", "2024.05.01"),
+        ("../../etc/passwd", "etc_passwd"),
+        ("-rf now", "rf_now"),
+        ("Ünïcode name", "n_code_name"),
+        ("...", ""),
+        ("x" * 300, "x" * 120),
+    ],
+)
+def test_safe_name(name: str, expected: str) -> None:
+    """A name is cut down to a safe stem that stays in the output folder."""
+    assert safe_name(name) == expected
+
+
+def test_names_become_stems_and_collisions_get_a_hash() -> None:
+    """The first use of a name is the stem; a later one (any case) gets the hash."""
+    lines = [
+        Line(1, "http://a/1.jpg", name="cat"),
+        Line(2, "http://a/2.jpg", name="Cat.jpg"),
+        Line(3, "http://a/3.jpg", name="photo-0123456789ab"),
+        Line(4, "http://a/4.jpg", name="..."),
+        Line(5, "http://a/5.jpg", extra=(("k", "v"),)),
+    ]
+
+    jobs = [job for job in plan_jobs(lines) if isinstance(job, Job)]
+
+    assert jobs[0].stem == "cat"
+    assert jobs[1].stem == safe_stem(jobs[1].key, "Cat.jpg")
+    assert jobs[1].stem.startswith("Cat-")
+    assert STEM_SHAPE.fullmatch(jobs[2].stem)
+    assert jobs[2].stem != "photo-0123456789ab"
+    assert jobs[3].stem == safe_stem(jobs[3].key)
+    assert jobs[4].extra == (("k", "v"),)
+
+
+def test_failed_rows_keep_their_extra_fields() -> None:
+    """A row that is not a URL becomes a failed record that still carries its row."""
+    records = list(plan_jobs([Line(2, "not a url", extra=(("id", "7"),))]))
+
+    assert records == [
+        Outcome(
+            url="not a url",
+            status=Status.FAILED,
+            line=2,
+            error="whitespace or control character in URL",
+            extra=(("id", "7"),),
+        )
+    ]
+
+
+# ------------------------------------------------------------------ local files
+
+
+def make_files(folder: Path, names: list[str]) -> None:
+    """Create empty files (and their folders) under ``folder``."""
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")
+
+
+def test_a_folder_gives_its_image_files_sorted(tmp_path: Path) -> None:
+    """A folder: image suffixes only, sorted, no subfolders, no other files."""
+    make_files(tmp_path, ["b.JPG", "a.png", "notes.txt", "sub/c.jpg", ".hidden.gif"])
+
+    jobs = [job for job in local_jobs(tmp_path) if isinstance(job, Job)]
+
+    names = [Path(str(job.local_path)).name for job in jobs]
+    assert names == [".hidden.gif", "a.png", "b.JPG"]
+    assert [job.index for job in jobs] == [0, 1, 2]
+    assert jobs[1].url == (tmp_path / "a.png").resolve().as_uri()
+    assert jobs[1].key == jobs[1].url
+    assert STEM_SHAPE.fullmatch(jobs[1].stem)
+    assert jobs[1].stem.startswith("a-")
+
+
+def test_a_glob_recurses_and_skips_the_output_folder(tmp_path: Path) -> None:
+    """'**' recurses; files under the excluded output folder are left out."""
+    make_files(tmp_path, ["x/1.jpg", "x/y/2.jpg", "out/3.jpg", "x/4.txt"])
+
+    jobs = local_jobs(str(tmp_path / "**" / "*.jpg"), exclude=tmp_path / "out")
+
+    names = sorted(
+        Path(str(job.local_path)).name for job in jobs if isinstance(job, Job)
+    )
+    assert names == ["1.jpg", "2.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("missing", "no such folder or file"),
+        ("empty", "no image files to process"),
+        ("*.nothing", "no image files to process"),
+    ],
+)
+def test_local_files_problems_fail_at_call_time(
+    tmp_path: Path, pattern: str, message: str
+) -> None:
+    """A missing folder or an empty match is an InputError at once."""
+    (tmp_path / "empty").mkdir()
+
+    with pytest.raises(InputError, match=message):
+        local_jobs(str(tmp_path / pattern))
+
+
+def test_open_source_reads_every_kind_of_source(tmp_path: Path) -> None:
+    """Paths, UrlList (format forced) and LocalFiles all give jobs."""
+    listing = tmp_path / "list.data"
+    listing.write_text('{"url": "http://a/1.jpg"}\n', encoding="utf-8")
+    make_files(tmp_path, ["pics/p.png"])
+
+    forced = list(open_source(UrlList(listing, InputFormat.JSONL)))
+    by_extension = list(open_source(listing))
+    local = list(open_source(LocalFiles(tmp_path / "pics")))
+
+    assert [job.url for job in forced if isinstance(job, Job)] == ["http://a/1.jpg"]
+    assert isinstance(by_extension[0], Outcome)  # plain text: a JSON line is no URL
+    assert [job.local_path for job in local if isinstance(job, Job)] == [
+        str((tmp_path / "pics" / "p.png").resolve())
+    ]

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, ImageFile
 
-from downloader.errors import OutputError, TransformError
+from downloader.errors import InputError, OutputError, TransformError
 from downloader.records import Transformed
-from downloader.settings import ImageFormat, ImageSpec
+from downloader.settings import ImageFormat, ImageSpec, ResizeMode
 from downloader.transform import ALLOWED_FORMATS, configure_pillow, transform_file
+from tests import user_transforms
 
 ORIENTATION_TAG = 0x0112
 MAKE_TAG = 0x010F
@@ -453,3 +454,474 @@ def test_failed_rename_removes_the_temporary_file(tmp_path: Path) -> None:
         transform_file(src, out_dir, "img", ImageSpec())
 
     assert list((out_dir / ".tmp").iterdir()) == []
+
+
+# ----------------------------------------------------------------- resize modes
+
+
+def three_band_image(size: tuple[int, int]) -> Image.Image:
+    """Return an image in three vertical bands: blue, red, blue."""
+    width, height = size
+    image = Image.new("RGB", size, BLUE)
+    image.paste(RED, (width // 3, 0, 2 * width // 3, height))
+    return image
+
+
+@pytest.mark.parametrize(
+    ("resize", "box", "expected"),
+    [
+        (ResizeMode.FIT, (100, 100), (100, 50)),
+        (ResizeMode.FIT, (50, 100), (50, 25)),
+        (ResizeMode.FIT, (300, 20), (40, 20)),
+        (ResizeMode.FILL, (100, 100), (100, 100)),
+        (ResizeMode.FILL, (30, 60), (30, 60)),
+        (ResizeMode.EXACT, (100, 100), (100, 100)),
+        (ResizeMode.EXACT, (120, 10), (120, 10)),
+    ],
+)
+def test_resize_modes_give_their_sizes(
+    tmp_path: Path,
+    resize: ResizeMode,
+    box: tuple[int, int],
+    expected: tuple[int, int],
+) -> None:
+    """fit stays inside the box, fill and exact give the box itself."""
+    src = write_image(tmp_path / "in", two_colour_image((300, 150)), "PNG")
+
+    result, output = transform(src, tmp_path / "out", resize=resize, size=box)
+
+    assert output.size == (result.width, result.height) == expected
+
+
+def test_fill_crops_the_centre(tmp_path: Path) -> None:
+    """fill of a wide image into a square keeps the middle third only."""
+    src = write_image(tmp_path / "in", three_band_image((300, 100)), "PNG")
+
+    _, output = transform(
+        src,
+        tmp_path / "out",
+        resize=ResizeMode.FILL,
+        size=(50, 50),
+        format=ImageFormat.PNG,
+    )
+
+    assert output.size == (50, 50)
+    assert all(
+        close_to(output.getpixel(point), RED) for point in [(0, 0), (49, 49), (25, 25)]
+    )
+
+
+def test_exact_stretches_without_cropping(tmp_path: Path) -> None:
+    """exact keeps all of the image: both outer bands are still there."""
+    src = write_image(tmp_path / "in", three_band_image((300, 100)), "PNG")
+
+    _, output = transform(
+        src,
+        tmp_path / "out",
+        resize=ResizeMode.EXACT,
+        size=(60, 60),
+        format=ImageFormat.PNG,
+    )
+
+    assert close_to(output.getpixel((2, 30)), BLUE)
+    assert close_to(output.getpixel((30, 30)), RED)
+    assert close_to(output.getpixel((57, 30)), BLUE)
+
+
+def test_resize_none_keeps_the_pixel_size(tmp_path: Path) -> None:
+    """none re-encodes at the source's size, whatever max_size says."""
+    src = write_image(tmp_path / "in", two_colour_image((300, 150)), "PNG")
+
+    result, _ = transform(src, tmp_path / "out", resize=ResizeMode.NONE, max_size=10)
+
+    assert (result.width, result.height) == (300, 150)
+
+
+@pytest.mark.parametrize(
+    ("resize", "box", "expected"),
+    [
+        (ResizeMode.FIT, (100, 100), (40, 20)),
+        # The box shrinks, keeping its shape, until it fits inside the image.
+        (ResizeMode.FILL, (100, 100), (20, 20)),
+        (ResizeMode.FILL, (100, 25), (40, 10)),
+        (ResizeMode.EXACT, (200, 50), (40, 10)),
+    ],
+)
+def test_small_images_are_never_enlarged(
+    tmp_path: Path,
+    resize: ResizeMode,
+    box: tuple[int, int],
+    expected: tuple[int, int],
+) -> None:
+    """Without upscale no output side is larger than the source's."""
+    src = write_image(tmp_path / "in", two_colour_image((40, 20)), "PNG")
+
+    result, _ = transform(src, tmp_path / "out", resize=resize, size=box)
+
+    assert (result.width, result.height) == expected
+
+
+@pytest.mark.parametrize(
+    ("resize", "expected"),
+    [(ResizeMode.FIT, (100, 50)), (ResizeMode.FILL, (100, 100))],
+)
+def test_upscale_enlarges_small_images(
+    tmp_path: Path, resize: ResizeMode, expected: tuple[int, int]
+) -> None:
+    """With upscale a small image is brought up to the box."""
+    src = write_image(tmp_path / "in", two_colour_image((40, 20)), "PNG")
+
+    result, _ = transform(
+        src, tmp_path / "out", resize=resize, size=(100, 100), upscale=True
+    )
+
+    assert (result.width, result.height) == expected
+
+
+def test_upscale_beyond_the_pixel_limit_fails(tmp_path: Path) -> None:
+    """An enlargement past max_pixels fails the item instead of eating memory."""
+    src = write_image(tmp_path / "in", two_colour_image((40, 20)), "PNG")
+
+    reason = fail(
+        src, tmp_path / "out", size=(5000, 5000), upscale=True, max_pixels=1_000_000
+    )
+
+    assert reason.startswith("output of 5000x2500 pixels is over the limit")
+
+
+@pytest.mark.parametrize(
+    ("resize", "box", "expected"),
+    [
+        (ResizeMode.FIT, (50, 100), (50, 100)),
+        (ResizeMode.FILL, (40, 100), (40, 100)),
+        (ResizeMode.EXACT, (30, 90), (30, 90)),
+    ],
+)
+def test_box_applies_to_the_upright_image(
+    tmp_path: Path,
+    resize: ResizeMode,
+    box: tuple[int, int],
+    expected: tuple[int, int],
+) -> None:
+    """A 200x100 JPEG stored sideways (orientation 6) is boxed as 100x200."""
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = 6
+    image = two_colour_image((200, 100))
+    src = write_image(tmp_path / "in", image, "JPEG", exif=exif)
+
+    _, output = transform(src, tmp_path / "out", resize=resize, size=box)
+
+    assert output.size == expected
+    assert close_to(output.getpixel((expected[0] // 2, 5)), RED)
+    assert close_to(output.getpixel((expected[0] // 2, expected[1] - 5)), BLUE)
+
+
+# ------------------------------------------------------- several sizes at once
+
+
+def decoded_sizes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Record the size of every image Pillow decodes from now on."""
+    sizes: list[tuple[int, int]] = []
+    real = ImageFile.ImageFile.load_prepare
+
+    def spy(self: ImageFile.ImageFile) -> None:
+        sizes.append(self.size)
+        real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load_prepare", spy)
+    return sizes
+
+
+def test_sizes_make_every_output_from_one_decode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sizes=256,64: the largest is the main output, the other goes in 64/."""
+    src = write_image(tmp_path / "in", two_colour_image((2400, 1200)), "JPEG")
+    spec = ImageSpec(sizes=((256, 256), (64, 64)))
+    decoded = decoded_sizes(monkeypatch)
+
+    result = transform_file(src, tmp_path, "img", spec)
+
+    # One decode, at half scale: still 3x the largest box.
+    assert decoded == [(1200, 600)]
+    assert result.path == "img.jpg"
+    assert (result.width, result.height) == (256, 128)
+    assert result.outputs == ("64/img.jpg",)
+    with Image.open(tmp_path / "64" / "img.jpg") as small:
+        assert small.size == (64, 32)
+
+
+def test_sizes_with_boxes_of_other_shapes(tmp_path: Path) -> None:
+    """WxH boxes are labelled WxH; the largest by area is the main output."""
+    src = write_image(tmp_path / "in", two_colour_image((400, 200)), "PNG")
+
+    result, _ = transform(
+        src,
+        tmp_path / "out",
+        resize=ResizeMode.FILL,
+        sizes=((40, 30), (160, 90), (50, 50)),
+    )
+
+    assert (result.width, result.height) == (160, 90)
+    assert result.outputs == ("40x30/img.jpg", "50/img.jpg")
+    with Image.open(tmp_path / "out" / "40x30" / "img.jpg") as small:
+        assert small.size == (40, 30)
+    assert leftovers(tmp_path / "out" / ".tmp") == []
+
+
+def test_sizes_output_is_deterministic(tmp_path: Path) -> None:
+    """Several outputs, cropped and in WebP, are byte-identical run after run."""
+    image = Image.effect_mandelbrot((300, 200), (-2.0, -1.0, 1.0, 1.0), 40)
+    src = write_image(tmp_path / "in", image.convert("RGB"), "JPEG")
+    spec = ImageSpec(
+        resize=ResizeMode.FILL, sizes=((64, 64), (100, 40)), format=ImageFormat.WEBP
+    )
+    runs = []
+    for name in ("a", "b"):
+        out_dir = tmp_path / name
+        out_dir.mkdir()
+        result = transform_file(src, out_dir, "img", spec)
+        runs.append(
+            [(out_dir / path).read_bytes() for path in (result.path, *result.outputs)]
+        )
+
+    assert runs[0] == runs[1]
+    assert len(runs[0]) == 2
+
+
+def test_a_large_jpeg_is_still_drafted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 4000x3000 JPEG boxed to 200 is decoded at 1/4 scale or less."""
+    src = write_image(tmp_path / "in", two_colour_image((4000, 3000)), "JPEG")
+    decoded = decoded_sizes(monkeypatch)
+
+    transform_file(src, tmp_path, "img", ImageSpec(max_size=200))
+
+    assert decoded == [(1000, 750)]
+
+
+# ------------------------------------------------------------ formats, options
+
+
+@pytest.mark.parametrize(
+    ("source_format", "expected_format", "extension"),
+    [
+        ("JPEG", "JPEG", "jpg"),
+        ("PNG", "PNG", "png"),
+        ("WEBP", "WEBP", "webp"),
+        ("GIF", "JPEG", "jpg"),
+        ("BMP", "JPEG", "jpg"),
+    ],
+)
+def test_keep_writes_the_source_format_when_it_can(
+    tmp_path: Path, source_format: str, expected_format: str, extension: str
+) -> None:
+    """keep: JPEG, PNG and WebP stay themselves; GIF and BMP become JPEG."""
+    src = write_image(tmp_path / "in", two_colour_image((40, 20)), source_format)
+
+    result, output = transform(src, tmp_path / "out", format=ImageFormat.KEEP)
+
+    assert result.path == f"img.{extension}"
+    assert output.format == expected_format
+
+
+def test_avif_is_written_or_refused_up_front(tmp_path: Path) -> None:
+    """AVIF output works where Pillow can write it, else ImageSpec refuses it."""
+    src = write_image(tmp_path / "in", two_colour_image((40, 20)), "PNG")
+    Image.init()
+
+    if "AVIF" in Image.SAVE:
+        result, output = transform(src, tmp_path / "out", format=ImageFormat.AVIF)
+        assert result.path == "img.avif"
+        assert output.format == "AVIF"
+        assert close_to(output.convert("RGB").getpixel((5, 10)), RED)
+    else:
+        with pytest.raises(InputError, match="cannot write AVIF"):
+            ImageSpec(format=ImageFormat.AVIF)
+
+
+def test_progressive_jpeg(tmp_path: Path) -> None:
+    """progressive=True writes a progressive JPEG; the default does not."""
+    src = write_image(tmp_path / "in", two_colour_image((40, 20)), "PNG")
+
+    _, plain = transform(src, tmp_path / "a")
+    _, progressive = transform(src, tmp_path / "b", progressive=True)
+
+    assert not plain.info.get("progressive")
+    assert progressive.info.get("progressive")
+
+
+@pytest.mark.parametrize("output_format", [ImageFormat.JPEG, ImageFormat.PNG])
+def test_optimize_never_makes_files_larger(
+    tmp_path: Path, output_format: ImageFormat
+) -> None:
+    """optimize gives a file no larger than the default, with the same pixels."""
+    image = Image.effect_mandelbrot((120, 80), (-2.0, -1.0, 1.0, 1.0), 40)
+    src = write_image(tmp_path / "in", image.convert("RGB"), "PNG")
+
+    plain, plain_image = transform(src, tmp_path / "a", format=output_format)
+    optimized, optimized_image = transform(
+        src, tmp_path / "b", format=output_format, optimize=True
+    )
+
+    assert optimized.nbytes <= plain.nbytes
+    assert optimized_image.tobytes() == plain_image.tobytes()
+
+
+def test_keep_metadata_keeps_exif_and_icc_but_not_orientation(tmp_path: Path) -> None:
+    """keep_metadata: the camera make and ICC stay; orientation is applied, dropped."""
+    exif = Image.Exif()
+    exif[MAKE_TAG] = "Camera"
+    exif[ORIENTATION_TAG] = 6
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    src = write_image(
+        tmp_path / "in", two_colour_image((40, 20)), "JPEG", exif=exif, icc_profile=icc
+    )
+
+    _, output = transform(src, tmp_path / "out", keep_metadata=True)
+
+    assert output.size == (20, 40)
+    assert output.getexif().get(MAKE_TAG) == "Camera"
+    assert ORIENTATION_TAG not in output.getexif()
+    assert output.info.get("icc_profile") == icc
+
+
+def test_grayscale_drops_an_rgb_profile_it_no_longer_fits(tmp_path: Path) -> None:
+    """A grayscale output keeps EXIF but not an RGB ICC profile."""
+    exif = Image.Exif()
+    exif[MAKE_TAG] = "Camera"
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    src = write_image(
+        tmp_path / "in", two_colour_image((40, 20)), "JPEG", exif=exif, icc_profile=icc
+    )
+
+    _, output = transform(src, tmp_path / "out", keep_metadata=True, grayscale=True)
+
+    assert output.mode == "L"
+    assert output.getexif().get(MAKE_TAG) == "Camera"
+    assert "icc_profile" not in output.info
+
+
+@pytest.mark.parametrize(
+    ("source_mode", "output_format", "expected_mode"),
+    [
+        ("RGB", ImageFormat.JPEG, "L"),
+        ("RGBA", ImageFormat.PNG, "LA"),
+        ("P", ImageFormat.JPEG, "L"),
+    ],
+)
+def test_grayscale_output(
+    tmp_path: Path, source_mode: str, output_format: ImageFormat, expected_mode: str
+) -> None:
+    """grayscale gives L, or LA where alpha is kept; red and blue differ in grey."""
+    image = two_colour_image((40, 20)).convert(source_mode)
+    src = write_image(tmp_path / "in", image, "PNG")
+
+    _, output = transform(src, tmp_path / "out", format=output_format, grayscale=True)
+
+    assert output.mode == expected_mode
+    left, right = output.getpixel((5, 10)), output.getpixel((35, 10))
+    assert isinstance(left, int | tuple)
+    assert left != right
+
+
+# ------------------------------------------------------------ custom transform
+
+
+def test_custom_transform_runs_after_the_built_in_steps(tmp_path: Path) -> None:
+    """The user's function sees the resized image and its result is what is saved."""
+    src = write_image(tmp_path / "in", two_colour_image((300, 150)), "PNG")
+
+    result, output = transform(
+        src,
+        tmp_path / "out",
+        max_size=60,
+        format=ImageFormat.PNG,
+        transform="tests.user_transforms:mark_corner",
+    )
+
+    assert (result.width, result.height) == (60, 30)
+    assert output.getpixel((0, 0)) == user_transforms.MARK
+    assert output.getpixel((1, 1)) != user_transforms.MARK
+
+
+def test_custom_transform_applies_to_every_size(tmp_path: Path) -> None:
+    """With several sizes each output goes through the function once."""
+    src = write_image(tmp_path / "in", two_colour_image((300, 150)), "PNG")
+
+    result, _ = transform(
+        src,
+        tmp_path / "out",
+        sizes=((60, 60), (30, 30)),
+        format=ImageFormat.PNG,
+        transform="tests.user_transforms:invert",
+    )
+
+    for path in (result.path, *result.outputs):
+        with Image.open(tmp_path / "out" / path) as output:
+            # Inverted red is cyan.
+            assert close_to(output.convert("RGB").getpixel((2, 2)), (0, 255, 255))
+
+
+def test_custom_transform_result_is_made_encodable(tmp_path: Path) -> None:
+    """An RGBA result still becomes a JPEG (flattened)."""
+    src = write_image(tmp_path / "in", two_colour_image((40, 20)), "PNG")
+
+    _, output = transform(
+        src, tmp_path / "out", transform="tests.user_transforms:add_alpha"
+    )
+
+    assert output.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("function", "expected"),
+    [
+        ("fail", "custom transform failed: ValueError: cannot handle 40x20"),
+        ("not_an_image", "custom transform returned int, not a PIL image"),
+    ],
+)
+def test_custom_transform_failure_fails_the_item(
+    tmp_path: Path, function: str, expected: str
+) -> None:
+    """A raising or misbehaving function fails that image and leaves nothing."""
+    src = write_image(tmp_path / "in", two_colour_image((40, 20)), "PNG")
+
+    reason = fail(src, tmp_path / "out", transform=f"tests.user_transforms:{function}")
+
+    assert reason == expected
+    assert leftovers(tmp_path / "out") == []
+
+
+# ------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("no_colon", "is not of the form module:function"),
+        ("tests.no_such_module:f", "cannot import transform module"),
+        ("tests.user_transforms:missing", "has no attribute 'missing'"),
+        ("tests.user_transforms:NOT_CALLABLE", "is not callable"),
+    ],
+)
+def test_bad_transform_reference_is_an_input_error(ref: str, message: str) -> None:
+    """A transform that cannot be used is refused when the settings are made."""
+    with pytest.raises(InputError, match=message):
+        ImageSpec(transform=ref)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"sizes": ((64, 64), (64, 64))}, "must not repeat"),
+        ({"sizes": ((0, 64),)}, "greater than 0"),
+        ({"size": (10, -1)}, "greater than 0"),
+        ({"resize": ResizeMode.NONE, "size": (10, 10)}, "resize 'none'"),
+    ],
+)
+def test_bad_boxes_are_input_errors(spec: dict[str, Any], message: str) -> None:
+    """Impossible box settings are refused up front."""
+    with pytest.raises(InputError, match=message):
+        ImageSpec(**spec)
