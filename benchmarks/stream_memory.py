@@ -71,7 +71,13 @@ def main() -> None:
             ]  # fmt: skip
             started = time.monotonic()
             samples: list[tuple[float, int, float]] = []
-            with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as child:
+            log = work / "stderr.txt"
+            # stderr goes to a file: a pipe read only at the end would fill up and
+            # block the child on its next write.
+            with (
+                log.open("w") as stderr,
+                subprocess.Popen(command, stderr=stderr) as child,
+            ):
                 while child.poll() is None:
                     rss = _rss_mb(child.pid)
                     if rss is not None:
@@ -81,8 +87,8 @@ def main() -> None:
                         child.wait(timeout=SAMPLE_EVERY_S)
                     except subprocess.TimeoutExpired:
                         continue
-                summary = child.stderr.read() if child.stderr else ""
-            print(f"exit code {child.returncode}; {summary.strip()}")
+            summary = log.read_text()
+            print(f"exit code {child.returncode}; stderr:\n{summary.strip()}")
     print("\n| elapsed s | manifest lines | main RSS MB |\n|---:|---:|---:|")
     step = max(1, len(samples) // 12)
     for elapsed, done, rss in [*samples[::step], samples[-1]]:
