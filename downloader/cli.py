@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -26,8 +27,10 @@ from downloader.settings import (
     ImageFormat,
     ImageSpec,
     Mode,
+    ResizeMode,
     Settings,
 )
+from downloader.sources import InputFormat, LocalFiles, Source, UrlList
 
 __all__ = ["main"]
 
@@ -69,6 +72,41 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _mode_list(text: str) -> tuple[Mode, ...]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    known = {mode.value: mode for mode in Mode}
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode(s): {', '.join(unknown) or repr(text)}; choose from "
+            + ", ".join(known)
+        )
+    return tuple(dict.fromkeys(known[name] for name in names))
+
+
+_BOX = re.compile(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?")
+
+
+def _box(text: str) -> tuple[int, int]:
+    """Parse ``PX`` (a square box) or ``WxH``."""
+    match = _BOX.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 800 or 800x600)")
+    width = int(match.group(1))
+    height = int(match.group(2) or width)
+    if width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be greater than 0: {text}")
+    return width, height
+
+
+def _box_list(text: str) -> tuple[tuple[int, int], ...]:
+    """Parse a comma-separated list of ``PX`` or ``WxH`` boxes."""
+    boxes = tuple(_box(part) for part in text.split(",") if part.strip())
+    if not boxes:
+        raise argparse.ArgumentTypeError(f"no sizes in {text!r} (e.g. 256,1024)")
+    return boxes
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="downloader",
@@ -78,7 +116,23 @@ def _parser() -> argparse.ArgumentParser:
         "3 local fault (disk full, output folder unusable), 130 interrupted.",
     )
     parser.add_argument(
-        "urls", nargs="?", help="text file of URLs, one per line ('-' reads stdin)"
+        "urls",
+        nargs="?",
+        help="list of URLs: .txt (one per line), .csv/.tsv (header with a 'url' "
+        "column, optional 'name'), .jsonl/.ndjson; '-' reads stdin",
+    )
+    parser.add_argument(
+        "--input-format",
+        choices=[f.value for f in InputFormat],
+        default=None,
+        help="format of the list (default: from its extension; txt for stdin)",
+    )
+    parser.add_argument(
+        "--input-dir",
+        metavar="DIR_OR_GLOB",
+        default=None,
+        help="process local image files instead of downloading: a folder (its "
+        "image files) or a quoted glob such as 'photos/**/*.jpg'",
     )
     parser.add_argument("--version", action="version", version=f"downloader {VERSION}")
     parser.add_argument(
@@ -100,6 +154,18 @@ def _parser() -> argparse.ArgumentParser:
         help="worker processes (default: cores)",
     )
     parser.add_argument("--force", action="store_true", help="redo URLs already ok")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="run several modes on the same list into OUT/<mode>/ and compare them "
+        "(table, OUT/comparison.json, OUT/comparison.png)",
+    )
+    parser.add_argument(
+        "--modes",
+        type=_mode_list,
+        default=None,
+        help="with --compare: modes to run, comma-separated (default: all)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     http = parser.add_argument_group("download")
     http.add_argument(
@@ -133,16 +199,70 @@ def _parser() -> argparse.ArgumentParser:
         help="concurrent connections per host (default 4; demo: threads)",
     )
     image = parser.add_argument_group("images")
-    image.add_argument(
+    boxes = image.add_mutually_exclusive_group()
+    boxes.add_argument(
         "--max-size",
         type=_positive_int,
-        default=1024,
-        help="fit within PX x PX, never upscale (default 1024)",
+        default=None,
+        metavar="PX",
+        help="box of PX x PX (default 1024)",
+    )
+    boxes.add_argument(
+        "--size", type=_box, default=None, metavar="WxH", help="box of W x H pixels"
+    )
+    boxes.add_argument(
+        "--sizes",
+        type=_box_list,
+        default=None,
+        metavar="LIST",
+        help="several outputs from one decode, e.g. 256,1024 or 320x240,1280x960: "
+        "the largest is OUT/<name>.<ext>, each other OUT/<size>/<name>.<ext>",
     )
     image.add_argument(
-        "--format", choices=[f.value for f in ImageFormat], default="jpeg"
+        "--resize",
+        choices=[m.value for m in ResizeMode],
+        default="fit",
+        help="fit inside the box (default), fill it and crop the centre, "
+        "exact (stretch), or none (keep the pixel size)",
     )
-    image.add_argument("--quality", type=int, default=85, help="1-100 (default 85)")
+    image.add_argument(
+        "--upscale", action="store_true", help="enlarge images smaller than the box"
+    )
+    image.add_argument(
+        "--format",
+        choices=[f.value for f in ImageFormat],
+        default="jpeg",
+        help="output format; keep: the source's (jpeg/png/webp), else jpeg "
+        "(avif only where this Pillow can write it)",
+    )
+    image.add_argument(
+        "--quality", type=int, default=85, help="JPEG/WebP/AVIF quality 1-100 (85)"
+    )
+    image.add_argument(
+        "--progressive", action="store_true", help="write progressive JPEGs"
+    )
+    image.add_argument(
+        "--optimize",
+        action="store_true",
+        help="smaller files for more CPU (JPEG optimize, PNG level 9, WebP method 6)",
+    )
+    image.add_argument(
+        "--keep-metadata",
+        action="store_true",
+        help="keep EXIF (minus orientation, which is applied) and the ICC profile "
+        "(default: strip all metadata)",
+    )
+    image.add_argument(
+        "--grayscale", action="store_true", help="convert to shades of grey"
+    )
+    image.add_argument(
+        "--transform",
+        metavar="MODULE:FUNCTION",
+        default=None,
+        help="your function (PIL.Image.Image) -> PIL.Image.Image, applied to each "
+        "output in the workers after the built-in steps; MODULE is imported "
+        "from the current folder or sys.path",
+    )
     image.add_argument(
         "--item-timeout",
         type=_positive_float,
@@ -174,8 +294,24 @@ def _settings(args: argparse.Namespace) -> Settings:
         "max_bytes": args.max_bytes,
         "per_host": per_host,
     }
+    if args.transform is not None and os.getcwd() not in sys.path:
+        # Like `python -m`: a module beside the user's list is importable; worker
+        # processes get this sys.path when they start.
+        sys.path.insert(0, os.getcwd())
+    box = {} if args.max_size is None else {"max_size": args.max_size}
     image = ImageSpec(
-        max_size=args.max_size, format=ImageFormat(args.format), quality=args.quality
+        resize=ResizeMode(args.resize),
+        size=args.size,
+        sizes=args.sizes or (),
+        upscale=args.upscale,
+        format=ImageFormat(args.format),
+        quality=args.quality,
+        progressive=args.progressive,
+        optimize=args.optimize,
+        keep_metadata=args.keep_metadata,
+        grayscale=args.grayscale,
+        transform=args.transform,
+        **box,
     )
     extra = {} if args.procs is None else {"procs": args.procs}
     return Settings(
@@ -191,12 +327,24 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 @contextlib.contextmanager
-def _url_list(args: argparse.Namespace) -> Iterator[str]:
-    """Yield the list to run on: the user's, or the demo server's."""
+def _url_list(args: argparse.Namespace) -> Iterator[Source]:
+    """Yield the input to run on: the user's list or files, or the demo server's."""
+    if args.input_dir is not None:
+        if args.urls is not None or args.demo:
+            raise InputError("--input-dir takes the place of a URL list and --demo")
+        if args.input_format is not None:
+            raise InputError("--input-format is for URL lists, not --input-dir")
+        yield LocalFiles(args.input_dir)
+        return
     if not args.demo:
         if args.urls is None:
-            raise InputError("give a file of URLs (or '-' for stdin), or --demo")
-        yield args.urls
+            raise InputError(
+                "give a file of URLs (or '-' for stdin), --input-dir, or --demo"
+            )
+        if args.input_format is None:
+            yield args.urls  # the format follows the extension
+        else:
+            yield UrlList(args.urls, InputFormat(args.input_format))
         return
     from downloader.demo import DemoServer, default_corpus  # only the demo needs it
 
@@ -233,6 +381,22 @@ def _run(args: argparse.Namespace, settings: Settings, stderr: IO[str]) -> int:
     return EXIT_FAILED if summary.counts[Status.FAILED] else EXIT_OK
 
 
+def _run_compare(args: argparse.Namespace, settings: Settings, stderr: IO[str]) -> int:
+    from downloader.compare import DEFAULT_MODES, compare  # only --compare needs it
+    from downloader.report import print_comparison
+
+    cancel = Cancellation()
+    with _url_list(args) as source:
+        comparison = compare(
+            source, settings, args.modes or DEFAULT_MODES, cancel=cancel, log=stderr
+        )
+    print_comparison(comparison, file=sys.stdout)
+    stderr.write(f"comparison written to {settings.out}/comparison.json and .png\n")
+    if cancel.is_set():
+        return EXIT_INTERRUPTED
+    return EXIT_OK if comparison.ok else EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit code."""
     parser = _parser()
@@ -242,6 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         settings = _settings(args)
+        if args.compare:
+            return _run_compare(args, settings, sys.stderr)
+        if args.modes is not None:
+            raise InputError("--modes goes with --compare (use --mode for one run)")
         return _run(args, settings, sys.stderr)
     except DownloaderError as exc:
         print(f"error: {exc}", file=sys.stderr)

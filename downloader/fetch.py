@@ -11,10 +11,16 @@ Redirects (followed by hand, each hop checked), retries with jittered backoff,
 minimum-speed check all live here, so every scheduler gets the same behaviour. This
 module never starts a thread or a process: callers run ``fetch()`` from as many threads
 as they like, sharing one client (``make_client``) and one ``HostLimiter``.
+
+``fetch_async()`` is the same download for asyncio (``make_async_client``,
+``AsyncHostLimiter``, the body written with aiofiles). Both drive one sans-IO core,
+``_Attempts`` (retries, backoff, deadline, result) with ``_Hops`` (redirect checks) and
+``_BodyReader`` (size caps, decoding, hashing, truncation); only the I/O differs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import hashlib
 import os
@@ -22,20 +28,32 @@ import random
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Protocol
 
+import aiofiles
 import httpx
+from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 from downloader.errors import FetchError, OutputError
 from downloader.records import Fetched, Job
 from downloader.settings import HttpSettings
 
-__all__ = ["CHUNK", "HostLimiter", "fetch", "make_client"]
+__all__ = [
+    "CHUNK",
+    "AsyncHostLimiter",
+    "HostLimiter",
+    "StopFlag",
+    "fetch",
+    "fetch_async",
+    "make_async_client",
+    "make_client",
+]
 
 CHUNK = 256 * 1024
 """Most bytes one decompression step may produce, so a gzip bomb is cut off in pieces
@@ -58,8 +76,8 @@ _TIMEOUT_KINDS: dict[type[httpx.TimeoutException], str] = {
 _PART_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 
-def make_client(http: HttpSettings, threads: int) -> httpx.Client:
-    """Build the one client a run shares between all its download threads."""
+def _client_options(http: HttpSettings, threads: int) -> dict[str, Any]:
+    """The options both client kinds share: headers, limits, timeouts, no redirects."""
     headers = httpx.Headers(
         {
             "User-Agent": http.user_agent,
@@ -69,28 +87,67 @@ def make_client(http: HttpSettings, threads: int) -> httpx.Client:
         }
     )
     headers.update(list(http.headers))
-    return httpx.Client(
-        headers=headers,
-        limits=httpx.Limits(max_connections=threads, max_keepalive_connections=threads),
+    return {
+        "headers": headers,
+        "limits": httpx.Limits(
+            max_connections=threads, max_keepalive_connections=threads
+        ),
         # Threads may outnumber free connections, so waiting for one may take long.
-        timeout=httpx.Timeout(http.timeout, pool=http.deadline),
+        "timeout": httpx.Timeout(http.timeout, pool=http.deadline),
         # Redirects are followed by hand so that every hop is checked.
-        follow_redirects=False,
-        verify=http.verify,
-        trust_env=True,
-    )
+        "follow_redirects": False,
+        "verify": http.verify,
+        "trust_env": True,
+    }
 
 
-class HostLimiter:
-    """Cap concurrent requests per host:port; hold back hosts that asked us to wait."""
+def make_client(http: HttpSettings, threads: int) -> httpx.Client:
+    """Build the one client a run shares between all its download threads."""
+    return httpx.Client(**_client_options(http, threads))
+
+
+def make_async_client(http: HttpSettings, tasks: int) -> httpx.AsyncClient:
+    """Build the one async client an event loop shares between its download tasks."""
+    return httpx.AsyncClient(**_client_options(http, tasks))
+
+
+class StopFlag(Protocol):
+    """What a download asks to know whether it should stop (threading or asyncio)."""
+
+    def is_set(self) -> bool:
+        """Return True once the run has been asked to stop."""
+        ...
+
+
+class _HostBackoff:
+    """The per-host "not before" times that rate-limited hosts asked for."""
 
     def __init__(self, per_host: int) -> None:
         if per_host <= 0:
             raise ValueError("per_host must be greater than 0")
         self._per_host = per_host
         self._lock = threading.Lock()
-        self._slots: dict[str, threading.BoundedSemaphore] = {}
         self._not_before: dict[str, float] = {}
+
+    def slow_down(self, host: str, delay: float) -> None:
+        """Make every download wait ``delay`` seconds before its next request there."""
+        if delay <= 0:
+            return
+        until = time.monotonic() + delay
+        with self._lock:
+            self._not_before[host] = max(until, self._not_before.get(host, until))
+
+    def _remaining(self, host: str) -> float:
+        with self._lock:
+            return self._not_before.get(host, 0.0) - time.monotonic()
+
+
+class HostLimiter(_HostBackoff):
+    """Cap concurrent requests per host:port; hold back hosts that asked us to wait."""
+
+    def __init__(self, per_host: int) -> None:
+        super().__init__(per_host)
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
 
     @contextmanager
     def slot(self, host: str, cancel: threading.Event) -> Iterator[None]:
@@ -109,32 +166,65 @@ class HostLimiter:
         finally:
             semaphore.release()
 
-    def slow_down(self, host: str, delay: float) -> None:
-        """Make every thread wait ``delay`` seconds before its next request there."""
-        if delay <= 0:
-            return
-        until = time.monotonic() + delay
-        with self._lock:
-            self._not_before[host] = max(until, self._not_before.get(host, until))
-
     def _semaphore(self, host: str) -> threading.BoundedSemaphore:
         with self._lock:
             semaphore = self._slots.get(host)
             if semaphore is None:
-                semaphore = self._slots[host] = threading.BoundedSemaphore(
-                    self._per_host
-                )
+                semaphore = threading.BoundedSemaphore(self._per_host)
+                self._slots[host] = semaphore
             return semaphore
 
     def _wait_until_allowed(self, host: str, cancel: threading.Event) -> None:
         while True:
-            with self._lock:
-                remaining = self._not_before.get(host, 0.0) - time.monotonic()
+            remaining = self._remaining(host)
             if cancel.is_set():
                 raise FetchError("interrupted")
             if remaining <= 0:
                 return
             cancel.wait(remaining)
+
+
+class AsyncHostLimiter(_HostBackoff):
+    """``HostLimiter`` for one event loop: asyncio semaphores, stop by an Event."""
+
+    def __init__(self, per_host: int) -> None:
+        super().__init__(per_host)
+        self._slots: dict[str, asyncio.Semaphore] = {}
+
+    @asynccontextmanager
+    async def slot(self, host: str, stop: asyncio.Event) -> AsyncIterator[None]:
+        """Hold one of ``host``'s slots, after any wait the host asked for.
+
+        Raises:
+            FetchError: "interrupted" once ``stop`` is set while waiting.
+        """
+        semaphore = self._slots.setdefault(host, asyncio.Semaphore(self._per_host))
+        await _acquire_unless_stopped(semaphore, stop)
+        try:
+            while (remaining := self._remaining(host)) > 0 or stop.is_set():
+                if await _stopped_within(stop, remaining):
+                    raise FetchError("interrupted")
+            yield
+        finally:
+            semaphore.release()
+
+
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds``; return True (at once) if ``stop`` is or gets set."""
+    if stop.is_set():
+        return True
+    with suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), max(0.0, seconds))
+    return stop.is_set()
+
+
+async def _acquire_unless_stopped(semaphore: asyncio.Semaphore, stop: StopFlag) -> None:
+    while True:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(semaphore.acquire(), _SLOT_WAIT_SLICE)
+            return
+        if stop.is_set():
+            raise FetchError("interrupted")
 
 
 def fetch(
@@ -154,27 +244,33 @@ def fetch(
         FetchError: the URL failed (``reason`` says why); nothing is left on disk.
         OutputError: the ``.part`` file could not be written; the run should stop.
     """
-    download = _Download(
-        job=job,
-        client=client,
-        http=http,
-        path=tmp_dir / f"{job.stem}.part",
-        cancel=cancel,
-        hosts=hosts,
-        on_bytes=on_bytes,
-        clock=clock,
-    )
-    succeeded = False
-    try:
-        fetched = download.run()
-        succeeded = True
-        return fetched
-    except FetchError as exc:
-        exc.attempts = download.attempts
-        raise
-    finally:
-        if not succeeded:
-            _remove(download.path)
+    attempts = _Attempts(job, http, tmp_dir, cancel, hosts, on_bytes, clock)
+    download = _Download(attempts, client, hosts, cancel)
+    with attempts.cleanup():
+        return download.run()
+
+
+async def fetch_async(
+    job: Job,
+    client: httpx.AsyncClient,
+    http: HttpSettings,
+    tmp_dir: Path,
+    *,
+    stop: asyncio.Event,
+    hosts: AsyncHostLimiter,
+    on_bytes: Callable[[int], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Fetched:
+    """``fetch`` for asyncio: the same rules, the body written with aiofiles.
+
+    Raises:
+        FetchError: the URL failed (``reason`` says why); nothing is left on disk.
+        OutputError: the ``.part`` file could not be written; the run should stop.
+    """
+    attempts = _Attempts(job, http, tmp_dir, stop, hosts, on_bytes, clock)
+    download = _AsyncDownload(attempts, client, hosts, stop)
+    with attempts.cleanup():
+        return await download.run()
 
 
 class _Transient(FetchError):
@@ -212,161 +308,329 @@ class _Received:
         self.expected: int | None = None
 
 
-class _Download:
-    """The state of one ``fetch()`` call: attempts made and the current deadline."""
+class _Attempts:
+    """The sans-IO state of one download, shared by the sync and async drivers.
+
+    It decides everything that does not need the network: when to stop, how long to
+    wait before the next attempt, when the deadline is past, what the result is.
+    """
 
     def __init__(
         self,
-        *,
         job: Job,
-        client: httpx.Client,
         http: HttpSettings,
-        path: Path,
-        cancel: threading.Event,
-        hosts: HostLimiter,
+        tmp_dir: Path,
+        stop: StopFlag,
+        hosts: _HostBackoff,
         on_bytes: Callable[[int], None] | None,
         clock: Callable[[], float],
     ) -> None:
-        self.job, self.client, self.http, self.path = job, client, http, path
-        self.cancel, self.hosts = cancel, hosts
+        self.job, self.http, self.stop, self.hosts = job, http, stop, hosts
+        self.path = tmp_dir / f"{job.stem}.part"
         self.on_bytes, self.clock = on_bytes, clock
-        self.attempts = 0
+        self.started = clock()
+        self.count = 0
         self.deadline: float | None = None
 
-    def run(self) -> Fetched:
-        """Make attempts until one succeeds, a failure is final, or retries run out."""
-        started = self.clock()
-        while True:
-            if self.cancel.is_set():
-                raise FetchError("interrupted")
-            self.attempts += 1
-            try:
-                body = self._attempt()
-            except _Transient as exc:
+    @contextmanager
+    def cleanup(self) -> Iterator[None]:
+        """Leave no ``.part`` behind unless the download succeeds; count attempts."""
+        succeeded = False
+        try:
+            yield
+            succeeded = True
+        except FetchError as exc:
+            exc.attempts = self.count
+            raise
+        finally:
+            if not succeeded:
                 _remove(self.path)
-                if self.attempts > self.http.retries:
-                    raise self._give_up(exc) from exc
-                self._pause(exc)
-            else:
-                elapsed = self.clock() - started
-                return Fetched(
-                    job=self.job,
-                    path=self.path,
-                    nbytes=body.nbytes,
-                    sha256=body.sha256,
-                    final_url=body.final_url,
-                    http_status=200,
-                    attempts=self.attempts,
-                    elapsed=elapsed,
-                )
 
-    def _give_up(self, exc: _Transient) -> FetchError:
-        reason = exc.reason
-        if self.attempts > 1:
-            reason = f"{reason} after {self.attempts} attempts"
-        return FetchError(reason, http_status=exc.http_status, final_url=exc.final_url)
+    def begin(self) -> _Hops:
+        """Start the next attempt at the original URL."""
+        if self.stop.is_set():
+            raise FetchError("interrupted")
+        self.count += 1
+        self.deadline = None
+        return _Hops(self.job.url, self.http.max_redirects)
 
-    def _pause(self, exc: _Transient) -> None:
-        """Wait before the next attempt: the server's ``Retry-After`` or a backoff."""
+    def retry_delay(self, exc: _Transient) -> float:
+        """Return the wait before the next attempt, or raise if this was the last."""
+        _remove(self.path)
+        if self.count > self.http.retries:
+            reason = exc.reason
+            if self.count > 1:
+                reason = f"{reason} after {self.count} attempts"
+            raise FetchError(
+                reason, http_status=exc.http_status, final_url=exc.final_url
+            ) from exc
         if exc.retry_after is not None:
             delay = exc.retry_after
         else:
-            ceiling = self.http.backoff * 2 ** (self.attempts - 1)
+            ceiling = self.http.backoff * 2 ** (self.count - 1)
             # Full jitter keeps threads that failed together from retrying together.
             delay = random.uniform(0.5, 1.0) * min(self.http.max_backoff, ceiling)
         if exc.http_status in _RATE_LIMIT_STATUSES:
             self.hosts.slow_down(exc.host, delay)
-        if self.cancel.wait(delay):
+        return delay
+
+    def check_running(self, host: str) -> None:
+        """Raise if stopped or past the deadline (which starts with the first slot)."""
+        if self.deadline is None:
+            # Time spent queueing for a slot is not the server's fault.
+            self.deadline = self.clock() + self.http.deadline
+        if self.stop.is_set():
             raise FetchError("interrupted")
-
-    def _attempt(self) -> _Body:
-        """Follow redirects from ``job.url`` to a body and save it."""
-        self.deadline = None
-        url = _parse_url(self.job.url)
-        seen = {str(url)}
-        hops = 0
-        while True:
-            outcome = self._request(url)
-            if isinstance(outcome, _Body):
-                return outcome
-            if hops == self.http.max_redirects:
-                raise FetchError(
-                    f"too many redirects (more than {self.http.max_redirects})",
-                    final_url=str(url),
-                )
-            url = _redirect_target(url, outcome, seen)
-            hops += 1
-
-    def _request(self, url: httpx.URL) -> _Body | str:
-        """Send one GET; return the saved body, or the ``Location`` of a redirect."""
-        host = _host_key(url)
-        received = _Received()
-        try:
-            with self.hosts.slot(host, self.cancel):
-                if self.deadline is None:
-                    # Time spent queueing for a slot is not the server's fault.
-                    self.deadline = self.clock() + self.http.deadline
-                self._check_running(host)
-                with self.client.stream("GET", url) as response:
-                    location = _check_status(response, host, self.http.max_backoff)
-                    if location is not None:
-                        return location
-                    return self._save(response, str(url), received)
-        except httpx.HTTPError as exc:
-            error = _translate(exc, host, self.http, received)
-            error.final_url = str(url)
-            raise error from exc
-        except FetchError as exc:
-            exc.final_url = exc.final_url or str(url)
-            raise
-
-    def _check_running(self, host: str) -> None:
-        if self.cancel.is_set():
-            raise FetchError("interrupted")
-        if self.deadline is not None and self.clock() > self.deadline:
+        if self.clock() > self.deadline:
             raise _Transient(f"timed out after {self.http.deadline:g}s", host=host)
 
-    def _save(self, response: httpx.Response, url: str, received: _Received) -> _Body:
-        """Stream the body of a 200 response into the ``.part`` file."""
-        host = _host_key(response.url)
-        max_bytes = self.http.max_bytes
+    def body_reader(self, response: httpx.Response, received: _Received) -> _BodyReader:
+        """Check a 200 response's headers and return the reader for its body."""
+        return _BodyReader(self, response, received)
+
+    def fetched(self, body: _Body) -> Fetched:
+        """The record of the successful attempt."""
+        return Fetched(
+            job=self.job,
+            path=self.path,
+            nbytes=body.nbytes,
+            sha256=body.sha256,
+            final_url=body.final_url,
+            http_status=200,
+            attempts=self.count,
+            elapsed=self.clock() - self.started,
+        )
+
+
+class _Hops:
+    """The redirect chain of one attempt: the current URL and the ones seen."""
+
+    def __init__(self, url: str, max_redirects: int) -> None:
+        self.url = _parse_url(url)
+        self._seen = {str(self.url)}
+        self._left = max_redirects
+        self._max = max_redirects
+
+    def follow(self, location: str) -> None:
+        """Move to the redirect target ``location``, refusing unsafe or looping hops."""
+        if self._left == 0:
+            raise FetchError(
+                f"too many redirects (more than {self._max})", final_url=str(self.url)
+            )
+        self.url = _redirect_target(self.url, location, self._seen)
+        self._left -= 1
+
+
+class _BodyReader:
+    """Turn raw reads of one 200 response into checked, decoded pieces to write."""
+
+    def __init__(
+        self, attempts: _Attempts, response: httpx.Response, received: _Received
+    ) -> None:
+        self._attempts = attempts
+        self._host = _host_key(response.url)
+        self._max_bytes = max_bytes = attempts.http.max_bytes
+        self._received = received
         received.expected = expected = _content_length(response)
         if expected is not None and expected > max_bytes:
             limit = f"larger than --max-bytes ({max_bytes} bytes)"
             raise FetchError(f"{limit}: Content-Length {expected}")
         if expected == 0:
             raise FetchError("empty body")
-        decoder = _decoder_for(response.headers.get("Content-Encoding", ""))
-        speed = _SpeedCheck(self.http, self.clock, host)
-        with _PartFile(self.path) as part:
+        self._decoder = _decoder_for(response.headers.get("Content-Encoding", ""))
+        self._speed = _SpeedCheck(attempts.http, attempts.clock, self._host)
+        self._digest = hashlib.sha256()
+        self.nbytes = 0
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Yield the decoded pieces of one raw read, then check deadline and speed."""
+        self._received.raw += len(data)
+        if self._received.raw > self._max_bytes:
+            raise FetchError(f"larger than --max-bytes ({self._max_bytes} bytes)")
+        yield from self._counted(self._decoder.feed(data))
+        self._attempts.check_running(self._host)
+        self._speed.update(self._received.raw)
+
+    def finish(self) -> Iterator[bytes]:
+        """Yield what the decoder still holds."""
+        yield from self._counted(self._decoder.finish())
+
+    def body(self, url: str) -> _Body:
+        """Check that the body is complete and not empty; return its description."""
+        expected, raw = self._received.expected, self._received.raw
+        if expected is not None and raw < expected:
+            raise _Transient(
+                f"connection closed early ({raw} of {expected} bytes)", host=self._host
+            )
+        if self.nbytes == 0:
+            raise FetchError("empty body")
+        return _Body(url, self.nbytes, self._digest.hexdigest())
+
+    def _counted(self, pieces: Iterator[bytes]) -> Iterator[bytes]:
+        for piece in pieces:
+            if self.nbytes + len(piece) > self._max_bytes:
+                raise FetchError(f"larger than --max-bytes ({self._max_bytes} bytes)")
+            self._digest.update(piece)
+            self.nbytes += len(piece)
+            yield piece
+            if self._attempts.on_bytes is not None:
+                self._attempts.on_bytes(len(piece))
+
+
+@contextmanager
+def _translated(url: httpx.URL, host: str, attempts: _Attempts) -> Iterator[_Received]:
+    """Translate what one request raises into ``FetchError`` (the one place)."""
+    received = _Received()
+    try:
+        yield received
+    except httpx.HTTPError as exc:
+        error = _translate(exc, host, attempts.http, received)
+        error.final_url = str(url)
+        raise error from exc
+    except FetchError as exc:
+        exc.final_url = exc.final_url or str(url)
+        raise
+
+
+class _Download:
+    """Drive ``_Attempts`` with a blocking ``httpx.Client`` and ``os.write``."""
+
+    def __init__(
+        self,
+        attempts: _Attempts,
+        client: httpx.Client,
+        hosts: HostLimiter,
+        cancel: threading.Event,
+    ) -> None:
+        self.attempts, self.client, self.hosts, self.cancel = (
+            attempts,
+            client,
+            hosts,
+            cancel,
+        )
+
+    def run(self) -> Fetched:
+        """Make attempts until one succeeds, a failure is final, or retries run out."""
+        while True:
+            hops = self.attempts.begin()
+            try:
+                outcome = self._request(hops.url)
+                while isinstance(outcome, str):
+                    hops.follow(outcome)
+                    outcome = self._request(hops.url)
+            except _Transient as exc:
+                if self.cancel.wait(self.attempts.retry_delay(exc)):
+                    raise FetchError("interrupted") from exc
+            else:
+                return self.attempts.fetched(outcome)
+
+    def _request(self, url: httpx.URL) -> _Body | str:
+        """Send one GET; return the saved body, or the ``Location`` of a redirect."""
+        host = _host_key(url)
+        with (
+            _translated(url, host, self.attempts) as received,
+            self.hosts.slot(host, self.cancel),
+        ):
+            self.attempts.check_running(host)
+            with self.client.stream("GET", url) as response:
+                location = _check_status(response, host, self.attempts.http.max_backoff)
+                if location is not None:
+                    return location
+                return self._save(response, str(url), received)
+
+    def _save(self, response: httpx.Response, url: str, received: _Received) -> _Body:
+        reader = self.attempts.body_reader(response, received)
+        with _PartFile(self.attempts.path) as part:
             # No chunk_size: httpx would buffer reads up to it, so a slow drip would
             # never reach the deadline check. httpcore already reads 64 KiB at a time.
             for data in response.iter_raw():
-                received.raw += len(data)
-                if received.raw > max_bytes:
-                    raise FetchError(f"larger than --max-bytes ({max_bytes} bytes)")
-                self._write(part, decoder.feed(data))
-                self._check_running(host)
-                speed.update(received.raw)
-            self._write(part, decoder.finish())
-            if expected is not None and received.raw < expected:
-                raise _Transient(
-                    f"connection closed early ({received.raw} of {expected} bytes)",
-                    host=host,
-                )
-            if part.nbytes == 0:
-                raise FetchError("empty body")
-            return _Body(url, part.nbytes, part.sha256)
+                part.write_all(reader.feed(data))
+            part.write_all(reader.finish())
+            return reader.body(url)
 
-    def _write(self, part: _PartFile, pieces: Iterator[bytes]) -> None:
-        for piece in pieces:
-            if part.nbytes + len(piece) > self.http.max_bytes:
-                raise FetchError(
-                    f"larger than --max-bytes ({self.http.max_bytes} bytes)"
-                )
-            part.write(piece)
-            if self.on_bytes is not None:
-                self.on_bytes(len(piece))
+
+class _AsyncDownload:
+    """Drive ``_Attempts`` with an ``httpx.AsyncClient`` and aiofiles."""
+
+    def __init__(
+        self,
+        attempts: _Attempts,
+        client: httpx.AsyncClient,
+        hosts: AsyncHostLimiter,
+        stop: asyncio.Event,
+    ) -> None:
+        self.attempts, self.client, self.hosts, self.stop = (
+            attempts,
+            client,
+            hosts,
+            stop,
+        )
+
+    async def run(self) -> Fetched:
+        """Make attempts until one succeeds, a failure is final, or retries run out."""
+        while True:
+            hops = self.attempts.begin()
+            try:
+                outcome = await self._request(hops.url)
+                while isinstance(outcome, str):
+                    hops.follow(outcome)
+                    outcome = await self._request(hops.url)
+            except _Transient as exc:
+                if await _stopped_within(self.stop, self.attempts.retry_delay(exc)):
+                    raise FetchError("interrupted") from exc
+            else:
+                return self.attempts.fetched(outcome)
+
+    async def _request(self, url: httpx.URL) -> _Body | str:
+        """Send one GET; return the saved body, or the ``Location`` of a redirect."""
+        host = _host_key(url)
+        with _translated(url, host, self.attempts) as received:
+            async with self.hosts.slot(host, self.stop):
+                self.attempts.check_running(host)
+                async with self.client.stream("GET", url) as response:
+                    location = _check_status(
+                        response, host, self.attempts.http.max_backoff
+                    )
+                    if location is not None:
+                        return location
+                    return await self._save(response, str(url), received)
+
+    async def _save(
+        self, response: httpx.Response, url: str, received: _Received
+    ) -> _Body:
+        reader = self.attempts.body_reader(response, received)
+        try:
+            part = await aiofiles.open(self.attempts.path, "wb", opener=_open_part)
+        except OSError as exc:
+            raise _output_error(self.attempts.path, exc) from exc
+        try:
+            async for data in response.aiter_raw():
+                for piece in reader.feed(data):
+                    await part.write(piece)
+            for piece in reader.finish():
+                await part.write(piece)
+        except OSError as exc:
+            raise _output_error(self.attempts.path, exc) from exc
+        finally:
+            await _close_part(part, self.attempts.path)
+        return reader.body(url)
+
+
+def _open_part(path: str, flags: int) -> int:
+    """The opener of ``.part`` files: a fresh file we create, never a link."""
+    # A stale file from an earlier attempt or run would make O_EXCL fail.
+    with suppress(FileNotFoundError):
+        os.unlink(path)
+    return os.open(path, _PART_FLAGS | (flags & os.O_CLOEXEC), 0o600)
+
+
+async def _close_part(part: AsyncBufferedIOBase, path: Path) -> None:
+    try:
+        await part.close()
+    except OSError as exc:
+        # A delayed write error (NFS, quota) shows up here.
+        _remove(path)
+        raise _output_error(path, exc) from exc
 
 
 class _SpeedCheck:
@@ -392,36 +656,26 @@ class _SpeedCheck:
 
 
 class _PartFile:
-    """The ``.part`` being written, hashed and counted; local faults → OutputError."""
+    """The ``.part`` being written with ``os.write``; local faults → OutputError."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.nbytes = 0
-        self._digest = hashlib.sha256()
         self._fd = -1
-
-    @property
-    def sha256(self) -> str:
-        """Hex digest of everything written so far."""
-        return self._digest.hexdigest()
 
     def __enter__(self) -> _PartFile:
         try:
-            # A stale file from an earlier attempt or run would make O_EXCL fail.
-            self.path.unlink(missing_ok=True)
-            self._fd = os.open(self.path, _PART_FLAGS, 0o600)
+            self._fd = _open_part(str(self.path), os.O_WRONLY)
         except OSError as exc:
             raise _output_error(self.path, exc) from exc
         return self
 
-    def write(self, data: bytes) -> None:
-        """Append ``data`` (all of it: ``os.write`` may write less than asked)."""
-        self._digest.update(data)
-        self.nbytes += len(data)
-        view = memoryview(data)
+    def write_all(self, pieces: Iterator[bytes]) -> None:
+        """Append every piece (all of each: ``os.write`` may write less than asked)."""
         try:
-            while view:
-                view = view[os.write(self._fd, view) :]
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(self._fd, view) :]
         except OSError as exc:
             raise _output_error(self.path, exc) from exc
 

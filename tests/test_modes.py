@@ -1,0 +1,188 @@
+"""Every mode, end to end against the local server: same records, same images."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+from collections.abc import Generator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from downloader import Cancellation, Mode, Stage, Status, iter_results, run
+from downloader.progress import EventLog
+from tests.helpers import (
+    SLOW_IMAGE,
+    WAIT_S,
+    LocalServer,
+    corpus_urls,
+    fast_settings,
+    leftovers,
+    read_manifest,
+    wait_gone,
+    worker_pids,
+)
+
+ALL_MODES = list(Mode)
+NEW_MODES = [Mode.SEQUENTIAL, Mode.THREADS, Mode.PROCESSES, Mode.ASYNC]
+
+
+def output_hashes(out: Path) -> dict[str, str]:
+    """URL → SHA-256 of its output image, from the manifest's ok records."""
+    return {
+        str(record["url"]): hashlib.sha256(
+            (out / str(record["path"])).read_bytes()
+        ).hexdigest()
+        for record in read_manifest(out)
+        if record["status"] == "ok"
+    }
+
+
+@pytest.mark.parametrize("mode", NEW_MODES, ids=lambda m: m.value)
+def test_every_url_ends_ok_with_an_image_inside_the_box(
+    mode: Mode, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Each mode gives one ok record and one small decodable image per URL."""
+    urls = corpus_urls(server, corpus)
+    out = tmp_path / "out"
+    log = EventLog()
+
+    report = run(urls, fast_settings(out, mode=mode), events=log)
+
+    assert [o.status for o in report.results] == [Status.OK] * len(urls)
+    records = read_manifest(out)
+    assert sorted(str(r["url"]) for r in records) == sorted(urls)
+    for record in records:
+        with Image.open(out / str(record["path"])) as image:
+            image.load()
+            assert max(image.size) <= 64
+            assert image.size == (record["width"], record["height"])
+    assert leftovers(out) == []
+    finished = {(e.stage, e.lane.split("-")[0]) for e in log.events}
+    assert {stage for stage, _ in finished} == {Stage.DOWNLOAD, Stage.TRANSFORM}
+
+
+def test_every_mode_writes_byte_identical_images(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Same list and settings: every mode's output files have the same bytes."""
+    urls = corpus_urls(server, corpus)
+
+    hashes = {}
+    for mode in ALL_MODES:
+        run(urls, fast_settings(tmp_path / mode.value, mode=mode))
+        hashes[mode] = output_hashes(tmp_path / mode.value)
+
+    assert len(hashes[Mode.SEQUENTIAL]) == len(urls)
+    assert all(h == hashes[Mode.SEQUENTIAL] for h in hashes.values())
+
+
+@pytest.mark.parametrize("mode", NEW_MODES, ids=lambda m: m.value)
+def test_failures_and_passed_through_records_in_every_mode(
+    mode: Mode, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Bad lines, HTTP errors and non-images fail alone; done URLs are skipped."""
+    good = corpus_urls(server, corpus)[:2]
+    out = tmp_path / "out"
+    run(good, fast_settings(out, mode=mode))
+    lines = [
+        *good,
+        "not a url",
+        f"{server.base_url}/status/404",
+        f"{server.base_url}/html",
+    ]
+
+    report = run(lines, fast_settings(out, mode=mode))
+
+    by_url = {o.url: o for o in report.results}
+    assert len(report.results) == len(lines)
+    assert all(by_url[url].status is Status.SKIPPED for url in good)
+    assert by_url["not a url"].status is Status.FAILED
+    assert by_url[f"{server.base_url}/status/404"].error == "HTTP 404"
+    html = by_url[f"{server.base_url}/html"]
+    assert html.stage is Stage.TRANSFORM
+    assert str(html.error).startswith("not an image")
+    assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("mode", NEW_MODES, ids=lambda m: m.value)
+def test_cancelling_stops_early_and_leaves_nothing_behind(
+    mode: Mode, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Cancel after the first record: every record is final, no temp, no child."""
+    urls = corpus_urls(server, corpus)
+    cancel = Cancellation()
+    out = tmp_path / "out"
+    seen = []
+
+    settings = fast_settings(out, mode=mode, threads=1, procs=1)
+    for outcome in iter_results(urls, settings, cancel=cancel):
+        seen.append(outcome)
+        cancel.set()
+
+    assert len(seen) == len(read_manifest(out)) == len(urls)
+    assert seen[0].status is Status.OK
+    assert any(o.error == "not started (interrupted)" for o in seen)
+    assert all(
+        o.status is Status.OK or o.error in {"interrupted", "not started (interrupted)"}
+        for o in seen
+    )
+    assert leftovers(out) == []
+    assert wait_gone(worker_pids()) == []
+
+
+@pytest.mark.parametrize("mode", NEW_MODES, ids=lambda m: m.value)
+def test_leaving_the_loop_early_stops_the_run(
+    mode: Mode, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Closing the iterator after one record shuts the mode down cleanly."""
+    urls = corpus_urls(server, corpus)
+    out = tmp_path / "out"
+
+    results = iter_results(urls, fast_settings(out, mode=mode, threads=2, procs=1))
+    first = next(results)
+    assert isinstance(results, Generator)
+    results.close()
+
+    assert first.status is Status.OK
+    assert 1 <= len(read_manifest(out)) < len(urls)
+    assert leftovers(out) == []
+    assert wait_gone(worker_pids()) == []
+
+
+# When the worker is surely busy with the slow image: in processes mode it asks for
+# it itself; in async mode (one download task) the transform is handed to the pool
+# before the second download starts.
+KILL_AFTER_REQUESTS = {Mode.PROCESSES: 1, Mode.ASYNC: 2}
+
+
+@pytest.mark.parametrize("mode", list(KILL_AFTER_REQUESTS), ids=lambda m: m.value)
+def test_a_killed_pool_worker_does_not_hang_the_run(
+    mode: Mode, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """SIGKILL of the busy worker: the pool is replaced and every URL still ends ok."""
+    urls = [server.url_for(SLOW_IMAGE), *corpus_urls(server, corpus)[:3]]
+    settings = fast_settings(tmp_path / "out", mode=mode, threads=1, procs=1)
+    killed: list[int] = []
+
+    def kill_workers_once_the_slow_image_is_asked_for() -> None:
+        server.wait_for_requests(KILL_AFTER_REQUESTS[mode])
+        for pid in worker_pids():
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    killer = threading.Thread(target=kill_workers_once_the_slow_image_is_asked_for)
+    killer.start()
+    try:
+        report = run(urls, settings)
+    finally:
+        killer.join(WAIT_S)
+
+    assert killed
+    assert len(report.results) == len(urls)
+    assert [o.status for o in report.results] == [Status.OK] * len(urls)
+    assert wait_gone(killed) == []
+    assert leftovers(tmp_path / "out") == []
