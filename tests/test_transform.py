@@ -642,8 +642,8 @@ def test_sizes_make_every_output_from_one_decode(
 
     result = transform_file(src, tmp_path, "img", spec)
 
-    # One decode, at half scale: still 3x the largest box.
-    assert decoded == [(1200, 600)]
+    # One decode, at quarter scale: still 2x the largest box.
+    assert decoded == [(600, 300)]
     assert result.path == "img.jpg"
     assert (result.width, result.height) == (256, 128)
     assert result.outputs == ("64/img.jpg",)
@@ -692,13 +692,13 @@ def test_sizes_output_is_deterministic(tmp_path: Path) -> None:
 def test_a_large_jpeg_is_still_drafted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A 4000x3000 JPEG boxed to 200 is decoded at 1/4 scale or less."""
+    """A 4000x3000 JPEG boxed to 200 is decoded at 1/8 scale (still 2x the box)."""
     src = write_image(tmp_path / "in", two_colour_image((4000, 3000)), "JPEG")
     decoded = decoded_sizes(monkeypatch)
 
     transform_file(src, tmp_path, "img", ImageSpec(max_size=200))
 
-    assert decoded == [(1000, 750)]
+    assert decoded == [(500, 375)]
 
 
 # ------------------------------------------------------------ formats, options
