@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from downloader.errors import InputError
@@ -11,9 +12,11 @@ from downloader.modes import RUNNERS
 from downloader.progress import Events, ignore_events
 from downloader.records import Job, Outcome
 from downloader.report import RunReport, Tally
+from downloader.reuse import ContentIndex, settings_fingerprint
 from downloader.runtime import Cancellation, RunContext, Usage, cancel_on_signals
-from downloader.settings import Settings
+from downloader.settings import NameBy, Settings
 from downloader.sources import Source, open_source
+from downloader.steps import not_started
 
 __all__ = ["Source", "iter_results", "run"]
 
@@ -23,19 +26,23 @@ SKIP_NOTE = "already ok in the manifest (use --force to redo)"
 def _plan(
     items: Iterator[Job | Outcome], previous: PreviousRun, force: bool
 ) -> Iterator[Job | Outcome]:
+    """Skip what still stands; redo the rest, from a kept original if there is one."""
     for item in items:
         if isinstance(item, Job) and not force:
-            done = previous.finished(item.url)
-            if done is not None:
-                yield done.skipped(SKIP_NOTE, line=item.line)
+            earlier = previous.earlier(item.url)
+            if earlier is not None and previous.current(earlier):
+                yield earlier.skipped(SKIP_NOTE, line=item.line)
                 continue
+            original = None if earlier is None else previous.kept_original(earlier)
+            if original is not None and item.local_path is None:
+                item = replace(item, local_path=str(original))
         yield item
 
 
 def _not_started(plan: Iterator[Job | Outcome], reason: str) -> Iterator[Outcome]:
     for item in plan:
         if isinstance(item, Job):
-            yield Outcome.failure(item, None, f"not started ({reason})")
+            yield not_started(item, reason)
         else:
             yield item
 
@@ -72,11 +79,16 @@ def iter_results(
         cancel_on_signals(cancel),
         OutputFolder(settings.out) as folder,
     ):
-        previous = PreviousRun(folder)
+        previous = PreviousRun(
+            folder,
+            fingerprint=settings_fingerprint(settings),
+            by_content=settings.name_by is NameBy.SHA256 and not settings.force,
+        )
         context = RunContext(folder.path, folder.tmp, events, cancel, usage or Usage())
+        content = ContentIndex(settings, folder.path, previous.same_content)
         with ManifestWriter(folder, previous) as manifest:
             plan = _plan(items, previous, settings.force)
-            results = runner(plan, settings, context)
+            results = content.relay(runner(plan, settings, context, content.claim))
             try:
                 for outcome in results:
                     manifest.write(outcome)

@@ -8,7 +8,9 @@ top-level functions in ``ProcessPoolExecutor`` workers started from
     init_worker(settings, out, tmp, stop)     once per worker: ignore SIGINT, Pillow
                                               limits, own httpx.Client, stop watcher
     process_job(job)      -> JobReport        processes mode: download + transform
-    transform_task(task)  -> TransformReport  async mode: transform only
+    fetch_job(job)        -> FetchReport      processes mode, --name-by sha256:
+                                              download only (the parent claims it)
+    transform_task(task)  -> TransformReport  async mode, and the above: transform
 
 A report carries the progress events recorded in the worker (the parent names the
 lane), the worker's pid and its CPU seconds so far, so the parent can draw the timeline
@@ -32,6 +34,7 @@ import httpx
 from downloader.fetch import HostLimiter, make_client
 from downloader.progress import EventKind, ProgressEvent
 from downloader.records import Fetched, Job, Outcome, Stage
+from downloader.reuse import Claim
 from downloader.runtime import Cancellation, RunContext
 from downloader.settings import Settings
 from downloader.steps import discard, fetch_step, interrupted, transform_step
@@ -39,9 +42,11 @@ from downloader.transform import configure_pillow
 from downloader.worker import Task, TaskDone, TaskFailed, run_task
 
 __all__ = [
+    "FetchReport",
     "JobReport",
     "TransformReport",
     "fetch_and_transform",
+    "fetch_job",
     "init_worker",
     "process_job",
     "transform_task",
@@ -53,6 +58,11 @@ WORKER_LANE = "proc"
 _CLIENT_EXIT_PRIORITY = 10
 
 
+def _as_is(fetched: Fetched) -> Fetched:
+    """The claim of a worker process that names outputs after URLs: keep everything."""
+    return fetched
+
+
 def fetch_and_transform(
     job: Job,
     client: httpx.Client,
@@ -60,15 +70,36 @@ def fetch_and_transform(
     settings: Settings,
     context: RunContext,
     lane: str,
-) -> Outcome:
-    """Download ``job``, then transform it here, unless the run was stopped between."""
-    result = fetch_step(job, client, settings, context, hosts, lane)
+    claim: Claim = _as_is,
+) -> Outcome | None:
+    """Download ``job``, then transform it here, unless the run was stopped between.
+
+    None means that ``claim`` found the same body in progress elsewhere: its record
+    comes with that one's (``reuse.ContentIndex``).
+    """
+    result = _fetch_unless_stopped(job, client, hosts, settings, context, lane)
     if isinstance(result, Outcome):
         return result
-    if context.cancel.is_set():
+    claimed = claim(result)
+    if not isinstance(claimed, Fetched):
+        return claimed
+    return transform_step(claimed, settings, context, lane)
+
+
+def _fetch_unless_stopped(
+    job: Job,
+    client: httpx.Client,
+    hosts: HostLimiter,
+    settings: Settings,
+    context: RunContext,
+    lane: str,
+) -> Fetched | Outcome:
+    """Download ``job``; a download finished after a stop request is let go."""
+    result = fetch_step(job, client, settings, context, hosts, lane)
+    if isinstance(result, Fetched) and context.cancel.is_set():
         discard(result)
         return interrupted(job, Stage.TRANSFORM, result)
-    return transform_step(result, settings, context, lane)
+    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +111,16 @@ class JobReport:
     pid: int
     cpu_s: float
     """CPU seconds the worker used so far (it only grows)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchReport:
+    """What ``fetch_job`` sends back: the download (a path) or its record, events."""
+
+    result: Fetched | Outcome
+    events: tuple[ProgressEvent, ...]
+    pid: int
+    cpu_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +216,20 @@ def process_job(job: Job) -> JobReport:
     outcome = fetch_and_transform(
         job, state.client, state.hosts, state.settings, context, WORKER_LANE
     )
+    if outcome is None:  # only a parent's claim defers; this one keeps everything
+        raise RuntimeError(f"job {job.index} was deferred in a worker")
     return JobReport(outcome, recorder.events(), os.getpid(), _cpu_seconds())
+
+
+def fetch_job(job: Job) -> FetchReport:
+    """Download one job in this worker process; the parent decides what follows."""
+    state = _worker_state()
+    recorder = _Recorder()
+    context = replace(state.context, events=recorder)
+    result = _fetch_unless_stopped(
+        job, state.client, state.hosts, state.settings, context, WORKER_LANE
+    )
+    return FetchReport(result, recorder.events(), os.getpid(), _cpu_seconds())
 
 
 def transform_task(task: Task) -> TransformReport:

@@ -3,15 +3,18 @@
 Layout of an output folder::
 
     DIR/<stem>.<ext>      processed images (final names, written by atomic rename)
+    DIR/originals/        the downloads themselves (--keep-originals), <stem>.<ext>
     DIR/manifest.jsonl    one JSON line per unique input URL (its latest outcome)
     DIR/failed.txt        the failed URLs, one per line, ready to feed back in
     DIR/.tmp/             partial downloads and outputs; emptied at start and end
     DIR/.lock             held (flock) while a run uses the folder
 
 During a run, records are appended and flushed one by one, so a crash loses at most the
-line being written. A rerun reads the latest record per URL, skips those that are ok
-(and whose image is still there), and at the end rewrites the manifest so that it holds
-exactly one line per URL again.
+line being written. A rerun reads the latest record per URL and skips those that are
+ok, whose image is still there and whose ``settings`` fingerprint is the current one
+(a record without one, from an older version, counts as current). Any other ok record
+is redone: from its kept original when there is one, else by downloading again. At the
+end the manifest is rewritten so that it holds exactly one line per URL again.
 """
 
 from __future__ import annotations
@@ -132,14 +135,28 @@ class OutputFolder:
 
 
 class PreviousRun:
-    """What earlier runs into the same folder finished: the latest record per URL."""
+    """What earlier runs into the same folder finished: the latest record per URL.
 
-    def __init__(self, folder: OutputFolder) -> None:
+    ``fingerprint`` is the current settings' (``reuse.settings_fingerprint``); with
+    ``by_content`` the current ok records are also indexed by their body's SHA-256.
+    """
+
+    def __init__(
+        self,
+        folder: OutputFolder,
+        *,
+        fingerprint: str | None = None,
+        by_content: bool = False,
+    ) -> None:
         self._folder = folder
+        self._fingerprint = fingerprint
         self._done: dict[bytes, str] = {}
+        self._by_content: dict[bytes, str] = {}
         self.lines = 0
         self.unique = 0
         self._load()
+        if by_content:
+            self._index_content()
 
     def _load(self) -> None:
         latest: dict[bytes, bool] = {}
@@ -153,15 +170,52 @@ class PreviousRun:
                 self._done.pop(key, None)
         self.unique = len(latest)
 
-    def finished(self, url: str) -> Outcome | None:
-        """Return the earlier ok record of ``url`` if its image is still there."""
+    def _index_content(self) -> None:
+        for line in self._done.values():
+            sha256 = json.loads(line).get("sha256")
+            if isinstance(sha256, str):
+                self._by_content[_content_key(sha256)] = line
+
+    def earlier(self, url: str) -> Outcome | None:
+        """Return the latest record of ``url`` if it is ok (its files unchecked)."""
         line = self._done.get(record_key(url))
+        return None if line is None else Outcome.from_json(json.loads(line))
+
+    def current(self, outcome: Outcome) -> bool:
+        """Tell whether an ok record still stands: same settings, image still there."""
+        if outcome.settings is not None and outcome.settings != self._fingerprint:
+            return False
+        return outcome.path is not None and (self._folder.path / outcome.path).is_file()
+
+    def finished(self, url: str) -> Outcome | None:
+        """Return the earlier ok record of ``url`` if it still stands (``current``)."""
+        outcome = self.earlier(url)
+        return outcome if outcome is not None and self.current(outcome) else None
+
+    def kept_original(self, outcome: Outcome) -> Path | None:
+        """Return the kept download of an ok record, if it is still there."""
+        if outcome.original is None:
+            return None
+        path = self._folder.path / outcome.original
+        return path if path.is_file() else None
+
+    def same_content(self, sha256: str) -> Outcome | None:
+        """Return a standing ok record of a body with this SHA-256 (``by_content``)."""
+        line = self._by_content.get(_content_key(sha256))
         if line is None:
             return None
         outcome = Outcome.from_json(json.loads(line))
-        if outcome.path is None or not (self._folder.path / outcome.path).is_file():
+        if outcome.sha256 != sha256 or not self.current(outcome):
             return None
         return outcome
+
+
+def _content_key(sha256: str) -> bytes:
+    """16 bytes of a hex SHA-256: enough to find a record, which is then checked."""
+    try:
+        return bytes.fromhex(sha256[:32])
+    except ValueError:  # not hex: a hand-edited record; it will not match
+        return sha256.encode("utf-8", "surrogatepass")
 
 
 def _read_manifest(path: Path) -> Iterator[tuple[str, Outcome]]:

@@ -1,14 +1,18 @@
 """The schedulers: one function per ``Mode``, all with the same signature.
 
 Each takes the planned items (jobs, and ready-made records to pass through), the
-settings and the run context, and yields one ``Outcome`` per job it started. They
+settings, the run context and the claim (``reuse.ContentIndex.claim``, called on each
+download before it is transformed), and yields one ``Outcome`` per job it started,
+except for a job whose claim deferred it (its record comes from the index). They
 differ only in how they schedule the same two steps (``steps.fetch_step`` or
 ``fetch.fetch_async``, then ``transform.transform_file``)::
 
     sequential  this thread: fetch → transform, one item after the other
     threads     ThreadPoolExecutor(threads): fetch → transform per item (one GIL)
     processes   ProcessPoolExecutor(procs): fetch → transform per item, in workers
-                with their own httpx.Client (itemwork.process_job)
+                with their own httpx.Client (itemwork.process_job); with
+                --name-by sha256, fetch (itemwork.fetch_job) → claim here →
+                transform (itemwork.transform_task), so that the parent can claim
     pipeline    pipeline.run_pipeline: threads fetch, worker processes transform
     async       an event loop in one thread: TaskGroup of fetch tasks bounded by
                 Semaphore(threads), one AsyncClient, aiofiles → transforms in a
@@ -45,9 +49,11 @@ from downloader.fetch import (
     make_client,
 )
 from downloader.itemwork import (
+    FetchReport,
     JobReport,
     TransformReport,
     fetch_and_transform,
+    fetch_job,
     fetched_task,
     init_worker,
     process_job,
@@ -56,11 +62,19 @@ from downloader.itemwork import (
 from downloader.pipeline import mp_context, run_pipeline
 from downloader.progress import EventKind, Events
 from downloader.records import Fetched, Job, Outcome, Stage
+from downloader.reuse import Claim
 from downloader.runtime import RunContext, Wakeup
-from downloader.settings import Mode, Settings
-from downloader.steps import discard, emit, interrupted, passthrough, stage_local
+from downloader.settings import Mode, NameBy, Settings
+from downloader.steps import (
+    discard,
+    emit,
+    finish_success,
+    interrupted,
+    passthrough,
+    stage_local,
+)
 from downloader.transform import configure_pillow
-from downloader.worker import TaskDone, TaskFailed
+from downloader.worker import TaskDone
 
 __all__ = [
     "RUNNERS",
@@ -71,7 +85,9 @@ __all__ = [
     "run_threads",
 ]
 
-Runner = Callable[[Iterable[Job | Outcome], Settings, RunContext], Iterator[Outcome]]
+Runner = Callable[
+    [Iterable[Job | Outcome], Settings, RunContext, Claim], Iterator[Outcome]
+]
 
 # Items submitted per thread or process beyond the one it works on: enough that none
 # idles while the scheduler reads a result, few enough that a stop leaves little to
@@ -239,7 +255,10 @@ def _schedule(
 
 
 def run_sequential(
-    items: Iterable[Job | Outcome], settings: Settings, context: RunContext
+    items: Iterable[Job | Outcome],
+    settings: Settings,
+    context: RunContext,
+    claim: Claim,
 ) -> Iterator[Outcome]:
     """Download then transform each item in turn, in this thread."""
     configure_pillow(settings.image)
@@ -253,23 +272,30 @@ def run_sequential(
                 return
             if isinstance(item, Outcome):
                 yield item
-            else:
-                yield fetch_and_transform(
-                    item, client, hosts, settings, context, "thread-0"
-                )
+                continue
+            outcome = fetch_and_transform(
+                item, client, hosts, settings, context, "thread-0", claim
+            )
+            if outcome is not None:
+                yield outcome
 
 
 def _settle_outcome(
-    future: Future[Outcome], job: Job, launch: _Launch
+    future: Future[Outcome | None], job: Job, launch: _Launch
 ) -> Iterator[Outcome]:
     if future.cancelled():
         yield interrupted(job, Stage.DOWNLOAD)
-    else:
-        yield future.result()
+        return
+    outcome = future.result()
+    if outcome is not None:
+        yield outcome
 
 
 def run_threads(
-    items: Iterable[Job | Outcome], settings: Settings, context: RunContext
+    items: Iterable[Job | Outcome],
+    settings: Settings,
+    context: RunContext,
+    claim: Claim,
 ) -> Iterator[Outcome]:
     """Download and transform each item in a pool thread; one GIL for all of it."""
     configure_pillow(settings.image)
@@ -278,9 +304,9 @@ def run_threads(
     client = make_client(settings.http, settings.threads)
     pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="downloader")
 
-    def work(job: Job) -> Outcome:
+    def work(job: Job) -> Outcome | None:
         lane = lanes.name(threading.get_ident())
-        return fetch_and_transform(job, client, hosts, settings, context, lane)
+        return fetch_and_transform(job, client, hosts, settings, context, lane, claim)
 
     try:
         with _stop_when_left_early(context):
@@ -298,55 +324,111 @@ def run_threads(
 
 
 class _ProcessesRun:
-    """Turn ``process_job`` reports into records, events and CPU totals."""
+    """Turn worker reports into records, events and CPU totals.
 
-    def __init__(self, pool: _ProcessPool, context: RunContext) -> None:
+    Names after URLs: one ``process_job`` call per job. Names after content: a
+    ``fetch_job`` call, the claim here, then a ``transform_task`` call for a leader.
+    """
+
+    def __init__(
+        self, pool: _ProcessPool, settings: Settings, context: RunContext, claim: Claim
+    ) -> None:
         self.pool = pool
+        self.settings = settings
         self.context = context
+        self.claim = claim
+        self.split = settings.name_by is NameBy.SHA256
         self.lanes = _Lanes("proc")
         self.cpu = _WorkerCpu()
         self.runs: Counter[int] = Counter()
-        self.owners: dict[Future[JobReport], ProcessPoolExecutor] = {}
+        self.owners: dict[Future[Any], ProcessPoolExecutor] = {}
+        self.claimed: dict[int, Fetched] = {}
+        """Downloads claimed here, waiting for or in their ``transform_task`` call."""
 
-    def submit(self, job: Job) -> Future[JobReport]:
+    def submit(self, job: Job) -> Future[Any]:
         self.runs[job.index] += 1
-        future = self.pool.executor.submit(process_job, job)
-        self.owners[future] = self.pool.executor
+        executor = self.pool.executor
+        fetched = self.claimed.get(job.index)
+        future: Future[Any]
+        if fetched is not None:
+            future = executor.submit(transform_task, fetched_task(fetched))
+        elif self.split:
+            future = executor.submit(fetch_job, job)
+        else:
+            future = executor.submit(process_job, job)
+        self.owners[future] = executor
         return future
 
     def settle(
-        self, future: Future[JobReport], job: Job, launch: _Launch
+        self, future: Future[Any], job: Job, launch: _Launch
     ) -> Iterator[Outcome]:
         owner = self.owners.pop(future)
         if future.cancelled():
-            yield interrupted(job, Stage.DOWNLOAD)
+            yield self._stopped(job)
             return
         try:
-            report = future.result()
+            report: JobReport | FetchReport | TransformReport = future.result()
         except BrokenProcessPool:
             self.pool.replace(owner)
             if self.context.cancel.is_set():
-                yield interrupted(job, Stage.DOWNLOAD)
+                yield self._stopped(job)
             elif self.runs[job.index] >= MAX_RUNS_PER_ITEM:
-                yield _crash_failure(job)
+                fetched = self.claimed.pop(job.index, None)
+                if fetched is not None:
+                    discard(fetched)
+                yield _crash_failure(job, fetched)
             else:
                 launch(job)
             return
         self.runs.pop(job.index, None)
         self.cpu.record(report.pid, report.cpu_s)
         lane = self.lanes.name(report.pid)
+        if isinstance(report, TransformReport):
+            fetched = self.claimed.pop(job.index)
+            yield _relay_transform(report, fetched, lane, self.context, self.settings)
+            return
         for event in report.events:
             self.context.events(replace(event, lane=lane))
-        yield report.outcome
+        if isinstance(report, JobReport):
+            yield report.outcome
+        else:
+            yield from self._claim(report.result, job, launch)
+
+    def _claim(
+        self, result: Fetched | Outcome, job: Job, launch: _Launch
+    ) -> Iterator[Outcome]:
+        """Claim a download made by ``fetch_job``; a leader goes back to a worker."""
+        if isinstance(result, Outcome):
+            yield result
+        elif self.context.cancel.is_set():
+            discard(result)
+            yield interrupted(job, Stage.TRANSFORM, result)
+        else:
+            claimed = self.claim(result)
+            if isinstance(claimed, Fetched):
+                self.claimed[job.index] = claimed
+                launch(job)
+            elif claimed is not None:
+                yield claimed
+
+    def _stopped(self, job: Job) -> Outcome:
+        fetched = self.claimed.pop(job.index, None)
+        if fetched is None:
+            return interrupted(job, Stage.DOWNLOAD)
+        discard(fetched)
+        return interrupted(job, Stage.TRANSFORM, fetched)
 
 
 def run_processes(
-    items: Iterable[Job | Outcome], settings: Settings, context: RunContext
+    items: Iterable[Job | Outcome],
+    settings: Settings,
+    context: RunContext,
+    claim: Claim,
 ) -> Iterator[Outcome]:
     """Download and transform each item in a pool worker process."""
     stop_reader, stop_writer = mp_context().Pipe(duplex=False)
     pool = _ProcessPool(settings, context, stop_reader)
-    run = _ProcessesRun(pool, context)
+    run = _ProcessesRun(pool, settings, context, claim)
 
     def stop() -> None:
         stop_writer.close()  # every worker's watcher reads EOF: stop downloading
@@ -378,7 +460,10 @@ class _LoopEnded:
 
 
 def run_async(
-    items: Iterable[Job | Outcome], settings: Settings, context: RunContext
+    items: Iterable[Job | Outcome],
+    settings: Settings,
+    context: RunContext,
+    claim: Claim,
 ) -> Iterator[Outcome]:
     """Download with asyncio tasks and transform in worker processes.
 
@@ -388,7 +473,7 @@ def run_async(
     outbox: _Outbox[Outcome | _LoopEnded] = _Outbox()
     thread = threading.Thread(
         target=_run_loop,
-        args=(items, settings, context, outbox),
+        args=(items, settings, context, claim, outbox),
         name="downloader-asyncio",
         daemon=True,
     )
@@ -412,11 +497,12 @@ def _run_loop(
     items: Iterable[Job | Outcome],
     settings: Settings,
     context: RunContext,
+    claim: Claim,
     outbox: _Outbox[Outcome | _LoopEnded],
 ) -> None:
     """The body of the asyncio thread: run the loop, then say how it ended."""
     try:
-        asyncio.run(_AsyncRun(settings, context, outbox.put).main(items))
+        asyncio.run(_AsyncRun(settings, context, claim, outbox.put).main(items))
     except BaseExceptionGroup as group:
         outbox.put(_LoopEnded(_first_leaf(group)))
     except BaseException as exc:  # noqa: BLE001 (thread boundary: hand it to the caller)
@@ -434,9 +520,14 @@ class _AsyncRun:
     """One event loop's run: the client, the limits, the task group, the pool."""
 
     def __init__(
-        self, settings: Settings, context: RunContext, post: Callable[[Outcome], None]
+        self,
+        settings: Settings,
+        context: RunContext,
+        claim: Claim,
+        post: Callable[[Outcome], None],
     ) -> None:
         self.settings, self.context, self.post = settings, context, post
+        self.claim = claim
         self.stop = asyncio.Event()
         self.download_slots = asyncio.Semaphore(settings.threads)
         self.transform_slots = asyncio.Semaphore(settings.procs * (1 + IN_FLIGHT_SLACK))
@@ -492,7 +583,10 @@ class _AsyncRun:
     async def _one(self, job: Job, lane_number: int) -> None:
         """Download ``job`` in a slot, wait for a transform slot, then transform."""
         try:
-            result = await self._fetch(job, f"task-{lane_number}")
+            fetched = await self._fetch(job, f"task-{lane_number}")
+            result = self.claim(fetched) if isinstance(fetched, Fetched) else fetched
+            if result is None:
+                return  # the same body is in progress: its record comes with that one
             if isinstance(result, Outcome):
                 self.post(result)
                 return
@@ -548,26 +642,18 @@ class _AsyncRun:
     async def _transform(self, fetched: Fetched) -> Outcome:
         try:
             report = await self._run_transform(fetched)
-        finally:
+        except BaseException:
             discard(fetched)
+            raise
         if report is None:
+            discard(fetched)
             return interrupted(fetched.job, Stage.TRANSFORM, fetched)
         if isinstance(report, Outcome):
+            discard(fetched)
             return report
         self.cpu.record(report.pid, report.cpu_s)
         lane = self.proc_lanes.name(report.pid)
-        index = fetched.job.index
-        events = self.context.events
-        emit(events, Stage.TRANSFORM, EventKind.STARTED, index, lane, at=report.started)
-        emit(
-            events,
-            Stage.TRANSFORM,
-            EventKind.FINISHED,
-            index,
-            lane,
-            at=report.message.time,
-        )
-        return _transform_outcome(fetched, report.message)
+        return _relay_transform(report, fetched, lane, self.context, self.settings)
 
     async def _run_transform(
         self, fetched: Fetched
@@ -593,9 +679,29 @@ def _byte_counter(events: Events, index: int, lane: str) -> Callable[[int], None
     return on_bytes
 
 
-def _transform_outcome(fetched: Fetched, message: TaskDone | TaskFailed) -> Outcome:
+def _relay_transform(
+    report: TransformReport,
+    fetched: Fetched,
+    lane: str,
+    context: RunContext,
+    settings: Settings,
+) -> Outcome:
+    """Emit a pool transform's events and make its record; the download is let go."""
+    index = fetched.job.index
+    events = context.events
+    emit(events, Stage.TRANSFORM, EventKind.STARTED, index, lane, at=report.started)
+    emit(
+        events,
+        Stage.TRANSFORM,
+        EventKind.FINISHED,
+        index,
+        lane,
+        at=report.message.time,
+    )
+    message = report.message
     if isinstance(message, TaskDone):
-        return Outcome.success(fetched, message.result)
+        return finish_success(fetched, message.result, context.out, settings)
+    discard(fetched)
     if message.fatal:
         raise OutputError(message.reason)
     return Outcome.failure(

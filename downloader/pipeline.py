@@ -12,8 +12,10 @@
                           │
                           └─► yields one Outcome per job (the caller writes manifest)
 
-- Download threads share one ``httpx.Client``; each finished file is handed to the
-  worker with the fewest assigned tasks as a ``Task`` (a path, never the bytes).
+- Download threads share one ``httpx.Client``; each finished file is claimed
+  (``reuse.ContentIndex``: a body already done or in progress is not transformed
+  again) and handed to the worker with the fewest assigned tasks as a ``Task`` (a
+  path, never the bytes).
 - Backpressure: at most ``procs * (1 + WORK_QUEUE_SLACK)`` files wait for or are in a
   worker; a download thread that finds no free slot waits, so memory and scratch space
   stay bounded whatever the length of the list.
@@ -51,9 +53,17 @@ from downloader.errors import OutputError, WorkerCrashed
 from downloader.fetch import HostLimiter, make_client
 from downloader.progress import EventKind
 from downloader.records import Fetched, Job, Outcome, Stage
+from downloader.reuse import Claim
 from downloader.runtime import RunContext, Wakeup
 from downloader.settings import Settings
-from downloader.steps import discard, emit, fetch_step, interrupted
+from downloader.steps import (
+    discard,
+    emit,
+    fetch_step,
+    finish_success,
+    interrupted,
+    not_started,
+)
 from downloader.worker import (
     Task,
     TaskDone,
@@ -100,10 +110,13 @@ def mp_context() -> ForkServerContext | SpawnContext:
 
 
 def run_pipeline(
-    items: Iterable[Job | Outcome], settings: Settings, context: RunContext
+    items: Iterable[Job | Outcome],
+    settings: Settings,
+    context: RunContext,
+    claim: Claim,
 ) -> Iterator[Outcome]:
     """Download with threads and transform in worker processes; yield each outcome."""
-    with _Pipeline(settings, context) as pipeline:
+    with _Pipeline(settings, context, claim) as pipeline:
         yield from pipeline.run(items)
 
 
@@ -116,6 +129,8 @@ class _Worker:
     assigned: dict[int, Fetched] = field(default_factory=dict)
     current: int | None = None
     started_at: float = 0.0
+    heard_at: float = field(default_factory=time.monotonic)
+    """When the worker last sent a message, or got work while it had none."""
     retiring: bool = False
     timed_out: bool = False
     error: str | None = None
@@ -166,9 +181,10 @@ def _describe_exit(process: BaseProcess) -> str:
 class _Pipeline:
     """One run of the pipeline: owns the client, threads, workers, queues and pipes."""
 
-    def __init__(self, settings: Settings, context: RunContext) -> None:
+    def __init__(self, settings: Settings, context: RunContext, claim: Claim) -> None:
         self._settings = settings
         self._context = context
+        self._claim = claim
         self._mp = mp_context()
         self._stop_workers = self._mp.Event()
         self._workers: list[_Worker] = []
@@ -259,6 +275,12 @@ class _Pipeline:
                 yield from self._abandon_stragglers()
                 break
         yield from self._finish_workers()
+        # Jobs set aside for a busy host when the run was stopped never began.
+        reason = self._context.cancel.reason or "interrupted"
+        with self._feed_lock:
+            set_aside, self._deferred = list(self._deferred), deque()
+        for job in set_aside:
+            yield not_started(job, reason)
         self._finished = True
         if self._error is not None:
             raise self._error
@@ -333,7 +355,7 @@ class _Pipeline:
                     self._post(item)
                     continue
                 try:
-                    result = fetch_step(
+                    fetched = fetch_step(
                         item,
                         self._client,
                         self._settings,
@@ -343,7 +365,12 @@ class _Pipeline:
                     )
                 finally:
                     self._fetched(item)
-                if isinstance(result, Outcome):
+                result = (
+                    self._claim(fetched) if isinstance(fetched, Fetched) else fetched
+                )
+                if result is None:
+                    self._defer(lane)
+                elif isinstance(result, Outcome):
                     self._settle(lane, result)
                 else:
                     self._hand_off(lane, result)
@@ -404,6 +431,11 @@ class _Pipeline:
             self._in_flight.pop(lane, None)
             self._post(outcome)
 
+    def _defer(self, lane: str) -> None:
+        """Let go of ``lane``'s job: its body is in progress, its record follows."""
+        with self._feed_lock:
+            self._in_flight.pop(lane, None)
+
     def _post(self, message: _ThreadMessage) -> None:
         self._outbox.put(message)
         self._wakeup.wake()
@@ -427,6 +459,8 @@ class _Pipeline:
         if worker is None:
             candidates = [w for w in self._workers if not w.retiring] or self._workers
             worker = min(candidates, key=lambda w: len(w.assigned))
+        if not worker.assigned:
+            worker.heard_at = time.monotonic()
         worker.assigned[fetched.job.index] = fetched
         worker.inbox.put_nowait(
             Task(fetched.job.index, str(fetched.path), fetched.job.stem)
@@ -480,6 +514,7 @@ class _Pipeline:
 
     def _handle(self, worker: _Worker, message: WorkerMessage) -> Iterator[Outcome]:
         events = self._context.events
+        worker.heard_at = time.monotonic()
         if isinstance(message, TaskStarted):
             worker.current = message.index
             worker.started_at = time.monotonic()
@@ -494,6 +529,7 @@ class _Pipeline:
         elif isinstance(message, TaskDone | TaskFailed):
             worker.current = None
             fetched = worker.assigned.pop(message.index)
+            outcome = self._task_outcome(fetched, message)
             self._release(fetched)
             emit(
                 events,
@@ -503,19 +539,7 @@ class _Pipeline:
                 worker.lane,
                 at=message.time,
             )
-            if isinstance(message, TaskDone):
-                self._fruitless_restarts = 0
-                yield Outcome.success(fetched, message.result)
-            else:
-                yield Outcome.failure(
-                    fetched.job,
-                    Stage.TRANSFORM,
-                    message.reason,
-                    fetched=fetched,
-                    transform_s=message.elapsed,
-                )
-                if message.fatal:
-                    self._fail(OutputError(message.reason))
+            yield outcome
         elif isinstance(message, WorkerRetired):
             worker.retiring = True
         elif isinstance(message, WorkerExit):
@@ -523,12 +547,44 @@ class _Pipeline:
         else:
             worker.error = message.traceback
 
+    def _task_outcome(
+        self, fetched: Fetched, message: TaskDone | TaskFailed
+    ) -> Outcome:
+        """The record of a task a worker ended; a kept download is moved here."""
+        if isinstance(message, TaskDone):
+            self._fruitless_restarts = 0
+            try:
+                return finish_success(
+                    fetched, message.result, self._context.out, self._settings
+                )
+            except OutputError as exc:
+                self._fail(exc)
+                reason = str(exc)
+        else:
+            reason = message.reason
+            if message.fatal:
+                self._fail(OutputError(message.reason))
+        return Outcome.failure(
+            fetched.job,
+            Stage.TRANSFORM,
+            reason,
+            fetched=fetched,
+            transform_s=None if isinstance(message, TaskDone) else message.elapsed,
+        )
+
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
+        limit = self._settings.item_timeout
         for worker in self._workers:
-            overdue = now - worker.started_at > self._settings.item_timeout
-            if worker.current is not None and overdue and not worker.timed_out:
+            if worker.timed_out:
+                continue
+            if worker.current is not None and now - worker.started_at > limit:
                 worker.timed_out = True
+                worker.process.kill()
+            elif worker.assigned and now - worker.heard_at > limit:
+                # Work waits but the worker says nothing (stuck before it could
+                # start, e.g. blocked on a full stderr pipe): replace it; its queued
+                # items go to other workers without counting as a failure.
                 worker.process.kill()
 
     # -------------------------------------------------------------- dead workers

@@ -5,9 +5,14 @@
 process (the process-based schedulers run ``worker.run_task`` in workers instead).
 Local faults (``OutputError``) are not per-URL failures and propagate.
 
-A job with a ``local_path`` (``--input-dir``) is never fetched: ``stage_local`` puts a
-hard link to the file (a copy across file systems) where a download would go, so every
-scheduler processes it unchanged and removing the staged file leaves the original.
+A job with a ``local_path`` (``--input-dir``, or a kept original a rerun works from) is
+never fetched: ``stage_local`` puts a hard link to the file (a copy across file systems)
+where a download would go, so every scheduler processes it unchanged and removing the
+staged file leaves the original.
+
+After a successful transform, ``finish_success`` lets the download go: with
+``--keep-originals`` it is renamed (atomically, on the same file system) to
+``originals/<stem>.<ext>``, the extension from the body's magic bytes; else removed.
 """
 
 from __future__ import annotations
@@ -27,23 +32,39 @@ import httpx
 from downloader.errors import FetchError, OutputError, TransformError
 from downloader.fetch import HostLimiter, fetch
 from downloader.progress import EventKind, Events, ProgressEvent
-from downloader.records import Fetched, Job, Outcome, Stage
+from downloader.records import Fetched, Job, Outcome, Stage, Transformed
 from downloader.runtime import RunContext
 from downloader.settings import Settings
 from downloader.transform import transform_file
 
 __all__ = [
+    "ORIGINALS_NAME",
     "discard",
     "emit",
     "fetch_step",
+    "finish_success",
     "interrupted",
+    "keep_download",
+    "not_started",
+    "original_extension",
     "passthrough",
     "stage_local",
     "transform_step",
 ]
 
+ORIGINALS_NAME = "originals"
+"""Folder of the output folder where ``--keep-originals`` keeps the downloads."""
 # Read size for hashing or copying a local file: large reads, few system calls.
 _COPY_CHUNK = 1024 * 1024
+# Magic bytes of the formats the transform accepts (transform.ALLOWED_FORMATS).
+_MAGIC_EXTENSIONS = (
+    (b"\xff\xd8\xff", "jpg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+)
+_SNIFF_BYTES = 12
 
 
 def emit(
@@ -126,6 +147,7 @@ def transform_step(
             fetched.path, context.out, fetched.job.stem, settings.image
         )
     except TransformError as exc:
+        discard(fetched)
         elapsed = time.perf_counter() - started
         return Outcome.failure(
             fetched.job,
@@ -134,10 +156,75 @@ def transform_step(
             fetched=fetched,
             transform_s=elapsed,
         )
-    finally:
+    except BaseException:
         discard(fetched)
+        raise
+    finally:
         emit(context.events, Stage.TRANSFORM, EventKind.FINISHED, index, lane)
-    return Outcome.success(fetched, result)
+    return finish_success(fetched, result, context.out, settings)
+
+
+def finish_success(
+    fetched: Fetched, result: Transformed, out: Path, settings: Settings
+) -> Outcome:
+    """Let a transformed download go (kept or removed) and make its ``ok`` record.
+
+    Raises:
+        OutputError: the download could not be kept under ``originals/``.
+    """
+    original = keep_download(fetched, out, settings)
+    local = fetched.job.local_path
+    note = None
+    if local is not None and original is not None and _is_kept(Path(local), out):
+        note = f"processed again from the kept original {original}"
+    return Outcome.success(fetched, result, original=original, note=note)
+
+
+def keep_download(fetched: Fetched, out: Path, settings: Settings) -> str | None:
+    """Keep ``fetched`` as ``originals/<stem>.<ext>`` or remove it; return the name.
+
+    A job that was staged from a kept original keeps that one (its staged link is
+    removed). The rename is atomic: an original is never seen half-written.
+
+    Raises:
+        OutputError: the download could not be renamed into ``originals/``.
+    """
+    local = fetched.job.local_path
+    if local is not None and _is_kept(Path(local), out):
+        discard(fetched)
+        return f"{ORIGINALS_NAME}/{Path(local).name}"
+    if not settings.keep_originals:
+        discard(fetched)
+        return None
+    name = f"{fetched.job.stem}.{original_extension(fetched.path)}"
+    target = out / ORIGINALS_NAME / name
+    try:
+        target.parent.mkdir(exist_ok=True)
+        os.replace(fetched.path, target)
+    except OSError as exc:
+        discard(fetched)
+        raise OutputError(f"cannot keep original {target}: {exc.strerror}") from exc
+    return f"{ORIGINALS_NAME}/{name}"
+
+
+def _is_kept(path: Path, out: Path) -> bool:
+    """Tell whether ``path`` is a kept original of the output folder ``out``."""
+    return path.parent == out / ORIGINALS_NAME
+
+
+def original_extension(path: Path) -> str:
+    """Return the extension of the image format ``path`` starts with, else ``bin``."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(_SNIFF_BYTES)
+    except OSError:
+        return "bin"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    for magic, extension in _MAGIC_EXTENSIONS:
+        if head.startswith(magic):
+            return extension
+    return "bin"
 
 
 def stage_local(job: Job, tmp_dir: Path) -> Fetched:
@@ -237,6 +324,11 @@ def discard(fetched: Fetched) -> None:
 def interrupted(job: Job, stage: Stage, fetched: Fetched | None = None) -> Outcome:
     """The record of a URL whose work was cut short by a stop request."""
     return Outcome.failure(job, stage, "interrupted", fetched=fetched)
+
+
+def not_started(job: Job, reason: str) -> Outcome:
+    """The record of a URL the run never reached before it was stopped."""
+    return Outcome.failure(job, None, f"not started ({reason})")
 
 
 def passthrough(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 from PIL import Image
@@ -11,12 +12,14 @@ from PIL import Image
 from downloader import (
     Cancellation,
     EventKind,
+    HttpSettings,
     ProgressEvent,
     Stage,
     Status,
     iter_results,
     run,
 )
+from downloader.demo import serve_in_thread
 from downloader.progress import EventLog
 from tests.helpers import (
     SLOW_IMAGE,
@@ -219,3 +222,49 @@ def test_events_show_both_stages_in_threads_and_processes(
     assert lanes == {(Stage.DOWNLOAD, "thread"), (Stage.TRANSFORM, "proc")}
     finished = [e for e in log.events if e.kind is EventKind.FINISHED]
     assert len(finished) == 2 * len(urls)
+
+
+def test_a_frozen_idle_worker_is_replaced_and_its_queue_handed_on(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A worker that gets work but says nothing (SIGSTOP) is replaced; none fail."""
+    urls = corpus_urls(server, corpus)[:4]
+    frozen: list[int] = []
+    once = threading.Lock()  # events come from several download threads at once
+
+    def freeze_the_worker(event: ProgressEvent) -> None:
+        with once:
+            if event.stage is Stage.DOWNLOAD and not frozen:
+                (pid,) = worker_pids()
+                os.kill(pid, signal.SIGSTOP)
+                frozen.append(pid)
+
+    settings = fast_settings(tmp_path / "out", procs=1, item_timeout=1.0)
+    report = run(urls, settings, events=freeze_the_worker)
+
+    assert len(frozen) == 1
+    assert [o.status for o in report.results] == [Status.OK] * len(urls)
+    assert wait_gone(frozen) == []
+
+
+def test_jobs_set_aside_for_a_busy_host_get_a_record_when_stopped(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Stopped while jobs wait for a busy host: each is recorded 'not started'."""
+    with serve_in_thread(LocalServer(corpus, latency=0.2)) as slow:
+        slow_urls = [f"{slow.url_for('img-0000.jpg')}?n={n}" for n in range(8)]
+        fast_urls = corpus_urls(server, corpus)[:4]
+        cancel = Cancellation()
+        settings = fast_settings(
+            tmp_path / "out",
+            threads=4,
+            http=HttpSettings(timeout=5, deadline=20, retries=0, backoff=0, per_host=1),
+        )
+        seen = []
+        for outcome in iter_results([*slow_urls, *fast_urls], settings, cancel=cancel):
+            seen.append(outcome)
+            cancel.set()
+
+    assert sorted(o.url for o in seen) == sorted([*slow_urls, *fast_urls])
+    assert any(o.error == "not started (interrupted)" for o in seen)
+    assert leftovers(tmp_path / "out") == []
