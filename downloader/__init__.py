@@ -12,6 +12,7 @@ The public API::
 from __future__ import annotations
 
 from downloader.api import Source, iter_results, run
+from downloader.dryrun import DryRun, dry_run
 from downloader.errors import (
     DownloaderError,
     FetchError,
@@ -20,7 +21,7 @@ from downloader.errors import (
     TransformError,
     WorkerCrashed,
 )
-from downloader.progress import EventKind, ProgressEvent
+from downloader.progress import EventKind, EventStream, ProgressEvent
 from downloader.records import Outcome, Stage, Status
 from downloader.report import RunReport, Summary
 from downloader.runtime import Cancellation
@@ -30,24 +31,31 @@ from downloader.settings import (
     ImageFormat,
     ImageSpec,
     Mode,
+    ResizeMode,
     Settings,
 )
+from downloader.sources import InputFormat, LocalFiles, UrlList
 
 __version__ = VERSION
 
 __all__ = [
     "Cancellation",
     "DownloaderError",
+    "DryRun",
     "EventKind",
+    "EventStream",
     "FetchError",
     "HttpSettings",
     "ImageFormat",
     "ImageSpec",
     "InputError",
+    "InputFormat",
+    "LocalFiles",
     "Mode",
     "Outcome",
     "OutputError",
     "ProgressEvent",
+    "ResizeMode",
     "RunReport",
     "Settings",
     "Source",
@@ -55,8 +63,10 @@ __all__ = [
     "Status",
     "Summary",
     "TransformError",
+    "UrlList",
     "WorkerCrashed",
     "__version__",
+    "dry_run",
     "iter_results",
     "run",
 ]

@@ -1,25 +1,34 @@
-"""The command line: argparse → ``Settings`` → the library → an exit code.
+"""The command line: argparse and a TOML config → ``Settings`` → library → exit code.
 
 Exit codes: 0 every URL ok or skipped; 1 some URL failed; 2 usage error; 3 a local
 fault (output folder unusable or locked, disk full) stopped the run; 130 interrupted.
+With ``--dry-run``: 0 every line is usable (duplicates and already-done URLs
+included), 1 some line is not.
+
+Messages go through the ``downloader`` logger, printed above the bars by a
+``BarsHandler``: warnings by default, errors only with ``--quiet``, and with
+``--verbose`` also the settings at the start and one line per failed URL.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from downloader.api import iter_results
-from downloader.errors import DownloaderError, InputError
-from downloader.progress import Bars
+from downloader.config import parse_args
+from downloader.errors import DownloaderError, InputError, OutputError
+from downloader.progress import Bars, BarsHandler, Events, EventStream, fan_out
 from downloader.records import Status
-from downloader.report import Tally, print_summary
+from downloader.report import Summary, Tally, print_summary, summary_json
 from downloader.runtime import Cancellation, Usage
 from downloader.settings import (
     VERSION,
@@ -27,12 +36,13 @@ from downloader.settings import (
     ImageFormat,
     ImageSpec,
     Mode,
+    NameBy,
     ResizeMode,
     Settings,
 )
 from downloader.sources import InputFormat, LocalFiles, Source, UrlList
 
-__all__ = ["main"]
+__all__ = ["load_settings", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -40,6 +50,12 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 DEMO_COUNT = 48
 DEMO_LATENCY_S = 0.02
+INSECURE_WARNING = (
+    "warning: TLS certificate verification is OFF (--insecure): any server can "
+    'pose as any https host; every record says "insecure": true'
+)
+
+_log = logging.getLogger("downloader")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)i?b?\s*$", re.IGNORECASE)
 _MULTIPLIER = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -107,6 +123,23 @@ def _box_list(text: str) -> tuple[tuple[int, int], ...]:
     return boxes
 
 
+# RFC 9110 token: the characters a header name may have.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _header(text: str) -> tuple[str, str]:
+    """Parse ``Name: value`` into a (name, value) pair."""
+    name, colon, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not colon or _HEADER_NAME.fullmatch(name) is None:
+        raise argparse.ArgumentTypeError(
+            f"not a header: {text!r} (expected 'Name: value')"
+        )
+    if any(char in value for char in "\r\n\0"):
+        raise argparse.ArgumentTypeError(f"line break or NUL in header {name!r}")
+    return name, value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="downloader",
@@ -155,6 +188,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--force", action="store_true", help="redo URLs already ok")
     parser.add_argument(
+        "--name-by",
+        choices=[n.value for n in NameBy],
+        default=NameBy.URL.value,
+        help="name outputs after the URL, or after the body's SHA-256 (which also "
+        "transforms identical bodies only once)",
+    )
+    parser.add_argument(
+        "--keep-originals",
+        action="store_true",
+        help="keep the downloads in OUT/originals/; a rerun with other image "
+        "settings then redoes only the changed items, without downloading",
+    )
+    parser.add_argument(
         "--compare",
         action="store_true",
         help="run several modes on the same list into OUT/<mode>/ and compare them "
@@ -167,6 +213,48 @@ def _parser() -> argparse.ArgumentParser:
         help="with --compare: modes to run, comma-separated (default: all)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="TOML file of defaults, keys named like the long options "
+        '(threads = 8, max-bytes = "20M", headers = ["K: V"]); flags win '
+        "(default: ./downloader.toml if present)",
+    )
+    parser.add_argument(
+        "--no-config", action="store_true", help="ignore ./downloader.toml"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the list and show what would be fetched and where, per host, "
+        "without any network traffic or writing (exit 1 if a line is unusable)",
+    )
+    parser.add_argument(
+        "--events",
+        metavar="FILE",
+        default=None,
+        help="write progress events and results as JSON lines to FILE ('-': stdout)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary (or comparison, or dry-run plan) as one JSON object "
+        "on stdout instead of the text summary",
+    )
+    chatter = parser.add_mutually_exclusive_group()
+    chatter.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="errors only: no bars, no summary",
+    )
+    chatter.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also the settings at the start and one line per failed URL",
+    )
     http = parser.add_argument_group("download")
     http.add_argument(
         "--timeout",
@@ -197,6 +285,25 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="concurrent connections per host (default 4; demo: threads)",
+    )
+    http.add_argument(
+        "--header",
+        type=_header,
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="extra request header (repeatable); replaces a default of that name",
+    )
+    http.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify TLS certificates (warned about, recorded in the manifest)",
+    )
+    http.add_argument(
+        "--block-private",
+        action="store_true",
+        help="refuse hosts that resolve to loopback, private, link-local or "
+        "metadata addresses, on every redirect too",
     )
     image = parser.add_argument_group("images")
     boxes = image.add_mutually_exclusive_group()
@@ -293,6 +400,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         "retries": args.retries,
         "max_bytes": args.max_bytes,
         "per_host": per_host,
+        "headers": _last_of_each_name(args.header),
+        "verify": not args.insecure,
+        "block_private": args.block_private,
     }
     if args.transform is not None and os.getcwd() not in sys.path:
         # Like `python -m`: a module beside the user's list is importable; worker
@@ -319,6 +429,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         mode=Mode(args.mode),
         threads=args.threads,
         force=args.force,
+        name_by=NameBy(args.name_by),
+        keep_originals=args.keep_originals,
         item_timeout=args.item_timeout,
         http=HttpSettings(**http_kwargs),
         image=image,
@@ -326,8 +438,26 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
+def _last_of_each_name(headers: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Keep the last header of each name (the command line's over the config's)."""
+    latest = {name.lower(): (name, value) for name, value in headers}
+    return tuple(latest.values())
+
+
+def load_settings(config: str | Path) -> Settings:
+    """Return the ``Settings`` the command line would use with the config file.
+
+    The same keys, values and checks as ``downloader --config FILE``.
+
+    Raises:
+        InputError: the file cannot be read, or a key or value is not valid.
+    """
+    args = parse_args(_parser(), ["--config", str(config)])
+    return _settings(args)
+
+
 @contextlib.contextmanager
-def _url_list(args: argparse.Namespace) -> Iterator[Source]:
+def _url_list(args: argparse.Namespace, say: Callable[[str], None]) -> Iterator[Source]:
     """Yield the input to run on: the user's list or files, or the demo server's."""
     if args.input_dir is not None:
         if args.urls is not None or args.demo:
@@ -350,67 +480,244 @@ def _url_list(args: argparse.Namespace) -> Iterator[Source]:
 
     if args.urls is not None:
         raise InputError("--demo serves its own URL list; give no file with it")
-    sys.stderr.write(f"demo: preparing {args.demo_count} sample images...\n")
+    say(f"demo: preparing {args.demo_count} sample images...")
     corpus = default_corpus(args.demo_count)
     with DemoServer(corpus, latency=args.demo_latency) as server:
         args.out.mkdir(parents=True, exist_ok=True)
         url_list = server.write_url_list(args.out / "demo-urls.txt")
-        sys.stderr.write(f"demo: serving {corpus} at {server.base_url}\n")
+        say(f"demo: serving {corpus} at {server.base_url}")
         yield str(url_list)
 
 
-def _run(args: argparse.Namespace, settings: Settings, stderr: IO[str]) -> int:
-    tally = Tally()
-    cancel = Cancellation()
-    usage = Usage()
-    disable = True if args.no_progress else None
-    with _url_list(args) as source, Bars(file=stderr, disable=disable) as bars:
-        results = iter_results(
-            source, settings, events=bars, cancel=cancel, usage=usage
-        )
-        for outcome in results:
-            tally.add(outcome)
-            bars.outcome(outcome)
-    summary = tally.summary(
-        interrupted=cancel.is_set(), worker_cpu_s=usage.worker_cpu_s
+def _log_level(args: argparse.Namespace) -> int:
+    if args.quiet:
+        return logging.ERROR
+    return logging.INFO if args.verbose else logging.WARNING
+
+
+@contextlib.contextmanager
+def _console_log(level: int, stderr: IO[str]) -> Iterator[BarsHandler]:
+    """Print the ``downloader`` logger's messages at ``level`` and above on stderr.
+
+    The handler's ``target`` can be pointed at ``Bars.write`` while bars are drawn.
+    """
+    handler = BarsHandler(lambda line: print(line, file=stderr, flush=True))
+    previous = _log.level
+    _log.setLevel(level)
+    _log.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        _log.removeHandler(handler)
+        _log.setLevel(previous)
+
+
+@contextlib.contextmanager
+def _events_to(handler: BarsHandler, write: Callable[[str], None]) -> Iterator[None]:
+    saved = handler.target
+    handler.target = write
+    try:
+        yield
+    finally:
+        handler.target = saved
+
+
+def _describe(settings: Settings) -> str:
+    """One line of the settings that shape a run (header names, never values)."""
+    http, image = settings.http, settings.image
+    headers = ", ".join(name for name, _ in http.headers) or "none"
+    boxes = ", ".join(f"{w}x{h}" for w, h in image.boxes) or "original size"
+    return (
+        f"mode {settings.mode.value}: {settings.threads} threads, "
+        f"{settings.procs} processes, out {settings.out}; download: timeout "
+        f"{http.timeout:g}s, deadline {http.deadline:g}s, retries {http.retries}, "
+        f"max {http.max_bytes:,} bytes, {http.per_host} per host, TLS verify "
+        f"{'on' if http.verify else 'OFF'}, block-private "
+        f"{'on' if http.block_private else 'off'}, extra headers: {headers}; "
+        f"images: {image.resize.value} {boxes}, {image.format.value} "
+        f"q{image.quality}"
     )
-    print_summary(summary, out_dir=str(settings.out), file=stderr)
+
+
+def _open_events(args: argparse.Namespace) -> EventStream | None:
+    if args.events is None:
+        return None
+    try:
+        return EventStream.open(args.events)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write events to {args.events}: {exc.strerror or exc}"
+        ) from exc
+
+
+def _print_json(value: dict[str, Any]) -> None:
+    print(json.dumps(value, indent=1, ensure_ascii=False), file=sys.stdout)
+
+
+def _finish(
+    args: argparse.Namespace,
+    summary: Summary,
+    settings: Settings,
+    stream: EventStream | None,
+    stderr: IO[str],
+) -> None:
+    figures = summary_json(summary, out_dir=str(settings.out))
+    if stream is not None:
+        stream.note("summary", figures)
+    if args.json:
+        _print_json(figures)
+    elif not args.quiet:
+        print_summary(summary, out_dir=str(settings.out), file=stderr)
+
+
+def _run(
+    args: argparse.Namespace,
+    settings: Settings,
+    log: BarsHandler,
+    stderr: IO[str],
+) -> int:
+    cancel = Cancellation()
+    with contextlib.ExitStack() as stack:
+        stream = _open_events(args)
+        if stream is not None:
+            stack.enter_context(stream)
+            stream.note("start", _start_fields(settings))
+        summary = _run_with_bars(args, settings, log, stream, cancel, stderr)
+        _finish(args, summary, settings, stream, stderr)
     if summary.interrupted:
-        stderr.write(f"{cancel.reason}; rerun the same command to finish the job\n")
+        _log.warning("%s; rerun the same command to finish the job", cancel.reason)
         return EXIT_INTERRUPTED
     return EXIT_FAILED if summary.counts[Status.FAILED] else EXIT_OK
 
 
+def _run_with_bars(
+    args: argparse.Namespace,
+    settings: Settings,
+    log: BarsHandler,
+    stream: EventStream | None,
+    cancel: Cancellation,
+    stderr: IO[str],
+) -> Summary:
+    """Run with bars drawn (and log lines above them); return the totals."""
+    tally = Tally()
+    usage = Usage()
+    disable = True if args.no_progress or args.quiet else None
+    with (
+        _url_list(args, _sayer(args, stderr)) as source,
+        Bars(file=stderr, disable=disable) as bars,
+        _events_to(log, bars.write),
+    ):
+        events: Events = bars if stream is None else fan_out(bars, stream)
+        _log.info("%s", _describe(settings))
+        for outcome in iter_results(
+            source, settings, events=events, cancel=cancel, usage=usage
+        ):
+            tally.add(outcome)
+            bars.outcome(outcome)
+            if stream is not None:
+                stream.outcome(outcome)
+            if outcome.status is Status.FAILED:
+                _log.info("failed %s: %s", outcome.url, outcome.error)
+    return tally.summary(interrupted=cancel.is_set(), worker_cpu_s=usage.worker_cpu_s)
+
+
+def _start_fields(settings: Settings) -> dict[str, Any]:
+    return {
+        "version": VERSION,
+        "mode": settings.mode.value,
+        "out": str(settings.out),
+        "threads": settings.threads,
+        "procs": settings.procs,
+        "insecure": not settings.http.verify,
+    }
+
+
+def _sayer(args: argparse.Namespace, stderr: IO[str]) -> Callable[[str], None]:
+    """Print a progress note on stderr, unless --quiet."""
+
+    def say(message: str) -> None:
+        if not args.quiet:
+            print(message, file=stderr, flush=True)
+
+    return say
+
+
 def _run_compare(args: argparse.Namespace, settings: Settings, stderr: IO[str]) -> int:
     from downloader.compare import DEFAULT_MODES, compare  # only --compare needs it
-    from downloader.report import print_comparison
+    from downloader.report import comparison_json, print_comparison
 
     cancel = Cancellation()
-    with _url_list(args) as source:
+    with _url_list(args, _sayer(args, stderr)) as source:
         comparison = compare(
-            source, settings, args.modes or DEFAULT_MODES, cancel=cancel, log=stderr
+            source,
+            settings,
+            args.modes or DEFAULT_MODES,
+            cancel=cancel,
+            log=None if args.quiet else stderr,
         )
-    print_comparison(comparison, file=sys.stdout)
-    stderr.write(f"comparison written to {settings.out}/comparison.json and .png\n")
+    if args.json:
+        _print_json(comparison_json(comparison))
+    else:
+        print_comparison(comparison, file=sys.stdout)
+    _sayer(args, stderr)(
+        f"comparison written to {settings.out}/comparison.json and .png"
+    )
     if cancel.is_set():
         return EXIT_INTERRUPTED
     return EXIT_OK if comparison.ok else EXIT_FAILED
 
 
+def _run_dry(args: argparse.Namespace, settings: Settings, stderr: IO[str]) -> int:
+    from downloader.dryrun import dry_run, dry_run_json, print_plan
+
+    if args.demo:
+        raise InputError("--dry-run checks your list; --demo makes its own")
+    with _url_list(args, _sayer(args, stderr)) as source:
+        plan = dry_run(source, settings)
+    if args.json:
+        _print_json(dry_run_json(plan))
+    else:
+        print_plan(plan, file=sys.stdout)
+    return EXIT_OK if plan.ok else EXIT_FAILED
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    """Refuse flags that cannot go together (a usage error, exit 2)."""
+    if args.modes is not None and not args.compare:
+        raise InputError("--modes goes with --compare (use --mode for one run)")
+    if args.events is not None and (args.compare or args.dry_run):
+        other = "--compare" if args.compare else "--dry-run"
+        raise InputError(f"--events records one run; it does not go with {other}")
+    if args.dry_run and args.compare:
+        raise InputError("--dry-run and --compare do not go together")
+    if args.events == "-" and args.json:
+        raise InputError("--events - and --json both write to stdout; name a file")
+
+
+def _dispatch(args: argparse.Namespace, log: BarsHandler) -> int:
+    _check_combinations(args)
+    settings = _settings(args)
+    if args.dry_run:
+        return _run_dry(args, settings, sys.stderr)
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    if args.compare:
+        return _run_compare(args, settings, sys.stderr)
+    return _run(args, settings, log, sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit code."""
-    parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        args = parse_args(_parser(), argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except InputError as exc:  # the config file
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     try:
-        settings = _settings(args)
-        if args.compare:
-            return _run_compare(args, settings, sys.stderr)
-        if args.modes is not None:
-            raise InputError("--modes goes with --compare (use --mode for one run)")
-        return _run(args, settings, sys.stderr)
+        with _console_log(_log_level(args), sys.stderr) as log:
+            return _dispatch(args, log)
     except DownloaderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -16,6 +16,15 @@ as they like, sharing one client (``make_client``) and one ``HostLimiter``.
 ``AsyncHostLimiter``, the body written with aiofiles). Both drive one sans-IO core,
 ``_Attempts`` (retries, backoff, deadline, result) with ``_Hops`` (redirect checks) and
 ``_BodyReader`` (size caps, decoding, hashing, truncation); only the I/O differs.
+
+With ``HttpSettings.block_private`` every request, first hop, redirect hop and retry
+alike, is preceded by a lookup of its host (``socket.getaddrinfo``, or the event loop's
+in asyncio), and refused if any address it resolves to is internal (see
+``blocked_address_kind``). Limits of that check: httpx resolves the name again when it
+connects, so a DNS server that answers differently the second time (DNS rebinding)
+can still steer a connection to an internal address; with a proxy from the
+environment the proxy connects, and only the URL's own host is checked. It guards
+against lists and redirects that name internal hosts, not against a hostile resolver.
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import hashlib
+import ipaddress
 import os
 import random
+import socket
 import threading
 import time
 import zlib
@@ -48,7 +59,9 @@ __all__ = [
     "CHUNK",
     "AsyncHostLimiter",
     "HostLimiter",
+    "Resolve",
     "StopFlag",
+    "blocked_address_kind",
     "fetch",
     "fetch_async",
     "make_async_client",
@@ -237,14 +250,19 @@ def fetch(
     hosts: HostLimiter,
     on_bytes: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    resolve: Resolve | None = None,
 ) -> Fetched:
     """Download ``job.url`` to ``tmp_dir/<stem>.part``, retrying transient failures.
+
+    ``resolve`` replaces ``socket.getaddrinfo`` for the ``block_private`` check (a
+    test knob, like ``clock``).
 
     Raises:
         FetchError: the URL failed (``reason`` says why); nothing is left on disk.
         OutputError: the ``.part`` file could not be written; the run should stop.
     """
-    attempts = _Attempts(job, http, tmp_dir, cancel, hosts, on_bytes, clock)
+    guard = _AddressGuard(http.block_private, resolve)
+    attempts = _Attempts(job, http, tmp_dir, cancel, hosts, on_bytes, clock, guard)
     download = _Download(attempts, client, hosts, cancel)
     with attempts.cleanup():
         return download.run()
@@ -260,6 +278,7 @@ async def fetch_async(
     hosts: AsyncHostLimiter,
     on_bytes: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    resolve: Resolve | None = None,
 ) -> Fetched:
     """``fetch`` for asyncio: the same rules, the body written with aiofiles.
 
@@ -267,10 +286,134 @@ async def fetch_async(
         FetchError: the URL failed (``reason`` says why); nothing is left on disk.
         OutputError: the ``.part`` file could not be written; the run should stop.
     """
-    attempts = _Attempts(job, http, tmp_dir, stop, hosts, on_bytes, clock)
+    guard = _AddressGuard(http.block_private, resolve)
+    attempts = _Attempts(job, http, tmp_dir, stop, hosts, on_bytes, clock, guard)
     download = _AsyncDownload(attempts, client, hosts, stop)
     with attempts.cleanup():
         return await download.run()
+
+
+Resolve = Callable[[str, int], list[str]]
+"""Host and port → every address a connection to them could use."""
+
+_BLOCKED_V4 = tuple(
+    (ipaddress.IPv4Network(network), kind)
+    for network, kind in (
+        # Most specific first: the first match names the kind.
+        ("169.254.169.254/32", "cloud metadata"),
+        ("0.0.0.0/8", "unspecified"),
+        ("127.0.0.0/8", "loopback"),
+        ("10.0.0.0/8", "private"),
+        ("172.16.0.0/12", "private"),
+        ("192.168.0.0/16", "private"),
+        ("100.64.0.0/10", "carrier-grade NAT"),
+        ("169.254.0.0/16", "link-local"),
+        ("192.0.0.0/24", "IETF protocol assignments"),
+        ("198.18.0.0/15", "benchmarking"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved"),
+    )
+)
+_BLOCKED_V6 = tuple(
+    (ipaddress.IPv6Network(network), kind)
+    for network, kind in (
+        ("fd00:ec2::254/128", "cloud metadata"),
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("::/96", "IPv4-compatible"),
+        ("fc00::/7", "private"),
+        ("fe80::/10", "link-local"),
+        ("fec0::/10", "site-local"),
+        ("ff00::/8", "multicast"),
+    )
+)
+# NAT64 (RFC 6052): the last 32 bits are the IPv4 address a gateway connects to.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def blocked_address_kind(
+    address: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> str | None:
+    """Return why ``--block-private`` refuses ``address`` (e.g. "loopback"), or None.
+
+    Refused: loopback, private (RFC 1918, ULA ``fc00::/7``), link-local, carrier-grade
+    NAT (``100.64.0.0/10``), unspecified, multicast, reserved, and cloud metadata
+    addresses (``169.254.169.254``, ``fd00:ec2::254``); an IPv4 address inside IPv6
+    (``::ffff:127.0.0.1``, NAT64, 6to4) is judged by its IPv4 part.
+
+    Raises:
+        ValueError: ``address`` is not an IP address.
+    """
+    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return blocked_address_kind(embedded)
+        return next((kind for net, kind in _BLOCKED_V6 if ip in net), None)
+    return next((kind for net, kind in _BLOCKED_V4 if ip in net), None)
+
+
+def _getaddrinfo(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+class _AddressGuard:
+    """The ``block_private`` check: look a URL's host up and refuse internal addresses.
+
+    The address the OS resolves a host to is judged, so numeric spellings such as
+    ``2130706433`` or ``0x7f.1`` are caught as the 127.0.0.1 they connect to.
+    """
+
+    def __init__(self, enabled: bool, resolve: Resolve | None) -> None:
+        self.enabled = enabled
+        self._resolve = resolve
+
+    def check(self, url: httpx.URL, host_key: str) -> None:
+        """Raise ``FetchError`` if ``url``'s host resolves to a refused address."""
+        if not self.enabled:
+            return
+        host, port = _lookup_target(url)
+        try:
+            addresses = (self._resolve or _getaddrinfo)(host, port)
+        except (OSError, UnicodeError) as exc:
+            raise _unresolvable(host, host_key, exc) from exc
+        _refuse_blocked(addresses)
+
+    async def check_async(self, url: httpx.URL, host_key: str) -> None:
+        """``check`` for asyncio: the lookup runs in the event loop's resolver."""
+        if not self.enabled:
+            return
+        if self._resolve is not None:
+            self.check(url, host_key)
+            return
+        host, port = _lookup_target(url)
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise _unresolvable(host, host_key, exc) from exc
+        _refuse_blocked([str(info[4][0]) for info in infos])
+
+
+def _lookup_target(url: httpx.URL) -> tuple[str, int]:
+    """The host (IDNA-encoded, as httpx connects to it) and port of ``url``."""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return url.raw_host.decode("ascii"), port
+
+
+def _refuse_blocked(addresses: list[str]) -> None:
+    for address in addresses:
+        kind = blocked_address_kind(address)
+        if kind is not None:
+            raise FetchError(f"blocked address {address} ({kind}, --block-private)")
+
+
+def _unresolvable(host: str, host_key: str, exc: Exception) -> _Transient:
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+    return _Transient(f"cannot connect: cannot resolve {host}: {detail}", host=host_key)
 
 
 class _Transient(FetchError):
@@ -324,8 +467,10 @@ class _Attempts:
         hosts: _HostBackoff,
         on_bytes: Callable[[int], None] | None,
         clock: Callable[[], float],
+        guard: _AddressGuard,
     ) -> None:
         self.job, self.http, self.stop, self.hosts = job, http, stop, hosts
+        self.guard = guard
         self.path = tmp_dir / f"{job.stem}.part"
         self.on_bytes, self.clock = on_bytes, clock
         self.started = clock()
@@ -399,6 +544,7 @@ class _Attempts:
             http_status=200,
             attempts=self.count,
             elapsed=self.clock() - self.started,
+            insecure=not self.http.verify,
         )
 
 
@@ -527,16 +673,19 @@ class _Download:
     def _request(self, url: httpx.URL) -> _Body | str:
         """Send one GET; return the saved body, or the ``Location`` of a redirect."""
         host = _host_key(url)
-        with (
-            _translated(url, host, self.attempts) as received,
-            self.hosts.slot(host, self.cancel),
-        ):
-            self.attempts.check_running(host)
-            with self.client.stream("GET", url) as response:
-                location = _check_status(response, host, self.attempts.http.max_backoff)
-                if location is not None:
-                    return location
-                return self._save(response, str(url), received)
+        with _translated(url, host, self.attempts) as received:
+            self.attempts.guard.check(url, host)
+            with self.hosts.slot(host, self.cancel):
+                return self._send(url, host, received)
+
+    def _send(self, url: httpx.URL, host: str, received: _Received) -> _Body | str:
+        """Send the GET once a host slot is held."""
+        self.attempts.check_running(host)
+        with self.client.stream("GET", url) as response:
+            location = _check_status(response, host, self.attempts.http.max_backoff)
+            if location is not None:
+                return location
+            return self._save(response, str(url), received)
 
     def _save(self, response: httpx.Response, url: str, received: _Received) -> _Body:
         reader = self.attempts.body_reader(response, received)
@@ -585,6 +734,7 @@ class _AsyncDownload:
         """Send one GET; return the saved body, or the ``Location`` of a redirect."""
         host = _host_key(url)
         with _translated(url, host, self.attempts) as received:
+            await self.attempts.guard.check_async(url, host)
             async with self.hosts.slot(host, self.stop):
                 self.attempts.check_running(host)
                 async with self.client.stream("GET", url) as response:

@@ -2,23 +2,40 @@
 
 Stages report small ``ProgressEvent`` records: download threads call the sink directly,
 worker processes send them over their Pipe and the scheduler forwards them. ``Bars``
-turns them into two live bars; ``EventLog`` keeps them for the comparison timeline.
+turns them into two live bars; ``EventLog`` keeps them for the comparison timeline;
+``EventStream`` writes them as JSON lines for other programs (``--events``), and
+``BarsHandler`` sends the ``downloader`` logger's messages above the bars.
 """
 
 from __future__ import annotations
 
 import enum
+import json
+import logging
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import IO, Protocol
+from pathlib import Path
+from typing import IO, Any, Protocol
 
 from tqdm import tqdm
 
 from downloader.records import Outcome, Stage, Status
 
-__all__ = ["Bars", "EventKind", "EventLog", "Events", "ProgressEvent", "fan_out"]
+__all__ = [
+    "Bars",
+    "BarsHandler",
+    "EventKind",
+    "EventLog",
+    "EventStream",
+    "Events",
+    "ProgressEvent",
+    "fan_out",
+]
+
+_log = logging.getLogger("downloader")
 
 
 class EventKind(enum.Enum):
@@ -90,6 +107,8 @@ class Bars:
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         common = {"file": file, "disable": disable, "mininterval": mininterval}
+        # tqdm draws on stderr by default but writes messages to stdout by default.
+        self._file = file if file is not None else sys.stderr
         self._download = tqdm(
             total=total, desc="download", unit="file", position=0, **common
         )
@@ -134,7 +153,8 @@ class Bars:
     def write(self, message: str) -> None:
         """Print a line above the bars without breaking them."""
         with self._lock:
-            self._download.write(message, file=self._download.fp)
+            # A disabled bar has no fp of its own; tqdm.write still works.
+            self._download.write(message, file=self._file)
 
     def close(self) -> None:
         """Draw the final state and release the terminal lines."""
@@ -147,3 +167,147 @@ class Bars:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class BarsHandler(logging.Handler):
+    """A logging handler that prints each record through ``write`` (``Bars.write``).
+
+    Messages then appear above the bars instead of breaking them. Warnings and errors
+    are prefixed with their level (``warning: ...``); info lines are printed as is.
+    """
+
+    def __init__(self, write: Callable[[str], None], level: int = logging.NOTSET):
+        super().__init__(level)
+        self.target = write
+        """Where lines go; the CLI points it at ``Bars.write`` while bars are drawn."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Print one record."""
+        try:
+            message = self.format(record)
+            if record.levelno >= logging.WARNING:
+                message = f"{record.levelname.lower()}: {message}"
+            self.target(message)
+        # The logging contract: a handler does not raise; handleError reports it.
+        except (OSError, ValueError, TypeError):
+            self.handleError(record)
+
+
+class EventStream:
+    """Write progress events and results as JSON lines, one flushed line each.
+
+    Every line is an object with ``"type"`` and ``"time"`` (Unix seconds):
+
+    - ``started`` / ``finished``: one item entering or leaving a stage, with
+      ``stage`` (download, transform), ``index`` (the item's position among the
+      list's unique URLs, from 0) and ``lane`` (thread-N, task-N, proc-N); a download's
+      ``finished`` line has ``bytes``, the bytes received;
+    - ``result``: one per input, as its manifest record (``url``, ``status``,
+      ``error``, ``path``, ...), written by ``outcome()``;
+    - anything a caller adds with ``note()`` (the CLI adds ``start`` and ``summary``).
+
+    A sink for ``events=`` (safe from any thread). If writing fails (a closed pipe, a
+    full disk) the stream stops writing, logs one warning and keeps the reason in
+    ``error``; the run goes on.
+    """
+
+    def __init__(
+        self,
+        file: IO[str],
+        *,
+        close_file: bool = False,
+        clock: Callable[[], float] = time.perf_counter,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._file: IO[str] | None = file
+        self._close_file = close_file
+        # Event times are perf_counter readings (comparable across processes);
+        # this offset turns them into Unix time for readers.
+        self._offset = wall_clock() - clock()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._bytes: dict[int, int] = {}
+        self.error: str | None = None
+
+    @classmethod
+    def open(cls, target: str | Path) -> EventStream:
+        """Open ``target`` for writing (replacing it); ``"-"`` means standard output.
+
+        Raises:
+            OSError: the file cannot be created.
+        """
+        if str(target) == "-":
+            return cls(sys.stdout)
+        # Line buffered: each event reaches the file as soon as it is written.
+        file = open(target, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
+        return cls(file, close_file=True)
+
+    def __call__(self, event: ProgressEvent, /) -> None:
+        """Write a started/finished event; add up byte counts for the finished one."""
+        if event.kind is EventKind.BYTES:
+            with self._lock:
+                self._bytes[event.index] = (
+                    self._bytes.get(event.index, 0) + event.nbytes
+                )
+            return
+        line: dict[str, Any] = {
+            "type": event.kind.value,
+            "time": self._unix(event.time),
+            "stage": event.stage.value,
+            "index": event.index,
+            "lane": event.lane,
+        }
+        if event.kind is EventKind.FINISHED and event.stage is Stage.DOWNLOAD:
+            with self._lock:
+                line["bytes"] = self._bytes.pop(event.index, 0)
+        self._write(line)
+
+    def outcome(self, outcome: Outcome) -> None:
+        """Write the ``result`` line of one finished input."""
+        self._write(
+            {"type": "result", "time": self._unix(self._clock()), **outcome.to_json()}
+        )
+
+    def note(self, kind: str, fields: Mapping[str, Any]) -> None:
+        """Write a line of type ``kind`` with ``fields`` (e.g. the run's summary)."""
+        self._write({"type": kind, "time": self._unix(self._clock()), **fields})
+
+    def close(self) -> None:
+        """Flush, and close the file if this stream opened it (idempotent)."""
+        with self._lock:
+            file, self._file = self._file, None
+            if file is None:
+                return
+            try:
+                file.flush()
+                if self._close_file:
+                    file.close()
+            except OSError as exc:
+                self._failed(exc)
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _unix(self, moment: float) -> float:
+        return round(moment + self._offset, 6)
+
+    def _write(self, line: Mapping[str, Any]) -> None:
+        text = json.dumps(line, ensure_ascii=False) + "\n"
+        with self._lock:
+            if self.error is not None:
+                return
+            if self._file is None:
+                raise RuntimeError("EventStream is closed")
+            try:
+                self._file.write(text)
+                self._file.flush()
+            except (OSError, ValueError) as exc:  # ValueError: closed by someone else
+                self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        if self.error is None:
+            self.error = f"cannot write events: {exc}"
+            _log.warning("%s; no more events are written", self.error)

@@ -64,6 +64,8 @@ class Fetched:
     """None for a local file."""
     attempts: int
     elapsed: float
+    insecure: bool = False
+    """Fetched with TLS certificate verification off (``--insecure``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +93,8 @@ class Outcome:
     error: str | None = None
     """Why it failed (failed records only)."""
     note: str | None = None
-    """Why it was skipped (skipped records only)."""
+    """Why it was skipped; for an ok record, where its output came from when that
+    was not this URL's own download (``same content as …``, a kept original)."""
     stage: Stage | None = None
     """For a failure, the stage where it happened."""
     bytes: int | None = None
@@ -107,6 +110,12 @@ class Outcome:
     """Outputs besides ``path`` (one per extra size), relative to the output folder."""
     extra: tuple[tuple[str, str], ...] | None = None
     """The input row's other columns; the manifest writes them as an object."""
+    insecure: bool | None = None
+    """True when the body was fetched with TLS verification off (``--insecure``)."""
+    original: str | None = None
+    """The kept download (``--keep-originals``), relative to the output folder."""
+    settings: str | None = None
+    """Fingerprint of the settings that decide the output files (ok records)."""
 
     @property
     def ok(self) -> bool:
@@ -139,7 +148,14 @@ class Outcome:
         return cls(**values)
 
     @classmethod
-    def success(cls, fetched: Fetched, transformed: Transformed) -> Outcome:
+    def success(
+        cls,
+        fetched: Fetched,
+        transformed: Transformed,
+        *,
+        original: str | None = None,
+        note: str | None = None,
+    ) -> Outcome:
         """Combine both stages' records of one URL into an ``ok`` record."""
         job = fetched.job
         return cls(
@@ -158,6 +174,9 @@ class Outcome:
             transform_s=round(transformed.elapsed, 4),
             outputs=transformed.outputs or None,
             extra=job.extra or None,
+            insecure=fetched.insecure or None,
+            original=original,
+            note=note,
         )
 
     @classmethod
@@ -190,6 +209,7 @@ class Outcome:
                 download_s=round(fetched.elapsed, 4),
                 transform_s=None if transform_s is None else round(transform_s, 4),
                 extra=job.extra or None,
+                insecure=fetched.insecure or None,
             )
         return cls(
             url=job.url,

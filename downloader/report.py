@@ -35,6 +35,7 @@ __all__ = [
     "draw_comparison",
     "print_comparison",
     "print_summary",
+    "summary_json",
 ]
 
 # How many distinct failure reasons the summary lists before "and N more".
@@ -143,6 +144,23 @@ def print_summary(summary: Summary, *, out_dir: str, file: IO[str]) -> None:
     print(f"  results in {out_dir} (manifest.jsonl", end="", file=file)
     failed = summary.counts.get(Status.FAILED, 0)
     print(", failed.txt)" if failed else ")", file=file)
+
+
+def summary_json(summary: Summary, *, out_dir: str) -> dict[str, Any]:
+    """The totals of a run as plain JSON types (what ``--json`` prints)."""
+    return {
+        "counts": {status.value: n for status, n in summary.counts.items()},
+        "total": summary.total,
+        "bytes": summary.bytes_downloaded,
+        "images": summary.images,
+        "wall_s": round(summary.wall_s, 4),
+        "cpu_s": round(summary.cpu_s, 4),
+        "images_per_s": round(summary.images_per_s, 3),
+        "megabytes_per_s": round(summary.megabytes_per_s, 3),
+        "interrupted": summary.interrupted,
+        "failure_reasons": dict(summary.failure_reasons),
+        "out": out_dir,
+    }
 
 
 # --------------------------------------------------------------------- comparison

@@ -21,6 +21,7 @@ __all__ = [
     "ImageFormat",
     "ImageSpec",
     "Mode",
+    "NameBy",
     "ResizeMode",
     "Settings",
     "box_label",
@@ -60,6 +61,20 @@ class ImageFormat(enum.Enum):
         return "jpg" if self is ImageFormat.JPEG else self.value
 
 
+class NameBy(enum.Enum):
+    """What output files are named after; ``.value`` is what ``--name-by`` accepts."""
+
+    URL = "url"
+    """A safe stem made from the URL (or the list's ``name`` column)."""
+    SHA256 = "sha256"
+    """The first ``SHA256_STEM_DIGITS`` hex digits of the body's SHA-256; bodies with
+    the same content are transformed once."""
+
+
+# 16 hex digits = 64 bits: a chance collision needs about 4 billion distinct bodies.
+SHA256_STEM_DIGITS = 16
+
+
 class ResizeMode(enum.Enum):
     """How an image is brought to a box; ``.value`` is what ``--resize`` accepts."""
 
@@ -73,6 +88,9 @@ class ResizeMode(enum.Enum):
     """Keep the pixel size (the image is still oriented and re-encoded)."""
 
 
+# RFC 9110 token characters; a value must not break the header block.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE_FORBIDDEN = re.compile(r"[\r\n\x00]")
 # module:function, where function may be a dotted path (a class's static method).
 _CALLABLE_REF = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
 
@@ -152,7 +170,12 @@ class HttpSettings:
     """... when measured over this many seconds."""
     user_agent: str = USER_AGENT
     headers: tuple[tuple[str, str], ...] = ()
+    """Extra request headers (name, value); they replace defaults of the same name."""
     verify: bool = True
+    """Verify TLS certificates; False (``--insecure``) is recorded in the manifest."""
+    block_private: bool = False
+    """Refuse hosts that resolve to loopback, private, link-local or metadata
+    addresses, on every redirect hop too (``--block-private``)."""
 
     def __post_init__(self) -> None:
         _require(self.timeout > 0, "timeout must be greater than 0")
@@ -165,6 +188,18 @@ class HttpSettings:
         _require(self.per_host > 0, "per_host must be greater than 0")
         _require(self.min_speed >= 0, "min_speed must be 0 or more")
         _require(self.speed_window > 0, "speed_window must be greater than 0")
+        # Accept any iterable of pairs (a list from a caller, a dict's items).
+        pairs = tuple((name, value) for name, value in self.headers)
+        object.__setattr__(self, "headers", pairs)
+        for name, value in self.headers:
+            _require(
+                _HEADER_NAME.fullmatch(name) is not None,
+                f"header name {name!r} is not a valid HTTP token",
+            )
+            _require(
+                _HEADER_VALUE_FORBIDDEN.search(value) is None,
+                f"header {name!r} has a line break or NUL in its value",
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -251,6 +286,11 @@ class Settings:
     procs: int = field(default_factory=_default_procs)
     force: bool = False
     """Redo URLs that the manifest in ``out`` already records as ok."""
+    name_by: NameBy = NameBy.URL
+    """Name outputs after the URL or after the body's SHA-256 (``--name-by``)."""
+    keep_originals: bool = False
+    """Keep each download under ``out/originals/`` (``--keep-originals``); a rerun
+    with other image settings then works from them instead of downloading again."""
     item_timeout: float = 120.0
     """Seconds one image may take in a worker before that worker is replaced."""
     max_tasks_per_worker: int = 1000

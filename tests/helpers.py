@@ -65,6 +65,10 @@ class LocalHandler(CorpusHandler):
         route = self.ROUTES.get(head)
         server = self.server
         assert isinstance(server, LocalServer)
+        with server.lock:
+            server.request_headers.append(
+                {name.lower(): value for name, value in self.headers.items()}
+            )
         with server.tracking(path):
             if route is None:
                 super().do_GET()
@@ -264,6 +268,8 @@ class LocalServer(CorpusServer):
         self.max_active = 0
         self.log: list[tuple[str, float]] = []
         """(path, arrival time) of every request, in order."""
+        self.request_headers: list[dict[str, str]] = []
+        """The headers (names lowercased) of every request, in order."""
 
     @contextlib.contextmanager
     def tracking(self, path: str) -> Iterator[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import random
@@ -23,7 +24,17 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from downloader.errors import FetchError, OutputError
-from downloader.fetch import CHUNK, HostLimiter, fetch, make_client
+from downloader.fetch import (
+    CHUNK,
+    AsyncHostLimiter,
+    HostLimiter,
+    Resolve,
+    blocked_address_kind,
+    fetch,
+    fetch_async,
+    make_async_client,
+    make_client,
+)
 from downloader.records import Fetched, Job
 from downloader.settings import HttpSettings
 
@@ -248,6 +259,10 @@ class Handler(BaseHTTPRequestHandler):
     def route_empty(self) -> None:
         self.send_body(b"")
 
+    def route_to_host(self, host: str) -> None:
+        port = self.server.server_address[1]
+        self.redirect(f"http://{host}:{port}/ok/10?{self.query}")
+
 
 class Site:
     """One test's view of the server: URLs tagged with a token, and their requests."""
@@ -321,6 +336,7 @@ def download(
     hosts: HostLimiter | None = None,
     on_bytes: Callable[[int], None] | None = None,
     stem: str = "item",
+    resolve: Resolve | None = None,
 ) -> Fetched:
     with make_client(http, threads=4) as client:
         return fetch(
@@ -331,6 +347,7 @@ def download(
             cancel=cancel or threading.Event(),
             hosts=hosts or HostLimiter(http.per_host),
             on_bytes=on_bytes,
+            resolve=resolve,
         )
 
 
@@ -771,3 +788,140 @@ def test_fetch_error_keeps_final_url(site: Site, tmp_path: Path) -> None:
 
     assert error.reason == "larger than --max-bytes (5 bytes): Content-Length 10"
     assert error.final_url == f"http://{site.host}/ok/10"
+
+
+# ------------------------------------------------------------- --block-private
+
+BLOCKING = replace(FAST, block_private=True, retries=0)
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.255.0.9", "loopback"),
+        ("::1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("172.31.255.255", "private"),
+        ("192.168.0.1", "private"),
+        ("fd12:3456::1", "private"),
+        ("100.64.0.1", "carrier-grade NAT"),
+        ("169.254.1.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("fe80::1%lo", "link-local"),
+        ("169.254.169.254", "cloud metadata"),
+        ("fd00:ec2::254", "cloud metadata"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("224.0.0.251", "multicast"),
+        ("ff02::1", "multicast"),
+        ("255.255.255.255", "reserved"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("::ffff:169.254.169.254", "cloud metadata"),
+        ("64:ff9b::a00:1", "private"),
+        ("2002:c0a8:101::1", "private"),
+        ("8.8.8.8", None),
+        ("172.32.0.1", None),
+        ("100.128.0.1", None),
+        ("2606:4700:4700::1111", None),
+        ("::ffff:8.8.8.8", None),
+    ],
+)
+def test_address_classifier(address: str, kind: str | None) -> None:
+    """Literal addresses are judged without any lookup; mapped IPv4 by its IPv4."""
+    assert blocked_address_kind(address) == kind
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "localhost", "2130706433", "0x7f.1", "127.1", "017700000001"]
+)
+def test_block_private_refuses_loopback_in_every_spelling(
+    site: Site, tmp_path: Path, host: str
+) -> None:
+    """Names and numeric forms that reach 127.0.0.1 fail unsent, without retries."""
+    url = site.url("/ok/10").replace("127.0.0.1", host)
+
+    error = failure(url, tmp_path, BLOCKING)
+
+    assert error.reason == "blocked address 127.0.0.1 (loopback, --block-private)"
+    assert error.attempts == 1
+    assert site.hits() == 0
+
+
+def test_block_private_refuses_mapped_ipv6(tmp_path: Path) -> None:
+    """[::ffff:127.0.0.1] is loopback, whatever its spelling."""
+    error = failure("http://[::ffff:127.0.0.1]:9/x.jpg", tmp_path, BLOCKING)
+
+    assert error.reason.startswith("blocked address ::ffff:127.0.0.1 (loopback")
+
+
+def test_block_private_is_off_by_default(site: Site, tmp_path: Path) -> None:
+    """Without the flag a loopback URL is fetched as usual."""
+    fetched = download(site.url("/ok/10"), tmp_path)
+
+    assert fetched.nbytes == 10
+
+
+def test_block_private_checks_every_redirect_hop(site: Site, tmp_path: Path) -> None:
+    """A redirect to a blocked host is refused before it is requested."""
+    # Let the first hop pass as if 127.0.0.1 were a public address (TEST-NET-3);
+    # the hop to "localhost" is looked up for real.
+    seen: list[str] = []
+
+    def resolve(host: str, port: int) -> list[str]:
+        seen.append(host)
+        return ["203.0.113.7"] if host == "127.0.0.1" else ["127.0.0.1"]
+
+    error = failure(site.url("/to-host/localhost"), tmp_path, BLOCKING, resolve=resolve)
+
+    assert error.reason == "blocked address 127.0.0.1 (loopback, --block-private)"
+    assert error.final_url is not None
+    assert "localhost" in error.final_url
+    assert seen == ["127.0.0.1", "localhost"]
+    assert site.hits("/to-host/") == 1
+    assert site.hits("/ok/") == 0
+
+
+def test_unresolvable_host_is_a_connect_failure(tmp_path: Path) -> None:
+    """A lookup that fails is reported like httpx's connect error."""
+
+    def resolve(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    error = failure("http://nowhere.invalid/x.jpg", tmp_path, BLOCKING, resolve=resolve)
+
+    assert error.reason == (
+        "cannot connect: cannot resolve nowhere.invalid: Name or service not known"
+    )
+
+
+def test_block_private_in_asyncio(site: Site, tmp_path: Path) -> None:
+    """fetch_async looks the host up in the event loop and refuses loopback too."""
+
+    async def attempt() -> FetchError:
+        async with make_async_client(BLOCKING, 1) as client:
+            with pytest.raises(FetchError) as info:
+                await fetch_async(
+                    make_job(site.url("/ok/10").replace("127.0.0.1", "localhost")),
+                    client,
+                    BLOCKING,
+                    tmp_path,
+                    stop=asyncio.Event(),
+                    hosts=AsyncHostLimiter(1),
+                )
+        return info.value
+
+    error = asyncio.run(asyncio.wait_for(attempt(), WAIT))
+
+    assert error.reason == "blocked address 127.0.0.1 (loopback, --block-private)"
+    assert site.hits() == 0
+
+
+def test_insecure_downloads_are_marked(site: Site, tmp_path: Path) -> None:
+    """With verify off the Fetched record says so (it reaches the manifest)."""
+    secure = download(site.url("/ok/10"), tmp_path, stem="a")
+    insecure = download(
+        site.url("/ok/10"), tmp_path, replace(FAST, verify=False), stem="b"
+    )
+
+    assert (secure.insecure, insecure.insecure) == (False, True)
