@@ -10,7 +10,7 @@ from downloader.errors import InputError
 from downloader.manifest import ManifestWriter, OutputFolder, PreviousRun
 from downloader.modes import RUNNERS
 from downloader.progress import Events, ignore_events
-from downloader.records import Job, Outcome
+from downloader.records import Job, Outcome, Status
 from downloader.report import RunReport, Tally
 from downloader.reuse import ContentIndex, settings_fingerprint
 from downloader.runtime import Cancellation, RunContext, Usage, cancel_on_signals
@@ -37,6 +37,12 @@ def _plan(
             if original is not None and item.local_path is None:
                 item = replace(item, local_path=str(original))
         yield item
+
+
+def _marked_insecure(outcome: Outcome) -> Outcome:
+    """Flag a record whose URL was requested with TLS verification off."""
+    requested = outcome.status is Status.OK or outcome.stage is not None
+    return replace(outcome, insecure=True) if requested else outcome
 
 
 def _not_started(plan: Iterator[Job | Outcome], reason: str) -> Iterator[Outcome]:
@@ -91,6 +97,8 @@ def iter_results(
             results = content.relay(runner(plan, settings, context, content.claim))
             try:
                 for outcome in results:
+                    if not settings.http.verify:
+                        outcome = _marked_insecure(outcome)
                     manifest.write(outcome)
                     yield outcome
             finally:

@@ -599,7 +599,6 @@ def _run_with_bars(
     stderr: IO[str],
 ) -> Summary:
     """Run with bars drawn (and log lines above them); return the totals."""
-    tally = Tally()
     usage = Usage()
     disable = True if args.no_progress or args.quiet else None
     with (
@@ -607,6 +606,8 @@ def _run_with_bars(
         Bars(file=stderr, disable=disable) as bars,
         _events_to(log, bars.write),
     ):
+        # Counted from here: the demo corpus, if any, is ready and being served.
+        tally = Tally()
         events: Events = bars if stream is None else fan_out(bars, stream)
         _log.info("%s", _describe(settings))
         for outcome in iter_results(

@@ -543,7 +543,8 @@ class DemoServer:
         """Stop the server process; calling it again does nothing."""
         self._state = _State.CLOSED
         process = self.process
-        if process is None or process.exitcode is not None:
+        # pid is None when start() itself failed: there is nothing to stop.
+        if process is None or process.pid is None or process.exitcode is not None:
             return
         process.terminate()
         process.join(timeout=CHILD_JOIN_TIMEOUT)

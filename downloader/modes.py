@@ -60,14 +60,16 @@ from downloader.itemwork import (
     transform_task,
 )
 from downloader.pipeline import mp_context, run_pipeline
-from downloader.progress import EventKind, Events
+from downloader.progress import EventKind
 from downloader.records import Fetched, Job, Outcome, Stage
 from downloader.reuse import Claim
 from downloader.runtime import RunContext, Wakeup
 from downloader.settings import Mode, NameBy, Settings
 from downloader.steps import (
+    byte_counter,
     discard,
     emit,
+    fetch_failure,
     finish_success,
     interrupted,
     passthrough,
@@ -624,18 +626,10 @@ class _AsyncRun:
                 self.context.tmp,
                 stop=self.stop,
                 hosts=self.hosts,
-                on_bytes=_byte_counter(events, job.index, lane),
+                on_bytes=byte_counter(events, job.index, lane),
             )
         except FetchError as exc:
-            return Outcome.failure(
-                job,
-                Stage.DOWNLOAD,
-                exc.reason,
-                http_status=exc.http_status,
-                attempts=exc.attempts,
-                final_url=exc.final_url,
-                download_s=time.perf_counter() - started,
-            )
+            return fetch_failure(job, exc, started)
         finally:
             emit(events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane)
 
@@ -670,13 +664,6 @@ class _AsyncRun:
             except BrokenProcessPool:
                 self.pool.replace(executor)
         return _crash_failure(fetched.job, fetched)
-
-
-def _byte_counter(events: Events, index: int, lane: str) -> Callable[[int], None]:
-    def on_bytes(nbytes: int) -> None:
-        emit(events, Stage.DOWNLOAD, EventKind.BYTES, index, lane, nbytes=nbytes)
-
-    return on_bytes
 
 
 def _relay_transform(

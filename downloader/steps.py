@@ -39,8 +39,10 @@ from downloader.transform import transform_file
 
 __all__ = [
     "ORIGINALS_NAME",
+    "byte_counter",
     "discard",
     "emit",
+    "fetch_failure",
     "fetch_step",
     "finish_success",
     "interrupted",
@@ -82,7 +84,9 @@ def emit(
     events(ProgressEvent(stage, kind, index, lane, moment, nbytes))
 
 
-def _byte_counter(events: Events, index: int, lane: str) -> Callable[[int], None]:
+def byte_counter(events: Events, index: int, lane: str) -> Callable[[int], None]:
+    """Return an ``on_bytes`` callback that reports received bytes for ``index``."""
+
     def on_bytes(nbytes: int) -> None:
         emit(events, Stage.DOWNLOAD, EventKind.BYTES, index, lane, nbytes=nbytes)
 
@@ -119,20 +123,25 @@ def fetch_step(
             context.tmp,
             cancel=context.cancel.event,
             hosts=hosts,
-            on_bytes=_byte_counter(context.events, job.index, lane),
+            on_bytes=byte_counter(context.events, job.index, lane),
         )
     except FetchError as exc:
-        return Outcome.failure(
-            job,
-            Stage.DOWNLOAD,
-            exc.reason,
-            http_status=exc.http_status,
-            attempts=exc.attempts,
-            final_url=exc.final_url,
-            download_s=time.perf_counter() - started,
-        )
+        return fetch_failure(job, exc, started)
     finally:
         emit(context.events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane)
+
+
+def fetch_failure(job: Job, error: FetchError, started: float) -> Outcome:
+    """The ``failed`` record of a download that began at ``started`` (perf_counter)."""
+    return Outcome.failure(
+        job,
+        Stage.DOWNLOAD,
+        error.reason,
+        http_status=error.http_status,
+        attempts=error.attempts,
+        final_url=error.final_url,
+        download_s=time.perf_counter() - started,
+    )
 
 
 def transform_step(

@@ -34,6 +34,7 @@ import functools
 import io
 import math
 import os
+import re
 import struct
 import time
 import warnings
@@ -195,9 +196,21 @@ def _render(src: Path, spec: ImageSpec) -> tuple[ImageFormat, list[_Rendered]]:
     except UnidentifiedImageError as exc:
         raise TransformError(_unidentified_reason(src)) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise TransformError(f"decompression bomb: {exc}") from exc
+        raise TransformError(_bomb_reason(exc, spec.max_pixels)) from exc
     except (OSError, ValueError) as exc:
         raise TransformError(_decode_failure_reason(exc)) from exc
+
+
+def _bomb_reason(exc: Exception, limit: int) -> str:
+    """Say what Pillow's own guard refused in the words of ``_refuse_bomb``.
+
+    Pillow raises from ``Image.open`` (before our own check can run) and words its
+    limit as twice ours when it raises rather than warns; only its count is kept.
+    """
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    if found is None:
+        return f"decompression bomb: {exc}"
+    return f"decompression bomb: {found.group(1)} pixels (limit {limit})"
 
 
 def _refuse_bomb(size: tuple[int, int], limit: int) -> None:

@@ -565,14 +565,17 @@ def test_tls_is_verified_unless_insecure(
 def test_insecure_from_python_is_recorded(
     server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
-    """HttpSettings(verify=False) marks each downloaded record insecure."""
+    """HttpSettings(verify=False) marks every requested URL's record, failed too."""
     http = HttpSettings(timeout=5, deadline=20, retries=0, verify=False)
     settings = fast_settings(tmp_path / "o", http=http)
+    urls = [*corpus_urls(server, corpus)[:2], f"{server.base_url}/status/404"]
 
-    report = downloader.run(corpus_urls(server, corpus)[:2], settings)
+    report = downloader.run([*urls, "not a url"], settings)
 
-    assert [r.insecure for r in report.results] == [True, True]
-    assert all(r["insecure"] is True for r in read_manifest(tmp_path / "o"))
+    by_url = {r.url: r for r in report.results}
+    assert [by_url[url].insecure for url in urls] == [True, True, True]
+    assert by_url["not a url"].insecure is None
+    assert sum(r.get("insecure") is True for r in read_manifest(tmp_path / "o")) == 3
 
 
 # ----------------------------------------------------------------- block-private

@@ -363,7 +363,7 @@ def test_a_decompression_bomb_is_refused_before_decoding(batch: Batch) -> None:
 
     assert outcome.status is Status.FAILED
     assert outcome.stage is Stage.TRANSFORM
-    assert re.fullmatch(r"decompression bomb: .*\b90000 pixels.*", str(outcome.error))
+    assert outcome.error == "decompression bomb: 90000 pixels (limit 10000)"
 
 
 def test_a_cmyk_jpeg_comes_out_as_rgb(batch: Batch) -> None:
