@@ -40,7 +40,13 @@ from downloader.settings import (
     ResizeMode,
     Settings,
 )
-from downloader.sources import InputFormat, LocalFiles, Source, UrlList
+from downloader.sources import (
+    InputFormat,
+    LocalFiles,
+    Source,
+    UrlList,
+    count_entries,
+)
 
 __all__ = ["load_settings", "main"]
 
@@ -185,6 +191,13 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="worker processes (default: cores)",
+    )
+    parser.add_argument(
+        "--download-procs",
+        type=_positive_int,
+        default=None,
+        help="processes to run the download threads in (pipeline mode; default: 1, "
+        "or one per 8 worker processes); --per-host applies to each",
     )
     parser.add_argument("--force", action="store_true", help="redo URLs already ok")
     parser.add_argument(
@@ -428,6 +441,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         out=args.out,
         mode=Mode(args.mode),
         threads=args.threads,
+        download_procs=args.download_procs,
         force=args.force,
         name_by=NameBy(args.name_by),
         keep_originals=args.keep_originals,
@@ -603,7 +617,7 @@ def _run_with_bars(
     disable = True if args.no_progress or args.quiet else None
     with (
         _url_list(args, _sayer(args, stderr)) as source,
-        Bars(file=stderr, disable=disable) as bars,
+        Bars(file=stderr, disable=disable, total=count_entries(source)) as bars,
         _events_to(log, bars.write),
     ):
         # Counted from here: the demo corpus, if any, is ready and being served.

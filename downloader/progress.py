@@ -159,8 +159,14 @@ class Bars:
     def close(self) -> None:
         """Draw the final state and release the terminal lines."""
         with self._lock:
-            self._process.close()
+            for bar in (self._download, self._process):
+                if bar.total is not None and bar.n != bar.total:
+                    # The total was an upper bound (duplicates, stopped early).
+                    bar.total = bar.n
+                    bar.refresh()
+            # Top line first, so the finished bars stay in their places.
             self._download.close()
+            self._process.close()
 
     def __enter__(self) -> Bars:
         return self

@@ -50,6 +50,7 @@ __all__ = [
     "Source",
     "UrlList",
     "check_url",
+    "count_entries",
     "local_jobs",
     "normalize_url",
     "open_source",
@@ -340,6 +341,37 @@ def local_jobs(
     if not jobs:
         raise InputError(f"no image files to process in {pattern}")
     return iter(jobs)
+
+
+def count_entries(source: Source) -> int | None:
+    """Count a list's entries cheaply, for a progress total; None when unknown.
+
+    Reads a file once more, line by line (blank lines and ``#`` comments are not
+    entries, nor a CSV/TSV header). Duplicates still count, so it is an upper bound.
+    """
+    path: str | Path | None = None
+    input_format: InputFormat | None = None
+    if isinstance(source, UrlList):
+        if isinstance(source.source, str | Path):
+            path, input_format = source.source, source.format
+    elif isinstance(source, str | Path):
+        path = source
+    elif isinstance(source, list | tuple):
+        return len(source)
+    if path is None or str(path) == "-":
+        return None
+    input_format = input_format or InputFormat.for_path(path)
+    try:
+        with open(path, "rb") as handle:
+            count = sum(
+                1
+                for raw in handle
+                if (text := raw.strip()) and not text.startswith(b"#")
+            )
+    except OSError:
+        return None
+    header = input_format in (InputFormat.CSV, InputFormat.TSV)
+    return max(0, count - 1) if header else count
 
 
 def open_source(

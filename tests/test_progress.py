@@ -43,3 +43,16 @@ def test_event_log_keeps_steps_not_bytes() -> None:
 
     assert [e.kind for e in first.events] == [EventKind.STARTED, EventKind.FINISHED]
     assert first.events == second.events
+
+
+def test_bars_end_at_what_was_done_when_the_total_was_an_upper_bound() -> None:
+    """A total counted with duplicates is lowered to the final count on close."""
+    screen = io.StringIO()
+
+    with Bars(total=5, file=screen, disable=False, mininterval=0) as bars:
+        bars(_event(Stage.DOWNLOAD, EventKind.FINISHED))
+        bars.outcome(Outcome(url="http://h/a", status=Status.OK))
+
+    text = screen.getvalue()
+    assert "1/1" in text
+    assert "100%" in text

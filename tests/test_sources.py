@@ -24,6 +24,7 @@ from downloader.sources import (
     LocalFiles,
     UrlList,
     check_url,
+    count_entries,
     local_jobs,
     normalize_url,
     open_source,
@@ -717,3 +718,18 @@ def test_open_source_reads_every_kind_of_source(tmp_path: Path) -> None:
     assert [job.local_path for job in local if isinstance(job, Job)] == [
         str((tmp_path / "pics" / "p.png").resolve())
     ]
+
+
+def test_count_entries_counts_what_a_run_would_read(tmp_path: Path) -> None:
+    """Progress total: no blanks, comments or CSV header; None when unknown."""
+    text = tmp_path / "urls.txt"
+    text.write_text("# list\nhttp://h/a\n\n  http://h/b  \n#x\nhttp://h/a\n")
+    table = tmp_path / "urls.csv"
+    table.write_text("url,name\nhttp://h/a,a\nhttp://h/b,b\n")
+
+    assert count_entries(text) == 3
+    assert count_entries(UrlList(str(table), InputFormat.CSV)) == 2
+    assert count_entries(["http://h/a", "http://h/b"]) == 2
+    assert count_entries("-") is None
+    assert count_entries(tmp_path / "missing.txt") is None
+    assert count_entries(LocalFiles(tmp_path)) is None
