@@ -12,6 +12,19 @@
                           │
                           └─► yields one Outcome per job (the caller writes manifest)
 
+With ``Settings.download_processes`` = D > 1 the download threads run in D download
+processes (``download_worker``) instead, and the main loop feeds them itself::
+
+    jobs ─► feed ─► main loop ──► inbox Queue per download process (≤ 2 per thread)
+                      ▲  │                               │
+                      │  │                               ▼
+                      │  │            D download processes, N/D threads each
+                      │  │            (own httpx.Client, own per-host limit)
+                      │  │                               │ Pipe: events, Downloaded
+                      └──┼── wait(their Pipes, sentinels) ◄─┘ (a path | failed record)
+                         │
+                         └─► claim ─► parked ─► handoff ─► inbox Queue per worker ─► …
+
 - Download threads share one ``httpx.Client``; each finished file is claimed
   (``reuse.ContentIndex``: a body already done or in progress is not transformed
   again) and handed to the worker with the fewest assigned tasks as a ``Task`` (a
@@ -25,6 +38,13 @@
 - The main loop wakes on a message, a dead worker (its sentinel) or a deadline. A dead
   worker's started item is retried once on a fresh worker, then failed; its queued items
   go to other workers; the worker is replaced.
+- Download processes (D > 1): the main loop sends a process a job only while it has
+  fewer than ``DOWNLOAD_QUEUE_PER_THREAD`` jobs per thread in flight, no downloaded file
+  is parked and a transform slot is free; files that arrive with no free slot are
+  parked in the main process until one frees. ``--per-host`` applies per download
+  process (each has its own ``HostLimiter``), so a host may see D times per-host
+  connections. A dead download process is replaced; every job it held is retried once
+  on another, then failed.
 - One shutdown path (``_stop`` then ``_close``) for the normal end, errors and Ctrl-C.
 """
 
@@ -43,12 +63,20 @@ import urllib.parse
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from types import TracebackType
 
+from downloader.download_worker import (
+    Downloaded,
+    DownloadEvents,
+    DownloadFatal,
+    DownloadMessage,
+    download_main,
+)
 from downloader.errors import OutputError, WorkerCrashed
 from downloader.fetch import HostLimiter, make_client
 from downloader.progress import EventKind
@@ -94,6 +122,11 @@ MAX_FRUITLESS_RESTARTS_PER_WORKER = 3
 # that threads serve other hosts instead of queueing behind one (a list sorted by host
 # would otherwise starve every other host). More would read further ahead of the list.
 HOST_LOOKAHEAD_PER_THREAD = 4
+# Jobs sent to a download process per thread it runs: one being fetched and one waiting,
+# so a thread never idles while its next job crosses the Queue. More would only move
+# the waiting line out of the main process, where host scheduling and the stall report
+# can see it.
+DOWNLOAD_QUEUE_PER_THREAD = 2
 
 
 def mp_context() -> ForkServerContext | SpawnContext:
@@ -138,6 +171,29 @@ class _Worker:
     @property
     def lane(self) -> str:
         return f"proc-{self.number}"
+
+
+@dataclass(eq=False)
+class _Downloader:
+    """A download process, its channels, and the jobs sent to it not yet answered."""
+
+    number: int
+    threads: int
+    process: BaseProcess
+    inbox: Queue[Job | None]
+    reader: Connection
+    stop: Connection
+    """Closing it tells the process to cancel its downloads."""
+    assigned: dict[int, Job] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def lane(self) -> str:
+        return f"dl-{self.number}"
+
+    @property
+    def full(self) -> bool:
+        return len(self.assigned) >= DOWNLOAD_QUEUE_PER_THREAD * self.threads
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +259,17 @@ class _Pipeline:
         self._host_load: Counter[str] = Counter()
         self._crashes: Counter[int] = Counter()
         self._fruitless_restarts = 0
+        self._download_procs = settings.download_processes
+        self._remote = self._download_procs > 1
+        """Downloads run in download processes, not in threads of this one."""
+        self._host_limit = settings.http.per_host * self._download_procs
+        self._downloaders: list[_Downloader] = []
+        self._downloader_numbers = iter(range(1_000_000))
+        self._parked: deque[Fetched] = deque()
+        """Downloaded files waiting for a transform slot (download processes only)."""
+        self._feed_done = False
+        self._lost_downloads: Counter[int] = Counter()
+        self._fruitless_download_restarts = 0
         self._stopping = False
         self._finished = False
         self._abandoned = False
@@ -217,10 +284,16 @@ class _Pipeline:
         try:
             for _ in range(self._settings.procs):
                 self._workers.append(self._start_worker())
-            self._client = self._exit_stack.enter_context(
-                make_client(self._settings.http, self._settings.threads)
-            )
-            self._hosts = HostLimiter(self._settings.http.per_host)
+            if self._remote:
+                for number in range(self._download_procs):
+                    self._downloaders.append(
+                        self._start_downloader(self._threads_of(number))
+                    )
+            else:
+                self._client = self._exit_stack.enter_context(
+                    make_client(self._settings.http, self._settings.threads)
+                )
+                self._hosts = HostLimiter(self._settings.http.per_host)
             self._exit_stack.enter_context(self._context.cancel.waking(self._wakeup))
         except BaseException:
             self._close()
@@ -256,12 +329,45 @@ class _Pipeline:
         writer.close()  # the parent keeps no writer end: EOF means the worker is gone
         return _Worker(number, process, inbox, reader)
 
+    def _threads_of(self, number: int) -> int:
+        """Download threads of process ``number``: an even share, at least one."""
+        share, rest = divmod(self._settings.threads, self._download_procs)
+        return max(1, share + (number < rest))
+
+    def _start_downloader(self, threads: int) -> _Downloader:
+        reader, writer = self._mp.Pipe(duplex=False)
+        stop_reader, stop = self._mp.Pipe(duplex=False)
+        # Room for its jobs in flight plus one end-of-work sentinel per thread.
+        slots = (DOWNLOAD_QUEUE_PER_THREAD + 1) * threads
+        inbox: Queue[Job | None] = self._mp.Queue(maxsize=slots)
+        number = next(self._downloader_numbers)
+        lane = f"dl-{number}"
+        process = self._mp.Process(
+            target=download_main,
+            args=(
+                inbox,
+                writer,
+                stop_reader,
+                self._settings,
+                str(self._context.out),
+                str(self._context.tmp),
+                lane,
+                threads,
+            ),
+            name=f"downloader-{lane}",
+            daemon=True,
+        )
+        process.start()
+        writer.close()
+        stop_reader.close()
+        return _Downloader(number, threads, process, inbox, reader, stop)
+
     # ------------------------------------------------------------------ main loop
 
     def run(self, items: Iterable[Job | Outcome]) -> Iterator[Outcome]:
         """Start the download threads, then yield outcomes until all work is done."""
         self._feed = iter(items)
-        for number in range(self._settings.threads):
+        for number in range(0 if self._remote else self._settings.threads):
             lane = f"thread-{number}"
             thread = threading.Thread(
                 target=self._download_loop, args=(lane,), name=lane, daemon=True
@@ -269,7 +375,7 @@ class _Pipeline:
             self._threads.append(thread)
             self._threads_running += 1
             thread.start()
-        while self._threads_running or self._workers_busy():
+        while self._downloading() or self._workers_busy():
             yield from self._step()
             if self._stopping and time.monotonic() > self._stop_deadline:
                 yield from self._abandon_stragglers()
@@ -288,8 +394,16 @@ class _Pipeline:
     def _workers_busy(self) -> bool:
         return any(worker.assigned for worker in self._workers)
 
+    def _downloading(self) -> bool:
+        if not self._remote:
+            return self._threads_running > 0
+        in_flight = any(downloader.assigned for downloader in self._downloaders)
+        return (
+            in_flight or bool(self._parked) or not (self._feed_done or self._stopping)
+        )
+
     def _step(self) -> Iterator[Outcome]:
-        for outcome in self._wait_and_read():
+        for outcome in chain(self._pump(), self._wait_and_read()):
             self._last_progress = time.monotonic()
             yield outcome
         self._report_stall()
@@ -303,6 +417,9 @@ class _Pipeline:
         for worker in list(self._workers):
             if worker.reader in ready or worker.process.sentinel in ready:
                 yield from self._read_worker(worker)
+        for downloader in list(self._downloaders):
+            if downloader.reader in ready or downloader.process.sentinel in ready:
+                yield from self._read_downloader(downloader)
         self._enforce_deadlines()
 
     def _report_stall(self) -> None:
@@ -313,6 +430,8 @@ class _Pipeline:
         self._last_progress = time.monotonic()  # report again after as long
         with self._feed_lock:
             downloading = [job.url for job in self._in_flight.values()]
+        for downloader in self._downloaders:
+            downloading += [job.url for job in downloader.assigned.values()]
         processing = [
             worker.assigned[worker.current].job.url
             for worker in self._workers
@@ -328,8 +447,9 @@ class _Pipeline:
 
     def _wait_objects(self) -> list[Connection | int]:
         objects: list[Connection | int] = [self._wakeup.fileno()]
-        for worker in self._workers:
-            objects += [worker.reader, worker.process.sentinel]
+        channels: list[_Worker | _Downloader] = [*self._workers, *self._downloaders]
+        for channel in channels:
+            objects += [channel.reader, channel.process.sentinel]
         return objects
 
     def _timeout(self) -> float:
@@ -389,11 +509,17 @@ class _Pipeline:
     def _next_item(self, lane: str) -> Job | Outcome | None:
         """Take the next record, or the next job whose host has a free slot."""
         with self._feed_lock:
-            item = self._pick_deferred() or self._pull()
+            item = self._take()
             if isinstance(item, Job):
                 self._in_flight[lane] = item
-                self._host_load[_host_of(item.url)] += 1
             return item
+
+    def _take(self) -> Job | Outcome | None:
+        """Take the next record or job (feed lock held); count the job on its host."""
+        item = self._pick_deferred() or self._pull()
+        if isinstance(item, Job):
+            self._host_load[_host_of(item.url)] += 1
+        return item
 
     def _pick_deferred(self) -> Job | None:
         for position, job in enumerate(self._deferred):
@@ -414,7 +540,7 @@ class _Pipeline:
         return self._deferred.popleft() if self._deferred else None
 
     def _host_free(self, job: Job) -> bool:
-        return self._host_load[_host_of(job.url)] < self._settings.http.per_host
+        return self._host_load[_host_of(job.url)] < self._host_limit
 
     def _fetched(self, job: Job) -> None:
         with self._feed_lock:
@@ -471,6 +597,135 @@ class _Pipeline:
         with self._handoff:
             self._free_slots += 1
             self._handoff.notify()
+
+    # --------------------------------------------------- download processes (D > 1)
+
+    def _pump(self) -> Iterator[Outcome]:
+        """Hand parked files to free transform slots, then send out more jobs."""
+        if not self._remote:
+            return
+        if self._stopping:
+            yield from self._drop_parked()
+            return
+        with self._handoff:
+            while self._parked and self._free_slots and self._workers:
+                self._free_slots -= 1
+                self._assign(self._parked.popleft())
+        while not (self._feed_done or self._parked) and self._free_slots:
+            downloader = min(
+                self._downloaders,
+                key=lambda d: len(d.assigned) / d.threads,
+                default=None,
+            )
+            if downloader is None or downloader.full:
+                return
+            with self._feed_lock:
+                item = self._take()
+            if item is None:
+                self._feed_done = True
+            elif isinstance(item, Outcome):
+                yield item
+            else:
+                downloader.assigned[item.index] = item
+                downloader.inbox.put_nowait(item)
+
+    def _drop_parked(self) -> Iterator[Outcome]:
+        while self._parked:
+            fetched = self._parked.popleft()
+            discard(fetched)
+            yield interrupted(fetched.job, Stage.TRANSFORM, fetched)
+
+    def _read_downloader(self, downloader: _Downloader) -> Iterator[Outcome]:
+        try:
+            while downloader.reader.poll():
+                message: DownloadMessage = downloader.reader.recv()
+                yield from self._handle_download(downloader, message)
+        except (EOFError, OSError):
+            pass
+        else:
+            if downloader.process.is_alive():
+                return
+        yield from self._bury_downloader(downloader)
+
+    def _handle_download(
+        self, downloader: _Downloader, message: DownloadMessage
+    ) -> Iterator[Outcome]:
+        if isinstance(message, DownloadEvents):
+            for event in message.events:
+                self._context.events(event)
+        elif isinstance(message, Downloaded):
+            job = downloader.assigned.pop(message.index)
+            self._fetched(job)
+            self._fruitless_download_restarts = 0
+            yield from self._downloaded(job, message.result)
+        elif isinstance(message, DownloadFatal):
+            self._fail(OutputError(message.reason))
+        elif isinstance(message, WorkerExit):
+            self._context.usage.add_worker_cpu(message.cpu_s)
+        else:
+            downloader.error = message.traceback
+
+    def _downloaded(self, job: Job, result: Fetched | Outcome) -> Iterator[Outcome]:
+        """Claim a download like a download thread does; park it for a worker."""
+        try:
+            claimed = self._claim(result) if isinstance(result, Fetched) else result
+        except OutputError as exc:
+            self._fail(exc)
+            claimed = Outcome.failure(job, Stage.DOWNLOAD, str(exc))
+        if isinstance(claimed, Outcome):
+            yield claimed
+        elif claimed is not None and self._stopping:
+            discard(claimed)
+            yield interrupted(claimed.job, Stage.TRANSFORM, claimed)
+        elif claimed is not None:
+            self._parked.append(claimed)
+
+    def _bury_downloader(self, downloader: _Downloader) -> Iterator[Outcome]:
+        """Account for a download process that exited: its jobs, its successor."""
+        downloader.process.join(SHUTDOWN_GRACE_S)
+        if downloader.error is not None:
+            self._fail(
+                WorkerCrashed(
+                    f"download process {downloader.lane} failed:\n{downloader.error}"
+                )
+            )
+        self._downloaders.remove(downloader)
+        if not self._stopping and self._keep_restarting_downloads(downloader):
+            self._downloaders.append(self._start_downloader(downloader.threads))
+        self._discard_channels(downloader)
+        for job in downloader.assigned.values():
+            self._fetched(job)
+            if self._stopping:
+                yield interrupted(job, Stage.DOWNLOAD)
+            else:
+                yield from self._retry_download(downloader, job)
+
+    def _keep_restarting_downloads(self, downloader: _Downloader) -> bool:
+        self._fruitless_download_restarts += 1
+        limit = MAX_FRUITLESS_RESTARTS_PER_WORKER * self._download_procs
+        if self._fruitless_download_restarts > limit:
+            self._fail(
+                WorkerCrashed(
+                    "download processes keep dying "
+                    f"({_describe_exit(downloader.process)}); giving up"
+                )
+            )
+            return False
+        return True
+
+    def _retry_download(self, downloader: _Downloader, job: Job) -> Iterator[Outcome]:
+        """Send a dead download process's job out again, once; else fail it."""
+        self._lost_downloads[job.index] += 1
+        retried = self._lost_downloads[job.index] > 1
+        if retried or self._stopping or not self._downloaders:
+            reason = f"download process crashed ({_describe_exit(downloader.process)})"
+            yield Outcome.failure(
+                job, Stage.DOWNLOAD, reason + ("; retried once" if retried else "")
+            )
+        else:
+            with self._feed_lock:
+                self._deferred.appendleft(job)
+            self._feed_done = False
 
     # ------------------------------------------------------------------ messages
 
@@ -652,8 +907,10 @@ class _Pipeline:
                 self._assign(fetched, replacement)
 
     @staticmethod
-    def _discard_channels(worker: _Worker) -> None:
+    def _discard_channels(worker: _Worker | _Downloader) -> None:
         worker.reader.close()
+        if isinstance(worker, _Downloader):
+            worker.stop.close()
         # The tasks still in a dead worker's inbox are tracked in ``assigned`` and
         # handed out again, so its unsent data may be dropped.
         worker.inbox.cancel_join_thread()
@@ -671,12 +928,21 @@ class _Pipeline:
         for worker in self._workers:
             with contextlib.suppress(ValueError, queue.Full, OSError):
                 worker.inbox.put_nowait(None)
+        for downloader in self._downloaders:
+            downloader.stop.close()
+            with contextlib.suppress(ValueError, queue.Full, OSError):
+                for _ in range(downloader.threads):
+                    downloader.inbox.put_nowait(None)
 
     def _abandon_stragglers(self) -> Iterator[Outcome]:
         """Past the grace period: kill workers, give up on stuck downloads."""
         for worker in list(self._workers):
             worker.process.kill()
             yield from self._bury(worker)
+        for downloader in list(self._downloaders):
+            downloader.process.kill()
+            yield from self._bury_downloader(downloader)
+        yield from self._drop_parked()
         with self._feed_lock:
             self._abandoned = True
             stuck, self._in_flight = list(self._in_flight.values()), {}
@@ -688,8 +954,11 @@ class _Pipeline:
         """Send each worker its end-of-work sentinel; read them out until they leave."""
         if not self._stopping:
             self._stop()
-        while self._workers and time.monotonic() <= self._stop_deadline:
+        while (self._workers or self._downloaders) and (
+            time.monotonic() <= self._stop_deadline
+        ):
             yield from self._step()
+        yield from self._drop_parked()
 
     def _close(self) -> None:
         """Release everything this run owns, whatever state it is in (idempotent)."""
@@ -700,12 +969,17 @@ class _Pipeline:
             self._stop()
         for thread in self._threads:
             thread.join(max(0.0, self._stop_deadline - time.monotonic()))
-        for worker in self._workers:
+        children: list[_Worker | _Downloader] = [*self._workers, *self._downloaders]
+        for worker in children:
             worker.process.join(max(0.0, self._stop_deadline - time.monotonic()))
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(SHUTDOWN_GRACE_S)
             self._discard_channels(worker)
         self._workers.clear()
+        self._downloaders.clear()
+        for fetched in self._parked:
+            discard(fetched)
+        self._parked.clear()
         self._exit_stack.close()
         self._wakeup.close()

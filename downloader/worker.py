@@ -37,6 +37,7 @@ __all__ = [
     "WorkerExit",
     "WorkerMessage",
     "WorkerRetired",
+    "exit_when_parent_dies",
     "worker_main",
 ]
 
@@ -104,7 +105,8 @@ WorkerMessage = (
 )
 
 
-def _exit_when_parent_dies() -> None:
+def exit_when_parent_dies() -> None:
+    """End this child process at once when its parent dies (a watcher thread)."""
     parent = parent_process()
     if parent is None:
         return
@@ -140,7 +142,7 @@ def worker_main(
 ) -> None:
     """Run in a worker process: transform tasks from ``inbox`` until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_when_parent_dies()
+    exit_when_parent_dies()
     try:
         configure_pillow(spec)
         for done, task in enumerate(iter(inbox.get, None), start=1):

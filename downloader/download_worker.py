@@ -1,0 +1,199 @@
+"""The download-process side of the pipeline, when downloads run in several processes.
+
+One process cannot download much past ~200 images/s of ~1 MB files: httpx costs ~5 ms
+of CPU per file, all under that process's GIL. With ``Settings.download_procs`` > 1 the
+pipeline starts that many download processes, each running ``download_main``::
+
+    inbox Queue (Job | None) ──► T download threads ──fetch_step──► <tmp>/<stem>.part
+    (from the main process)      own httpx.Client, own HostLimiter        │
+                                                                           ▼
+              Pipe back (one writer, lock-guarded): DownloadEvents (started/finished
+              at once, received bytes summed per EVENT_BATCH_S), Downloaded (a
+              Fetched: a path, never the bytes; or the failed Outcome), DownloadFatal,
+              WorkerError, WorkerExit
+
+The main process keeps everything else: the plan, content claims, the hand-off to
+transform workers, the manifest. A download process ignores SIGINT (the parent
+coordinates shutdown), exits when the parent dies, cancels its downloads when its stop
+Pipe reaches EOF (they end as ``interrupted`` and leave no ``.part`` file), and ends
+after one ``None`` per thread. The stop signal is a Pipe of its own, not a shared
+``multiprocessing.Event``: a process killed while waiting on such an Event leaves the
+next ``set()`` waiting forever for it to wake. ``--per-host`` applies per download
+process: each has its own ``HostLimiter``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.queues import Queue
+from pathlib import Path
+
+import httpx
+
+from downloader.errors import OutputError
+from downloader.fetch import HostLimiter, make_client
+from downloader.progress import EventKind, ProgressEvent
+from downloader.records import Fetched, Job, Outcome, Stage
+from downloader.runtime import Cancellation, RunContext
+from downloader.settings import Settings
+from downloader.steps import fetch_step
+from downloader.worker import WorkerError, WorkerExit, exit_when_parent_dies
+
+__all__ = [
+    "EVENT_BATCH_S",
+    "DownloadEvents",
+    "DownloadFatal",
+    "DownloadMessage",
+    "Downloaded",
+    "download_main",
+]
+
+EVENT_BATCH_S = 0.1
+"""Received bytes are summed and sent at most this often (and before an item's
+``finished`` event), so a fast download does not cost a message per read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Downloaded:
+    """Job ``index`` is downloaded (its file, by path) or failed (its record)."""
+
+    index: int
+    result: Fetched | Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadEvents:
+    """Progress events of this process's threads, in the order they happened."""
+
+    events: tuple[ProgressEvent, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadFatal:
+    """A local fault (a ``.part`` file could not be written): the run must stop."""
+
+    reason: str
+
+
+DownloadMessage = Downloaded | DownloadEvents | DownloadFatal | WorkerError | WorkerExit
+
+
+class _Link:
+    """This process's end of its Pipe, shared by its threads; batches byte counts."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._lock = threading.Lock()
+        self._received: dict[tuple[int, str], tuple[int, float]] = {}
+        """(index, lane) → (bytes not yet reported, time of the latest read)."""
+        self._flushed = time.perf_counter()
+
+    def event(self, event: ProgressEvent, /) -> None:
+        """Take one progress event (an ``Events`` sink; any thread may call it)."""
+        with self._lock:
+            if event.kind is not EventKind.BYTES:
+                self._send_events(event)
+                return
+            key = (event.index, event.lane)
+            nbytes, _ = self._received.get(key, (0, 0.0))
+            self._received[key] = (nbytes + event.nbytes, event.time)
+            if event.time - self._flushed >= EVENT_BATCH_S:
+                self._send_events()
+
+    def send(self, *messages: DownloadMessage) -> None:
+        """Send ``messages`` together, after any byte counts not yet sent."""
+        with self._lock:
+            if self._received:
+                self._send_events()
+            for message in messages:
+                self._connection.send(message)
+
+    def _send_events(self, *events: ProgressEvent) -> None:
+        """Send the summed byte counts, then ``events`` (lock held)."""
+        counts = tuple(
+            ProgressEvent(Stage.DOWNLOAD, EventKind.BYTES, index, lane, at, nbytes)
+            for (index, lane), (nbytes, at) in self._received.items()
+        )
+        self._received.clear()
+        self._flushed = time.perf_counter()
+        self._connection.send(DownloadEvents(counts + events))
+
+
+def _cancel_when_stopped(stop: Connection, cancel: Cancellation) -> None:
+    wait([stop])  # the parent closed its end (or died)
+    cancel.set("interrupted")
+
+
+def _download_loop(
+    inbox: Queue[Job | None],
+    link: _Link,
+    client: httpx.Client,
+    settings: Settings,
+    context: RunContext,
+    hosts: HostLimiter,
+    lane: str,
+) -> None:
+    """Download jobs from ``inbox`` until its ``None`` or a stop; report each."""
+    try:
+        for job in iter(inbox.get, None):
+            if context.cancel.is_set():
+                break  # the main process records the jobs it never heard back about
+            try:
+                result = fetch_step(job, client, settings, context, hosts, lane)
+            except OutputError as exc:
+                failed = Outcome.failure(job, Stage.DOWNLOAD, str(exc))
+                link.send(Downloaded(job.index, failed), DownloadFatal(str(exc)))
+                return
+            link.send(Downloaded(job.index, result))
+    except Exception:  # noqa: BLE001 (thread boundary: report to the main process)
+        link.send(WorkerError(traceback.format_exc()))
+
+
+def download_main(
+    inbox: Queue[Job | None],
+    results: Connection,
+    stop: Connection,
+    settings: Settings,
+    out: str,
+    tmp: str,
+    lane: str,
+    threads: int,
+) -> None:
+    """Run in a download process: ``threads`` threads fetch jobs from ``inbox``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_when_parent_dies()
+    link = _Link(results)
+    cancel = Cancellation()
+    threading.Thread(
+        target=_cancel_when_stopped, args=(stop, cancel), name="stop-watch", daemon=True
+    ).start()
+    context = RunContext(Path(out), Path(tmp), link.event, cancel)
+    try:
+        with make_client(settings.http, threads) as client:
+            hosts = HostLimiter(settings.http.per_host)
+            crew = [
+                threading.Thread(
+                    target=_download_loop,
+                    args=(inbox, link, client, settings, context, hosts, name),
+                    name=name,
+                )
+                for name in (f"{lane}/thread-{n}" for n in range(threads))
+            ]
+            for thread in crew:
+                thread.start()
+            for thread in crew:
+                thread.join()
+    except Exception:  # noqa: BLE001 (process boundary: report, then end)
+        link.send(WorkerError(traceback.format_exc()))
+    finally:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        with contextlib.suppress(OSError):
+            link.send(WorkerExit(usage.ru_utime + usage.ru_stime))
+        results.close()
