@@ -542,8 +542,9 @@ def _describe(settings: Settings) -> str:
     headers = ", ".join(name for name, _ in http.headers) or "none"
     boxes = ", ".join(f"{w}x{h}" for w, h in image.boxes) or "original size"
     return (
-        f"mode {settings.mode.value}: {settings.threads} threads, "
-        f"{settings.procs} processes, out {settings.out}; download: timeout "
+        f"mode {settings.mode.value}: {settings.threads} threads in "
+        f"{settings.download_processes} download process(es), {settings.procs} "
+        f"worker processes, out {settings.out}; download: timeout "
         f"{http.timeout:g}s, deadline {http.deadline:g}s, retries {http.retries}, "
         f"max {http.max_bytes:,} bytes, {http.per_host} per host, TLS verify "
         f"{'on' if http.verify else 'OFF'}, block-private "
@@ -643,6 +644,7 @@ def _start_fields(settings: Settings) -> dict[str, Any]:
         "out": str(settings.out),
         "threads": settings.threads,
         "procs": settings.procs,
+        "download_procs": settings.download_processes,
         "insecure": not settings.http.verify,
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -368,20 +369,18 @@ _GRID = (200, 200, 200)
 _IDLE = (234, 234, 234)
 _STAGE_COLOURS = {Stage.DOWNLOAD: (52, 120, 198), Stage.TRANSFORM: (235, 137, 33)}
 _BAR_COLOUR = (90, 90, 90)
-_LANE_ORDER = {"thread": 0, "task": 1, "proc": 2}
+_LANE_ORDER = {"thread": 0, "dl": 0, "task": 1, "proc": 2}
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def _lane_key(lane: str) -> tuple[int, int, str]:
-    prefix, _, number = lane.partition("-")
-    return (
-        _LANE_ORDER.get(prefix, 3),
-        int(number) if number.isdigit() else 0,
-        lane,
-    )
+def _lane_key(lane: str) -> tuple[int, tuple[int, ...], str]:
+    """Order lanes by kind, then numerically: ``dl-0/thread-2`` before ``thread-10``."""
+    prefix = lane.partition("-")[0]
+    numbers = tuple(int(n) for n in re.findall(r"\d+", lane))
+    return (_LANE_ORDER.get(prefix, 3), numbers, lane)
 
 
 def _nice_step(span: float) -> float:

@@ -264,7 +264,7 @@ def test_quiet_prints_nothing_and_verbose_names_each_failure(
     assert quiet_err == ""
     assert "done: 3 URLs" in default_err
     assert "/status/404: HTTP 404" not in default_err
-    assert "mode pipeline: 2 threads, 1 processes" in verbose_err
+    assert "mode pipeline: 2 threads in 1 download process(es), 1 worker" in verbose_err
     assert f"failed {two_good_one_404.read_text().split()[2]}: HTTP 404" in verbose_err
 
 
