@@ -20,11 +20,21 @@ after one ``None`` per thread. The stop signal is a Pipe of its own, not a share
 ``multiprocessing.Event``: a process killed while waiting on such an Event leaves the
 next ``set()`` waiting forever for it to wake. ``--per-host`` applies per download
 process: each has its own ``HostLimiter``.
+
+A download that must wait before its next attempt (a 503, a 429's Retry-After, a
+reset) does not hold its thread: ``fetch_deferring`` returns a ``Retry`` record, the
+job goes into this process's ``RetryHeap`` (by due time), and the thread takes other
+work meanwhile. Threads take due retries before new jobs, and wait on the inbox only
+until the earliest due time. Jobs still waiting when the process is stopped are never
+reported: the main process records every job it did not hear back about.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
+import queue
 import resource
 import signal
 import threading
@@ -43,7 +53,7 @@ from downloader.progress import EventKind, ProgressEvent
 from downloader.records import Fetched, Job, Outcome, Stage
 from downloader.runtime import Cancellation, RunContext
 from downloader.settings import Settings
-from downloader.steps import fetch_step
+from downloader.steps import Retry, fetch_deferring
 from downloader.worker import WorkerError, WorkerExit, exit_when_parent_dies
 
 __all__ = [
@@ -52,6 +62,7 @@ __all__ = [
     "DownloadFatal",
     "DownloadMessage",
     "Downloaded",
+    "RetryHeap",
     "download_main",
 ]
 
@@ -83,6 +94,42 @@ class DownloadFatal:
 
 
 DownloadMessage = Downloaded | DownloadEvents | DownloadFatal | WorkerError | WorkerExit
+
+
+class RetryHeap:
+    """Jobs waiting for their next attempt, earliest due first (callers lock it)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Retry]] = []
+        self._order = itertools.count()  # ties: first come, first served
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, retry: Retry) -> None:
+        """Add ``retry`` to wait until its due time."""
+        heapq.heappush(self._heap, (retry.due, next(self._order), retry))
+
+    def pop_due(self) -> Retry | None:
+        """Remove and return the earliest retry if it is due, else None."""
+        if self._heap and self._heap[0][0] <= time.monotonic():
+            return heapq.heappop(self._heap)[2]
+        return None
+
+    def until_next(self) -> float | None:
+        """Seconds until the earliest retry is due (0 if it is); None if empty."""
+        if not self._heap:
+            return None
+        return max(0.0, self._heap[0][0] - time.monotonic())
+
+    def jobs(self) -> list[Job]:
+        """The waiting jobs, earliest due first."""
+        return [retry.job for _, _, retry in sorted(self._heap)]
+
+    def drain(self) -> list[Job]:
+        """Remove and return every waiting job, earliest due first."""
+        jobs, self._heap = self.jobs(), []
+        return jobs
 
 
 class _Link:
@@ -131,6 +178,39 @@ def _cancel_when_stopped(stop: Connection, cancel: Cancellation) -> None:
     cancel.set("interrupted")
 
 
+class _Waiting:
+    """This process's ``RetryHeap``, shared by its threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._heap = RetryHeap()
+
+    def push(self, retry: Retry) -> None:
+        """Put ``retry`` aside until it is due."""
+        with self._lock:
+            self._heap.push(retry)
+
+    def next_job(
+        self, inbox: Queue[Job | None], cancel: Cancellation
+    ) -> Job | Retry | None:
+        """A due retry, else the next job from ``inbox``; None on its end or a stop.
+
+        With retries waiting, the inbox is read only until the earliest is due; the
+        thread that put one aside waits here too, so each is taken up in time.
+        """
+        while not cancel.is_set():
+            with self._lock:
+                retry = self._heap.pop_due()
+                timeout = self._heap.until_next()
+            if retry is not None:
+                return retry
+            try:
+                return inbox.get(timeout=timeout)
+            except queue.Empty:
+                continue
+        return None  # the main process records the jobs it never heard back about
+
+
 def _download_loop(
     inbox: Queue[Job | None],
     link: _Link,
@@ -139,19 +219,22 @@ def _download_loop(
     context: RunContext,
     hosts: HostLimiter,
     lane: str,
+    waiting: _Waiting,
 ) -> None:
     """Download jobs from ``inbox`` until its ``None`` or a stop; report each."""
     try:
-        for job in iter(inbox.get, None):
-            if context.cancel.is_set():
-                break  # the main process records the jobs it never heard back about
+        while (item := waiting.next_job(inbox, context.cancel)) is not None:
+            job = item.job if isinstance(item, Retry) else item
             try:
-                result = fetch_step(job, client, settings, context, hosts, lane)
+                result = fetch_deferring(item, client, settings, context, hosts, lane)
             except OutputError as exc:
                 failed = Outcome.failure(job, Stage.DOWNLOAD, str(exc))
                 link.send(Downloaded(job.index, failed), DownloadFatal(str(exc)))
                 return
-            link.send(Downloaded(job.index, result))
+            if isinstance(result, Retry):
+                waiting.push(result)
+            else:
+                link.send(Downloaded(job.index, result))
     except Exception:  # noqa: BLE001 (thread boundary: report to the main process)
         link.send(WorkerError(traceback.format_exc()))
 
@@ -178,10 +261,11 @@ def download_main(
     try:
         with make_client(settings.http, threads) as client:
             hosts = HostLimiter(settings.http.per_host)
+            waiting = _Waiting()
             crew = [
                 threading.Thread(
                     target=_download_loop,
-                    args=(inbox, link, client, settings, context, hosts, name),
+                    args=(inbox, link, client, settings, context, hosts, name, waiting),
                     name=name,
                 )
                 for name in (f"{lane}/thread-{n}" for n in range(threads))

@@ -17,6 +17,11 @@ as they like, sharing one client (``make_client``) and one ``HostLimiter``.
 ``_Attempts`` (retries, backoff, deadline, result) with ``_Hops`` (redirect checks) and
 ``_BodyReader`` (size caps, decoding, hashing, truncation); only the I/O differs.
 
+``fetch(..., defer_retries=True)`` does not sleep between attempts: it raises
+``RetryLater`` (the wait, the attempts made) so that a scheduler can serve other URLs
+meanwhile, then calls ``fetch(..., attempts_done=n)`` when the wait is over; the retry
+budget and the final reason are the same as with the sleep.
+
 With ``HttpSettings.block_private`` every request, first hop, redirect hop and retry
 alike, is preceded by a lookup of its host (``socket.getaddrinfo``, or the event loop's
 in asyncio), and refused if any address it resolves to is internal (see
@@ -60,6 +65,7 @@ __all__ = [
     "AsyncHostLimiter",
     "HostLimiter",
     "Resolve",
+    "RetryLater",
     "StopFlag",
     "blocked_address_kind",
     "fetch",
@@ -240,6 +246,17 @@ async def _acquire_unless_stopped(semaphore: asyncio.Semaphore, stop: StopFlag) 
             raise FetchError("interrupted")
 
 
+class RetryLater(FetchError):
+    """Not a failure: try ``fetch`` again in ``delay`` seconds (``defer_retries``).
+
+    ``attempts`` is the number made so far: pass it back as ``attempts_done``.
+    """
+
+    def __init__(self, reason: str, *, delay: float, attempts: int) -> None:
+        super().__init__(f"retry later: {reason}", attempts=attempts)
+        self.delay = delay
+
+
 def fetch(
     job: Job,
     client: httpx.Client,
@@ -251,19 +268,25 @@ def fetch(
     on_bytes: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
     resolve: Resolve | None = None,
+    defer_retries: bool = False,
+    attempts_done: int = 0,
 ) -> Fetched:
     """Download ``job.url`` to ``tmp_dir/<stem>.part``, retrying transient failures.
 
     ``resolve`` replaces ``socket.getaddrinfo`` for the ``block_private`` check (a
-    test knob, like ``clock``).
+    test knob, like ``clock``). With ``defer_retries`` a wait before the next attempt
+    is raised as ``RetryLater`` instead of slept; ``attempts_done`` continues the retry
+    budget of the calls before.
 
     Raises:
+        RetryLater: only with ``defer_retries``; nothing is left on disk.
         FetchError: the URL failed (``reason`` says why); nothing is left on disk.
         OutputError: the ``.part`` file could not be written; the run should stop.
     """
     guard = _AddressGuard(http.block_private, resolve)
     attempts = _Attempts(job, http, tmp_dir, cancel, hosts, on_bytes, clock, guard)
-    download = _Download(attempts, client, hosts, cancel)
+    attempts.count = attempts_done
+    download = _Download(attempts, client, hosts, cancel, defer_retries=defer_retries)
     with attempts.cleanup():
         return download.run()
 
@@ -647,6 +670,8 @@ class _Download:
         client: httpx.Client,
         hosts: HostLimiter,
         cancel: threading.Event,
+        *,
+        defer_retries: bool = False,
     ) -> None:
         self.attempts, self.client, self.hosts, self.cancel = (
             attempts,
@@ -654,6 +679,7 @@ class _Download:
             hosts,
             cancel,
         )
+        self.defer_retries = defer_retries
 
     def run(self) -> Fetched:
         """Make attempts until one succeeds, a failure is final, or retries run out."""
@@ -665,7 +691,11 @@ class _Download:
                     hops.follow(outcome)
                     outcome = self._request(hops.url)
             except _Transient as exc:
-                if self.cancel.wait(self.attempts.retry_delay(exc)):
+                delay = self.attempts.retry_delay(exc)
+                if self.defer_retries and delay > 0:
+                    count = self.attempts.count
+                    raise RetryLater(exc.reason, delay=delay, attempts=count) from exc
+                if self.cancel.wait(delay):
                     raise FetchError("interrupted") from exc
             else:
                 return self.attempts.fetched(outcome)

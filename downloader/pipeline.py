@@ -29,6 +29,11 @@ processes (``download_worker``) instead, and the main loop feeds them itself::
   (``reuse.ContentIndex``: a body already done or in progress is not transformed
   again) and handed to the worker with the fewest assigned tasks as a ``Task`` (a
   path, never the bytes).
+- A download that must wait before its next attempt (503, 429 Retry-After, reset)
+  does not hold its thread: it goes into a heap of waiting retries by due time, and
+  the thread takes other work. Due retries come before new jobs; a thread with only
+  not-yet-due retries left waits on a Condition until the earliest is due. Retries
+  still waiting when the run is stopped end as ``interrupted``.
 - Backpressure: at most ``procs * (1 + WORK_QUEUE_SLACK)`` files wait for or are in a
   worker; a download thread that finds no free slot waits, so memory and scratch space
   stay bounded whatever the length of the list.
@@ -75,6 +80,7 @@ from downloader.download_worker import (
     DownloadEvents,
     DownloadFatal,
     DownloadMessage,
+    RetryHeap,
     download_main,
 )
 from downloader.errors import OutputError, WorkerCrashed
@@ -85,9 +91,10 @@ from downloader.reuse import Claim
 from downloader.runtime import RunContext, Wakeup
 from downloader.settings import Settings
 from downloader.steps import (
+    Retry,
     discard,
     emit,
-    fetch_step,
+    fetch_deferring,
     finish_success,
     interrupted,
     not_started,
@@ -254,6 +261,9 @@ class _Pipeline:
         self._threads_running = 0
         self._in_flight: dict[str, Job] = {}
         self._feed_lock = threading.Lock()
+        self._retry_due = threading.Condition(self._feed_lock)
+        """Notified when a retry is put aside, and on stop."""
+        self._waiting = RetryHeap()
         self._feed: Iterator[Job | Outcome] = iter(())
         self._deferred: deque[Job] = deque()
         self._host_load: Counter[str] = Counter()
@@ -385,8 +395,11 @@ class _Pipeline:
         reason = self._context.cancel.reason or "interrupted"
         with self._feed_lock:
             set_aside, self._deferred = list(self._deferred), deque()
+            waiting = self._waiting.drain()
         for job in set_aside:
             yield not_started(job, reason)
+        for job in waiting:
+            yield interrupted(job, Stage.DOWNLOAD)
         self._finished = True
         if self._error is not None:
             raise self._error
@@ -430,6 +443,9 @@ class _Pipeline:
         self._last_progress = time.monotonic()  # report again after as long
         with self._feed_lock:
             downloading = [job.url for job in self._in_flight.values()]
+            downloading += [
+                f"{job.url} (retry waiting)" for job in self._waiting.jobs()
+            ]
         for downloader in self._downloaders:
             downloading += [job.url for job in downloader.assigned.values()]
         processing = [
@@ -474,8 +490,9 @@ class _Pipeline:
                 if isinstance(item, Outcome):
                     self._post(item)
                     continue
+                job = item.job if isinstance(item, Retry) else item
                 try:
-                    fetched = fetch_step(
+                    fetched = fetch_deferring(
                         item,
                         self._client,
                         self._settings,
@@ -484,7 +501,10 @@ class _Pipeline:
                         lane,
                     )
                 finally:
-                    self._fetched(item)
+                    self._fetched(job)
+                if isinstance(fetched, Retry):
+                    self._wait_to_retry(lane, fetched)
+                    continue
                 result = (
                     self._claim(fetched) if isinstance(fetched, Fetched) else fetched
                 )
@@ -497,22 +517,49 @@ class _Pipeline:
         except OutputError as exc:
             # The job this thread was on still needs its one record.
             with self._feed_lock:
-                job = self._in_flight.pop(lane, None)
-            if job is not None:
-                self._post(Outcome.failure(job, Stage.DOWNLOAD, str(exc)))
+                lost = self._in_flight.pop(lane, None)
+            if lost is not None:
+                self._post(Outcome.failure(lost, Stage.DOWNLOAD, str(exc)))
             self._post(_Fatal(exc))
         except BaseException:  # noqa: BLE001 (thread boundary: report to the main loop)
             self._post(_ThreadCrashed(lane, traceback.format_exc()))
         finally:
             self._post(_ThreadDone(lane))
 
-    def _next_item(self, lane: str) -> Job | Outcome | None:
-        """Take the next record, or the next job whose host has a free slot."""
-        with self._feed_lock:
-            item = self._take()
-            if isinstance(item, Job):
-                self._in_flight[lane] = item
-            return item
+    def _next_item(self, lane: str) -> Job | Retry | Outcome | None:
+        """Take a due retry, the next record, or the next job whose host is free.
+
+        With the feed used up and only retries not yet due, wait for the earliest
+        (or a stop); None once the feed and the retries are both done.
+        """
+        with self._retry_due:
+            while True:
+                item = self._take_due() or self._take()
+                if isinstance(item, Job | Retry):
+                    self._in_flight[lane] = (
+                        item.job if isinstance(item, Retry) else item
+                    )
+                if item is not None or not self._waiting:
+                    return item
+                if self._context.cancel.is_set():
+                    return None
+                self._retry_due.wait(self._waiting.until_next())
+
+    def _take_due(self) -> Retry | None:
+        """Take the earliest retry if due (feed lock held); count it on its host."""
+        retry = self._waiting.pop_due()
+        if retry is not None:
+            self._host_load[_host_of(retry.job.url)] += 1
+        return retry
+
+    def _wait_to_retry(self, lane: str, retry: Retry) -> None:
+        """Put ``lane``'s job aside until its retry is due; the thread moves on."""
+        with self._retry_due:
+            if self._abandoned:
+                return  # the main loop gave up on it and recorded it
+            self._in_flight.pop(lane, None)
+            self._waiting.push(retry)
+            self._retry_due.notify_all()
 
     def _take(self) -> Job | Outcome | None:
         """Take the next record or job (feed lock held); count the job on its host."""
@@ -925,6 +972,8 @@ class _Pipeline:
         self._stop_workers.set()
         with self._handoff:
             self._handoff.notify_all()
+        with self._retry_due:
+            self._retry_due.notify_all()
         for worker in self._workers:
             with contextlib.suppress(ValueError, queue.Full, OSError):
                 worker.inbox.put_nowait(None)

@@ -24,13 +24,14 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import httpx
 
 from downloader.errors import FetchError, OutputError, TransformError
-from downloader.fetch import HostLimiter, fetch
+from downloader.fetch import HostLimiter, RetryLater, fetch
 from downloader.progress import EventKind, Events, ProgressEvent
 from downloader.records import Fetched, Job, Outcome, Stage, Transformed
 from downloader.runtime import RunContext
@@ -39,9 +40,11 @@ from downloader.transform import transform_file
 
 __all__ = [
     "ORIGINALS_NAME",
+    "Retry",
     "byte_counter",
     "discard",
     "emit",
+    "fetch_deferring",
     "fetch_failure",
     "fetch_step",
     "finish_success",
@@ -93,6 +96,15 @@ def byte_counter(events: Events, index: int, lane: str) -> Callable[[int], None]
     return on_bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Fetch ``job`` again at ``due`` (monotonic); ``attempts`` were made so far."""
+
+    job: Job
+    attempts: int
+    due: float
+
+
 def fetch_step(
     job: Job,
     client: httpx.Client,
@@ -102,8 +114,47 @@ def fetch_step(
     lane: str,
 ) -> Fetched | Outcome:
     """Download ``job``; a per-URL failure comes back as a ``failed`` record."""
-    emit(context.events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane)
+    result = _fetch_reporting(job, client, settings, context, hosts, lane)
+    assert not isinstance(result, Retry)  # only deferring fetches wait outside
+    return result
+
+
+def fetch_deferring(
+    item: Job | Retry,
+    client: httpx.Client,
+    settings: Settings,
+    context: RunContext,
+    hosts: HostLimiter,
+    lane: str,
+) -> Fetched | Outcome | Retry:
+    """``fetch_step`` that returns a ``Retry`` instead of sleeping before a retry.
+
+    A job's ``started`` event comes with its first attempt and its ``finished`` event
+    with its last, so progress counts each download once however often it waited.
+    """
+    if isinstance(item, Retry):
+        return _fetch_reporting(
+            item.job, client, settings, context, hosts, lane, attempts=item.attempts
+        )
+    return _fetch_reporting(item, client, settings, context, hosts, lane, defer=True)
+
+
+def _fetch_reporting(
+    job: Job,
+    client: httpx.Client,
+    settings: Settings,
+    context: RunContext,
+    hosts: HostLimiter,
+    lane: str,
+    *,
+    attempts: int = 0,
+    defer: bool = False,
+) -> Fetched | Outcome | Retry:
+    defer = defer or attempts > 0
+    if attempts == 0:
+        emit(context.events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane)
     started = time.perf_counter()
+    waits = False
     try:
         if job.local_path is not None:
             staged = stage_local(job, context.tmp)
@@ -124,11 +175,17 @@ def fetch_step(
             cancel=context.cancel.event,
             hosts=hosts,
             on_bytes=byte_counter(context.events, job.index, lane),
+            defer_retries=defer,
+            attempts_done=attempts,
         )
+    except RetryLater as later:
+        waits = True
+        return Retry(job, later.attempts, time.monotonic() + later.delay)
     except FetchError as exc:
         return fetch_failure(job, exc, started)
     finally:
-        emit(context.events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane)
+        if not waits:
+            emit(context.events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane)
 
 
 def fetch_failure(job: Job, error: FetchError, started: float) -> Outcome:
