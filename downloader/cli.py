@@ -213,6 +213,14 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the downloads in OUT/originals/; a rerun with other image "
         "settings then redoes only the changed items, without downloading",
     )
+    _add_reporting_options(parser)
+    _add_download_options(parser.add_argument_group("download"))
+    _add_image_options(parser.add_argument_group("images"))
+    _add_demo_options(parser.add_argument_group("demo"))
+    return parser
+
+
+def _add_reporting_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compare",
         action="store_true",
@@ -268,7 +276,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also the settings at the start and one line per failed URL",
     )
-    http = parser.add_argument_group("download")
+
+
+def _add_download_options(http: argparse._ArgumentGroup) -> None:
     http.add_argument(
         "--timeout",
         type=_positive_float,
@@ -318,7 +328,9 @@ def _parser() -> argparse.ArgumentParser:
         help="refuse hosts that resolve to loopback, private, link-local or "
         "metadata addresses, on every redirect too",
     )
-    image = parser.add_argument_group("images")
+
+
+def _add_image_options(image: argparse._ArgumentGroup) -> None:
     boxes = image.add_mutually_exclusive_group()
     boxes.add_argument(
         "--max-size",
@@ -389,7 +401,9 @@ def _parser() -> argparse.ArgumentParser:
         default=120.0,
         help="seconds one image may take in a worker (default 120)",
     )
-    demo = parser.add_argument_group("demo")
+
+
+def _add_demo_options(demo: argparse._ArgumentGroup) -> None:
     demo.add_argument(
         "--demo-count",
         type=_positive_int,
@@ -402,7 +416,6 @@ def _parser() -> argparse.ArgumentParser:
         default=DEMO_LATENCY_S,
         help="seconds of simulated network latency per request",
     )
-    return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
