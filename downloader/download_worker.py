@@ -35,7 +35,6 @@ import contextlib
 import heapq
 import itertools
 import queue
-import resource
 import signal
 import threading
 import time
@@ -54,7 +53,12 @@ from downloader.records import Fetched, Job, Outcome, Stage
 from downloader.runtime import Cancellation, RunContext
 from downloader.settings import Settings
 from downloader.steps import Retry, fetch_deferring
-from downloader.worker import WorkerError, WorkerExit, exit_when_parent_dies
+from downloader.worker import (
+    WorkerError,
+    WorkerExit,
+    cpu_seconds,
+    exit_when_parent_dies,
+)
 
 __all__ = [
     "EVENT_BATCH_S",
@@ -277,7 +281,6 @@ def download_main(
     except Exception:  # noqa: BLE001 (process boundary: report, then end)
         link.send(WorkerError(traceback.format_exc()))
     finally:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
         with contextlib.suppress(OSError):
-            link.send(WorkerExit(usage.ru_utime + usage.ru_stime))
+            link.send(WorkerExit(cpu_seconds()))
         results.close()

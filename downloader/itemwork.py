@@ -20,7 +20,6 @@ and count worker CPU (forkserver children are not this process's children).
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import threading
 import time
@@ -39,7 +38,7 @@ from downloader.runtime import Cancellation, RunContext
 from downloader.settings import Settings
 from downloader.steps import discard, fetch_step, interrupted, transform_step
 from downloader.transform import configure_pillow
-from downloader.worker import Task, TaskDone, TaskFailed, run_task
+from downloader.worker import Task, TaskDone, TaskFailed, cpu_seconds, run_task
 
 __all__ = [
     "FetchReport",
@@ -203,11 +202,6 @@ def _worker_state() -> _WorkerState:
     return _state
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def process_job(job: Job) -> JobReport:
     """Download and transform one job in this worker process."""
     state = _worker_state()
@@ -218,7 +212,7 @@ def process_job(job: Job) -> JobReport:
     )
     if outcome is None:  # only a parent's claim defers; this one keeps everything
         raise RuntimeError(f"job {job.index} was deferred in a worker")
-    return JobReport(outcome, recorder.events(), os.getpid(), _cpu_seconds())
+    return JobReport(outcome, recorder.events(), os.getpid(), cpu_seconds())
 
 
 def fetch_job(job: Job) -> FetchReport:
@@ -229,7 +223,7 @@ def fetch_job(job: Job) -> FetchReport:
     result = _fetch_unless_stopped(
         job, state.client, state.hosts, state.settings, context, WORKER_LANE
     )
-    return FetchReport(result, recorder.events(), os.getpid(), _cpu_seconds())
+    return FetchReport(result, recorder.events(), os.getpid(), cpu_seconds())
 
 
 def transform_task(task: Task) -> TransformReport:
@@ -237,7 +231,7 @@ def transform_task(task: Task) -> TransformReport:
     state = _worker_state()
     started = time.perf_counter()
     message = run_task(task, state.context.out, state.settings.image)
-    return TransformReport(message, started, os.getpid(), _cpu_seconds())
+    return TransformReport(message, started, os.getpid(), cpu_seconds())
 
 
 def fetched_task(fetched: Fetched) -> Task:

@@ -73,7 +73,7 @@ from downloader.steps import (
     finish_success,
     interrupted,
     passthrough,
-    stage_local,
+    stage_local_reporting,
 )
 from downloader.transform import configure_pillow
 from downloader.worker import TaskDone
@@ -609,16 +609,9 @@ class _AsyncRun:
         started = time.perf_counter()
         try:
             if job.local_path is not None:
-                staged = await asyncio.to_thread(stage_local, job, self.context.tmp)
-                emit(
-                    events,
-                    Stage.DOWNLOAD,
-                    EventKind.BYTES,
-                    job.index,
-                    lane,
-                    nbytes=staged.nbytes,
+                return await asyncio.to_thread(
+                    stage_local_reporting, job, self.context, lane
                 )
-                return staged
             return await fetch_async(
                 job,
                 self.client,

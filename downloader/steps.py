@@ -54,6 +54,7 @@ __all__ = [
     "original_extension",
     "passthrough",
     "stage_local",
+    "stage_local_reporting",
     "transform_step",
 ]
 
@@ -157,16 +158,7 @@ def _fetch_reporting(
     waits = False
     try:
         if job.local_path is not None:
-            staged = stage_local(job, context.tmp)
-            emit(
-                context.events,
-                Stage.DOWNLOAD,
-                EventKind.BYTES,
-                job.index,
-                lane,
-                nbytes=staged.nbytes,
-            )
-            return staged
+            return stage_local_reporting(job, context, lane)
         return fetch(
             job,
             client,
@@ -186,6 +178,20 @@ def _fetch_reporting(
     finally:
         if not waits:
             emit(context.events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane)
+
+
+def stage_local_reporting(job: Job, context: RunContext, lane: str) -> Fetched:
+    """Stage a local file as a download would land, and report its bytes."""
+    staged = stage_local(job, context.tmp)
+    emit(
+        context.events,
+        Stage.DOWNLOAD,
+        EventKind.BYTES,
+        job.index,
+        lane,
+        nbytes=staged.nbytes,
+    )
+    return staged
 
 
 def fetch_failure(job: Job, error: FetchError, started: float) -> Outcome:

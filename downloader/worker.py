@@ -37,6 +37,7 @@ __all__ = [
     "WorkerExit",
     "WorkerMessage",
     "WorkerRetired",
+    "cpu_seconds",
     "exit_when_parent_dies",
     "worker_main",
 ]
@@ -118,6 +119,12 @@ def exit_when_parent_dies() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def cpu_seconds() -> float:
+    """CPU seconds this process has used so far (user + system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_task(task: Task, out: Path, spec: ImageSpec) -> TaskDone | TaskFailed:
     """Transform one file and describe the result as a message."""
     started = time.perf_counter()
@@ -156,7 +163,6 @@ def worker_main(
     except Exception:  # noqa: BLE001 (worker boundary: report, then end)
         results.send(WorkerError(traceback.format_exc()))
     finally:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
         with contextlib.suppress(OSError):
-            results.send(WorkerExit(usage.ru_utime + usage.ru_stime))
+            results.send(WorkerExit(cpu_seconds()))
         results.close()
