@@ -22,6 +22,13 @@ as they like, sharing one client (``make_client``) and one ``HostLimiter``.
 meanwhile, then calls ``fetch(..., attempts_done=n)`` when the wait is over; the retry
 budget and the final reason are the same as with the sleep.
 
+``--deadline`` bounds each attempt from connecting to the last byte: the clients are
+built with a network backend (``_DeadlineBackend``) that cuts every connect, read and
+write to the time the current request has left, since httpx's own timeouts bound only
+single reads. Credential headers given by the user go only to the listed URL's origin
+(``_Attempts.request``). Every exception a request raises is translated in one place
+(``_translate``, which lists each one's fate), so no server can stop a run.
+
 With ``HttpSettings.block_private`` every request, first hop, redirect hop and retry
 alike, is preceded by a lookup of its host (``socket.getaddrinfo``, or the event loop's
 in asyncio), and refused if any address it resolves to is internal (see
@@ -35,9 +42,11 @@ against lists and redirects that name internal hosts, not against a hostile reso
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import email.utils
 import hashlib
 import ipaddress
+import logging
 import os
 import random
 import socket
@@ -53,6 +62,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 import aiofiles
+import httpcore
 import httpx
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
@@ -91,6 +101,11 @@ _TIMEOUT_KINDS: dict[type[httpx.TimeoutException], str] = {
     httpx.WriteTimeout: "write",
     httpx.PoolTimeout: "pool",
 }
+_CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "cookie")
+"""Request headers that carry credentials: a ``--header`` giving one is sent only to
+the origin (scheme, host, port) of the URL in the list, never to another origin a
+redirect leads to, as curl and browsers do."""
+_log = logging.getLogger("downloader")
 # O_EXCL|O_NOFOLLOW: never write through a file or link someone else put there.
 _PART_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
@@ -122,12 +137,198 @@ def _client_options(http: HttpSettings, threads: int) -> dict[str, Any]:
 
 def make_client(http: HttpSettings, threads: int) -> httpx.Client:
     """Build the one client a run shares between all its download threads."""
-    return httpx.Client(**_client_options(http, threads))
+    client = httpx.Client(**_client_options(http, threads))
+    for pool in _pools(client):
+        pool._network_backend = _DeadlineBackend(pool._network_backend)
+    return client
 
 
 def make_async_client(http: HttpSettings, tasks: int) -> httpx.AsyncClient:
     """Build the one async client an event loop shares between its download tasks."""
-    return httpx.AsyncClient(**_client_options(http, tasks))
+    client = httpx.AsyncClient(**_client_options(http, tasks))
+    for pool in _pools(client):
+        pool._network_backend = _AsyncDeadlineBackend(pool._network_backend)
+    return client
+
+
+_deadline_at: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "downloader_deadline_at", default=None
+)
+"""``time.monotonic()`` past which no network operation of the current request may
+run. A context variable is private to each thread and to each asyncio task, so every
+download sees only its own deadline through the client it shares with the others."""
+
+
+def _pools(client: httpx.Client | httpx.AsyncClient) -> list[Any]:
+    """The httpcore connection pools behind ``client`` (its own and its proxies').
+
+    httpx offers no public way to give a pool its network backend, so this reaches
+    into ``_transport._pool``, stable from httpx 0.23 to 0.28. If that ever changes,
+    this fails when the client is made (and in every test), never silently.
+    """
+    transports = [client._transport, *client._mounts.values()]
+    pools = [getattr(t, "_pool", None) for t in transports if t is not None]
+    if not pools or any(not hasattr(p, "_network_backend") for p in pools):
+        raise RuntimeError(
+            f"httpx {httpx.__version__}: cannot install the --deadline backend"
+        )
+    return pools
+
+
+def _capped(timeout: float | None, error: type[Exception]) -> float | None:
+    """``timeout`` cut to what is left of the current request's deadline.
+
+    httpx's timeouts bound each read, not the request: a server that sends its status
+    line and headers a byte at a time never trips them. Capping every connect, read
+    and write by the time left makes ``--deadline`` bound the whole request, from
+    connecting to the last byte, whatever the server sends or withholds.
+    """
+    at = _deadline_at.get()
+    if at is None:
+        return timeout
+    left = at - time.monotonic()
+    if left <= 0:
+        # A zero timeout would make the socket non-blocking, not time out.
+        raise error("past --deadline")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A network stream whose every operation ends by the request's deadline."""
+
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        """Read, for at most what is left of the deadline."""
+        return self._stream.read(max_bytes, _capped(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        """Write, for at most what is left of the deadline."""
+        self._stream.write(buffer, _capped(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        """Close the underlying stream."""
+        self._stream.close()
+
+    def start_tls(
+        self,
+        ssl_context: Any,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        """Start TLS within the deadline; the TLS stream is capped as well."""
+        timeout = _capped(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(
+            self._stream.start_tls(ssl_context, server_hostname, timeout)
+        )
+
+    def get_extra_info(self, info: str) -> Any:
+        """Pass through (the socket, TLS details)."""
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's network backend with every stream capped by ``_deadline_at``."""
+
+    def __init__(self, backend: httpcore.NetworkBackend) -> None:
+        self._backend = backend
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        """Connect within the deadline."""
+        timeout = _capped(timeout, httpcore.ConnectTimeout)
+        stream = self._backend.connect_tcp(
+            host, port, timeout, local_address, socket_options
+        )
+        return _DeadlineStream(stream)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None
+    ) -> httpcore.NetworkStream:
+        """Connect within the deadline."""
+        timeout = _capped(timeout, httpcore.ConnectTimeout)
+        stream = self._backend.connect_unix_socket(path, timeout, socket_options)
+        return _DeadlineStream(stream)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep as the wrapped backend does."""
+        self._backend.sleep(seconds)
+
+
+class _AsyncDeadlineStream(httpcore.AsyncNetworkStream):
+    """``_DeadlineStream`` for asyncio."""
+
+    def __init__(self, stream: httpcore.AsyncNetworkStream) -> None:
+        self._stream = stream
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        """Read, for at most what is left of the deadline."""
+        timeout = _capped(timeout, httpcore.ReadTimeout)
+        return await self._stream.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        """Write, for at most what is left of the deadline."""
+        await self._stream.write(buffer, _capped(timeout, httpcore.WriteTimeout))
+
+    async def aclose(self) -> None:
+        """Close the underlying stream."""
+        await self._stream.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: Any,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        """Start TLS within the deadline; the TLS stream is capped as well."""
+        timeout = _capped(timeout, httpcore.ConnectTimeout)
+        stream = await self._stream.start_tls(ssl_context, server_hostname, timeout)
+        return _AsyncDeadlineStream(stream)
+
+    def get_extra_info(self, info: str) -> Any:
+        """Pass through (the socket, TLS details)."""
+        return self._stream.get_extra_info(info)
+
+
+class _AsyncDeadlineBackend(httpcore.AsyncNetworkBackend):
+    """``_DeadlineBackend`` for asyncio."""
+
+    def __init__(self, backend: httpcore.AsyncNetworkBackend) -> None:
+        self._backend = backend
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.AsyncNetworkStream:
+        """Connect within the deadline."""
+        timeout = _capped(timeout, httpcore.ConnectTimeout)
+        stream = await self._backend.connect_tcp(
+            host, port, timeout, local_address, socket_options
+        )
+        return _AsyncDeadlineStream(stream)
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None
+    ) -> httpcore.AsyncNetworkStream:
+        """Connect within the deadline."""
+        timeout = _capped(timeout, httpcore.ConnectTimeout)
+        stream = await self._backend.connect_unix_socket(path, timeout, socket_options)
+        return _AsyncDeadlineStream(stream)
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep as the wrapped backend does."""
+        await self._backend.sleep(seconds)
 
 
 class StopFlag(Protocol):
@@ -499,6 +700,8 @@ class _Attempts:
         self.started = clock()
         self.count = 0
         self.deadline: float | None = None
+        self._deadline_at: float | None = None
+        self.origin: tuple[str, str, int] | None = None
 
     @contextmanager
     def cleanup(self) -> Iterator[None]:
@@ -519,8 +722,10 @@ class _Attempts:
         if self.stop.is_set():
             raise FetchError("interrupted")
         self.count += 1
-        self.deadline = None
-        return _Hops(self.job.url, self.http.max_redirects)
+        self.deadline = self._deadline_at = None
+        hops = _Hops(self.job.url, self.http.max_redirects)
+        self.origin = _origin(hops.url)
+        return hops
 
     def retry_delay(self, exc: _Transient) -> float:
         """Return the wait before the next attempt, or raise if this was the last."""
@@ -547,10 +752,36 @@ class _Attempts:
         if self.deadline is None:
             # Time spent queueing for a slot is not the server's fault.
             self.deadline = self.clock() + self.http.deadline
+            self._deadline_at = time.monotonic() + self.http.deadline
         if self.stop.is_set():
             raise FetchError("interrupted")
         if self.clock() > self.deadline:
             raise _Transient(f"timed out after {self.http.deadline:g}s", host=host)
+
+    @contextmanager
+    def network_deadline(self) -> Iterator[None]:
+        """Cap every network operation in this block by the attempt's deadline."""
+        token = _deadline_at.set(self._deadline_at)
+        try:
+            yield
+        finally:
+            _deadline_at.reset(token)
+
+    def past_deadline(self) -> bool:
+        """True once this attempt's deadline has passed (in real time)."""
+        at = self._deadline_at
+        return at is not None and time.monotonic() >= at
+
+    def request(
+        self, client: httpx.Client | httpx.AsyncClient, url: httpx.URL
+    ) -> httpx.Request:
+        """The GET for one hop: a hop to another origin than the listed URL's goes
+        without the credential headers the user gave (``_CREDENTIAL_HEADERS``)."""
+        request = client.build_request("GET", url)
+        if _origin(url) != self.origin:
+            for name in _CREDENTIAL_HEADERS:
+                request.headers.pop(name, None)
+        return request
 
     def body_reader(self, response: httpx.Response, received: _Received) -> _BodyReader:
         """Check a 200 response's headers and return the reader for its body."""
@@ -652,13 +883,16 @@ def _translated(url: httpx.URL, host: str, attempts: _Attempts) -> Iterator[_Rec
     received = _Received()
     try:
         yield received
-    except httpx.HTTPError as exc:
-        error = _translate(exc, host, attempts.http, received)
+    except (FetchError, OutputError) as exc:
+        if isinstance(exc, FetchError):
+            exc.final_url = exc.final_url or str(url)
+        raise
+    except Exception as exc:
+        # Whatever one URL's request raises fails that URL, never the run: a hostile
+        # server must not be able to stop a run, and every rerun with it.
+        error = _translate(exc, host, attempts, received)
         error.final_url = str(url)
         raise error from exc
-    except FetchError as exc:
-        exc.final_url = exc.final_url or str(url)
-        raise
 
 
 class _Download:
@@ -711,11 +945,16 @@ class _Download:
     def _send(self, url: httpx.URL, host: str, received: _Received) -> _Body | str:
         """Send the GET once a host slot is held."""
         self.attempts.check_running(host)
-        with self.client.stream("GET", url) as response:
-            location = _check_status(response, host, self.attempts.http.max_backoff)
-            if location is not None:
-                return location
-            return self._save(response, str(url), received)
+        request = self.attempts.request(self.client, url)
+        with self.attempts.network_deadline():
+            response = self.client.send(request, stream=True)
+            try:
+                location = _check_status(response, host, self.attempts.http.max_backoff)
+                if location is not None:
+                    return location
+                return self._save(response, str(url), received)
+            finally:
+                response.close()
 
     def _save(self, response: httpx.Response, url: str, received: _Received) -> _Body:
         reader = self.attempts.body_reader(response, received)
@@ -767,13 +1006,18 @@ class _AsyncDownload:
             await self.attempts.guard.check_async(url, host)
             async with self.hosts.slot(host, self.stop):
                 self.attempts.check_running(host)
-                async with self.client.stream("GET", url) as response:
-                    location = _check_status(
-                        response, host, self.attempts.http.max_backoff
-                    )
-                    if location is not None:
-                        return location
-                    return await self._save(response, str(url), received)
+                request = self.attempts.request(self.client, url)
+                with self.attempts.network_deadline():
+                    response = await self.client.send(request, stream=True)
+                    try:
+                        location = _check_status(
+                            response, host, self.attempts.http.max_backoff
+                        )
+                        if location is not None:
+                            return location
+                        return await self._save(response, str(url), received)
+                    finally:
+                        await response.aclose()
 
     async def _save(
         self, response: httpx.Response, url: str, received: _Received
@@ -944,7 +1188,11 @@ def _check_status(
     if code == 200:
         return None
     if code in _REDIRECT_STATUSES and "Location" in response.headers:
-        return response.headers["Location"]
+        locations = response.headers.get_list("Location")
+        if len(locations) > 1:
+            # Joined they make a URL neither target meant ("/a, /b"); curl refuses too.
+            raise FetchError(f"ambiguous redirect: {len(locations)} Location headers")
+        return locations[0]
     if code in _TRANSIENT_CLIENT_STATUSES or code >= 500:
         retry_after = None
         if code in _RATE_LIMIT_STATUSES:
@@ -985,6 +1233,13 @@ def _redirect_target(current: httpx.URL, location: str, seen: set[str]) -> httpx
         raise FetchError(
             f"redirect to unsupported scheme {target.scheme!r}", final_url=str(current)
         )
+    if not target.host:
+        raise FetchError("bad redirect: no host", final_url=str(current))
+    if target.port is not None and not 0 < target.port < 65536:
+        # httpx accepts any number here, and the OS would wrap it to another port.
+        raise FetchError(
+            f"bad redirect: port {target.port} out of range", final_url=str(current)
+        )
     if str(target) in seen:
         raise FetchError("redirect loop", final_url=str(current))
     seen.add(str(target))
@@ -1005,6 +1260,11 @@ def _host_key(url: httpx.URL) -> str:
     return f"{host}:{port}"
 
 
+def _origin(url: httpx.URL) -> tuple[str, str, int]:
+    """Scheme, host and port: what must stay the same for credentials to follow."""
+    return url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80)
+
+
 def _content_length(response: httpx.Response) -> int | None:
     try:
         return int(response.headers["Content-Length"])
@@ -1012,25 +1272,74 @@ def _content_length(response: httpx.Response) -> int | None:
         return None
 
 
+_DISCONNECTED = ("server disconnected", "peer closed connection")
+"""How h11 and httpcore begin a ``RemoteProtocolError`` for a connection that ended
+early (a reused keep-alive connection the server had closed, a cut body): worth
+another attempt, unlike a reply that is not valid HTTP."""
+_REDIRECT_BUILD_ERRORS = ("invalid url in location header", "malformed location")
+"""How httpx begins the error for a ``Location`` it cannot turn into a request."""
+
+
 def _translate(
-    exc: httpx.HTTPError, host: str, http: HttpSettings, received: _Received
+    exc: Exception, host: str, attempts: _Attempts, received: _Received
 ) -> FetchError:
-    """Turn an httpx exception into the FetchError a person reads (the one place)."""
-    message = str(exc) or type(exc).__name__
+    """Turn what one request raised into the FetchError a person reads.
+
+    Every exception a request can raise ends here, with its fate:
+
+    - timeouts (connect, read, write, the pool, ``--deadline``), connection errors,
+      resets, a connection closed before or during the reply: ``_Transient``;
+    - a reply that is not valid HTTP (an illegal status line, conflicting
+      Content-Length, a bad chunk): final, ``bad HTTP response: …``;
+    - a ``Location`` httpx cannot represent (``httpx.InvalidURL``, raised while it
+      builds the next request even with redirects off): final, ``bad redirect: …``;
+    - an unsupported protocol, an invalid request, httpx's stream and cookie errors,
+      and anything else: final, with the exception's type (``unexpected …``); it is
+      logged with its traceback at debug level, since it may be a bug of ours.
+
+    Once the run is stopping, any of them is ``interrupted``.
+    """
+    http = attempts.http
+    message = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, httpx.TimeoutException):
+        if attempts.past_deadline():
+            return _Transient(f"timed out after {http.deadline:g}s", host=host)
         kind = _TIMEOUT_KINDS.get(type(exc), "network")
         seconds = http.deadline if kind == "pool" else http.timeout
         return _Transient(f"timed out after {seconds:g}s ({kind})", host=host)
+    if attempts.stop.is_set():
+        return FetchError("interrupted")
+    lowered = message.lower()
+    if isinstance(exc, httpx.InvalidURL) or lowered.startswith(_REDIRECT_BUILD_ERRORS):
+        return FetchError(f"bad redirect: {message}")
     if isinstance(exc, httpx.RemoteProtocolError):
         expected = received.expected
         if expected is not None and 0 < received.raw < expected:
             message = f"connection closed early ({received.raw} of {expected} bytes)"
-        return _Transient(message, host=host)
+            return _Transient(message, host=host)
+        if lowered.startswith(_DISCONNECTED):
+            return _Transient(message, host=host)
+        return FetchError(f"bad HTTP response: {_readable_protocol_error(message)}")
     if isinstance(exc, httpx.ConnectError):
         return _Transient(f"cannot connect: {message}", host=host)
     if isinstance(exc, httpx.NetworkError | httpx.ProxyError):
         return _Transient(f"connection error: {message}", host=host)
-    return FetchError(message)
+    if isinstance(exc, httpx.HTTPError):
+        return FetchError(message)
+    _log.debug("unexpected error for %s", attempts.job.url, exc_info=exc)
+    return FetchError(f"unexpected {type(exc).__name__}: {message}")
+
+
+def _readable_protocol_error(message: str) -> str:
+    """h11's message without the Python repr of the bytes it choked on.
+
+    ``illegal status line: bytearray(b'NOT HTTP')`` → ``illegal status line: NOT HTTP``.
+    """
+    head, sep, rest = message.partition(": bytearray(b")
+    if not sep:
+        return message
+    seen = rest.removesuffix(")")[1:-1] if len(rest) > 2 else rest
+    return f"{head}: {seen[:60]}"
 
 
 def _output_error(path: Path, exc: OSError) -> OutputError:

@@ -12,7 +12,36 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Fetched", "Job", "Outcome", "Stage", "Status", "Transformed"]
+__all__ = ["Fetched", "Job", "Outcome", "Stage", "Status", "Transformed", "one_line"]
+
+REASON_MAX_CHARS = 500
+"""Longest reason or note a record keeps: enough for any message of ours plus a URL,
+short enough that a hostile server cannot fill the manifest through one."""
+
+
+def _escaped(char: str) -> str:
+    return char if char.isprintable() else ascii(char)[1:-1]
+
+
+def one_line(text: str) -> str:
+    """Return ``text`` as one printable line, for a record's ``error`` or ``note``.
+
+    Reasons reach people through the manifest, ``failed.txt`` and ``-v`` log lines,
+    and parts of them come from servers or from tracebacks. A multi-line text keeps
+    its first line and its last (a traceback's first line says where, its last what);
+    characters that are not printable (a terminal escape from a hostile server, a
+    bidi override) are shown escaped (``\\x1b``); the result is cut at
+    ``REASON_MAX_CHARS``.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    text = lines[0] if lines[0] == lines[-1] else f"{lines[0]} … {lines[-1]}"
+    if not text.isprintable():
+        text = "".join(_escaped(char) for char in text)
+    if len(text) > REASON_MAX_CHARS:
+        text = text[: REASON_MAX_CHARS - 1] + "…"
+    return text
 
 
 class Status(enum.Enum):
@@ -116,6 +145,14 @@ class Outcome:
     """The kept download (``--keep-originals``), relative to the output folder."""
     settings: str | None = None
     """Fingerprint of the settings that decide the output files (ok records)."""
+
+    def __post_init__(self) -> None:
+        # Every record passes here, whoever made it: reasons are one line (see
+        # one_line). Cheap when they already are.
+        for name in ("error", "note"):
+            text = getattr(self, name)
+            if text is not None and one_line(text) != text:
+                object.__setattr__(self, name, one_line(text))
 
     @property
     def ok(self) -> bool:

@@ -53,6 +53,7 @@ class LocalHandler(CorpusHandler):
     ``/drip`` (a byte every ``DRIP_S``); ``/chunked-cut``; ``/big`` and
     ``/big-unsized`` (``BIG_BODY`` bytes with and without a Content-Length);
     ``/gzip-bomb``; ``/redirect/N/NAME`` (a chain of N hops to NAME); ``/loop``;
+    ``/location/QUOTED`` (a redirect to any Location, percent-encoded in the path);
     ``/to-file``; ``/to-ftp``; ``/relative/NAME`` (``Location: ../NAME``);
     ``/disposition/dotdot|absolute/NAME``; ``/named/...`` (any path: the first file
     of the corpus); ``/empty`` (a 200 with no body).
@@ -198,6 +199,10 @@ class LocalHandler(CorpusHandler):
     def _loop(self, rest: str) -> None:
         self._redirect_to("/loop")
 
+    def _location(self, rest: str) -> None:
+        # Any Location at all (the path is percent-decoded): javascript:, a bad port…
+        self._redirect_to(rest)
+
     def _to_file(self, rest: str) -> None:
         self._redirect_to("file:///etc/passwd")
 
@@ -236,6 +241,7 @@ class LocalHandler(CorpusHandler):
         "gzip-bomb": _gzip_bomb,
         "redirect": _redirect,
         "loop": _loop,
+        "location": _location,
         "to-file": _to_file,
         "to-ftp": _to_ftp,
         "relative": _relative,

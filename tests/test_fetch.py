@@ -83,6 +83,9 @@ class Server(ThreadingHTTPServer):
         self.counters: Counter[str] = Counter()
         self.active: Counter[str] = Counter()
         self.peak: Counter[str] = Counter()
+        self.head_bytes: dict[str, tuple[int, int]] = {}
+        self.head_done = threading.Condition(self.lock)
+        """Per query: bytes of the head sent before the client left, and in all."""
 
     def record(self, path: str, headers: dict[str, str]) -> None:
         """Append one request to the log."""
@@ -262,6 +265,50 @@ class Handler(BaseHTTPRequestHandler):
     def route_to_host(self, host: str) -> None:
         port = self.server.server_address[1]
         self.redirect(f"http://{host}:{port}/ok/10?{self.query}")
+
+    def route_to_port(self, port: str) -> None:
+        self.redirect(f"http://127.0.0.1:{port}/ok/10?{self.query}")
+
+    def route_to_raw(self, quoted: str) -> None:
+        """A redirect to any ``Location`` at all (percent-decoded from the path)."""
+        self.redirect(unquote(quoted))
+
+    def route_two_locations(self) -> None:
+        self.send_response(302)
+        self.send_header("Location", f"/ok/10?{self.query}")
+        self.send_header("Location", f"/ok/20?{self.query}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def route_raw(self, name: str) -> None:
+        """Reply with bytes that are not valid HTTP/1.1, then hang up."""
+        replies = {
+            "not-http": b"NOT HTTP AT ALL\r\n\r\n",
+            "two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+            b"Content-Length: 6\r\n\r\nhello!",
+            "bad-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\nhello\r\n",
+            "nothing": b"",
+        }
+        self.wfile.write(replies[name])
+        self.wfile.flush()
+        self.close_connection = True
+
+    def route_drip_head(self) -> None:
+        """Send the status line and headers a byte every 0.05 s (20 s in all)."""
+        head = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 380 + b"\r\n"
+        head += b"Content-Length: 10\r\n\r\n"
+        sent = 0
+        for byte in head:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            sent += 1
+            if client_gone(self.connection, 0.05):
+                break
+        with self.server.head_done:
+            self.server.head_bytes[self.query] = (sent, len(head))
+            self.server.head_done.notify_all()
+        self.close_connection = True
 
 
 class Site:
@@ -925,3 +972,186 @@ def test_insecure_downloads_are_marked(site: Site, tmp_path: Path) -> None:
     )
 
     assert (secure.insecure, insecure.insecure) == (False, True)
+
+
+# Hostile replies: each fails its URL with a plain reason, in both drivers, and the
+# caller (every scheduler) goes on.
+
+DRIVERS = ["sync", "async"]
+
+
+def fetch_by(driver: str, url: str, tmp_dir: Path, http: HttpSettings) -> Fetched:
+    """Fetch ``url`` with the blocking driver or the asyncio one."""
+    if driver == "sync":
+        return download(url, tmp_dir, http)
+
+    async def attempt() -> Fetched:
+        async with make_async_client(http, 4) as client:
+            return await fetch_async(
+                make_job(url),
+                client,
+                http,
+                tmp_dir,
+                stop=asyncio.Event(),
+                hosts=AsyncHostLimiter(http.per_host),
+            )
+
+    return asyncio.run(asyncio.wait_for(attempt(), WAIT))
+
+
+def failure_by(
+    driver: str, url: str, tmp_dir: Path, http: HttpSettings = FAST
+) -> FetchError:
+    """``failure`` for either driver: the FetchError, and nothing left on disk."""
+    with pytest.raises(FetchError) as info:
+        fetch_by(driver, url, tmp_dir, http)
+    assert list(tmp_dir.iterdir()) == []
+    return info.value
+
+
+HOSTILE_LOCATIONS = [
+    "javascript:alert(1)",
+    "http://[::1",
+    "http://exa\x01mple/",
+    "http://127.0.0.1:99999/x",
+    "https://",
+    "data:image/png;base64,AAAA",
+    "//:80/x",
+]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("location", HOSTILE_LOCATIONS)
+def test_unrepresentable_redirects_fail_the_url(
+    site: Site, tmp_path: Path, driver: str, location: str
+) -> None:
+    """A Location httpx cannot turn into a request fails that URL, once, plainly.
+
+    httpx raises ``InvalidURL`` (not an ``HTTPError``) while it builds the next
+    request, even with redirects off; it used to escape and stop the whole run.
+    """
+    quoted = "".join(f"%{byte:02X}" for byte in location.encode())
+    error = failure_by(driver, site.url(f"/to-raw/{quoted}"), tmp_path)
+
+    assert error.reason.startswith(("bad redirect: ", "redirect to unsupported"))
+    assert "\n" not in error.reason
+    assert error.final_url is not None
+    assert site.hits() == 1
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_two_locations_are_ambiguous(site: Site, tmp_path: Path, driver: str) -> None:
+    """Two Location headers are not joined into one target: the URL fails."""
+    error = failure_by(driver, site.url("/two-locations"), tmp_path)
+
+    assert error.reason == "ambiguous redirect: 2 Location headers"
+    assert site.hits() == 1
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("not-http", "bad HTTP response: illegal status line: NOT HTTP AT ALL"),
+        ("two-lengths", "bad HTTP response: "),
+        ("bad-chunk", "bad HTTP response: "),
+    ],
+)
+def test_malformed_replies_are_not_retried(
+    site: Site, tmp_path: Path, driver: str, name: str, reason: str
+) -> None:
+    """A reply that is not valid HTTP is a final failure: retrying cannot help."""
+    error = failure_by(driver, site.url(f"/raw/{name}"), tmp_path)
+
+    assert error.reason.startswith(reason)
+    assert "bytearray" not in error.reason
+    assert site.hits() == 1
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_silent_hang_up_is_retried(site: Site, tmp_path: Path, driver: str) -> None:
+    """A connection closed before any reply may be a stale keep-alive: retried."""
+    error = failure_by(driver, site.url("/raw/nothing"), tmp_path)
+
+    assert error.reason.startswith("Server disconnected without sending a response")
+    assert error.reason.endswith("after 3 attempts")
+    assert site.hits() == 3
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_deadline_bounds_the_response_head(
+    site: Site, tmp_path: Path, driver: str
+) -> None:
+    """Status line and headers dripped a byte at a time still end at --deadline.
+
+    Each byte comes well within the read timeout, so only a deadline on the whole
+    request stops it: the server sees the client leave before its head is sent.
+    """
+    http = replace(FAST, retries=0, deadline=1.0, min_speed=0)
+    error = failure_by(driver, site.url("/drip-head"), tmp_path, http)
+
+    assert error.reason == "timed out after 1s"
+    with site.server.head_done:
+        assert site.server.head_done.wait_for(
+            lambda: site.token in site.server.head_bytes, WAIT
+        )
+        sent, total = site.server.head_bytes[site.token]
+    assert sent < total / 2
+
+
+SECRETS = (("Authorization", "Bearer s3cret"), ("Cookie", "session=s3cret"))
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_credentials_stay_with_their_origin(
+    site: Site, tmp_path: Path, driver: str
+) -> None:
+    """Authorization and Cookie from --header go to the listed URL's origin only."""
+    http = replace(FAST, headers=(*SECRETS, ("X-Trace", "1")))
+
+    fetch_by(driver, site.url("/to-host/localhost"), tmp_path, http)
+
+    first, second = site.requests()
+    assert (first["authorization"], first["cookie"]) == (
+        "Bearer s3cret",
+        "session=s3cret",
+    )
+    assert "authorization" not in second
+    assert "cookie" not in second
+    assert second["x-trace"] == "1"
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_credentials_follow_a_same_origin_redirect(
+    site: Site, tmp_path: Path, driver: str
+) -> None:
+    """A hop on the same scheme, host and port keeps the user's headers."""
+    http = replace(FAST, headers=SECRETS)
+
+    fetch_by(driver, site.url("/redirect/2"), tmp_path, http)
+
+    requests = site.requests()
+    assert len(requests) == 3
+    assert all(r["authorization"] == "Bearer s3cret" for r in requests)
+
+
+def test_credentials_do_not_follow_a_port_change(site: Site, tmp_path: Path) -> None:
+    """Another port on the same host is another origin."""
+    other = Server()
+    thread = threading.Thread(
+        target=other.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        http = replace(FAST, headers=SECRETS)
+        download(site.url(f"/to-port/{other.server_address[1]}"), tmp_path, http)
+        with other.lock:
+            ((_, headers),) = other.log
+    finally:
+        other.shutdown()
+        other.server_close()
+        thread.join(timeout=WAIT)
+
+    assert "authorization" not in headers
+    assert "cookie" not in headers
+    assert site.requests()[0]["authorization"] == "Bearer s3cret"

@@ -6,8 +6,10 @@ then checks one URL's record, the server's request log, and the files on disk.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from downloader import Stage, Status, run
 from downloader.demo import serve_in_thread
 from downloader.records import Outcome
 from downloader.report import RunReport
-from downloader.settings import HttpSettings, ImageSpec
+from downloader.settings import HttpSettings, ImageSpec, Mode
 from tests.helpers import (
     SLOW_IMAGE,
     LocalServer,
@@ -504,3 +506,37 @@ def test_per_host_caps_one_host_while_another_proceeds(
     # half of the busy host's requests had even been sent.
     busy_arrivals = sorted(t for _, t in busy.log)
     assert max(t for _, t in other.log) < busy_arrivals[len(busy_urls) // 2]
+
+
+HOSTILE_LOCATIONS = ("javascript:alert(1)", "http://[::1", "http://127.0.0.1:99999/")
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_bad_redirects_fail_their_urls_in_every_mode(
+    server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode
+) -> None:
+    """A redirect httpx cannot follow fails its URL; the run and every rerun go on.
+
+    It used to escape the one place that translates errors and stop the run at the
+    same URL on every rerun.
+    """
+    good = corpus_urls(server, corpus)[:4]
+    bad = [
+        server.url_for("location/" + urllib.parse.quote(location, safe=""))
+        for location in HOSTILE_LOCATIONS
+    ]
+    urls = [url for pair in itertools.zip_longest(good, bad) for url in pair if url]
+    settings = fast_settings(tmp_path / "out", mode=mode)
+
+    for attempt in (1, 2):
+        report = run(urls, settings)
+
+        records = read_manifest(settings.out)
+        assert sorted(str(r["url"]) for r in records) == sorted(urls), attempt
+        by_url = {r["url"]: r for r in records}
+        for url in bad:
+            assert by_url[url]["status"] == "failed"
+            assert str(by_url[url]["error"]).startswith("bad redirect"), by_url[url]
+            assert by_url[url]["attempts"] == 1
+        assert report.summary.counts[Status.FAILED] == len(bad)
+        assert report.summary.counts[Status.OK if attempt == 1 else Status.SKIPPED] == 4
