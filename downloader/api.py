@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +13,13 @@ from downloader.progress import Events, ignore_events
 from downloader.records import Job, Outcome, Status
 from downloader.report import RunReport, Tally
 from downloader.reuse import ContentIndex, settings_fingerprint
-from downloader.runtime import Cancellation, RunContext, Usage, cancel_on_signals
+from downloader.runtime import (
+    Cancellation,
+    RunContext,
+    Usage,
+    cancel_on_signals,
+    helper_processes,
+)
 from downloader.settings import NameBy, Settings
 from downloader.sources import Source, open_source
 from downloader.steps import not_started
@@ -21,6 +27,8 @@ from downloader.steps import not_started
 __all__ = ["Source", "iter_results", "run"]
 
 SKIP_NOTE = "already ok in the manifest (use --force to redo)"
+LEFT_EARLY = "the caller stopped reading the results"
+"""The stop reason when the caller leaves ``iter_results`` early."""
 
 
 def _plan(
@@ -28,15 +36,26 @@ def _plan(
 ) -> Iterator[Job | Outcome]:
     """Skip what still stands; redo the rest, from a kept original if there is one."""
     for item in items:
-        if isinstance(item, Job) and not force:
-            earlier = previous.earlier(item.url)
-            if earlier is not None and previous.current(earlier):
+        earlier = previous.earlier(item.url) if isinstance(item, Job) else None
+        if isinstance(item, Job) and earlier is not None:
+            if not force and previous.current(earlier):
                 yield earlier.skipped(SKIP_NOTE, line=item.line)
                 continue
-            original = None if earlier is None else previous.kept_original(earlier)
-            if original is not None and item.local_path is None:
-                item = replace(item, local_path=str(original))
+            item = _redo(item, earlier, previous, force)
         yield item
+
+
+def _redo(job: Job, earlier: Outcome, previous: PreviousRun, force: bool) -> Job:
+    """``job``, which may replace the files of its ``earlier`` ok record.
+
+    Unless forced, it is processed again from its kept original if there is one.
+    """
+    recorded = (earlier.path, *(earlier.outputs or ()), earlier.original)
+    job = replace(job, owned=tuple(name for name in recorded if name))
+    original = None if force else previous.kept_original(earlier)
+    if original is not None and job.local_path is None:
+        job = replace(job, local_path=str(original))
+    return job
 
 
 def _marked_insecure(outcome: Outcome) -> Outcome:
@@ -53,6 +72,26 @@ def _not_started(plan: Iterator[Job | Outcome], reason: str) -> Iterator[Outcome
             yield item
 
 
+def _every_record(
+    results: Iterator[Outcome], plan: Iterator[Job | Outcome], cancel: Cancellation
+) -> Generator[Outcome, None, None]:
+    """The scheduler's records, then, if the run was stopped, those never reached.
+
+    Closing this generator closes the scheduler (``results``), which then gives up on
+    what it was doing: the path of an error, or of a second interruption.
+    """
+    try:
+        yield from results
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+    if cancel.is_set():
+        # Stopped before reaching the end of the list: every input still gets its
+        # one record, so failed.txt and the rerun cover them too.
+        yield from _not_started(plan, cancel.reason or "interrupted")
+
+
 def iter_results(
     source: Source,
     settings: Settings,
@@ -60,14 +99,25 @@ def iter_results(
     events: Events = ignore_events,
     cancel: Cancellation | None = None,
     usage: Usage | None = None,
-) -> Iterator[Outcome]:
+) -> Generator[Outcome, None, None]:
     """Run the job and yield each URL's record as soon as it is written.
 
-    The manifest in ``settings.out`` gets one line per unique input. Stopping early
-    (``break``, ``close()``, Ctrl-C or ``cancel.set()``) shuts the run down cleanly.
-    After Ctrl-C or ``cancel.set()``, URLs cut short are recorded as ``interrupted`` and
-    those never reached as ``not started``; a caller that stops iterating gets records
-    only for what had started.
+    The manifest in ``settings.out`` gets one line per unique input, however the run
+    ends. After Ctrl-C or ``cancel.set()``, the run stops taking new URLs, lets those
+    in progress end (an image being written gets its ok record; the others are
+    ``interrupted``) and records the rest as ``not started``; those records are
+    yielded too.
+
+    A caller that leaves early stops the run the same way: when this generator is
+    closed (``close()``, or collected once nothing refers to it, which CPython does at
+    once after a ``break`` out of ``for outcome in iter_results(...)``) or when an
+    exception is thrown into it, the run is cancelled and drained before ``close()``
+    returns: every output on disk has its ok record, the rest are written as
+    ``interrupted`` / ``not started`` (not yielded: the caller has left), and every
+    thread and process of the run has ended. An exception in the caller's loop body
+    does not close the generator by itself while something still refers to it; wrap
+    the loop in ``contextlib.closing(iter_results(...))`` to stop the run there and
+    then.
 
     Raises:
         InputError: the list cannot be read (before anything is written).
@@ -83,7 +133,8 @@ def iter_results(
         raise InputError(f"mode {settings.mode.value!r} is not available")
     with (
         cancel_on_signals(cancel),
-        OutputFolder(settings.out) as folder,
+        OutputFolder.for_settings(settings) as folder,
+        helper_processes(folder.tmp),
     ):
         previous = PreviousRun(
             folder,
@@ -95,22 +146,28 @@ def iter_results(
         with ManifestWriter(folder, previous) as manifest:
             plan = _plan(items, previous, settings.force)
             results = content.relay(runner(plan, settings, context, content.claim))
+            records = _every_record(results, plan, cancel)
+
+            def write(outcome: Outcome) -> Outcome:
+                if not settings.http.verify:
+                    outcome = _marked_insecure(outcome)
+                manifest.write(outcome)
+                return outcome
+
             try:
-                for outcome in results:
-                    if not settings.http.verify:
-                        outcome = _marked_insecure(outcome)
-                    manifest.write(outcome)
-                    yield outcome
+                for outcome in records:
+                    written = write(outcome)
+                    try:
+                        yield written
+                    except BaseException:
+                        # The caller left (GeneratorExit) or threw an error in: stop
+                        # as Ctrl-C does, and still record every input.
+                        cancel.set(LEFT_EARLY)
+                        for rest in records:
+                            write(rest)
+                        raise
             finally:
-                close = getattr(results, "close", None)
-                if close is not None:
-                    close()
-            if cancel.is_set():
-                # Stopped before reaching the end of the list: every input still
-                # gets its one record, so failed.txt and the rerun cover them too.
-                for outcome in _not_started(plan, cancel.reason or "interrupted"):
-                    manifest.write(outcome)
-                    yield outcome
+                records.close()
 
 
 def run(

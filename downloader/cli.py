@@ -29,16 +29,26 @@ from downloader.errors import DownloaderError, InputError, OutputError
 from downloader.progress import Bars, BarsHandler, Events, EventStream, fan_out
 from downloader.records import Status
 from downloader.report import Summary, Tally, print_summary, summary_json
-from downloader.runtime import Cancellation, Usage
+from downloader.runtime import (
+    Cancellation,
+    Usage,
+    interrupt_on_signals,
+    stop_helper_processes,
+)
 from downloader.settings import (
+    HEADER_NAME,
+    OPTION_CHECKS,
     VERSION,
+    Check,
     HttpSettings,
     ImageFormat,
     ImageSpec,
     Mode,
     NameBy,
+    Number,
     ResizeMode,
     Settings,
+    Whole,
 )
 from downloader.sources import (
     InputFormat,
@@ -56,6 +66,17 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 DEMO_COUNT = 48
 DEMO_LATENCY_S = 0.02
+# ~1.5 MB each, generated and cached once: 10000 is ~15 GB; a bigger test wants a list.
+DEMO_COUNT_LIMIT = 10_000
+# A minute per request: beyond that the demo only waits.
+DEMO_LATENCY_LIMIT_S = 60.0
+_DEMO_CHECKS: dict[str, Check] = {
+    "demo-count": Whole("--demo-count", 1, DEMO_COUNT_LIMIT),
+    "demo-latency": Number("--demo-latency", 0, DEMO_LATENCY_LIMIT_S, unit="seconds"),
+}
+# Flags' types only parse the text; ranges are the settings' (one place, one message),
+# and the config file checks its values with the same checks.
+_CHECKS: dict[str, Check] = {**OPTION_CHECKS, **_DEMO_CHECKS}
 INSECURE_WARNING = (
     "warning: TLS certificate verification is OFF (--insecure): any server can "
     'pose as any https host; every record says "insecure": true'
@@ -74,26 +95,6 @@ def _byte_size(text: str) -> int:
     return int(float(match.group(1)) * _MULTIPLIER[match.group(2).lower()])
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0: {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0: {text}")
-    return value
-
-
 def _mode_list(text: str) -> tuple[Mode, ...]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     known = {mode.value: mode for mode in Mode}
@@ -110,15 +111,12 @@ _BOX = re.compile(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?")
 
 
 def _box(text: str) -> tuple[int, int]:
-    """Parse ``PX`` (a square box) or ``WxH``."""
+    """Parse ``PX`` (a square box) or ``WxH``; ``ImageSpec`` checks the range."""
     match = _BOX.fullmatch(text)
     if match is None:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 800 or 800x600)")
     width = int(match.group(1))
-    height = int(match.group(2) or width)
-    if width <= 0 or height <= 0:
-        raise argparse.ArgumentTypeError(f"sizes must be greater than 0: {text}")
-    return width, height
+    return width, int(match.group(2) or width)
 
 
 def _box_list(text: str) -> tuple[tuple[int, int], ...]:
@@ -129,20 +127,14 @@ def _box_list(text: str) -> tuple[tuple[int, int], ...]:
     return boxes
 
 
-# RFC 9110 token: the characters a header name may have.
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
 def _header(text: str) -> tuple[str, str]:
-    """Parse ``Name: value`` into a (name, value) pair."""
+    """Parse ``Name: value`` into a (name, value) pair (``HttpSettings`` checks it)."""
     name, colon, value = text.partition(":")
     name, value = name.strip(), value.strip()
-    if not colon or _HEADER_NAME.fullmatch(name) is None:
+    if not colon or HEADER_NAME.fullmatch(name) is None:
         raise argparse.ArgumentTypeError(
             f"not a header: {text!r} (expected 'Name: value')"
         )
-    if any(char in value for char in "\r\n\0"):
-        raise argparse.ArgumentTypeError(f"line break or NUL in header {name!r}")
     return name, value
 
 
@@ -179,22 +171,27 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve a generated sample corpus on 127.0.0.1 and run on it (offline)",
     )
+    defaults = Settings()  # the defaults are the library's
+    # Text: Settings makes the Path (and refuses '', which Path would make '.').
+    parser.add_argument("--out", default=defaults.out, help="output folder")
     parser.add_argument(
-        "--out", type=Path, default=Path("output"), help="output folder"
+        "--mode", choices=[m.value for m in Mode], default=defaults.mode.value
     )
-    parser.add_argument("--mode", choices=[m.value for m in Mode], default="pipeline")
     parser.add_argument(
-        "--threads", type=_positive_int, default=8, help="download threads"
+        "--threads",
+        type=int,
+        default=defaults.threads,
+        help=f"download threads (default {defaults.threads})",
     )
     parser.add_argument(
         "--procs",
-        type=_positive_int,
+        type=int,
         default=None,
         help="worker processes (default: cores)",
     )
     parser.add_argument(
         "--download-procs",
-        type=_positive_int,
+        type=int,
         default=None,
         help="processes to run the download threads in (pipeline mode; default: 1, "
         "or one per 8 worker processes); --per-host applies to each",
@@ -203,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--name-by",
         choices=[n.value for n in NameBy],
-        default=NameBy.URL.value,
+        default=defaults.name_by.value,
         help="name outputs after the URL, or after the body's SHA-256 (which also "
         "transforms identical bodies only once)",
     )
@@ -214,8 +211,8 @@ def _parser() -> argparse.ArgumentParser:
         "settings then redoes only the changed items, without downloading",
     )
     _add_reporting_options(parser)
-    _add_download_options(parser.add_argument_group("download"))
-    _add_image_options(parser.add_argument_group("images"))
+    _add_download_options(parser.add_argument_group("download"), defaults.http)
+    _add_image_options(parser.add_argument_group("images"), defaults)
     _add_demo_options(parser.add_argument_group("demo"))
     return parser
 
@@ -278,36 +275,40 @@ def _add_reporting_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_download_options(http: argparse._ArgumentGroup) -> None:
+def _add_download_options(
+    http: argparse._ArgumentGroup, defaults: HttpSettings
+) -> None:
     http.add_argument(
         "--timeout",
-        type=_positive_float,
-        default=30.0,
-        help="seconds for connecting and for each read (default 30)",
+        type=float,
+        default=defaults.timeout,
+        help=f"seconds for connecting and for each read (default {defaults.timeout:g})",
     )
     http.add_argument(
         "--deadline",
-        type=_positive_float,
-        default=300.0,
-        help="seconds for a whole download (default 300)",
+        type=float,
+        default=defaults.deadline,
+        help=f"seconds for a whole download (default {defaults.deadline:g})",
     )
     http.add_argument(
         "--retries",
         type=int,
-        default=3,
-        help="extra attempts on transient errors (default 3)",
+        default=defaults.retries,
+        help=f"extra attempts on transient errors (default {defaults.retries})",
     )
     http.add_argument(
         "--max-bytes",
         type=_byte_size,
-        default=100 * 1024**2,
-        help="largest download accepted, e.g. 20M (default 100M)",
+        default=defaults.max_bytes,
+        help="largest download accepted, e.g. 20M "
+        f"(default {defaults.max_bytes / _MULTIPLIER['m']:g}M)",
     )
     http.add_argument(
         "--per-host",
-        type=_positive_int,
+        type=int,
         default=None,
-        help="concurrent connections per host (default 4; demo: threads)",
+        help=f"concurrent connections per host (default {defaults.per_host}; "
+        "demo: threads)",
     )
     http.add_argument(
         "--header",
@@ -330,14 +331,15 @@ def _add_download_options(http: argparse._ArgumentGroup) -> None:
     )
 
 
-def _add_image_options(image: argparse._ArgumentGroup) -> None:
+def _add_image_options(image: argparse._ArgumentGroup, defaults: Settings) -> None:
+    spec = defaults.image
     boxes = image.add_mutually_exclusive_group()
     boxes.add_argument(
         "--max-size",
-        type=_positive_int,
+        type=int,
         default=None,
         metavar="PX",
-        help="box of PX x PX (default 1024)",
+        help=f"box of PX x PX (default {spec.max_size})",
     )
     boxes.add_argument(
         "--size", type=_box, default=None, metavar="WxH", help="box of W x H pixels"
@@ -353,7 +355,7 @@ def _add_image_options(image: argparse._ArgumentGroup) -> None:
     image.add_argument(
         "--resize",
         choices=[m.value for m in ResizeMode],
-        default="fit",
+        default=spec.resize.value,
         help="fit inside the box (default), fill it and crop the centre, "
         "exact (stretch), or none (keep the pixel size)",
     )
@@ -363,12 +365,15 @@ def _add_image_options(image: argparse._ArgumentGroup) -> None:
     image.add_argument(
         "--format",
         choices=[f.value for f in ImageFormat],
-        default="jpeg",
+        default=spec.format.value,
         help="output format; keep: the source's (jpeg/png/webp), else jpeg "
         "(avif only where this Pillow can write it)",
     )
     image.add_argument(
-        "--quality", type=int, default=85, help="JPEG/WebP/AVIF quality 1-100 (85)"
+        "--quality",
+        type=int,
+        default=spec.quality,
+        help=f"JPEG/WebP/AVIF quality 1-100 ({spec.quality})",
     )
     image.add_argument(
         "--progressive", action="store_true", help="write progressive JPEGs"
@@ -397,16 +402,17 @@ def _add_image_options(image: argparse._ArgumentGroup) -> None:
     )
     image.add_argument(
         "--item-timeout",
-        type=_positive_float,
-        default=120.0,
-        help="seconds one image may take in a worker (default 120)",
+        type=float,
+        default=defaults.item_timeout,
+        help="seconds one image may take in a worker "
+        f"(default {defaults.item_timeout:g})",
     )
 
 
 def _add_demo_options(demo: argparse._ArgumentGroup) -> None:
     demo.add_argument(
         "--demo-count",
-        type=_positive_int,
+        type=int,
         default=DEMO_COUNT,
         help=f"images in the demo corpus (default {DEMO_COUNT})",
     )
@@ -419,7 +425,16 @@ def _add_demo_options(demo: argparse._ArgumentGroup) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    per_host = args.per_host or (args.threads if args.demo else 4)
+    """Build the run's settings from the flags, which they check; check the demo's."""
+    for option, check in _DEMO_CHECKS.items():
+        check(getattr(args, option.replace("-", "_")))
+    if args.per_host is not None:
+        per_host = args.per_host
+    elif args.demo:  # one host: a connection per thread, so --threads is named first
+        OPTION_CHECKS["threads"](args.threads)
+        per_host = args.threads
+    else:
+        per_host = HttpSettings().per_host
     http_kwargs = {
         "timeout": args.timeout,
         "deadline": args.deadline,
@@ -479,7 +494,7 @@ def load_settings(config: str | Path) -> Settings:
     Raises:
         InputError: the file cannot be read, or a key or value is not valid.
     """
-    args = parse_args(_parser(), ["--config", str(config)])
+    args = parse_args(_parser(), ["--config", str(config)], checks=_CHECKS)
     return _settings(args)
 
 
@@ -510,8 +525,8 @@ def _url_list(args: argparse.Namespace, say: Callable[[str], None]) -> Iterator[
     say(f"demo: preparing {args.demo_count} sample images...")
     corpus = default_corpus(args.demo_count)
     with DemoServer(corpus, latency=args.demo_latency) as server:
-        args.out.mkdir(parents=True, exist_ok=True)
-        url_list = server.write_url_list(args.out / "demo-urls.txt")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        url_list = server.write_url_list(Path(args.out) / "demo-urls.txt")
         say(f"demo: serving {corpus} at {server.base_url}")
         yield str(url_list)
 
@@ -737,9 +752,33 @@ def _dispatch(args: argparse.Namespace, log: BarsHandler) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line and return its exit code."""
+    """Run the command line and return its exit code.
+
+    SIGINT and SIGTERM end it with 130 and one line on stderr whenever they come:
+    while a run goes on, the run stops in order (``cancel_on_signals``); before it
+    (reading the list, which may wait for a FIFO's writer) or after it, they
+    interrupt at once. Last, no helper process may outlive the command.
+    """
+    with interrupt_on_signals() as interrupts:
+        try:
+            with interrupts.armed():
+                code = _main(argv)
+        except KeyboardInterrupt as exc:
+            print(str(exc) or "interrupted", file=sys.stderr)
+            code = EXIT_INTERRUPTED
+        stop_helper_processes()
+        if interrupts.received is not None and code != EXIT_INTERRUPTED:
+            # Came while the command was ending: what it did stands, but a caller
+            # that sent a signal is told it arrived.
+            print(f"interrupted by {interrupts.received.name}", file=sys.stderr)
+            code = EXIT_INTERRUPTED
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    """Parse, run and map errors to exit codes (``main`` handles interruptions)."""
     try:
-        args = parse_args(_parser(), argv)
+        args = parse_args(_parser(), argv, checks=_CHECKS)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except InputError as exc:  # the config file
@@ -751,6 +790,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DownloaderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED

@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import IO, TextIO
 
 from downloader.api import Source, iter_results
-from downloader.errors import OutputError, WorkerCrashed
+from downloader.errors import InputError, OutputError, WorkerCrashed
 from downloader.progress import EventKind, EventLog, ProgressEvent
 from downloader.records import Stage, Status
 from downloader.report import (
@@ -51,7 +51,7 @@ from downloader.report import (
 )
 from downloader.runtime import Cancellation, Usage
 from downloader.settings import Mode, Settings
-from downloader.sources import LocalFiles, UrlList
+from downloader.sources import InputFormat, LocalFiles, UrlList, reads_once
 
 __all__ = ["DEFAULT_MODES", "compare", "gil_enabled", "run_mode"]
 
@@ -111,6 +111,9 @@ def _replayable(source: Source) -> Source:
         return source
     if isinstance(source, UrlList):
         return replace(source, source=_replayable_text(source.source))
+    if isinstance(source, str | Path) and str(source) != "-" and reads_once(source):
+        # Kept as lines, in the format its name says (a FIFO may be called x.csv).
+        return UrlList(_replayable_text(source), InputFormat.for_path(source))
     return _replayable_text(source)
 
 
@@ -118,7 +121,16 @@ def _replayable_text(
     source: str | Path | TextIO | Iterable[str],
 ) -> str | Path | list[str]:
     if isinstance(source, str | Path):
-        return list(sys.stdin) if str(source) == "-" else source
+        if str(source) == "-":
+            return list(sys.stdin)
+        if not reads_once(source):
+            return source
+        try:  # a pipe or FIFO gives its lines once: keep them
+            with open(source, encoding="utf-8", errors="replace") as lines:
+                return list(lines)
+        except OSError as exc:
+            message = f"cannot read URL list {source}: {exc.strerror or exc}"
+            raise InputError(message) from exc
     return list(source)
 
 

@@ -15,6 +15,11 @@ replaces whichever the file set), and ``--header`` adds to the file's headers (a
 header of the same name replaces the file's). Relative paths are relative to the
 current folder, as on the command line. An unknown key, a table or a bad value is a
 usage error (exit 2) naming the file and the key.
+
+A value has its TOML type: a number option takes a TOML number (``threads = "8"`` and
+``threads = true`` are refused, as ``Settings`` refuses them, in the same words), and
+a string only where the flag has a syntax of its own (``max-bytes = "20M"``,
+``size = "800x600"``).
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from downloader.errors import InputError
+from downloader.settings import Check
 
 __all__ = ["DEFAULT_CONFIG", "parse_args", "read_config"]
 
@@ -36,6 +42,8 @@ DEFAULT_CONFIG = Path("downloader.toml")
 _NOT_IN_FILE = frozenset({"help", "version", "config", "no-config"})
 # Keys accepted besides the option names: the plural reads better for a list.
 _ALIASES = {"headers": "header"}
+# Flag types that only parse a number: their TOML value must already be one.
+_NUMBER_TYPES = (int, float)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -61,12 +69,17 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def parse_args(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    *,
+    checks: Mapping[str, Check] | None = None,
 ) -> argparse.Namespace:
     """Parse ``argv`` with the config file's values as defaults.
 
     The parser must have ``--config`` and ``--no-config``. Sets ``config`` on the
-    result to the file used (a ``Path``), or None.
+    result to the file used (a ``Path``), or None. ``checks`` (long option name →
+    check, as ``settings.OPTION_CHECKS``) are run on the file's values, so that a bad
+    one is refused with the file and key named, in the words ``Settings`` uses.
 
     Raises:
         SystemExit: from argparse, for a bad command line or ``--help``.
@@ -77,7 +90,9 @@ def parse_args(
     if path is None:
         first.config = None
         return first
-    originals = _apply(parser, read_config(path), origin=f"config {path}")
+    originals = _apply(
+        parser, read_config(path), origin=f"config {path}", checks=checks or {}
+    )
     args = parser.parse_args(argv)
     _keep_command_line_boxes(parser, first, args, originals)
     args.config = path
@@ -105,7 +120,11 @@ def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def _apply(
-    parser: argparse.ArgumentParser, table: dict[str, Any], *, origin: str
+    parser: argparse.ArgumentParser,
+    table: dict[str, Any],
+    *,
+    origin: str,
+    checks: Mapping[str, Check],
 ) -> dict[str, Any]:
     """Set the table's values as the parser's defaults; return the replaced ones."""
     options = _options(parser)
@@ -118,7 +137,8 @@ def _apply(
             raise InputError(f"{origin}: unknown key {key!r}{_suggest(key, options)}")
         if action.dest in values:
             raise InputError(f"{origin}: {key!r} repeats {names[action.dest]!r}")
-        values[action.dest] = _convert(action, value, f"{origin}: {key}")
+        where = f"{origin}: {key}"
+        values[action.dest] = _convert(action, value, where, checks.get(name))
         names[action.dest] = key
     _check_exclusive(parser, names, origin)
     originals = {dest: parser.get_default(dest) for dest in values}
@@ -131,18 +151,48 @@ def _suggest(key: str, options: dict[str, argparse.Action]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _convert(action: argparse.Action, value: Any, where: str) -> Any:
-    """Check and convert one value as argparse would convert the flag's text."""
+def _convert(
+    action: argparse.Action, value: Any, where: str, check: Check | None
+) -> Any:
+    """Check and convert one value as argparse would convert the flag's text.
+
+    With a ``check``, the value is checked as it is, or, where it stands for the
+    flag's text (see ``_as_text``), converted from that text and then checked. The
+    check's message names ``where``.
+    """
     if action.nargs == 0:  # a switch: store_true and the like
         if not isinstance(value, bool):
             raise InputError(f"{where}: expected true or false, not {value!r}")
         return action.const if value else action.default
     if isinstance(action, argparse._AppendAction):
         items = value if isinstance(value, list) else [value]
-        return [_convert_text(action, item, where) for item in items]
+        converted = [_convert_text(action, item, where) for item in items]
+        if check is not None:
+            check(converted, where)
+        return converted
     if isinstance(value, list):
         value = ",".join(str(item) for item in value)
-    return _convert_text(action, value, where)
+    if check is None:
+        return _convert_text(action, value, where)
+    if _as_text(action, value):
+        value = _convert_text(action, value, where)
+    check(value, where)
+    return value
+
+
+def _as_text(action: argparse.Action, value: Any) -> bool:
+    """Tell whether ``value`` is read as the flag's text before it is checked.
+
+    A string is, and so is a number for a flag with a syntax of its own
+    (``max-bytes = 500000``, ``size = 800``); a number option's value never is
+    (``threads = "8"`` is refused), nor a bool or a date.
+    """
+    if action.type in _NUMBER_TYPES:
+        return False
+    if isinstance(value, str):
+        return True
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and action.type is not None
 
 
 def _convert_text(action: argparse.Action, value: Any, where: str) -> Any:

@@ -236,4 +236,5 @@ def transform_task(task: Task) -> TransformReport:
 
 def fetched_task(fetched: Fetched) -> Task:
     """The ``Task`` (a path, never the bytes) that hands ``fetched`` to a worker."""
-    return Task(fetched.job.index, str(fetched.path), fetched.job.stem)
+    job = fetched.job
+    return Task(job.index, str(fetched.path), job.stem, job.owned)

@@ -2,40 +2,81 @@
 
 Layout of an output folder::
 
-    DIR/<stem>.<ext>      processed images (final names, written by atomic rename)
-    DIR/originals/        the downloads themselves (--keep-originals), <stem>.<ext>
-    DIR/manifest.jsonl    one JSON line per unique input URL (its latest outcome)
-    DIR/failed.txt        the failed URLs, one per line, ready to feed back in
-    DIR/.tmp/             partial downloads and outputs; emptied at start and end
-    DIR/.lock             held (flock) while a run uses the folder
+    DIR/<stem>.<ext>             processed images (final names, atomic renames)
+    DIR/<box>/<stem>.<ext>       the other sizes of --sizes
+    DIR/originals/               the downloads themselves (--keep-originals)
+    DIR/manifest.jsonl           one JSON line per input URL (its latest outcome)
+    DIR/failed.txt               the failed URLs, one per line, ready to feed back in
+    DIR/.manifest-updates.jsonl  a rerun's records of URLs the manifest already has
+    DIR/.manifest.jsonl.new      the next manifest, while it is being written
+    DIR/.failed.txt.new          the next failed.txt, while it is being written
+    DIR/.tmp/                    partial downloads and outputs; emptied at start and end
+    DIR/.lock                    held (flock) while a run uses the folder
 
-During a run, records are appended and flushed one by one, so a crash loses at most the
-line being written. A rerun reads the latest record per URL and skips those that are
-ok, whose image is still there and whose ``settings`` fingerprint is the current one
-(a record without one, from an older version, counts as current). Any other ok record
-is redone: from its kept original when there is one, else by downloading again. At the
-end the manifest is rewritten so that it holds exactly one line per URL again.
+**One line per URL at every moment.** ``manifest.jsonl`` changes in two ways only:
+
+- a record of a URL that has no line in it is appended, in one ``write`` (so a reader
+  can see a torn last line, and only the last line, while it is being written);
+- it is replaced whole by renaming ``.manifest.jsonl.new`` over it.
+
+A record of a URL that already has a line (a rerun redoing or skipping it) is appended
+to ``.manifest-updates.jsonl`` instead; when the run ends (normally, on an error or
+after Ctrl-C) the manifest and the updates are merged, the later line of each URL
+winning, into ``.manifest.jsonl.new``, which is renamed over the manifest before the
+updates file is removed. A run killed with ``kill -9`` (or a power cut) leaves the
+updates file, or a torn last line; the next run merges them the same way before it
+starts, so it neither loses nor redoes the killed run's finished work. Every record is
+flushed to the OS as soon as it is decided, wherever it goes.
+
+**Resume** reads the manifest, then the updates file (which a run has merged away by
+then; a dry run, which writes nothing, reads what a killed run left), and remembers per
+URL a 16-byte digest and, for an ok record, the offset of its line, so that memory
+stays small for huge manifests; the line is read again when it is needed. Writing
+needs no table of its own: a run has one record per unique input, so a record goes to
+the updates file exactly when resume knows its URL.
+
+A URL is skipped if its latest record is ok, its image is still there and its
+``settings`` fingerprint is the current one (a record without one, from an older
+version, counts as current). Any other ok record is redone: from its kept original
+when there is one, else by downloading again.
+
+**Nothing is written outside the folder.** Every file this module writes is opened
+relative to a descriptor of the folder with ``O_NOFOLLOW`` (a symbolic link planted at
+its name, even between a check and a use, makes the open fail instead of writing
+through it), new files are created with ``O_EXCL``, and a rename replaces a link at its
+target rather than following it. At the start, a symbolic link at any name the run
+writes (the files above, ``.tmp``, ``originals`` and the ``--sizes`` folders) stops the
+run with an ``OutputError`` (exit 3) naming it, before anything is fetched. Refusing,
+rather than replacing the link, because the link may be the user's own arrangement (a
+manifest kept elsewhere) that replacing would silently break, and a link nobody made
+means someone else writes in the folder, which a person should look at; stopping before
+the run loses nothing. The other modules write under ``.tmp``, ``originals`` and the
+``--sizes`` folders by path, so for those the check is made at the start only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
 
 from downloader.errors import OutputError
 from downloader.records import Outcome, Status
+from downloader.settings import Settings, box_label
 from downloader.sources import check_url, normalize_url
+from downloader.steps import ORIGINALS_NAME
 
 __all__ = [
     "FAILED_NAME",
     "MANIFEST_NAME",
+    "UPDATES_NAME",
     "ManifestWriter",
     "OutputFolder",
     "PreviousRun",
@@ -43,9 +84,22 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "manifest.jsonl"
+UPDATES_NAME = ".manifest-updates.jsonl"
 FAILED_NAME = "failed.txt"
 TMP_NAME = ".tmp"
 LOCK_NAME = ".lock"
+NEW_SUFFIX = ".new"
+"""A file being rewritten is written as ``.<name>.new`` beside it, then renamed."""
+
+# Files are opened without following a link at their name; O_NONBLOCK so that a FIFO
+# planted there cannot hang the open (it is then refused as not a regular file).
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_FILE_MODE = 0o644
+# How much of a line one read takes when a record is read again by its offset.
+_READ_CHUNK = 4096
+# Where a resume entry's line is: (offset << 1) | which file; or not an ok record.
+_IN_UPDATES = 1
+_NOT_DONE = -1
 
 
 def record_key(url: str) -> bytes:
@@ -63,75 +117,290 @@ def _output_error(action: str, path: Path, exc: OSError) -> OutputError:
     return OutputError(f"cannot {action} {path}: {exc.strerror or exc}")
 
 
-class OutputFolder:
-    """Own one output folder for a run: create, check, lock, and clean its scratch."""
+def _link_error(path: Path) -> OutputError:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return OutputError(
+        f"{path} is a symbolic link (to {target}): refused, since this tool reads "
+        "and writes only inside the output folder; remove the link or choose "
+        "another --out"
+    )
 
-    def __init__(self, path: Path) -> None:
+
+def _kind_error(path: Path, kind: str) -> OutputError:
+    return OutputError(
+        f"{path} is not a {kind}: remove it or choose another --out "
+        "(the tool writes there)"
+    )
+
+
+def _new_name(name: str) -> str:
+    return f".{name}{NEW_SUFFIX}"
+
+
+class OutputFolder:
+    """Own one output folder for a run: create, check, lock, recover, and scratch.
+
+    Entering it creates the folder, takes the lock, refuses links at the names the
+    run writes, merges what a killed run left (see the module docstring), and resets
+    ``.tmp``. An OutputFolder that is never entered only reads (a dry run).
+    """
+
+    def __init__(self, path: Path, *, subfolders: Iterable[str] = ()) -> None:
+        """``subfolders``: folders the run writes into besides ``originals``."""
         self.path = path
         self.tmp = path / TMP_NAME
         self.manifest = path / MANIFEST_NAME
-        self._lock_file: IO[bytes] | None = None
+        self.updates = path / UPDATES_NAME
+        self.subfolders = (ORIGINALS_NAME, *subfolders)
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> OutputFolder:
+        """The output folder of ``settings``, with the ``--sizes`` folders it writes."""
+        labels = (box_label(box) for box in settings.image.boxes[1:])
+        return cls(settings.out, subfolders=labels)
 
     def __enter__(self) -> OutputFolder:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise _output_error("create output folder", self.path, exc) from exc
-        self._lock()
         try:
+            self._lock()
+            self._refuse_links()
+            self._remove(_new_name(MANIFEST_NAME))
+            self._remove(_new_name(FAILED_NAME))
+            if self._left_by_a_crash():
+                self.merge_manifest()
             self._reset_scratch()
             self._probe_writable()
         except BaseException:
-            self._unlock()
+            self._close()
             raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(self.tmp)
-        self._unlock()
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(TMP_NAME, dir_fd=self._fd)
+        self._close()
+
+    def _close(self) -> None:
+        for fd in (self._lock_fd, self._fd):
+            if fd is not None:
+                os.close(fd)  # closing the lock file releases the flock
+        self._lock_fd = self._fd = None
+
+    def open_file(self, name: str, flags: int) -> int:
+        """Open the regular file ``name`` of the folder, never through a link.
+
+        Raises:
+            OutputError: it cannot be opened, is a symbolic link or not a file.
+            FileNotFoundError: it does not exist (and ``flags`` do not create it).
+        """
+        path = self.path / name
+        try:
+            if self._fd is None:
+                fd = os.open(path, flags | _OPEN_FLAGS, _FILE_MODE)
+            else:
+                fd = os.open(name, flags | _OPEN_FLAGS, _FILE_MODE, dir_fd=self._fd)
+        except FileNotFoundError as exc:
+            if flags & os.O_CREAT:  # the folder itself is gone
+                raise _output_error("create", path, exc) from exc
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _link_error(path) from exc
+            raise _output_error("open", path, exc) from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise _kind_error(path, "regular file")
+        return fd
+
+    def merge_manifest(self) -> None:
+        """Make the manifest one line per URL, the latest, from it and the updates.
+
+        The merged manifest is renamed over the old one before the updates file is
+        removed, so a crash at any point leaves files that the next run merges again.
+        Memory: a digest and a line number per URL.
+        """
+        last_line: dict[bytes, int] = {}
+        for number, (_, outcome) in enumerate(_all_records(self)):
+            last_line[record_key(outcome.url)] = number
+        self.replace_file(
+            MANIFEST_NAME,
+            (
+                line if line.endswith(b"\n") else line + b"\n"
+                for number, (line, outcome) in enumerate(_all_records(self))
+                if last_line[record_key(outcome.url)] == number
+            ),
+        )
+        self._remove(UPDATES_NAME)
+
+    def replace_file(self, name: str, lines: Iterable[bytes]) -> None:
+        """Write ``lines`` as the new content of ``name``: beside it, then rename.
+
+        Raises:
+            OutputError: it could not be written; ``name`` is then unchanged.
+        """
+        folder = self._dir()
+        temporary = _new_name(name)
+        self._remove(temporary)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            with os.fdopen(self.open_file(temporary, flags), "wb") as handle:
+                handle.writelines(lines)  # reading them may fail too (OutputError)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException as exc:
+            with contextlib.suppress(OutputError):
+                self._remove(temporary)
+            if isinstance(exc, OSError):
+                raise _output_error("rewrite", self.path / name, exc) from exc
+            raise
+
+    def _remove(self, name: str) -> None:
+        """Remove the file (or link) ``name`` if it is there."""
+        try:
+            os.unlink(name, dir_fd=self._dir())
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _output_error("remove", self.path / name, exc) from exc
 
     def _lock(self) -> None:
-        lock_path = self.path / LOCK_NAME
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        self._lock_fd = self.open_file(LOCK_NAME, flags)
         try:
-            self._lock_file = open(lock_path, "ab")  # noqa: SIM115 (held for the run)
-        except OSError as exc:
-            raise _output_error("use output folder", self.path, exc) from exc
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._lock_file.close()
-            self._lock_file = None
             raise OutputError(
-                f"another run is using {self.path} (it holds {lock_path}); "
+                f"another run is using {self.path} (it holds {self.path / LOCK_NAME}); "
                 "wait for it to finish or choose another --out"
             ) from None
 
-    def _unlock(self) -> None:
-        if self._lock_file is not None:
-            self._lock_file.close()  # closing releases the flock
-            self._lock_file = None
+    def _refuse_links(self) -> None:
+        """Refuse a link, or the wrong kind of entry, at a name this run writes."""
+        for name in (MANIFEST_NAME, UPDATES_NAME, FAILED_NAME):
+            mode = self._mode(name)
+            if mode is not None and not stat.S_ISREG(mode):
+                raise _kind_error(self.path / name, "regular file")
+        self._mode(TMP_NAME)  # anything else there is scratch: it is removed
+        for name in self.subfolders:
+            mode = self._mode(name)
+            if mode is not None and not stat.S_ISDIR(mode):
+                raise _kind_error(self.path / name, "folder")
+
+    def _mode(self, name: str) -> int | None:
+        """The ``st_mode`` of ``name`` itself, None if absent; a link is refused."""
+        try:
+            mode = os.lstat(name, dir_fd=self._dir()).st_mode
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _output_error("check", self.path / name, exc) from exc
+        if stat.S_ISLNK(mode):
+            raise _link_error(self.path / name)
+        return mode
+
+    def _dir(self) -> int:
+        """The folder's descriptor: writing needs the folder entered."""
+        if self._fd is None:
+            raise RuntimeError(f"{self.path} is not open for writing (not entered)")
+        return self._fd
+
+    def _left_by_a_crash(self) -> bool:
+        """Tell whether a killed run left updates or a torn last manifest line."""
+        if self._mode(UPDATES_NAME) is not None:
+            return True
+        try:
+            fd = self.open_file(MANIFEST_NAME, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            return not _ends_with_newline(fd)
+        finally:
+            os.close(fd)
 
     def _reset_scratch(self) -> None:
         # Anything in the scratch folder was left by a run that crashed or was
         # killed: no record points at it, so it is safe to remove.
         try:
-            if self.tmp.is_symlink() or self.tmp.is_file():
-                self.tmp.unlink()
-            elif self.tmp.exists():
-                shutil.rmtree(self.tmp)
-            self.tmp.mkdir(mode=0o700)
+            if stat.S_ISDIR(os.lstat(TMP_NAME, dir_fd=self._dir()).st_mode):
+                shutil.rmtree(TMP_NAME, dir_fd=self._dir())
+            else:
+                os.unlink(TMP_NAME, dir_fd=self._dir())  # a file (a link was refused)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _output_error("prepare scratch folder", self.tmp, exc) from exc
+        try:
+            os.mkdir(TMP_NAME, mode=0o700, dir_fd=self._dir())
         except OSError as exc:
             raise _output_error("prepare scratch folder", self.tmp, exc) from exc
 
     def _probe_writable(self) -> None:
-        probe = self.tmp / "probe"
+        probe = f"{TMP_NAME}/probe"
         try:
-            with open(probe, "wb") as handle:
-                handle.write(b"probe")
-            probe.unlink()
+            fd = self.open_file(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            try:
+                _write_all(fd, b"probe")
+            finally:
+                os.close(fd)
+            os.unlink(probe, dir_fd=self._dir())
         except OSError as exc:
             raise _output_error("write in output folder", self.path, exc) from exc
+
+
+def _ends_with_newline(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return size == 0 or os.pread(fd, 1, size - 1) == b"\n"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_records(
+    folder: OutputFolder, name: str
+) -> Iterator[tuple[int, bytes, Outcome | None]]:
+    """Yield (offset, line, record) for each line of a manifest file, in order.
+
+    ``record`` is None for a line that is not one (cut short by a crash); a file that
+    is not there yields nothing.
+    """
+    try:
+        fd = folder.open_file(name, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    offset = 0
+    with os.fdopen(fd, "rb") as handle:
+        for line in handle:
+            yield offset, line, _parse(line)
+            offset += len(line)
+
+
+def _parse(line: bytes) -> Outcome | None:
+    try:
+        return Outcome.from_json(json.loads(line))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _all_records(folder: OutputFolder) -> Iterator[tuple[bytes, Outcome]]:
+    """The records of the manifest, then of the updates file (later lines win)."""
+    for name in (MANIFEST_NAME, UPDATES_NAME):
+        for _, line, outcome in _read_records(folder, name):
+            if outcome is not None:
+                yield line, outcome
 
 
 class PreviousRun:
@@ -139,6 +408,8 @@ class PreviousRun:
 
     ``fingerprint`` is the current settings' (``reuse.settings_fingerprint``); with
     ``by_content`` the current ok records are also indexed by their body's SHA-256.
+    Records are read again from the files when asked for, so use it while the run
+    that made it has its folder (a dry run: at any time).
     """
 
     def __init__(
@@ -150,36 +421,64 @@ class PreviousRun:
     ) -> None:
         self._folder = folder
         self._fingerprint = fingerprint
-        self._done: dict[bytes, str] = {}
-        self._by_content: dict[bytes, str] = {}
+        self._latest: dict[bytes, int] = {}
+        """URL digest → where its latest line is if it is ok, else ``_NOT_DONE``."""
+        self._by_content: dict[bytes, int] = {}
+        """Content digest → where an ok line with that body is (checked when read)."""
         self.lines = 0
-        self.unique = 0
-        self._load()
-        if by_content:
-            self._index_content()
+        """Records read (lines that are one)."""
+        self.torn = 0
+        """Lines that are not a record (a crash cut them short)."""
+        self._load(by_content)
 
-    def _load(self) -> None:
-        latest: dict[bytes, bool] = {}
-        for line, outcome in _read_manifest(self._folder.manifest):
-            self.lines += 1
-            key = record_key(outcome.url)
-            latest[key] = outcome.ok
-            if outcome.ok and outcome.path:
-                self._done[key] = line
-            else:
-                self._done.pop(key, None)
-        self.unique = len(latest)
+    @property
+    def unique(self) -> int:
+        """The number of distinct URLs with a record."""
+        return len(self._latest)
 
-    def _index_content(self) -> None:
-        for line in self._done.values():
-            sha256 = json.loads(line).get("sha256")
-            if isinstance(sha256, str):
-                self._by_content[_content_key(sha256)] = line
+    @property
+    def untidy(self) -> bool:
+        """True if the files read hold torn lines or several lines of one URL."""
+        return self.torn > 0 or self.lines > self.unique
+
+    def has_line(self, key: bytes) -> bool:
+        """Tell whether the URL with this ``record_key`` has a record already."""
+        return key in self._latest
+
+    def _load(self, by_content: bool) -> None:
+        for which, name in ((0, MANIFEST_NAME), (_IN_UPDATES, UPDATES_NAME)):
+            for offset, _, outcome in _read_records(self._folder, name):
+                if outcome is None:
+                    self.torn += 1
+                    continue
+                self.lines += 1
+                where = _NOT_DONE
+                if outcome.ok and outcome.path:
+                    where = offset << 1 | which
+                    if by_content and outcome.sha256:
+                        self._by_content[_content_key(outcome.sha256)] = where
+                self._latest[record_key(outcome.url)] = where
+
+    def _read(self, where: int) -> Outcome | None:
+        """The record whose line is at ``where``, if it is still there."""
+        name = UPDATES_NAME if where & _IN_UPDATES else MANIFEST_NAME
+        try:
+            fd = self._folder.open_file(name, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            line = _line_at(fd, where >> 1)
+        finally:
+            os.close(fd)
+        outcome = _parse(line)
+        if outcome is None or self._latest.get(record_key(outcome.url)) != where:
+            return None  # the file changed under us: treat the URL as not done
+        return outcome
 
     def earlier(self, url: str) -> Outcome | None:
         """Return the latest record of ``url`` if it is ok (its files unchecked)."""
-        line = self._done.get(record_key(url))
-        return None if line is None else Outcome.from_json(json.loads(line))
+        where = self._latest.get(record_key(url), _NOT_DONE)
+        return None if where == _NOT_DONE else self._read(where)
 
     def current(self, outcome: Outcome) -> bool:
         """Tell whether an ok record still stands: same settings, image still there."""
@@ -201,13 +500,26 @@ class PreviousRun:
 
     def same_content(self, sha256: str) -> Outcome | None:
         """Return a standing ok record of a body with this SHA-256 (``by_content``)."""
-        line = self._by_content.get(_content_key(sha256))
-        if line is None:
+        where = self._by_content.get(_content_key(sha256))
+        if where is None:
             return None
-        outcome = Outcome.from_json(json.loads(line))
-        if outcome.sha256 != sha256 or not self.current(outcome):
+        outcome = self._read(where)
+        if outcome is None or outcome.sha256 != sha256 or not self.current(outcome):
             return None
         return outcome
+
+
+def _line_at(fd: int, offset: int) -> bytes:
+    """Read the line that starts at ``offset`` (without a limit: lines are ours)."""
+    chunks = []
+    while True:
+        chunk = os.pread(fd, _READ_CHUNK, offset)
+        end = chunk.find(b"\n")
+        if end >= 0 or len(chunk) < _READ_CHUNK:
+            chunks.append(chunk if end < 0 else chunk[: end + 1])
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
 
 
 def _content_key(sha256: str) -> bytes:
@@ -218,69 +530,77 @@ def _content_key(sha256: str) -> bytes:
         return sha256.encode("utf-8", "surrogatepass")
 
 
-def _read_manifest(path: Path) -> Iterator[tuple[str, Outcome]]:
-    """Yield each readable record of a manifest; a torn last line is ignored."""
-    try:
-        handle = open(path, encoding="utf-8")  # noqa: SIM115 (closed below)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise _output_error("read", path, exc) from exc
-    with handle:
-        for line in handle:
-            try:
-                outcome = Outcome.from_json(json.loads(line))
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a crash: its URL is simply redone
-            yield line, outcome
+class _Appender:
+    """One file of the folder that records are appended to, one ``write`` each."""
 
+    def __init__(self, folder: OutputFolder, name: str) -> None:
+        self.path = folder.path / name
+        # Read as well: to see whether a crash tore the last line.
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND
+        self._fd: int | None = folder.open_file(name, flags)
+        try:
+            if not _ends_with_newline(self._fd):
+                # A crash tore the last line; start ours on a fresh line.
+                _write_all(self._fd, b"\n")
+        except OSError as exc:
+            self.close()
+            raise _output_error("write", self.path, exc) from exc
 
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) == b"\n"
+    def append(self, line: bytes) -> None:
+        if self._fd is None:
+            raise RuntimeError("the manifest is closed")
+        try:
+            _write_all(self._fd, line)
+        except OSError as exc:
+            raise _output_error("write", self.path, exc) from exc
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
 class ManifestWriter:
-    """Append records to the manifest, one flushed line each; the only writer."""
+    """Write each record as it is decided; the only writer (see the module docstring).
+
+    A URL without a line in the manifest gets its record appended there; one that
+    has a line gets it in the updates file, and ``close`` merges the two.
+    """
 
     def __init__(self, folder: OutputFolder, previous: PreviousRun) -> None:
         self._folder = folder
         self._previous = previous
+        self._manifest: _Appender | None = _Appender(folder, MANIFEST_NAME)
+        self._updates: _Appender | None = None
         self.written = 0
-        try:
-            self._file: IO[str] | None = open(  # noqa: SIM115 (closed in close())
-                folder.manifest, "a", encoding="utf-8"
-            )
-            if self._file.tell() > 0 and not _ends_with_newline(folder.manifest):
-                # A crash tore the last line; start ours on a fresh line.
-                self._file.write("\n")
-        except OSError as exc:
-            raise _output_error("open", folder.manifest, exc) from exc
 
     def write(self, outcome: Outcome) -> None:
-        """Append ``outcome`` and flush it to the OS."""
-        if self._file is None:
+        """Write ``outcome`` (flushed to the OS: one ``write`` call)."""
+        if self._manifest is None:
             raise RuntimeError("the manifest is closed")
+        # backslashreplace: a lone surrogate becomes its JSON escape, still valid JSON.
         line = json.dumps(outcome.to_json(), ensure_ascii=False) + "\n"
-        try:
-            self._file.write(line)
-            self._file.flush()
-        except OSError as exc:
-            raise _output_error("write", self._folder.manifest, exc) from exc
+        data = line.encode("utf-8", "backslashreplace")
+        # One record per unique input (sources dedupe by the same normalised URL):
+        # only the earlier runs' URLs need looking up.
+        if self._previous.has_line(record_key(outcome.url)):
+            if self._updates is None:
+                self._updates = _Appender(self._folder, UPDATES_NAME)
+            self._updates.append(data)
+        else:
+            self._manifest.append(data)
         self.written += 1
 
     def close(self) -> None:
-        """Close the file, then compact it and write ``failed.txt`` (idempotent)."""
-        if self._file is None:
+        """Close the files, merge them and write ``failed.txt`` (idempotent)."""
+        if self._manifest is None:
             return
-        file, self._file = self._file, None
-        try:
-            file.close()
-        except OSError as exc:
-            raise _output_error("write", self._folder.manifest, exc) from exc
-        if self._previous.lines:
-            self._compact()
+        manifest, self._manifest = self._manifest, None
+        manifest.close()
+        if self._updates is not None:
+            self._updates.close()
+        if self._updates is not None or self._previous.untidy:
+            self._folder.merge_manifest()
         self._write_failed_list()
 
     def __enter__(self) -> ManifestWriter:
@@ -289,38 +609,10 @@ class ManifestWriter:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _compact(self) -> None:
-        """Rewrite the manifest keeping only the latest line per URL (atomically)."""
-        last_line: dict[bytes, int] = {}
-        for number, (_, outcome) in enumerate(_read_manifest(self._folder.manifest)):
-            last_line[record_key(outcome.url)] = number
-        keep = set(last_line.values())
-        self._rewrite(
-            self._folder.manifest,
-            (
-                line
-                for number, (line, _) in enumerate(
-                    _read_manifest(self._folder.manifest)
-                )
-                if number in keep
-            ),
-        )
-
     def _write_failed_list(self) -> None:
         failed = (
-            outcome.url + "\n"
-            for _, outcome in _read_manifest(self._folder.manifest)
-            if outcome.status is Status.FAILED
+            outcome.url.encode("utf-8", "backslashreplace") + b"\n"
+            for _, _, outcome in _read_records(self._folder, MANIFEST_NAME)
+            if outcome is not None and outcome.status is Status.FAILED
         )
-        self._rewrite(self._folder.path / FAILED_NAME, failed)
-
-    def _rewrite(self, path: Path, lines: Iterator[str]) -> None:
-        temporary = self._folder.tmp / (path.name + ".new")
-        try:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                handle.writelines(lines)
-            os.replace(temporary, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                temporary.unlink()
-            raise _output_error("rewrite", path, exc) from exc
+        self._folder.replace_file(FAILED_NAME, failed)

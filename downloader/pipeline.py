@@ -635,9 +635,8 @@ class _Pipeline:
         if not worker.assigned:
             worker.heard_at = time.monotonic()
         worker.assigned[fetched.job.index] = fetched
-        worker.inbox.put_nowait(
-            Task(fetched.job.index, str(fetched.path), fetched.job.stem)
-        )
+        job = fetched.job
+        worker.inbox.put_nowait(Task(job.index, str(fetched.path), job.stem, job.owned))
 
     def _release(self, fetched: Fetched) -> None:
         discard(fetched)

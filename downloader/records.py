@@ -77,6 +77,9 @@ class Job:
     """Other columns of the input row (CSV, TSV, JSON Lines), for the manifest."""
     local_path: str | None = None
     """A local file to process instead of downloading ``url`` (``--input-dir``)."""
+    owned: tuple[str, ...] = ()
+    """Files (relative to the output folder) the previous manifest records as this
+    URL's: a redo may replace them; anything else at an output name is not ours."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from downloader.records import Fetched, Outcome, Status, Transformed
+from downloader.errors import TransformError
+from downloader.records import Fetched, Outcome, Stage, Status, Transformed
 from downloader.settings import SHA256_STEM_DIGITS, ImageFormat, NameBy, Settings
 from downloader.steps import discard, keep_download
 
@@ -227,9 +228,15 @@ class ContentIndex:
         if original is not None and (self._out / original).is_file():
             discard(fetched)
         elif fetched.path.is_file():  # a follower that waited let its file go
-            original = keep_download(
-                _named_by_content(fetched), self._out, self._settings
-            )
+            try:
+                original = keep_download(
+                    _named_by_content(fetched), self._out, self._settings
+                )
+            except TransformError as exc:  # its name is taken by what is not ours
+                failed = Outcome.failure(
+                    fetched.job, Stage.TRANSFORM, exc.reason, fetched=fetched
+                )
+                return replace(failed, note=note)
         else:
             original = None
         shared = Transformed(

@@ -1,29 +1,43 @@
 """Settings: frozen dataclasses made once (by the CLI or a caller) and passed down.
 
-Every value is checked in ``__post_init__`` so that a bad value fails at once with a
-plain message (``InputError``, exit code 2) before any thread or process starts.
+Every field is checked in ``__post_init__`` so that a bad value fails at once with one
+line (``InputError``, exit code 2) before any thread or process starts: its type (an
+integer field refuses ``True``, ``2.5`` and ``"8"``; a number of seconds takes an int
+or a float but not NaN or infinity) and its range, up to an upper bound far above any
+real run (the ``*_LIMIT`` constants below), so that a typo such as ``threads=10**6``
+is refused instead of costing minutes and gigabytes. Each field's check is a ``Check``
+in its class's table, named as the command line names it (``--threads``) where it has
+a flag; the command line and the config file use the same checks and messages.
 """
 
 from __future__ import annotations
 
 import enum
 import importlib
+import math
+import numbers
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from downloader.errors import InputError
 
 __all__ = [
+    "HEADER_NAME",
+    "OPTION_CHECKS",
+    "Check",
     "HttpSettings",
     "ImageFormat",
     "ImageSpec",
     "Mode",
     "NameBy",
+    "Number",
     "ResizeMode",
     "Settings",
+    "Whole",
     "box_label",
     "import_callable",
 ]
@@ -31,6 +45,35 @@ __all__ = [
 VERSION = "0.1.0"
 USER_AGENT = f"downloader/{VERSION} (+https://github.com/downloader/downloader)"
 MEGABYTE = 1024 * 1024
+
+# Upper bounds, each far above what a demanding run uses and low enough that a typo
+# (an extra zero, milliseconds given as seconds) is refused before it costs anything.
+# README.md ("Command line") lists them.
+THREADS_LIMIT = 1024
+"""Download threads, and connections to one host: each is a socket and a thread
+stack, and 1024 is Linux's default limit on open files."""
+PROCS_LIMIT = 512
+"""Worker (and download) processes: more than the cores of any common machine; each
+is an interpreter of ~30 MB or more with its own Pipe and Queue."""
+RETRIES_LIMIT = 100
+"""Extra attempts per URL: with backoff, 100 already spans hours of waiting."""
+REDIRECTS_LIMIT = 50
+"""Redirects followed per URL: curl's default cap (browsers stop at 20)."""
+SECONDS_LIMIT = 86_400
+"""Any timeout, deadline or wait: a day; no single step here sensibly waits longer."""
+BYTES_LIMIT = 1024**4
+"""``max_bytes``: 1 TiB, far above any image file (a 65535-pixel-square PNG)."""
+SPEED_LIMIT = 1024**3
+"""``min_speed``: 1 GiB/s; a higher floor would fail every download as stalled."""
+BOX_SIDE_LIMIT = 65_535
+"""A box's width or height in pixels: the largest side a JPEG can have."""
+BOXES_LIMIT = 64
+"""Boxes in ``sizes``: each is one more encode and file per image; responsive-image
+sets use a handful."""
+PIXELS_LIMIT = BOX_SIDE_LIMIT**2
+"""``max_pixels``: the largest JPEG; decoding one takes ~13 GB per worker already."""
+TASKS_LIMIT = 10**9
+"""``max_tasks_per_worker``: beyond any run's length, i.e. never recycle."""
 
 
 class Mode(enum.Enum):
@@ -88,8 +131,9 @@ class ResizeMode(enum.Enum):
     """Keep the pixel size (the image is still oriented and re-encoded)."""
 
 
-# RFC 9110 token characters; a value must not break the header block.
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# RFC 9110 token characters (the CLI's --header parser uses it too); a value must not
+# break the header block.
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEADER_VALUE_FORBIDDEN = re.compile(r"[\r\n\x00]")
 # module:function, where function may be a dotted path (a class's static method).
 _CALLABLE_REF = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
@@ -145,9 +189,305 @@ def _require(condition: bool, message: str) -> None:
         raise InputError(message)
 
 
+# Long reprs (a pasted file, a huge list) are cut so the message stays one short line.
+_SHOWN_CHARS = 80
+
+
+def _refusal(
+    label: str, expected: str, value: object, *, wrong_type: bool
+) -> InputError:
+    """Return the one-line error for a refused value: what was expected, what came.
+
+    The value is shown by its ``repr`` (newlines escaped), with its type when the
+    type is what is wrong (``got '8' (str)``, ``got True (bool)``).
+    """
+    try:
+        shown = repr(value)
+    except ValueError:  # an int past Python's limit on digits to print
+        shown = f"<{type(value).__name__} too large to show>"
+    if len(shown) > _SHOWN_CHARS:
+        shown = shown[: _SHOWN_CHARS - 3] + "..."
+    if wrong_type:
+        shown += f" ({type(value).__name__})"
+    return InputError(f"{label} must be {expected}, got {shown}")
+
+
+class Check(Protocol):
+    """A field's check: refuses a bad value, returns the value to store."""
+
+    @property
+    def label(self) -> str:
+        """The setting's name for people: the flag (``--threads``) or the field."""
+        ...
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        """Return ``value`` as stored (converted where documented).
+
+        Raises:
+            InputError: ``value`` has the wrong type or is out of range; the message
+                names ``label`` (default: ``self.label``).
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Whole:
+    """An integer from ``low`` to ``high``; bool, float and str are refused."""
+
+    label: str
+    low: int
+    high: int
+    unit: str = ""
+    optional: bool = False
+    """None is allowed too (it means "automatic")."""
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        """Return ``value`` as an ``int`` (numpy's integers are integers too)."""
+        if value is None and self.optional:
+            return None
+        kind = f"a whole number of {self.unit}" if self.unit else "an integer"
+        expected = f"{kind} from {self.low} to {self.high}"
+        # bool is an int subclass, but True threads or retries is a mistake.
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise _refusal(label or self.label, expected, value, wrong_type=True)
+        number = int(value)
+        if not self.low <= number <= self.high:
+            raise _refusal(label or self.label, expected, value, wrong_type=False)
+        return number
+
+
+@dataclass(frozen=True, slots=True)
+class Number:
+    """A real number from ``low`` (excluded when ``above``) to ``high``."""
+
+    label: str
+    low: float
+    high: float
+    unit: str = ""
+    above: bool = False
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        """Return ``value`` as a ``float``; NaN and infinities fail the range."""
+        kind = f"a number of {self.unit}" if self.unit else "a number"
+        if self.above:
+            expected = f"{kind} greater than {self.low:g} and at most {self.high:g}"
+        else:
+            expected = f"{kind} from {self.low:g} to {self.high:g}"
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise _refusal(label or self.label, expected, value, wrong_type=True)
+        try:
+            number = float(value)
+        except OverflowError:  # an int too big for a float: far out of range
+            number = math.inf
+        # Written so that NaN, which compares false with everything, fails too.
+        inside = self.low < number if self.above else self.low <= number
+        if not (inside and number <= self.high):
+            raise _refusal(label or self.label, expected, value, wrong_type=False)
+        return number
+
+
+@dataclass(frozen=True, slots=True)
+class _Switch:
+    """True or False, nothing that merely looks like one (1, "no", None)."""
+
+    label: str
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        if not isinstance(value, bool):
+            raise _refusal(label or self.label, "True or False", value, wrong_type=True)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    """A member of ``options``, or its ``.value`` (what the flag takes), converted."""
+
+    label: str
+    options: type[enum.Enum]
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        if isinstance(value, self.options):
+            return value
+        if isinstance(value, str):
+            try:
+                return self.options(value)
+            except ValueError:
+                pass
+        names = ", ".join(str(member.value) for member in self.options)
+        raise _refusal(
+            label or self.label,
+            f"one of {names}",
+            value,
+            wrong_type=not isinstance(value, str),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Location:
+    """A non-empty path, given as ``str`` or ``os.PathLike``; stored as a ``Path``."""
+
+    label: str
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        expected = "a non-empty path (str or os.PathLike)"
+        text = os.fspath(value) if isinstance(value, str | os.PathLike) else None
+        if not isinstance(text, str):  # not a path at all, or a bytes path
+            raise _refusal(label or self.label, expected, value, wrong_type=True)
+        if not text:  # Path("") would quietly mean the current folder
+            raise _refusal(label or self.label, expected, value, wrong_type=False)
+        return Path(text)
+
+
+@dataclass(frozen=True, slots=True)
+class _Text:
+    """A ``str``; with ``one_line``, one that cannot break an HTTP header block."""
+
+    label: str
+    optional: bool = False
+    one_line: bool = False
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        if value is None and self.optional:
+            return None
+        expected = "a str without line breaks or NUL" if self.one_line else "a str"
+        if not isinstance(value, str):
+            raise _refusal(label or self.label, expected, value, wrong_type=True)
+        if self.one_line and _HEADER_VALUE_FORBIDDEN.search(value):
+            raise _refusal(label or self.label, expected, value, wrong_type=False)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Instance:
+    """An instance of ``kind`` (a group of settings, made and checked on its own)."""
+
+    label: str
+    kind: type
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        if not isinstance(value, self.kind):
+            expected = f"an instance of {self.kind.__name__}"
+            raise _refusal(label or self.label, expected, value, wrong_type=True)
+        return value
+
+
+def _pairs(value: object) -> list[object] | None:
+    """The items of a list-like value; None for a str or bytes, or a non-iterable."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        return None
+    return list(value)
+
+
+def _box(value: object, label: str) -> tuple[int, int]:
+    """Check one box: a (width, height) pair of integers from 1 to BOX_SIDE_LIMIT."""
+    expected = (
+        "a (width, height) pair of integers greater than 0 and at most "
+        f"{BOX_SIDE_LIMIT}"
+    )
+    sides = _pairs(value) if isinstance(value, Sequence) else None
+    whole = [
+        int(side)
+        for side in sides or ()
+        if isinstance(side, numbers.Integral) and not isinstance(side, bool)
+    ]
+    if sides is None or len(sides) != 2 or len(whole) != 2:
+        raise _refusal(label, expected, value, wrong_type=True)
+    width, height = whole
+    if not (0 < width <= BOX_SIDE_LIMIT and 0 < height <= BOX_SIDE_LIMIT):
+        raise InputError(  # the box shown as the command line writes it
+            f"{label} sides must be greater than 0 and at most {BOX_SIDE_LIMIT}, "
+            f"got {width}x{height}"
+        )
+    return width, height
+
+
+@dataclass(frozen=True, slots=True)
+class _Box:
+    """One box, or None (no box: ``max_size`` decides)."""
+
+    label: str
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        return None if value is None else _box(value, label or self.label)
+
+
+@dataclass(frozen=True, slots=True)
+class _Boxes:
+    """Up to BOXES_LIMIT distinct boxes, from any sequence of pairs; a tuple."""
+
+    label: str
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        label = label or self.label
+        items = _pairs(value)
+        if items is None or isinstance(value, Mapping):
+            expected = "a sequence of (width, height) pairs"
+            raise _refusal(label, expected, value, wrong_type=True)
+        if len(items) > BOXES_LIMIT:
+            raise InputError(
+                f"{label} must be at most {BOXES_LIMIT} sizes, got {len(items)}"
+            )
+        boxes = tuple(_box(item, label) for item in items)
+        repeated = sorted({box for box in boxes if boxes.count(box) > 1})
+        if repeated:
+            shown = ", ".join(box_label(box) for box in repeated)
+            raise InputError(f"{label} must not repeat a size, got {shown} twice")
+        return boxes
+
+
+@dataclass(frozen=True, slots=True)
+class _Headers:
+    """(name, value) pairs of ``str`` (or a mapping); a tuple of tuples."""
+
+    label: str
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        label = label or self.label
+        expected = "(name, value) pairs of str"
+        items = _pairs(value.items() if isinstance(value, Mapping) else value)
+        if items is None:
+            raise _refusal(label, expected, value, wrong_type=True)
+        pairs = []
+        for item in items:
+            pair = _pairs(item) if isinstance(item, Sequence) else None
+            texts = [part for part in pair or () if isinstance(part, str)]
+            if pair is None or len(pair) != 2 or len(texts) != 2:
+                raise _refusal(label, expected, item, wrong_type=True)
+            name, text = texts
+            _require(
+                HEADER_NAME.fullmatch(name) is not None,
+                f"{label} name {name!r} is not a valid HTTP token",
+            )
+            _require(
+                _HEADER_VALUE_FORBIDDEN.search(text) is None,
+                f"{label} {name!r} has a line break or NUL in its value",
+            )
+            pairs.append((name, text))
+        return tuple(pairs)
+
+
+def _check_fields(settings: object, checks: Mapping[str, Check]) -> None:
+    """Run each field's check; store the value it returns when that differs."""
+    for name, check in checks.items():
+        value = getattr(settings, name)
+        checked = check(value)
+        if checked is not value:
+            object.__setattr__(settings, name, checked)
+
+
+def _seconds(label: str, *, zero: bool = False) -> Number:
+    """A number of seconds up to a day; 0 itself only with ``zero`` (a wait)."""
+    return Number(label, 0, SECONDS_LIMIT, unit="seconds", above=not zero)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HttpSettings:
-    """How one URL is fetched: timeouts, retries, limits."""
+    """How one URL is fetched: timeouts, retries, limits.
+
+    Every field is checked (type and range, see ``_HTTP_CHECKS``); seconds may be
+    given as ints and are stored as floats, and ``headers`` may be any iterable of
+    (name, value) pairs or a mapping, stored as a tuple of pairs.
+    """
 
     timeout: float = 30.0
     """Seconds for connecting and for each read (httpx's per-operation timeout)."""
@@ -178,28 +518,25 @@ class HttpSettings:
     addresses, on every redirect hop too (``--block-private``)."""
 
     def __post_init__(self) -> None:
-        _require(self.timeout > 0, "timeout must be greater than 0")
-        _require(self.deadline > 0, "deadline must be greater than 0")
-        _require(self.retries >= 0, "retries must be 0 or more")
-        _require(self.backoff >= 0, "backoff must be 0 or more")
-        _require(self.max_backoff >= 0, "max_backoff must be 0 or more")
-        _require(self.max_bytes > 0, "max_bytes must be greater than 0")
-        _require(self.max_redirects >= 0, "max_redirects must be 0 or more")
-        _require(self.per_host > 0, "per_host must be greater than 0")
-        _require(self.min_speed >= 0, "min_speed must be 0 or more")
-        _require(self.speed_window > 0, "speed_window must be greater than 0")
-        # Accept any iterable of pairs (a list from a caller, a dict's items).
-        pairs = tuple((name, value) for name, value in self.headers)
-        object.__setattr__(self, "headers", pairs)
-        for name, value in self.headers:
-            _require(
-                _HEADER_NAME.fullmatch(name) is not None,
-                f"header name {name!r} is not a valid HTTP token",
-            )
-            _require(
-                _HEADER_VALUE_FORBIDDEN.search(value) is None,
-                f"header {name!r} has a line break or NUL in its value",
-            )
+        _check_fields(self, _HTTP_CHECKS)
+
+
+_HTTP_CHECKS: Mapping[str, Check] = {
+    "timeout": _seconds("--timeout"),
+    "deadline": _seconds("--deadline"),
+    "retries": Whole("--retries", 0, RETRIES_LIMIT),
+    "backoff": _seconds("backoff", zero=True),
+    "max_backoff": _seconds("max_backoff", zero=True),
+    "max_bytes": Whole("--max-bytes", 1, BYTES_LIMIT, unit="bytes"),
+    "max_redirects": Whole("max_redirects", 0, REDIRECTS_LIMIT),
+    "per_host": Whole("--per-host", 1, THREADS_LIMIT),
+    "min_speed": Whole("min_speed", 0, SPEED_LIMIT, unit="bytes per second"),
+    "speed_window": _seconds("speed_window"),
+    "user_agent": _Text("user_agent", one_line=True),
+    "headers": _Headers("--header"),
+    "verify": _Switch("verify"),
+    "block_private": _Switch("--block-private"),
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,6 +547,10 @@ class ImageSpec:
     With several boxes the largest (by area) makes the main output
     ``{stem}.{ext}``; each other box ``B`` makes ``{label}/{stem}.{ext}``, where the
     label is ``"256"`` for a square box and ``"640x480"`` otherwise.
+
+    Every field is checked (type and range, see ``_IMAGE_CHECKS``); ``resize`` and
+    ``format`` also take their string value (``"fill"``, ``"png"``), and boxes any
+    sequence of two integers, stored as the enum member and tuples.
     """
 
     resize: ResizeMode = ResizeMode.FIT
@@ -237,19 +578,9 @@ class ImageSpec:
     """Images with more pixels than this are refused as decompression bombs."""
 
     def __post_init__(self) -> None:
-        _require(self.max_size > 0, "max_size must be greater than 0")
-        _require(1 <= self.quality <= 100, "quality must be between 1 and 100")
-        _require(self.max_pixels > 0, "max_pixels must be greater than 0")
-        if not isinstance(self.sizes, tuple):
-            object.__setattr__(self, "sizes", tuple(self.sizes))
-        boxes = [*self.sizes, *([self.size] if self.size else [])]
-        for width, height in boxes:
-            _require(width > 0 and height > 0, "sizes must be greater than 0")
+        _check_fields(self, _IMAGE_CHECKS)
         _require(
-            len(set(self.sizes)) == len(self.sizes), "sizes must not repeat a size"
-        )
-        _require(
-            self.resize is not ResizeMode.NONE or not boxes,
+            self.resize is not ResizeMode.NONE or not (self.sizes or self.size),
             "resize 'none' keeps the pixel size: give no size or sizes with it",
         )
         if self.format not in (ImageFormat.KEEP, ImageFormat.JPEG):
@@ -272,18 +603,41 @@ class ImageSpec:
         return (self.size or (self.max_size, self.max_size),)
 
 
+_IMAGE_CHECKS: Mapping[str, Check] = {
+    "resize": _Choice("--resize", ResizeMode),
+    "max_size": Whole("--max-size", 1, BOX_SIDE_LIMIT),
+    "size": _Box("--size"),
+    "sizes": _Boxes("--sizes"),
+    "upscale": _Switch("--upscale"),
+    "format": _Choice("--format", ImageFormat),
+    "quality": Whole("--quality", 1, 100),
+    "progressive": _Switch("--progressive"),
+    "optimize": _Switch("--optimize"),
+    "keep_metadata": _Switch("--keep-metadata"),
+    "grayscale": _Switch("--grayscale"),
+    "transform": _Text("--transform", optional=True),
+    "max_pixels": Whole("max_pixels", 1, PIXELS_LIMIT),
+}
+
+
 # Worker processes one download process keeps busy: 8 workers transform ~130 images/s
 # of 1-12 MP photos, within what one process's GIL can download.
 DOWNLOAD_PROC_PER_WORKERS = 8
 
 
 def _default_procs() -> int:
-    return os.cpu_count() or 1
+    """This machine's cores, within the bound (so the default is always valid)."""
+    return min(os.cpu_count() or 1, PROCS_LIMIT)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
-    """Everything one run needs; ``HttpSettings`` and ``ImageSpec`` hold the groups."""
+    """Everything one run needs; ``HttpSettings`` and ``ImageSpec`` hold the groups.
+
+    Every field is checked (type and range, see ``_SETTINGS_CHECKS``); ``out`` may be
+    any ``str`` or ``os.PathLike`` (stored as a ``Path``), ``mode`` and ``name_by``
+    also take their string value (``"threads"``), and seconds may be ints.
+    """
 
     out: Path = Path("output")
     mode: Mode = Mode.PIPELINE
@@ -310,17 +664,7 @@ class Settings:
     image: ImageSpec = field(default_factory=ImageSpec)
 
     def __post_init__(self) -> None:
-        _require(self.threads > 0, "threads must be greater than 0")
-        _require(self.procs > 0, "procs must be greater than 0")
-        _require(
-            self.download_procs is None or self.download_procs > 0,
-            "download_procs must be greater than 0",
-        )
-        _require(self.item_timeout > 0, "item_timeout must be greater than 0")
-        _require(self.max_tasks_per_worker > 0, "max_tasks_per_worker must be > 0")
-        _require(self.stall_report > 0, "stall_report must be greater than 0")
-        if not isinstance(self.out, Path):
-            object.__setattr__(self, "out", Path(self.out))
+        _check_fields(self, _SETTINGS_CHECKS)
 
     @property
     def download_processes(self) -> int:
@@ -333,3 +677,30 @@ class Settings:
         if self.download_procs is not None:
             return self.download_procs
         return max(1, min(self.procs // DOWNLOAD_PROC_PER_WORKERS, self.threads))
+
+
+_SETTINGS_CHECKS: Mapping[str, Check] = {
+    "out": _Location("--out"),
+    "mode": _Choice("--mode", Mode),
+    "threads": Whole("--threads", 1, THREADS_LIMIT),
+    "procs": Whole("--procs", 1, PROCS_LIMIT),
+    "download_procs": Whole("--download-procs", 1, PROCS_LIMIT, optional=True),
+    "force": _Switch("--force"),
+    "name_by": _Choice("--name-by", NameBy),
+    "keep_originals": _Switch("--keep-originals"),
+    "item_timeout": _seconds("--item-timeout"),
+    "max_tasks_per_worker": Whole("max_tasks_per_worker", 1, TASKS_LIMIT),
+    "stall_report": _seconds("stall_report"),
+    "http": _Instance("http", HttpSettings),
+    "image": _Instance("image", ImageSpec),
+}
+
+OPTION_CHECKS: Mapping[str, Check] = {
+    check.label.removeprefix("--"): check
+    for checks in (_SETTINGS_CHECKS, _HTTP_CHECKS, _IMAGE_CHECKS)
+    for check in checks.values()
+    if check.label.startswith("--")
+}
+"""The check of each setting that has a flag, by long option name (``"threads"``):
+the config file checks its values with them, so that it refuses what ``Settings``
+refuses, in the same words."""

@@ -19,6 +19,9 @@
 - ``plan_jobs`` keeps only digests of what it has seen, so memory grows with the number
   of unique URLs, never with the length of the list or of its URLs.
 - ``open_source`` is the one entry point the runner uses, for every kind of ``Source``.
+- ``count_entries`` reads a list ahead for the progress total, but only a regular file
+  (``can_reread``): stdin, a pipe, a FIFO or ``/dev/fd/N`` give their lines once, to
+  the run, so they are never opened for it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import sys
 import weakref
 from collections.abc import Iterable, Iterator
@@ -49,6 +53,7 @@ __all__ = [
     "LocalFiles",
     "Source",
     "UrlList",
+    "can_reread",
     "check_url",
     "count_entries",
     "local_jobs",
@@ -56,6 +61,7 @@ __all__ = [
     "open_source",
     "plan_jobs",
     "read_lines",
+    "reads_once",
     "safe_name",
     "safe_stem",
 ]
@@ -346,8 +352,11 @@ def local_jobs(
 def count_entries(source: Source) -> int | None:
     """Count a list's entries cheaply, for a progress total; None when unknown.
 
-    Reads a file once more, line by line (blank lines and ``#`` comments are not
-    entries, nor a CSV/TSV header). Duplicates still count, so it is an upper bound.
+    Reads a regular file once more, line by line (blank lines and ``#`` comments are
+    not entries, nor a CSV/TSV header). Duplicates still count, so it is an upper
+    bound. Anything else a path can name (stdin, a pipe, ``/dev/fd/N``, a FIFO, a
+    device) can be read only once and belongs to the run, so it is never opened
+    here: its total is unknown.
     """
     path: str | Path | None = None
     input_format: InputFormat | None = None
@@ -360,18 +369,67 @@ def count_entries(source: Source) -> int | None:
         return len(source)
     if path is None or str(path) == "-":
         return None
+    count = _count_lines(Path(path))
+    if count is None:
+        return None
     input_format = input_format or InputFormat.for_path(path)
+    header = input_format in (InputFormat.CSV, InputFormat.TSV)
+    return max(0, count - 1) if header else count
+
+
+def can_reread(path: str | os.PathLike[str]) -> bool:
+    """Return True if ``path`` names a regular file: one that reads the same twice.
+
+    ``"-"``, pipes, FIFOs, sockets, devices and ``/dev/stdin`` or ``/dev/fd/N`` on one
+    of those give their lines once; whoever opens them first takes them.
+    """
+    if str(path) == "-":
+        return False
     try:
-        with open(path, "rb") as handle:
-            count = sum(
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def reads_once(path: str | os.PathLike[str]) -> bool:
+    """Return True if ``path`` names a list that gives its lines only once.
+
+    That is ``"-"`` and anything that exists but is neither a regular file nor a
+    folder: a pipe or FIFO (also as ``/dev/stdin`` or ``/dev/fd/N``), a socket, a
+    device. A caller that needs the lines twice must keep them from one read.
+    """
+    if str(path) == "-":
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False  # missing or unreadable: reading it reports why
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _count_lines(path: Path) -> int | None:
+    """Count the non-blank, non-comment lines of a regular file; None otherwise.
+
+    The file is opened without blocking and checked again once open, so a path
+    swapped for a FIFO after the first check still cannot hold the run up.
+    """
+    if not can_reread(path):
+        return None
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with open(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return None
+        try:
+            return sum(
                 1
                 for raw in handle
                 if (text := raw.strip()) and not text.startswith(b"#")
             )
-    except OSError:
-        return None
-    header = input_format in (InputFormat.CSV, InputFormat.TSV)
-    return max(0, count - 1) if header else count
+        except OSError:
+            return None
 
 
 def open_source(

@@ -36,7 +36,7 @@ from downloader.progress import EventKind, Events, ProgressEvent
 from downloader.records import Fetched, Job, Outcome, Stage, Transformed
 from downloader.runtime import RunContext
 from downloader.settings import Settings
-from downloader.transform import transform_file
+from downloader.transform import place_file, remove_outputs, transform_file
 
 __all__ = [
     "ORIGINALS_NAME",
@@ -215,8 +215,9 @@ def transform_step(
     emit(context.events, Stage.TRANSFORM, EventKind.STARTED, index, lane)
     started = time.perf_counter()
     try:
+        job = fetched.job
         result = transform_file(
-            fetched.path, context.out, fetched.job.stem, settings.image
+            fetched.path, context.out, job.stem, settings.image, job.owned
         )
     except TransformError as exc:
         discard(fetched)
@@ -241,10 +242,19 @@ def finish_success(
 ) -> Outcome:
     """Let a transformed download go (kept or removed) and make its ``ok`` record.
 
+    If the original's name is taken by something not ours, the URL fails instead and
+    its new outputs are removed (no ok record names them).
+
     Raises:
         OutputError: the download could not be kept under ``originals/``.
     """
-    original = keep_download(fetched, out, settings)
+    try:
+        original = keep_download(fetched, out, settings)
+    except TransformError as exc:
+        remove_outputs(out, (result.path, *result.outputs))
+        return Outcome.failure(
+            fetched.job, Stage.TRANSFORM, exc.reason, fetched=fetched
+        )
     local = fetched.job.local_path
     note = None
     if local is not None and original is not None and _is_kept(Path(local), out):
@@ -256,9 +266,11 @@ def keep_download(fetched: Fetched, out: Path, settings: Settings) -> str | None
     """Keep ``fetched`` as ``originals/<stem>.<ext>`` or remove it; return the name.
 
     A job that was staged from a kept original keeps that one (its staged link is
-    removed). The rename is atomic: an original is never seen half-written.
+    removed). The rename is atomic: an original is never seen half-written; it never
+    replaces what is not this URL's (``transform.place_file``).
 
     Raises:
+        TransformError: the original's name is taken; the download is removed.
         OutputError: the download could not be renamed into ``originals/``.
     """
     local = fetched.job.local_path
@@ -268,15 +280,13 @@ def keep_download(fetched: Fetched, out: Path, settings: Settings) -> str | None
     if not settings.keep_originals:
         discard(fetched)
         return None
-    name = f"{fetched.job.stem}.{original_extension(fetched.path)}"
-    target = out / ORIGINALS_NAME / name
+    name = f"{ORIGINALS_NAME}/{fetched.job.stem}.{original_extension(fetched.path)}"
     try:
-        target.parent.mkdir(exist_ok=True)
-        os.replace(fetched.path, target)
-    except OSError as exc:
+        place_file(fetched.path, out, name, fetched.job.owned)
+    except (TransformError, OutputError):
         discard(fetched)
-        raise OutputError(f"cannot keep original {target}: {exc.strerror}") from exc
-    return f"{ORIGINALS_NAME}/{name}"
+        raise
+    return name
 
 
 def _is_kept(path: Path, out: Path) -> bool:

@@ -6,7 +6,8 @@
         ──► draft (JPEG: decode once at 1/2..1/8, enough for the largest box) ──► load
         ──► 8-bit L/RGB(A) (grayscale: L/LA) ──► per box: resize/crop ──► orientation
         ──► custom transform ──► encode (metadata kept or stripped)
-        ──► out_dir/.tmp/… .tmp ──os.replace──► out_dir/{stem}.{ext}, out_dir/{label}/…
+        ──► out_dir/.tmp/… .tmp ──link, never over another file──► out_dir/{stem}.{ext},
+            out_dir/{label}/{stem}.{ext}
 
 ``transform_file`` is a pure function of its arguments: it starts no thread or process,
 and the same input and ``ImageSpec`` give the same output bytes in any process. Pillow's
@@ -14,6 +15,16 @@ exceptions are translated here, at this one boundary: a bad input image becomes 
 ``TransformError`` (a per-item failure), a failure to write the output becomes an
 ``OutputError`` (a local fault that stops the run). A user's ``--transform`` function
 runs here too; whatever it raises fails that item only.
+
+Output names are deterministic, so something may already be at one: a folder, a
+link, a user's file, or this URL's output from an earlier run. A regular file the
+caller names in ``owned`` (what the previous manifest records as this URL's) is
+replaced; a regular file holding exactly the bytes to be written is kept as it is
+(outputs are deterministic: it is this URL's, from a run that stopped before recording
+it, or from an attempt that crashed); anything else fails the item
+(``TransformError``, the reason naming the path) and is left as it is, never written
+through. ``os.link`` places a new output, since unlike a rename it never replaces
+what is there.
 
 Resize modes, for a box of BW x BH and an upright image of W x H:
 
@@ -30,15 +41,18 @@ aspect ratio, until it fits inside the image.
 from __future__ import annotations
 
 import contextlib
+import errno
+import filecmp
 import functools
 import io
 import math
 import os
 import re
+import stat
 import struct
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +68,14 @@ from downloader.settings import (
     import_callable,
 )
 
-__all__ = ["ALLOWED_FORMATS", "configure_pillow", "output_names", "transform_file"]
+__all__ = [
+    "ALLOWED_FORMATS",
+    "configure_pillow",
+    "output_names",
+    "place_file",
+    "remove_outputs",
+    "transform_file",
+]
 
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 """Formats that are decoded; never EPS/PDF (Ghostscript) nor the rarely used ones."""
@@ -101,6 +122,11 @@ _LABEL_SEPARATOR = "~"
 _SNIFF_BYTES = 64
 _HINT_CHARS = 20
 _CUSTOM_CACHE_SIZE = 4
+# os.link errors of file systems (or mounts) that have no hard links: FAT, some FUSE
+# and network ones. Their outputs are placed by a look, then a rename.
+_NO_HARD_LINKS = frozenset(
+    {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+)
 
 
 def configure_pillow(spec: ImageSpec) -> None:
@@ -127,19 +153,28 @@ def output_names(stem: str, spec: ImageSpec, image_format: ImageFormat) -> list[
     ]
 
 
-def transform_file(src: Path, out_dir: Path, stem: str, spec: ImageSpec) -> Transformed:
+def transform_file(
+    src: Path,
+    out_dir: Path,
+    stem: str,
+    spec: ImageSpec,
+    owned: Collection[str] = (),
+) -> Transformed:
     """Turn the file ``src`` into ``out_dir/{stem}.{ext}`` (and more) as ``spec`` says.
 
+    An output name already taken is replaced only if it is a regular file named in
+    ``owned`` (what the previous manifest records as this URL's files), and kept if
+    it already holds the very bytes to be written.
+
     Raises:
-        TransformError: ``src`` is not a usable image, or the custom transform failed;
-            nothing is left behind.
+        TransformError: ``src`` is not a usable image, the custom transform failed,
+            or an output name is taken by something not ours; nothing is left behind.
         OutputError: an output could not be written (disk full, read-only folder).
     """
     started = time.perf_counter()
     image_format, rendered = _render(src, spec)
     names = output_names(stem, spec, image_format)
-    for name, output in zip(names, rendered, strict=True):
-        _write_atomically(out_dir, name, output.data)
+    _write_all(out_dir, names, rendered, owned)
     main = rendered[0]
     return Transformed(
         path=names[0],
@@ -552,21 +587,131 @@ def _decode_failure_reason(exc: OSError | ValueError) -> str:
     return f"cannot decode image: {exc}"
 
 
-def _write_atomically(out_dir: Path, name: str, data: bytes) -> None:
+def place_file(src: Path, out_dir: Path, name: str, owned: Collection[str]) -> None:
+    """Move the file ``src`` to ``out_dir/name``, never over something not ours.
+
+    ``owned`` names (relative to ``out_dir``) the files the previous manifest records
+    as this URL's: only a regular file at one of those names is replaced. A regular
+    file with the same bytes as ``src`` is kept (``src`` is removed). ``src`` must be
+    on the same file system (the output folder's ``.tmp``).
+
+    Raises:
+        TransformError: the name is taken by something else (a folder, a link, a
+            user's file), or its folder is not a folder; ``src`` is left as it is.
+        OutputError: the file could not be moved (read-only folder, disk full).
+    """
+    final = out_dir / name
+    try:
+        _make_folder(final.parent, out_dir)
+        _place(src, final, ours=name in owned)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {exc.filename or final}: {exc.strerror}"
+        ) from exc
+
+
+def remove_outputs(out_dir: Path, names: Iterable[str]) -> None:
+    """Remove outputs this run placed, for an item that fails after all."""
+    for name in names:
+        with contextlib.suppress(OSError):
+            (out_dir / name).unlink()
+
+
+def _write_all(
+    out_dir: Path, names: list[str], rendered: list[_Rendered], owned: Collection[str]
+) -> None:
+    """Write every output; if one cannot be, remove those already placed."""
+    placed: list[str] = []
+    try:
+        for name, output in zip(names, rendered, strict=True):
+            _write_atomically(out_dir, name, output.data, owned)
+            placed.append(name)
+    except TransformError:
+        remove_outputs(out_dir, placed)
+        raise
+
+
+def _write_atomically(
+    out_dir: Path, name: str, data: bytes, owned: Collection[str]
+) -> None:
     """Write ``data`` to ``out_dir/name`` through a temporary file and a rename."""
     folder, _, file_name = name.rpartition("/")
     label = f"{_LABEL_SEPARATOR}{folder}" if folder else ""
     temp = out_dir / _TEMP_DIR / f"{file_name}{label}.tmp"
-    final = out_dir / name
     try:
-        temp.parent.mkdir(exist_ok=True)
-        temp.write_bytes(data)
-        final.parent.mkdir(exist_ok=True)
-        os.replace(temp, final)
-    except OSError as exc:
-        # Nothing to remove, or the folder itself is unusable: the error below says so.
+        try:
+            temp.parent.mkdir(exist_ok=True)
+            temp.write_bytes(data)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write {exc.filename or temp}: {exc.strerror}"
+            ) from exc
+        place_file(temp, out_dir, name, owned)
+    except BaseException:
+        # Nothing to remove, or the folder itself is unusable: the error says so.
         with contextlib.suppress(OSError):
             temp.unlink(missing_ok=True)
-        raise OutputError(
-            f"cannot write {exc.filename or temp}: {exc.strerror}"
+        raise
+
+
+def _make_folder(folder: Path, out_dir: Path) -> None:
+    """Create an output's folder (a ``--sizes`` or ``originals`` one) if need be."""
+    if folder == out_dir:
+        return  # the run made it; no system call for the common case
+    try:
+        folder.mkdir(exist_ok=True)
+    except FileExistsError as exc:  # something that is not a folder is there
+        raise TransformError(
+            f"output path {folder} exists and is not a folder"
         ) from exc
+
+
+def _place(src: Path, final: Path, *, ours: bool) -> None:
+    """Rename ``src`` to ``final`` unless ``final`` is taken by what is not ours.
+
+    A hard link is the rename that never replaces: it fails, atomically, if
+    anything is at ``final`` (even a dangling link, which is never followed). Only
+    then is ``final`` looked at, so the common case costs no extra ``lstat``.
+    """
+    try:
+        os.link(src, final)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        # A file system without hard links: look, then rename.
+        if not os.path.lexists(final):
+            os.replace(src, final)
+            return
+    else:
+        src.unlink()
+        return
+    existing = os.lstat(final)
+    if not stat.S_ISREG(existing.st_mode):
+        raise TransformError(
+            f"output path {final} exists and is not ours ({_kind(existing)})"
+        )
+    if ours:
+        os.replace(src, final)  # this URL's own earlier output
+    elif filecmp.cmp(src, final, shallow=False):
+        # Byte for byte what would be written (outputs are deterministic): this
+        # URL's output from a run that stopped before recording it, or a retry's.
+        # Keeping it changes nothing.
+        src.unlink()
+    else:
+        raise TransformError(
+            f"output path {final} exists and is not ours ({_kind(existing)})"
+        )
+
+
+def _kind(existing: os.stat_result) -> str:
+    """Say what a taken output name holds, for the failure reason."""
+    mode = existing.st_mode
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISREG(mode):
+        return "a file the manifest does not record for this URL"
+    return "a special file"

@@ -50,6 +50,8 @@ class Task:
     index: int
     src: str
     stem: str
+    owned: tuple[str, ...] = ()
+    """Files the previous manifest records as this URL's (``Job.owned``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +131,7 @@ def run_task(task: Task, out: Path, spec: ImageSpec) -> TaskDone | TaskFailed:
     """Transform one file and describe the result as a message."""
     started = time.perf_counter()
     try:
-        result = transform_file(Path(task.src), out, task.stem, spec)
+        result = transform_file(Path(task.src), out, task.stem, spec, task.owned)
     except TransformError as exc:
         now = time.perf_counter()
         return TaskFailed(task.index, exc.reason, now - started, now)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,10 @@ import pytest
 
 from downloader import __version__
 from downloader.cli import main
-from tests.helpers import LocalServer, corpus_urls, read_manifest, write_list
+from tests.helpers import WAIT_S, LocalServer, corpus_urls, read_manifest, write_list
 
 FAST = ["--no-progress", "--threads", "2", "--procs", "1", "--retries", "0"]
+CLI = Path(__file__).resolve().parents[1] / "cli.py"
 
 
 def test_a_clean_list_exits_0_with_a_summary(
@@ -73,14 +75,113 @@ def test_stdin_list(
     assert {str(r["url"]) for r in read_manifest(tmp_path / "out")} == set(urls)
 
 
+def test_a_pipe_named_by_dev_fd_is_read_once(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``cli.py <(cat list)``: the list is read once, by the run, so no URL is lost."""
+    urls = corpus_urls(server, corpus)[:3]
+    reader, writer = os.pipe()
+    os.write(writer, "".join(url + "\n" for url in urls).encode())
+    os.close(writer)
+    out = tmp_path / "out"
+
+    try:
+        code = main([f"/dev/fd/{reader}", "--out", str(out), *FAST])
+    finally:
+        os.close(reader)
+
+    assert code == 0
+    assert sorted(str(r["url"]) for r in read_manifest(out)) == urls
+    assert "done: 3 URLs (3 ok, 0 failed, 0 skipped)" in capsys.readouterr().err
+
+
+def test_compare_runs_every_mode_on_a_list_read_once(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--compare`` on ``<(cat list)``: the lines are kept, so each mode gets them."""
+    urls = corpus_urls(server, corpus)[:2]
+    reader, writer = os.pipe()
+    os.write(writer, "".join(url + "\n" for url in urls).encode())
+    os.close(writer)
+    out = tmp_path / "out"
+    modes = ["--compare", "--modes", "sequential,threads"]
+
+    try:
+        code = main([f"/dev/fd/{reader}", "--out", str(out), *modes, *FAST])
+    finally:
+        os.close(reader)
+
+    assert code == 0, capsys.readouterr().err
+    for mode in ("sequential", "threads"):
+        assert sorted(str(r["url"]) for r in read_manifest(out / mode)) == urls
+
+
+def test_dev_stdin_fed_by_a_pipe_is_read_once(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """``cat list | cli.py /dev/stdin``: every URL of the list is run."""
+    urls = corpus_urls(server, corpus)[:3]
+    out = tmp_path / "out"
+
+    done = subprocess.run(
+        [sys.executable, str(CLI), "/dev/stdin", "--out", str(out), *FAST],
+        input="".join(url + "\n" for url in urls),
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert sorted(str(r["url"]) for r in read_manifest(out)) == urls
+    assert "done: 3 URLs (3 ok, 0 failed, 0 skipped)" in done.stderr
+
+
+def test_a_named_fifo_is_read_once(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A FIFO as the list: the run is its one reader; nothing waits for a 2nd writer."""
+    urls = corpus_urls(server, corpus)[:3]
+    fifo = tmp_path / "urls.txt"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    feed = "import sys; open(sys.argv[1], 'w').write(sys.stdin.read())"
+    run = subprocess.Popen(
+        [sys.executable, str(CLI), str(fifo), "--out", str(out), *FAST],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", feed, str(fifo)], stdin=subprocess.PIPE, text=True
+    )
+    try:
+        writer.communicate("".join(url + "\n" for url in urls), timeout=WAIT_S)
+        _, err = run.communicate(timeout=WAIT_S)
+    finally:
+        for process in (writer, run):
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=WAIT_S)
+
+    assert run.returncode == 0, err
+    assert sorted(str(r["url"]) for r in read_manifest(out)) == urls
+    assert "done: 3 URLs (3 ok, 0 failed, 0 skipped)" in err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["missing.txt"], "error: cannot read URL list missing.txt"),
         ([], "error: give a file of URLs"),
-        (["urls.txt", "--threads", "0"], "--threads: must be greater than 0: 0"),
+        (["urls.txt", "--threads", "0"], "error: --threads must be an integer from 1 "),
         (["urls.txt", "--max-bytes", "lots"], "--max-bytes: not a size: 'lots'"),
-        (["urls.txt", "--quality", "101"], "error: quality must be between 1 and 100"),
+        (["urls.txt", "--quality", "101"], "error: --quality must be an integer "),
         (["urls.txt", "--format", "tiff"], "--format: invalid choice: 'tiff'"),
     ],
 )

@@ -447,7 +447,8 @@ def test_load_settings_from_python(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("thread = 4\n", "unknown key 'thread' (did you mean 'threads'?)"),
-        ("threads = 0\n", "threads: must be greater than 0"),
+        ("threads = 0\n", "threads must be an integer from 1 to 1024, got 0"),
+        ('threads = "8"\n', "threads must be an integer from 1 to 1024, got '8' (str)"),
         ('format = "tiff"\n', "format: 'tiff' is not one of"),
         ('insecure = "yes"\n', "insecure: expected true or false"),
         ("[download]\nretries = 1\n", "[download] is a table"),

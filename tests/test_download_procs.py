@@ -111,7 +111,7 @@ def test_settings_pick_one_download_process_per_8_workers() -> None:
     assert Settings(procs=16, threads=16).download_processes == 2
     assert Settings(procs=64, threads=4).download_processes == 4
     assert Settings(procs=2, download_procs=3).download_processes == 3
-    with pytest.raises(InputError, match="download_procs must be greater than 0"):
+    with pytest.raises(InputError, match="--download-procs must be an integer from 1"):
         Settings(download_procs=0)
 
 

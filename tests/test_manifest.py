@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from PIL import Image
 
 from downloader import Status, run
-from downloader.settings import HttpSettings
-from tests.helpers import LocalServer, corpus_urls, fast_settings, read_manifest
+from downloader.cli import main
+from downloader.demo import serve_in_thread
+from downloader.dryrun import Action, dry_run
+from downloader.settings import HttpSettings, ImageSpec
+from tests.helpers import (
+    WAIT_S,
+    LocalHandler,
+    LocalServer,
+    corpus_urls,
+    fast_settings,
+    leftovers,
+    read_manifest,
+    session_pids,
+    wait_gone,
+    write_list,
+)
 
 NO_RETRY = HttpSettings(timeout=5, retries=0, backoff=0, per_host=8)
 
@@ -81,3 +109,311 @@ def test_an_ok_record_whose_image_was_deleted_is_redone(
     assert statuses[first.results[1].url] is Status.SKIPPED
     assert server.request_count() - before == 1
     assert len(read_manifest(out)) == 2
+
+
+# --- nothing is written outside the output folder -------------------------------------
+
+
+def _cli_options(*extra: str) -> list[str]:
+    return ["--no-progress", "--retries", "0", *extra]
+
+
+def _outside(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder outside --out holding one precious file; return (folder, file)."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    precious = folder / "precious.txt"
+    precious.write_text("keep me\n", encoding="utf-8")
+    return folder, precious
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    ("name", "is_folder", "extra"),
+    [
+        ("manifest.jsonl", False, ("--max-size", "64")),
+        ("failed.txt", False, ("--max-size", "64")),
+        (".lock", False, ("--max-size", "64")),
+        (".manifest-updates.jsonl", False, ("--max-size", "64")),
+        (".tmp", True, ("--max-size", "64")),
+        ("originals", True, ("--keep-originals",)),
+        ("32", True, ("--sizes", "32,64")),
+    ],
+)
+@pytest.mark.parametrize("dangling", [False, True], ids=["to-file", "dangling"])
+def test_a_link_at_a_name_the_run_writes_is_refused_before_anything_is_fetched(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    is_folder: bool,
+    extra: tuple[str, ...],
+    dangling: bool,
+) -> None:
+    """A symlink in OUT where the run writes a file or folder: exit 3, one line."""
+    url_list = write_list(tmp_path / "urls.txt", corpus_urls(server, corpus)[:2])
+    outside, precious = _outside(tmp_path)
+    target = outside / "missing" if dangling else (outside if is_folder else precious)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).symlink_to(target)
+    before = _snapshot(outside)
+
+    code = main([str(url_list), "--out", str(out), *_cli_options(*extra)])
+
+    err = capsys.readouterr().err.splitlines()
+    assert code == 3
+    assert len(err) == 1
+    assert f"{out / name} is a symbolic link (to {target})" in err[0]
+    assert _snapshot(outside) == before
+    assert server.request_count() == 0
+    assert (out / name).is_symlink()  # left for the user to look at
+
+
+@pytest.mark.parametrize("name", [".manifest.jsonl.new", ".failed.txt.new"])
+def test_a_link_left_at_a_temporary_name_is_removed_not_followed(
+    server: LocalServer, corpus: Path, tmp_path: Path, name: str
+) -> None:
+    """Names only the tool uses for files being rewritten: a link there goes."""
+    urls = corpus_urls(server, corpus)[:2]
+    outside, precious = _outside(tmp_path)
+    out = tmp_path / "out"
+    run(urls, fast_settings(out))
+    (out / name).symlink_to(precious)
+    before = _snapshot(outside)
+
+    report = run([*urls, corpus_urls(server, corpus)[2]], fast_settings(out))
+
+    assert report.summary.counts.get(Status.FAILED, 0) == 0
+    assert _snapshot(outside) == before
+    assert not (out / name).exists()
+    assert not (out / name).is_symlink()
+    assert len(read_manifest(out)) == 3
+
+
+# --- a gate: URLs that hang until the test opens it -----------------------------------
+
+CLI = Path(__file__).resolve().parents[1] / "cli.py"
+UPDATES = ".manifest-updates.jsonl"
+
+
+# How long a gated request waits for the gate (a test opens it, or the server's
+# teardown does): longer than any test waits, so a slow machine cannot end the hold.
+GATE_S = 3 * WAIT_S
+
+
+class GatedHandler(LocalHandler):
+    """``/gate/NAME``: serves NAME once the server's gate is open (503 after GATE_S)."""
+
+    def _gate(self, rest: str) -> None:
+        server = self.server
+        assert isinstance(server, GatedServer)
+        if server.gate.wait(GATE_S):
+            self._corpus_file(rest)
+        else:
+            self.send_bytes(503, b"gate closed\n", "text/plain")
+
+    ROUTES: ClassVar[dict[str, Callable[[LocalHandler, str], None]]] = {
+        **LocalHandler.ROUTES,
+        "gate": _gate,  # type: ignore[dict-item]  # a GatedHandler method
+    }
+
+
+class GatedServer(LocalServer):
+    """The local server with ``/gate/NAME`` routes, open while ``gate`` is set."""
+
+    def __init__(self, corpus: Path) -> None:
+        super().__init__(corpus)
+        self.RequestHandlerClass = GatedHandler
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def server_close(self) -> None:
+        """Let held requests go, then close."""
+        self.gate.set()
+        super().server_close()
+
+
+@pytest.fixture
+def gated(corpus: Path) -> Iterator[GatedServer]:
+    """A gated server in a thread of the test process (gate open)."""
+    with serve_in_thread(GatedServer(corpus)) as running:
+        assert isinstance(running, GatedServer)
+        yield running
+
+
+def _command(url_list: Path, out: Path, size: int, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(CLI),
+        str(url_list),
+        "--out",
+        str(out),
+        "--threads",
+        "4",
+        "--procs",
+        "2",
+        "--per-host",
+        "4",
+        "--timeout",
+        str(2 * GATE_S),
+        *_cli_options("--max-size", str(size), *extra),
+    ]
+
+
+def _start(command: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        command,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+@contextlib.contextmanager
+def _reaped(process: subprocess.Popen[bytes]) -> Iterator[None]:
+    """Kill the run's whole session if the block fails, and always reap it."""
+    try:
+        yield
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=WAIT_S)
+
+
+def _read_results(process: subprocess.Popen[bytes], count: int) -> None:
+    """Read the run's ``--events -`` until ``count`` results (each already written)."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + 2 * WAIT_S
+    pending = b""
+    seen = 0
+    while seen < count:
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([process.stdout], [], [], max(left, 0))
+        assert ready, f"{seen} of {count} results in time"
+        chunk = os.read(process.stdout.fileno(), 65536)
+        assert chunk, f"the run ended after {seen} of {count} results"
+        *lines, pending = (pending + chunk).split(b"\n")
+        seen += sum(json.loads(line)["type"] == "result" for line in lines if line)
+
+
+def _one_line_per_url(out: Path) -> dict[str, dict[str, object]]:
+    """The manifest's records by URL, checking that no URL has two lines."""
+    records = read_manifest(out)
+    by_url = {str(r["url"]): r for r in records}
+    assert len(by_url) == len(records), "a URL has two lines"
+    return by_url
+
+
+def test_a_rerun_killed_mid_way_leaves_one_line_per_url_and_loses_nothing(
+    gated: GatedServer, corpus: Path, tmp_path: Path
+) -> None:
+    """kill -9 mid-rerun: one line per URL still; the next run redoes nothing done."""
+    images = corpus_urls(gated, corpus)[:6]
+    held = f"{gated.base_url}/gate/{images[0].rpartition('/')[2]}"
+    gone = f"{gated.base_url}/status/404"
+    urls = [*images, gone, held]
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+    first = subprocess.run(
+        _command(url_list, out, 64), capture_output=True, timeout=WAIT_S
+    )
+    assert first.returncode == 1, first.stderr  # the 404
+    gated.gate.clear()
+    # Other settings: every URL is redone; the gated one hangs, so the run cannot end.
+    command = _command(url_list, out, 48, "--events", "-")
+    rerun = _start(command)
+    with _reaped(rerun):
+        _read_results(rerun, len(urls) - 1)
+
+        os.kill(rerun.pid, signal.SIGKILL)
+        rerun.wait(timeout=WAIT_S)
+        at_the_kill = _one_line_per_url(out)
+
+    assert rerun.returncode == -signal.SIGKILL
+    assert wait_gone(session_pids(rerun.pid)) == []
+    assert sorted(at_the_kill) == sorted(urls)
+    assert {r["status"] for r in at_the_kill.values()} == {"ok", "failed"}
+    plan = dry_run(url_list, fast_settings(out, image=ImageSpec(max_size=48)))
+    assert {item.url: item.action for item in plan.items} == {
+        **dict.fromkeys(images, Action.SKIP),  # found in what the killed run left
+        gone: Action.FETCH,
+        held: Action.FETCH,
+    }
+    redone = {"/" + url.rpartition("/")[2] for url in images}
+    before = {path: gated.request_count(path) for path in redone}
+    gated.gate.set()
+
+    last = subprocess.run(command, capture_output=True, timeout=WAIT_S)
+
+    assert last.returncode == 1, last.stderr
+    assert {path: gated.request_count(path) for path in redone} == before
+    records = _one_line_per_url(out)
+    assert sorted(records) == sorted(urls)
+    assert {url: records[url]["status"] for url in images} == dict.fromkeys(
+        images, "skipped"
+    )
+    assert records[held]["status"] == "ok"
+    assert records[gone]["status"] == "failed"
+    for url in images:
+        with Image.open(out / str(records[url]["path"])) as image:
+            assert max(image.size) <= 48
+    assert not (out / UPDATES).exists()
+    assert leftovers(out) == []
+    assert (out / "failed.txt").read_text(encoding="utf-8").splitlines() == [gone]
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [(UPDATES, 3), ("failed.txt", 0), (".manifest.jsonl.new", 0)],
+)
+def test_a_link_planted_during_the_run_is_never_written_through(
+    gated: GatedServer, corpus: Path, tmp_path: Path, name: str, code: int
+) -> None:
+    """A link made after the start checks: refused when opened, or replaced."""
+    held = f"{gated.base_url}/gate/{corpus_urls(gated, corpus)[0].rpartition('/')[2]}"
+    url_list = write_list(tmp_path / "urls.txt", [held])
+    out = tmp_path / "out"
+    options = _cli_options("--max-size", "64")
+    assert main([str(url_list), "--out", str(out), *options]) == 0
+    first = read_manifest(out)
+    outside, _ = _outside(tmp_path)
+    target = outside / "planted"
+    gated.gate.clear()
+    rerun = _start(_command(url_list, out, 48))
+    with _reaped(rerun):
+        gated.wait_for_requests(2)  # the run is past its checks, held at the gate
+        (out / name).unlink(missing_ok=True)
+        (out / name).symlink_to(target)
+        gated.gate.set()
+        _, stderr = rerun.communicate(timeout=WAIT_S)
+
+    assert rerun.returncode == code, stderr
+    assert not target.exists()
+    if code == 3:
+        assert f"{out / name} is a symbolic link" in stderr.decode()
+        assert read_manifest(out) == first
+    else:
+        assert not (out / name).is_symlink()
+        assert [r["status"] for r in read_manifest(out)] == ["ok"]
+
+
+def test_duplicate_lines_left_by_an_older_version_are_merged(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A manifest with two lines for one URL comes out of the next run with one."""
+    urls = corpus_urls(server, corpus)[:2]
+    out = tmp_path / "out"
+    run(urls, fast_settings(out))
+    manifest = out / "manifest.jsonl"
+    lines = manifest.read_text(encoding="utf-8").splitlines(keepends=True)
+    manifest.write_text("".join([*lines, lines[0]]), encoding="utf-8")
+
+    run([corpus_urls(server, corpus)[2]], fast_settings(out))
+
+    assert len(_one_line_per_url(out)) == 3

@@ -2,7 +2,8 @@
 
 Runs ``python cli.py`` as a real subprocess in its own session, so signals go to its
 whole process group as a terminal's Ctrl-C would, and every process it started can
-be found afterwards.
+be found afterwards. Each gets its own system temporary directory (``TMPDIR``), so
+that what a run leaves outside ``--out`` shows.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from PIL import Image
 
 from downloader.cli import main
 from downloader.demo import serve_in_thread
+from downloader.runtime import FALLBACK_PREFIX, MAX_SOCKET_PATH_BYTES
 from tests.helpers import (
     WAIT_S,
     LocalServer,
@@ -68,14 +73,21 @@ def _command(url_list: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def _start(command: list[str]) -> subprocess.Popen[str]:
+def _start(command: list[str], system_tmp: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         command,
         start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=_env(system_tmp),
     )
+
+
+def _env(system_tmp: Path) -> dict[str, str]:
+    """The environment with ``system_tmp`` as the system's temporary directory."""
+    system_tmp.mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(system_tmp)}
 
 
 def _finish(process: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
@@ -106,8 +118,9 @@ def test_a_signal_stops_the_run_cleanly_and_a_rerun_finishes_it(
     urls = corpus_urls(slow_server, corpus)
     url_list = write_list(tmp_path / "urls.txt", urls)
     out = tmp_path / "out"
+    system_tmp = tmp_path / "system-tmp"
     command = _command(url_list, out)
-    process = _start(command)
+    process = _start(command, system_tmp)
     slow_server.wait_for_requests(3)
 
     os.killpg(process.pid, signum)
@@ -115,7 +128,8 @@ def test_a_signal_stops_the_run_cleanly_and_a_rerun_finishes_it(
 
     assert code == 130, stderr
     assert "rerun the same command" in stderr
-    assert wait_gone(session_pids(process.pid)) == []
+    assert session_pids(process.pid) == []  # none left to end after the main one
+    assert list(system_tmp.iterdir()) == []
     records = read_manifest(out)  # every line is complete JSON
     assert sorted(str(r["url"]) for r in records) == sorted(urls)
     cut_short = {"interrupted", f"not started (interrupted by {signum.name})"}
@@ -126,9 +140,12 @@ def test_a_signal_stops_the_run_cleanly_and_a_rerun_finishes_it(
     done = _ok_paths(out)
     before = {path: slow_server.request_count(path) for path in done}
 
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=WAIT_S)
+    rerun = subprocess.run(
+        command, capture_output=True, text=True, timeout=WAIT_S, env=_env(system_tmp)
+    )
 
     assert rerun.returncode == 0, rerun.stderr
+    assert list(system_tmp.iterdir()) == []
     assert {path: slow_server.request_count(path) for path in done} == before
     records = read_manifest(out)
     assert sorted(str(r["url"]) for r in records) == sorted(urls)
@@ -137,15 +154,68 @@ def test_a_signal_stops_the_run_cleanly_and_a_rerun_finishes_it(
     assert leftovers(out) == []
 
 
+# Runs a command as a child subreaper (prctl PR_SET_CHILD_SUBREAPER = 36): a process
+# that outlives the command's main process is re-parented to it, and so is found (and
+# reaped) however soon after the main process it exits. Bounded by an alarm.
+_REAPER = """
+import ctypes, json, os, signal, subprocess, sys
+assert ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+signal.alarm(int(sys.argv[1]))
+command = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL)
+print(command.pid, flush=True)
+code = command.wait()
+orphans = []
+while True:
+    try:
+        pid, _ = os.waitpid(-1, 0)
+    except ChildProcessError:
+        break
+    orphans.append(pid)
+print(json.dumps({"code": code, "orphans": orphans}), flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "signum", [None, signal.SIGINT, signal.SIGTERM], ids=["end", "INT", "TERM"]
+)
+def test_no_process_of_a_run_outlives_its_main_process(
+    slow_server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    signum: signal.Signals | None,
+) -> None:
+    """End or a signal: the main process reaps forkserver and resource tracker first."""
+    url_list = write_list(tmp_path / "urls.txt", corpus_urls(slow_server, corpus))
+    command = _command(url_list, tmp_path / "out")
+    reaper = _start(
+        [sys.executable, "-c", _REAPER, str(int(WAIT_S)), *command],
+        tmp_path / "system-tmp",
+    )
+    assert reaper.stdout is not None
+    try:
+        # Plain reads: the reaper's alarm bounds them (its end is an end of file).
+        main_pid = int(reaper.stdout.readline())
+        if signum is not None:
+            slow_server.wait_for_requests(3)
+            os.kill(main_pid, signum)
+        report = json.loads(reaper.stdout.readline())
+    finally:
+        _finish(reaper, WAIT_S)
+
+    assert report["code"] == (0 if signum is None else 130)
+    assert report["orphans"] == []
+
+
 def test_kill_9_of_the_main_process_leaves_no_orphan_and_a_rerun_cleans_up(
     slow_server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
-    """SIGKILL of the main process only: its workers exit; the next run sweeps .tmp."""
+    """SIGKILL of the main process: nothing left outside --out; the next run sweeps."""
     urls = corpus_urls(slow_server, corpus)
     url_list = write_list(tmp_path / "urls.txt", urls)
     out = tmp_path / "out"
+    system_tmp = tmp_path / "system-tmp"
     command = _command(url_list, out)
-    process = _start(command)
+    process = _start(command, system_tmp)
     slow_server.wait_for_requests(3)
 
     os.kill(process.pid, signal.SIGKILL)
@@ -153,9 +223,12 @@ def test_kill_9_of_the_main_process_leaves_no_orphan_and_a_rerun_cleans_up(
 
     assert process.returncode == -signal.SIGKILL
     assert wait_gone(session_pids(process.pid), timeout=10) == []
-    assert (out / ".tmp").is_dir()  # what the killed run left behind
+    assert list(system_tmp.iterdir()) == []
+    assert (out / ".tmp" / "mp").is_dir()  # what the killed run left behind
     (out / ".tmp" / "stale.part").write_bytes(b"half a download")
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=WAIT_S)
+    rerun = subprocess.run(
+        command, capture_output=True, text=True, timeout=WAIT_S, env=_env(system_tmp)
+    )
 
     assert rerun.returncode == 0, rerun.stderr
     assert leftovers(out) == []
@@ -163,6 +236,73 @@ def test_kill_9_of_the_main_process_leaves_no_orphan_and_a_rerun_cleans_up(
     records = read_manifest(out)
     assert sorted(str(r["url"]) for r in records) == sorted(urls)
     assert {str(r["status"]) for r in records} <= {"ok", "skipped"}
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A fresh folder of a short path (tmp_path is too deep to hold a socket)."""
+    folder = Path(tempfile.mkdtemp(prefix="dl-test-", dir="/tmp"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_with_a_deep_out_the_socket_folder_is_swept_by_the_next_run(
+    slow_server: LocalServer, corpus: Path, tmp_path: Path, short_tmp: Path
+) -> None:
+    """--out too deep for a socket: kill -9 leaves a temp folder; a rerun sweeps it."""
+    urls = corpus_urls(slow_server, corpus)
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / ("d" * MAX_SOCKET_PATH_BYTES) / "out"
+    system_tmp = short_tmp
+    command = _command(url_list, out)
+    process = _start(command, system_tmp)
+    slow_server.wait_for_requests(3)
+
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=WAIT_S)
+    assert wait_gone(session_pids(process.pid), timeout=10) == []
+    left = [entry.name for entry in system_tmp.iterdir()]
+    rerun = subprocess.run(
+        command, capture_output=True, text=True, timeout=WAIT_S, env=_env(system_tmp)
+    )
+
+    assert len(left) == 1
+    assert left[0].startswith(FALLBACK_PREFIX)
+    assert rerun.returncode == 0, rerun.stderr
+    assert list(system_tmp.iterdir()) == []
+    assert {str(r["status"]) for r in read_manifest(out)} <= {"ok", "skipped"}
+
+
+def _read_line(process: subprocess.Popen[str]) -> str:
+    """The next line of the process's stdout, waiting at most ``WAIT_S``."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], WAIT_S)
+    assert ready, "no output in time"
+    return process.stdout.readline()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_a_signal_while_the_list_is_opened_exits_130(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """A FIFO list with no writer yet: a signal ends the wait with 130 and one line."""
+    fifo = tmp_path / "urls.txt"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    system_tmp = tmp_path / "system-tmp"
+    process = _start(_command(fifo, out, "--events", "-"), system_tmp)
+    # The start event comes just before the list is opened, after the handlers.
+    assert json.loads(_read_line(process))["type"] == "start"
+
+    os.killpg(process.pid, signum)
+    code, stderr = _finish(process, STOP_S)
+
+    assert code == 130, stderr
+    assert stderr.splitlines() == [f"interrupted by {signum.name}"]
+    assert session_pids(process.pid) == []
+    assert list(system_tmp.iterdir()) == []
 
 
 def test_a_second_run_on_the_same_out_is_refused(

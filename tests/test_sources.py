@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import io
+import os
 import re
 import sys
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from downloader.sources import (
     Line,
     LocalFiles,
     UrlList,
+    can_reread,
     check_url,
     count_entries,
     local_jobs,
@@ -30,9 +34,13 @@ from downloader.sources import (
     open_source,
     plan_jobs,
     read_lines,
+    reads_once,
     safe_name,
     safe_stem,
 )
+
+# Generous for a call that must return at once: counting must never wait on a FIFO.
+COUNT_WAIT_S = 10.0
 
 STEM_SHAPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,59}-[0-9a-f]{12}")
 
@@ -733,3 +741,78 @@ def test_count_entries_counts_what_a_run_would_read(tmp_path: Path) -> None:
     assert count_entries("-") is None
     assert count_entries(tmp_path / "missing.txt") is None
     assert count_entries(LocalFiles(tmp_path)) is None
+
+
+def test_a_list_that_reads_once_is_never_counted(tmp_path: Path) -> None:
+    """A pipe named by /dev/fd/N: no total, and every byte is left for the run."""
+    data = b"http://h/a\nhttp://h/b\n"
+    reader, writer = os.pipe()
+    try:
+        os.write(writer, data)
+        os.close(writer)
+        path = f"/dev/fd/{reader}"
+
+        total = count_entries(path)
+        forced = count_entries(UrlList(path, InputFormat.TXT))
+        left = os.read(reader, 1024)
+    finally:
+        os.close(reader)
+
+    assert (total, forced) == (None, None)
+    assert left == data
+
+
+def test_counting_a_fifo_without_a_writer_returns_at_once(tmp_path: Path) -> None:
+    """Opening a FIFO to count it would wait for a writer: it is not opened at all."""
+    fifo = tmp_path / "urls.txt"
+    os.mkfifo(fifo)
+
+    with ThreadPoolExecutor(1) as pool:
+        counting = pool.submit(count_entries, fifo)
+        try:
+            total = counting.result(timeout=COUNT_WAIT_S)
+        except TimeoutError:
+            # Release the blocked open() so the thread can end, then fail.
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            counting.result(timeout=COUNT_WAIT_S)
+            pytest.fail("count_entries blocked on a FIFO with no writer")
+
+    assert total is None
+
+
+def test_can_reread_only_regular_files(tmp_path: Path) -> None:
+    """Only a regular file (or a link to one) can be read twice."""
+    text = tmp_path / "urls.txt"
+    text.write_text("http://h/a\n")
+    (tmp_path / "link.txt").symlink_to(text)
+    os.mkfifo(tmp_path / "fifo")
+
+    assert can_reread(text)
+    assert can_reread(str(tmp_path / "link.txt"))
+    assert not can_reread("-")
+    assert not can_reread(tmp_path / "fifo")
+    assert not can_reread(tmp_path)
+    assert not can_reread("/dev/null")
+    assert not can_reread(tmp_path / "missing.txt")
+
+
+def test_reads_once_names_what_gives_its_lines_once(tmp_path: Path) -> None:
+    """'-', FIFOs, pipes and devices read once; files, folders and missing paths not."""
+    text = tmp_path / "urls.txt"
+    text.write_text("http://h/a\n")
+    os.mkfifo(tmp_path / "fifo")
+    reader, writer = os.pipe()
+    try:
+        pipe = reads_once(f"/dev/fd/{reader}")
+    finally:
+        os.close(reader)
+        os.close(writer)
+
+    assert pipe
+    assert reads_once("-")
+    assert reads_once(tmp_path / "fifo")
+    assert reads_once("/dev/null")
+    assert not reads_once(text)
+    assert not reads_once(tmp_path)
+    assert not reads_once(tmp_path / "missing.txt")

@@ -444,13 +444,13 @@ def test_unusable_temporary_folder_is_an_output_error(tmp_path: Path) -> None:
 
 
 def test_failed_rename_removes_the_temporary_file(tmp_path: Path) -> None:
-    """When the final name cannot be replaced, the temporary file is removed."""
+    """When the final name is taken (a folder), the item fails; no temporary file."""
     src = write_image(tmp_path / "in", two_colour_image((40, 20)), "PNG")
     out_dir = tmp_path / "out"
     (out_dir / "img.jpg").mkdir(parents=True)
     (out_dir / "img.jpg" / "keep").write_bytes(b"")
 
-    with pytest.raises(OutputError, match="cannot write "):
+    with pytest.raises(TransformError, match="exists and is not ours"):
         transform_file(src, out_dir, "img", ImageSpec())
 
     assert list((out_dir / ".tmp").iterdir()) == []

@@ -1,0 +1,178 @@
+"""Run-wide plumbing: signals for a whole command, and a run's helper processes."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from multiprocessing.context import ForkServerContext, SpawnContext
+from pathlib import Path
+
+import pytest
+
+from downloader.api import run
+from downloader.pipeline import mp_context
+from downloader.records import Status
+from downloader.runtime import (
+    FALLBACK_PREFIX,
+    MAX_SOCKET_PATH_BYTES,
+    helper_processes,
+    interrupt_on_signals,
+    stop_helper_processes,
+)
+from tests.helpers import (
+    WAIT_S,
+    LocalServer,
+    corpus_urls,
+    descendants,
+    fast_settings,
+    write_list,
+)
+
+
+def _forkservers() -> list[int]:
+    """This process's live forkservers (children running multiprocessing's)."""
+    found = []
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):  # it may have just exited
+            if (
+                b"multiprocessing.forkserver"
+                in Path(f"/proc/{pid}/cmdline").read_bytes()
+            ):
+                found.append(pid)
+    return found
+
+
+def _start_child(context: ForkServerContext | SpawnContext) -> None:
+    """Start a trivial child through ``context`` and wait for it."""
+    child = context.Process(target=os.getpid)
+    child.start()
+    child.join(WAIT_S)
+    assert child.exitcode == 0
+
+
+def _sockets(folder: Path) -> list[str]:
+    return [entry.name[: len("listener-")] for entry in folder.iterdir()]
+
+
+@pytest.fixture
+def no_forkserver() -> None:
+    """Start with no forkserver (an earlier test may have started one outside a run)."""
+    stop_helper_processes()
+    assert _forkservers() == []
+
+
+@pytest.fixture
+def short_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh folder of a short path as the system's temporary directory."""
+    folder = Path(tempfile.mkdtemp(prefix="dl-test-", dir="/tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.usefixtures("no_forkserver")
+def test_a_run_stops_the_forkserver_it_started(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """After run() returns, no forkserver of the run is left, nor its socket folder."""
+    urls = corpus_urls(server, corpus)[:2]
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+
+    report = run(url_list, fast_settings(out))
+
+    assert [r.status for r in report.results] == [Status.OK, Status.OK]
+    assert _forkservers() == []
+    assert not (out / ".tmp").exists()
+
+
+@pytest.mark.usefixtures("no_forkserver")
+def test_overlapping_runs_hand_the_forkserver_over(tmp_path: Path) -> None:
+    """Overlapping runs share the forkserver; it moves when its run ends first."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    context = mp_context()
+    first_run, second_run = helper_processes(first), helper_processes(second)
+
+    first_run.__enter__()
+    try:
+        _start_child(context)
+        in_first = _sockets(first / "mp")
+        second_run.__enter__()
+    finally:
+        first_run.__exit__(None, None, None)
+    try:
+        first_left = (first / "mp").exists()
+        _start_child(context)
+        in_second = _sockets(second / "mp")
+    finally:
+        second_run.__exit__(None, None, None)
+
+    assert in_first == ["listener-"]
+    assert not first_left
+    assert in_second == ["listener-"]
+    assert not (second / "mp").exists()
+    assert _forkservers() == []
+
+
+@pytest.mark.usefixtures("no_forkserver")
+def test_a_scratch_too_deep_for_a_socket_uses_a_swept_temporary_folder(
+    tmp_path: Path, short_tmp: Path
+) -> None:
+    """Too deep: a locked temporary folder; unlocked ones swept, locked ones kept."""
+    deep = tmp_path / ("d" * MAX_SOCKET_PATH_BYTES)
+    deep.mkdir()
+    stale = short_tmp / f"{FALLBACK_PREFIX}stale"
+    stale.mkdir()
+    (stale / "lock").touch()
+    live = short_tmp / f"{FALLBACK_PREFIX}live"
+    live.mkdir()
+    context = mp_context()
+
+    with open(live / "lock", "wb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with helper_processes(deep):
+            _start_child(context)
+            during = {entry.name for entry in short_tmp.iterdir()} - {live.name}
+            inside = {name: sorted(_sockets(short_tmp / name)) for name in during}
+        after = sorted(entry.name for entry in short_tmp.iterdir())
+
+    assert len(during) == 1  # the stale one is gone, this run's is there
+    (mine,) = during
+    assert mine.startswith(FALLBACK_PREFIX)
+    assert inside[mine] == ["listener-", "lock"]
+    assert after == [live.name]
+    assert not (deep / "mp").exists()
+    assert _forkservers() == []
+
+
+def test_a_signal_raises_while_armed_and_is_only_noted_outside() -> None:
+    """Outside ``armed`` a signal is noted; entering ``armed`` then raises at once."""
+    before = signal.getsignal(signal.SIGTERM)
+
+    with interrupt_on_signals() as interrupts:
+        signal.raise_signal(signal.SIGTERM)
+        noted = interrupts.received
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"), interrupts.armed():
+            pass
+
+    assert noted is signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_signal_while_armed_raises_keyboard_interrupt() -> None:
+    """Inside ``armed`` SIGTERM interrupts like Ctrl-C does, naming the signal."""
+    with (
+        interrupt_on_signals() as interrupts,
+        pytest.raises(KeyboardInterrupt, match="interrupted by SIGTERM"),
+        interrupts.armed(),
+    ):
+        signal.raise_signal(signal.SIGTERM)
