@@ -6,12 +6,13 @@ from collections.abc import Generator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from downloader.errors import InputError
+from downloader.errors import DownloaderError, InputError, OutputError
+from downloader.lifecycle import Lifecycle
 from downloader.manifest import ManifestWriter, OutputFolder, PreviousRun
 from downloader.modes import RUNNERS
-from downloader.progress import Events, ignore_events
+from downloader.progress import Events, ignore_events, tell_note, tell_outcome
 from downloader.records import Job, Outcome, Status
-from downloader.report import RunReport, Tally
+from downloader.report import RunReport, Tally, summary_json
 from downloader.reuse import ContentIndex, settings_fingerprint
 from downloader.runtime import (
     Cancellation,
@@ -20,9 +21,8 @@ from downloader.runtime import (
     cancel_on_signals,
     helper_processes,
 )
-from downloader.settings import NameBy, Settings
-from downloader.sources import Source, open_source
-from downloader.steps import not_started
+from downloader.settings import VERSION, NameBy, Settings
+from downloader.sources import Prefetched, Source, open_source
 
 __all__ = ["Source", "iter_results", "run"]
 
@@ -58,38 +58,49 @@ def _redo(job: Job, earlier: Outcome, previous: PreviousRun, force: bool) -> Job
     return job
 
 
+def start_fields(settings: Settings) -> dict[str, object]:
+    """What the ``start`` note of a run says about it."""
+    return {
+        "version": VERSION,
+        "mode": settings.mode.value,
+        "out": str(settings.out),
+        "threads": settings.threads,
+        "procs": settings.procs,
+        "download_procs": settings.download_processes,
+        "insecure": not settings.http.verify,
+    }
+
+
 def _marked_insecure(outcome: Outcome) -> Outcome:
     """Flag a record whose URL was requested with TLS verification off."""
     requested = outcome.status is Status.OK or outcome.stage is not None
     return replace(outcome, insecure=True) if requested else outcome
 
 
-def _not_started(plan: Iterator[Job | Outcome], reason: str) -> Iterator[Outcome]:
-    for item in plan:
-        if isinstance(item, Job):
-            yield not_started(item, reason)
-        else:
-            yield item
-
-
 def _every_record(
-    results: Iterator[Outcome], plan: Iterator[Job | Outcome], cancel: Cancellation
+    results: Iterator[Outcome], plan: Iterator[Job | Outcome], lifecycle: Lifecycle
 ) -> Generator[Outcome, None, None]:
     """The scheduler's records, then, if the run was stopped, those never reached.
 
-    Closing this generator closes the scheduler (``results``), which then gives up on
-    what it was doing: the path of an error, or of a second interruption.
+    A fault the scheduler raises (a worker that keeps dying, a full disk) stops the
+    run like any other: the inputs not reached still get their records, then it is
+    raised. Closing this generator closes the scheduler (``results``), which then
+    gives up on what it was doing: the path of a second interruption.
     """
     try:
         yield from results
+    except DownloaderError as exc:
+        lifecycle.fail_run(exc)
     finally:
         close = getattr(results, "close", None)
         if close is not None:
             close()
-    if cancel.is_set():
+    if lifecycle.stopping:
         # Stopped before reaching the end of the list: every input still gets its
         # one record, so failed.txt and the rerun cover them too.
-        yield from _not_started(plan, cancel.reason or "interrupted")
+        for item in plan:
+            yield lifecycle.not_started(item) if isinstance(item, Job) else item
+    lifecycle.raise_if_failed()
 
 
 def iter_results(
@@ -124,13 +135,16 @@ def iter_results(
         OutputError: the output folder is unusable, locked, or the disk is full.
         WorkerCrashed: a worker failed in a way that is a bug, not a bad image.
     """
+    # First: a reader of the events knows the run is up before the list is opened
+    # (a FIFO's open waits for its writer).
+    tell_note(events, "start", start_fields(settings))
     if isinstance(source, str | Path) and str(source) != "-" and Path(source).is_dir():
         raise InputError(f"cannot read URL list {source}: it is a directory")
-    items = open_source(source, exclude=settings.out)
     cancel = cancel or Cancellation()
-    runner = RUNNERS.get(settings.mode)
-    if runner is None:
-        raise InputError(f"mode {settings.mode.value!r} is not available")
+    # Read in a thread of its own: a list that waits (a silent pipe) never blocks a
+    # stop; the rest of a list that is there still gets its records after one.
+    items = Prefetched(open_source(source, exclude=settings.out), cancel.is_set)
+    runner = RUNNERS[settings.mode]  # every Mode has its scheduler
     with (
         cancel_on_signals(cancel),
         OutputFolder.for_settings(settings) as folder,
@@ -141,17 +155,30 @@ def iter_results(
             fingerprint=settings_fingerprint(settings),
             by_content=settings.name_by is NameBy.SHA256 and not settings.force,
         )
-        context = RunContext(folder.path, folder.tmp, events, cancel, usage or Usage())
+        usage = usage or Usage()
+        context = RunContext(folder.path, folder.tmp, events, cancel, usage)
         content = ContentIndex(settings, folder.path, previous.same_content)
+        lifecycle = Lifecycle(settings, context, content.claim)
         with ManifestWriter(folder, previous) as manifest:
             plan = _plan(items, previous, settings.force)
-            results = content.relay(runner(plan, settings, context, content.claim))
-            records = _every_record(results, plan, cancel)
+            results = content.relay(runner(plan, lifecycle))
+            records = _every_record(results, plan, lifecycle)
+
+            tally = Tally()
 
             def write(outcome: Outcome) -> Outcome:
                 if not settings.http.verify:
                     outcome = _marked_insecure(outcome)
-                manifest.write(outcome)
+                try:
+                    manifest.write(outcome)
+                except OutputError as exc:
+                    # The manifest cannot take more (a full disk): stop at once; the
+                    # first fault is raised (no record is ever torn).
+                    lifecycle.fail_run(exc)
+                    records.close()
+                    lifecycle.raise_if_failed()
+                tally.add(outcome)
+                tell_outcome(events, outcome)
                 return outcome
 
             try:
@@ -168,6 +195,13 @@ def iter_results(
                         raise
             finally:
                 records.close()
+                items.close()
+            summary = tally.summary(
+                interrupted=cancel.is_set(), worker_cpu_s=usage.worker_cpu_s
+            )
+            tell_note(
+                events, "summary", summary_json(summary, out_dir=str(settings.out))
+            )
 
 
 def run(

@@ -18,8 +18,10 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import IO, Any
 
@@ -89,10 +91,16 @@ _MULTIPLIER = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 def _byte_size(text: str) -> int:
+    """``500000``, ``20M``, ``1.5G``: a whole number of bytes (``1.5`` alone is not)."""
     match = _SIZE.match(text)
     if match is None:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500000, 20M, 1G)")
-    return int(float(match.group(1)) * _MULTIPLIER[match.group(2).lower()])
+    size = Fraction(match.group(1)) * _MULTIPLIER[match.group(2).lower()]
+    if size.denominator != 1:
+        raise argparse.ArgumentTypeError(
+            f"not a whole number of bytes: {text!r} (e.g. 500000, 20M, 1G)"
+        )
+    return int(size)
 
 
 def _mode_list(text: str) -> tuple[Mode, ...]:
@@ -605,8 +613,6 @@ def _finish(
     stderr: IO[str],
 ) -> None:
     figures = summary_json(summary, out_dir=str(settings.out))
-    if stream is not None:
-        stream.note("summary", figures)
     if args.json:
         _print_json(figures)
     elif not args.quiet:
@@ -624,7 +630,6 @@ def _run(
         stream = _open_events(args)
         if stream is not None:
             stack.enter_context(stream)
-            stream.note("start", _start_fields(settings))
         summary = _run_with_bars(args, settings, log, stream, cancel, stderr)
         _finish(args, summary, settings, stream, stderr)
     if summary.interrupted:
@@ -653,28 +658,17 @@ def _run_with_bars(
         tally = Tally()
         events: Events = bars if stream is None else fan_out(bars, stream)
         _log.info("%s", _describe(settings))
-        for outcome in iter_results(
+        results = iter_results(
             source, settings, events=events, cancel=cancel, usage=usage
-        ):
-            tally.add(outcome)
-            bars.outcome(outcome)
-            if stream is not None:
-                stream.outcome(outcome)
-            if outcome.status is Status.FAILED:
-                _log.info("failed %s: %s", outcome.url, outcome.error)
+        )
+        # Closed here, whatever ends the loop (a second Ctrl-C, a broken pipe): the
+        # run shuts down inside these scopes, before the helpers are stopped.
+        with contextlib.closing(results):
+            for outcome in results:
+                tally.add(outcome)  # bars and stream get each record from the library
+                if outcome.status is Status.FAILED:
+                    _log.info("failed %s: %s", outcome.url, outcome.error)
     return tally.summary(interrupted=cancel.is_set(), worker_cpu_s=usage.worker_cpu_s)
-
-
-def _start_fields(settings: Settings) -> dict[str, Any]:
-    return {
-        "version": VERSION,
-        "mode": settings.mode.value,
-        "out": str(settings.out),
-        "threads": settings.threads,
-        "procs": settings.procs,
-        "download_procs": settings.download_processes,
-        "insecure": not settings.http.verify,
-    }
 
 
 def _sayer(args: argparse.Namespace, stderr: IO[str]) -> Callable[[str], None]:
@@ -702,7 +696,7 @@ def _run_compare(args: argparse.Namespace, settings: Settings, stderr: IO[str]) 
         )
     if args.json:
         _print_json(comparison_json(comparison))
-    else:
+    elif not args.quiet:  # -q: errors only; comparison.json and .png still written
         print_comparison(comparison, file=sys.stdout)
     _sayer(args, stderr)(
         f"comparison written to {settings.out}/comparison.json and .png"
@@ -766,6 +760,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt as exc:
             print(str(exc) or "interrupted", file=sys.stderr)
             code = EXIT_INTERRUPTED
+        except BrokenPipeError:
+            # The reader of our output left (``| head``): stop quietly, as Unix
+            # tools do. The run, if any, has ended through its own shutdown path.
+            _silence_stdout()
+            code = EXIT_BROKEN_PIPE
         stop_helper_processes()
         if interrupts.received is not None and code != EXIT_INTERRUPTED:
             # Came while the command was ending: what it did stands, but a caller
@@ -773,6 +772,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"interrupted by {interrupts.received.name}", file=sys.stderr)
             code = EXIT_INTERRUPTED
     return code
+
+
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+"""Exit code when stdout's reader left: what a tool killed by SIGPIPE reports."""
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that flushing it at exit cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _main(argv: Sequence[str] | None) -> int:

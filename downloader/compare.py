@@ -10,6 +10,14 @@
       hash every output image  → do the modes' outputs match?
       → report.Comparison → comparison.json + comparison.png in OUT
 
+Nothing is written outside OUT: a symbolic link at ``comparison.json`` /
+``comparison.png`` (or anything there but a file), at ``OUT/<mode>`` (or anything there
+but a folder), or at a name a mode's run writes in it (its ``OutputFolder`` is entered
+once for each mode up front) stops the comparison before any mode runs, with an
+``OutputError`` (exit 3) naming it; each mode's folder is checked again just before its
+run. The two files are written through ``manifest.write_file``: a new temporary file
+in OUT, renamed over the name, never through a link.
+
 Memory is measured honestly for what it is: the main process's high-water mark
 (``VmHWM``, reset before each run through ``/proc/self/clear_refs``, after freed heap
 is handed back to the OS so earlier modes do not set the floor), the largest
@@ -27,7 +35,9 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -38,6 +48,7 @@ from typing import IO, TextIO
 
 from downloader.api import Source, iter_results
 from downloader.errors import InputError, OutputError, WorkerCrashed
+from downloader.manifest import OutputFolder, refuse_link, write_file
 from downloader.progress import EventKind, EventLog, ProgressEvent
 from downloader.records import Stage, Status
 from downloader.report import (
@@ -84,7 +95,19 @@ def compare(
     """Run each of ``modes`` on ``source`` into ``settings.out/<mode>``; compare them.
 
     Writes ``comparison.json`` and ``comparison.png`` into ``settings.out``.
+
+    Raises:
+        OutputError: a link (or the wrong kind of entry) at one of those names or at
+            a mode's folder, checked before any mode runs; or they cannot be written.
     """
+    for name in (JSON_NAME, PNG_NAME):
+        refuse_link(settings.out / name)
+    runs = [_mode_settings(settings, mode) for mode in modes]
+    for run in runs:
+        # What each run checks at its start (links and wrong kinds of entry at the
+        # names it writes, its lock), done for every mode before the first runs.
+        with OutputFolder.for_settings(run):
+            pass
     replayable = _replayable(source)
     cancel = cancel or Cancellation()
     results = []
@@ -97,12 +120,41 @@ def compare(
     comparison = Comparison(
         results=tuple(results), gil_enabled=gil_enabled(), cores=os.cpu_count() or 1
     )
-    settings.out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(comparison_json(comparison), indent=1)
-    (settings.out / JSON_NAME).write_text(text + "\n", encoding="utf-8")
+    try:
+        settings.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        message = f"cannot create output folder {settings.out}: {exc.strerror or exc}"
+        raise OutputError(message) from exc
+    text = json.dumps(comparison_json(comparison), indent=1) + "\n"
+    write_file(settings.out, JSON_NAME, [text.encode()])
     if results:
-        draw_comparison(comparison, settings.out / PNG_NAME)
+        write_file(settings.out, PNG_NAME, [_chart_png(comparison, settings.out)])
     return comparison
+
+
+def _chart_png(comparison: Comparison, out: Path) -> bytes:
+    """Draw the chart and return the PNG's bytes.
+
+    ``draw_comparison`` saves to a path (Pillow picks the format from its name), so
+    it draws into a fresh private folder in ``out`` (mode 0700, a new random name:
+    nothing can be waiting at the path), read back without following links.
+    """
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=".comparison-", dir=out))
+    except OSError as exc:
+        raise OutputError(f"cannot write in {out}: {exc.strerror or exc}") from exc
+    try:
+        path = scratch / PNG_NAME
+        draw_comparison(comparison, path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as png:
+            return png.read()
+    except OSError as exc:
+        raise OutputError(
+            f"cannot draw {out / PNG_NAME}: {exc.strerror or exc}"
+        ) from exc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _replayable(source: Source) -> Source:
@@ -137,10 +189,12 @@ def _replayable_text(
 def run_mode(
     source: Source, settings: Settings, mode: Mode, *, cancel: Cancellation
 ) -> ModeResult:
-    """Run one mode into ``settings.out/<mode>`` (redoing everything); measure it."""
-    mode_settings = replace(
-        settings, mode=mode, out=settings.out / mode.value, force=True
-    )
+    """Run one mode into ``settings.out/<mode>`` (redoing everything); measure it.
+
+    Raises:
+        OutputError: ``settings.out/<mode>`` is a symbolic link, or not a folder.
+    """
+    mode_settings = _mode_settings(settings, mode)
     log = EventLog()
     usage = Usage()
     written: dict[str, tuple[str, ...]] = {}
@@ -175,6 +229,19 @@ def run_mode(
         spans=_spans(log.events, started),
         error=error,
     )
+
+
+def _mode_settings(settings: Settings, mode: Mode) -> Settings:
+    """The settings of ``mode``'s run, into ``settings.out/<mode>``, from scratch.
+
+    Raises:
+        OutputError: ``settings.out/<mode>`` is a symbolic link, or not a folder
+            (refused here, not recorded as the mode's error: nothing runs through a
+            link).
+    """
+    out = settings.out / mode.value
+    refuse_link(out, kind="folder")
+    return replace(settings, mode=mode, out=out, force=True)
 
 
 def _concurrency(mode: Mode, settings: Settings) -> tuple[int, int]:

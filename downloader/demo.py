@@ -38,6 +38,8 @@ from typing import BinaryIO, cast
 
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
+from downloader.manifest import write_file
+
 __all__ = [
     "CorpusHandler",
     "CorpusServer",
@@ -266,7 +268,11 @@ def _corpus_files(folder: Path) -> list[Path]:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` under a temporary name, then rename it to ``path``."""
+    """Write ``data`` under a temporary name, then rename it to ``path``.
+
+    For the corpus cache only (the user's own cache folder); a file in an output
+    folder goes through ``manifest.write_file``, which never follows a link.
+    """
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         temp.write_bytes(data)
@@ -568,13 +574,18 @@ class DemoServer:
         ]
 
     def write_url_list(self, path: Path) -> Path:
-        """Write the URLs to a text file with a comment header, and return its path."""
+        """Write the URLs to a text file with a comment header, and return its path.
+
+        ``path`` is in an output folder (``OUT/demo-urls.txt``): it is written through
+        ``manifest.write_file``, so a symbolic link there is refused (``OutputError``,
+        exit 3) and never written through, nor is the temporary file's name followed.
+        """
         urls = self.urls()
         header = (
             f"# downloader demo list: {len(urls)} images served by {self.base_url}\n"
         )
-        _write_atomically(path, (header + "".join(f"{url}\n" for url in urls)).encode())
-        return path
+        text = header + "".join(f"{url}\n" for url in urls)
+        return write_file(path.parent, path.name, [text.encode()])
 
 
 def _receive_base_url(reader: multiprocessing.connection.Connection) -> str:

@@ -4,29 +4,32 @@ One process cannot download much past ~200 images/s of ~1 MB files: httpx costs 
 of CPU per file, all under that process's GIL. With ``Settings.download_procs`` > 1 the
 pipeline starts that many download processes, each running ``download_main``::
 
-    inbox Queue (Job | None) ──► T download threads ──fetch_step──► <tmp>/<stem>.part
-    (from the main process)      own httpx.Client, own HostLimiter        │
-                                                                           ▼
+    inbox Queue (Job | None) ──► T download threads ──fetch──► <tmp>/<stem>.part
+    (from the main process)      own httpx.Client, own HostLimiter,     │
+                                 one Lifecycle per process              ▼
               Pipe back (one writer, lock-guarded): DownloadEvents (started/finished
               at once, received bytes summed per EVENT_BATCH_S), Downloaded (a
               Fetched: a path, never the bytes; or the failed Outcome), DownloadFatal,
-              WorkerError, WorkerExit
+              ChildFault, WorkerExit
 
 The main process keeps everything else: the plan, content claims, the hand-off to
-transform workers, the manifest. A download process ignores SIGINT (the parent
-coordinates shutdown), exits when the parent dies, cancels its downloads when its stop
-Pipe reaches EOF (they end as ``interrupted`` and leave no ``.part`` file), and ends
-after one ``None`` per thread. The stop signal is a Pipe of its own, not a shared
-``multiprocessing.Event``: a process killed while waiting on such an Event leaves the
-next ``set()`` waiting forever for it to wake. ``--per-host`` applies per download
-process: each has its own ``HostLimiter``.
+transform workers, the manifest. A download process starts through
+``children.child_process``: it ignores SIGINT (the parent coordinates shutdown), exits
+when the parent dies, cancels its downloads when its stop Pipe reaches EOF (they end
+as ``interrupted`` and leave no ``.part`` file), and sends an unexpected exception
+back as a ``ChildFault``; it ends after one ``None`` per thread. Its records come from
+one ``Lifecycle`` per process; a local fault (a ``.part`` file that cannot be written)
+stops this process's downloads and is sent once as ``DownloadFatal``, right after the
+record of the job that hit it. ``--per-host`` applies per download process: each has
+its own ``HostLimiter``.
 
 A download that must wait before its next attempt (a 503, a 429's Retry-After, a
-reset) does not hold its thread: ``fetch_deferring`` returns a ``Retry`` record, the
-job goes into this process's ``RetryHeap`` (by due time), and the thread takes other
-work meanwhile. Threads take due retries before new jobs, and wait on the inbox only
-until the earliest due time. Jobs still waiting when the process is stopped are never
-reported: the main process records every job it did not hear back about.
+reset) does not hold its thread: ``Lifecycle.fetch(…, defer=True)`` returns a
+``Retry`` record, the job goes into this process's ``RetryHeap`` (by due time), and
+the thread takes other work meanwhile. Threads take due retries before new jobs, and
+wait on the inbox only until the earliest due time. Jobs still waiting when the
+process is stopped are never reported: the main process records every job it did not
+hear back about.
 """
 
 from __future__ import annotations
@@ -35,30 +38,24 @@ import contextlib
 import heapq
 import itertools
 import queue
-import signal
 import threading
 import time
-import traceback
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from multiprocessing.queues import Queue
 from pathlib import Path
 
 import httpx
 
-from downloader.errors import OutputError
+from downloader.children import ChildFault, child_process
 from downloader.fetch import HostLimiter, make_client
+from downloader.lifecycle import Lifecycle
 from downloader.progress import EventKind, ProgressEvent
 from downloader.records import Fetched, Job, Outcome, Stage
 from downloader.runtime import Cancellation, RunContext
 from downloader.settings import Settings
-from downloader.steps import Retry, fetch_deferring
-from downloader.worker import (
-    WorkerError,
-    WorkerExit,
-    cpu_seconds,
-    exit_when_parent_dies,
-)
+from downloader.steps import Retry
+from downloader.worker import WorkerExit, cpu_seconds
 
 __all__ = [
     "EVENT_BATCH_S",
@@ -97,7 +94,7 @@ class DownloadFatal:
     reason: str
 
 
-DownloadMessage = Downloaded | DownloadEvents | DownloadFatal | WorkerError | WorkerExit
+DownloadMessage = Downloaded | DownloadEvents | DownloadFatal | ChildFault | WorkerExit
 
 
 class RetryHeap:
@@ -137,11 +134,16 @@ class RetryHeap:
 
 
 class _Link:
-    """This process's end of its Pipe, shared by its threads; batches byte counts."""
+    """This process's end of its Pipe, shared by its threads; batches byte counts.
+
+    A ``DownloadFatal`` goes out once: every thread that finds the process's
+    lifecycle failed says so, the first one is sent.
+    """
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
         self._lock = threading.Lock()
+        self._fatal_sent = False
         self._received: dict[tuple[int, str], tuple[int, float]] = {}
         """(index, lane) → (bytes not yet reported, time of the latest read)."""
         self._flushed = time.perf_counter()
@@ -164,6 +166,10 @@ class _Link:
             if self._received:
                 self._send_events()
             for message in messages:
+                if isinstance(message, DownloadFatal):
+                    if self._fatal_sent:
+                        continue
+                    self._fatal_sent = True
                 self._connection.send(message)
 
     def _send_events(self, *events: ProgressEvent) -> None:
@@ -175,11 +181,6 @@ class _Link:
         self._received.clear()
         self._flushed = time.perf_counter()
         self._connection.send(DownloadEvents(counts + events))
-
-
-def _cancel_when_stopped(stop: Connection, cancel: Cancellation) -> None:
-    wait([stop])  # the parent closed its end (or died)
-    cancel.set("interrupted")
 
 
 class _Waiting:
@@ -219,28 +220,27 @@ def _download_loop(
     inbox: Queue[Job | None],
     link: _Link,
     client: httpx.Client,
-    settings: Settings,
-    context: RunContext,
+    lifecycle: Lifecycle,
     hosts: HostLimiter,
     lane: str,
     waiting: _Waiting,
 ) -> None:
     """Download jobs from ``inbox`` until its ``None`` or a stop; report each."""
     try:
-        while (item := waiting.next_job(inbox, context.cancel)) is not None:
+        while (item := waiting.next_job(inbox, lifecycle.context.cancel)) is not None:
             job = item.job if isinstance(item, Retry) else item
-            try:
-                result = fetch_deferring(item, client, settings, context, hosts, lane)
-            except OutputError as exc:
-                failed = Outcome.failure(job, Stage.DOWNLOAD, str(exc))
-                link.send(Downloaded(job.index, failed), DownloadFatal(str(exc)))
-                return
+            result = lifecycle.fetch(item, client, hosts, lane, defer=True)
             if isinstance(result, Retry):
                 waiting.push(result)
-            else:
-                link.send(Downloaded(job.index, result))
-    except Exception:  # noqa: BLE001 (thread boundary: report to the main process)
-        link.send(WorkerError(traceback.format_exc()))
+                continue
+            downloaded = Downloaded(job.index, result)
+            if lifecycle.failure is None:
+                link.send(downloaded)
+            else:  # a local fault: the whole run stops, not only this process
+                link.send(downloaded, DownloadFatal(str(lifecycle.failure)))
+    except Exception as exc:  # noqa: BLE001 (thread boundary: report to the parent)
+        with contextlib.suppress(OSError):  # the parent is gone: nobody to tell
+            link.send(ChildFault.capture(exc))
 
 
 def download_main(
@@ -253,33 +253,32 @@ def download_main(
     lane: str,
     threads: int,
 ) -> None:
-    """Run in a download process: ``threads`` threads fetch jobs from ``inbox``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    exit_when_parent_dies()
+    """Run in a download process: ``threads`` threads fetch jobs from ``inbox``.
+
+    ``stop`` is the reader of the parent's ``children.StopLine``: at its EOF the
+    downloads in progress are cancelled and no further job is taken.
+    """
     link = _Link(results)
     cancel = Cancellation()
-    threading.Thread(
-        target=_cancel_when_stopped, args=(stop, cancel), name="stop-watch", daemon=True
-    ).start()
-    context = RunContext(Path(out), Path(tmp), link.event, cancel)
     try:
-        with make_client(settings.http, threads) as client:
-            hosts = HostLimiter(settings.http.per_host)
-            waiting = _Waiting()
-            crew = [
-                threading.Thread(
-                    target=_download_loop,
-                    args=(inbox, link, client, settings, context, hosts, name, waiting),
-                    name=name,
-                )
-                for name in (f"{lane}/thread-{n}" for n in range(threads))
-            ]
-            for thread in crew:
-                thread.start()
-            for thread in crew:
-                thread.join()
-    except Exception:  # noqa: BLE001 (process boundary: report, then end)
-        link.send(WorkerError(traceback.format_exc()))
+        with child_process(stop, cancel.set, link.send):
+            context = RunContext(Path(out), Path(tmp), link.event, cancel)
+            lifecycle = Lifecycle(settings, context)
+            with make_client(settings.http, threads) as client:
+                hosts = HostLimiter(settings.http.per_host)
+                waiting = _Waiting()
+                crew = [
+                    threading.Thread(
+                        target=_download_loop,
+                        args=(inbox, link, client, lifecycle, hosts, name, waiting),
+                        name=name,
+                    )
+                    for name in (f"{lane}/thread-{n}" for n in range(threads))
+                ]
+                for thread in crew:
+                    thread.start()
+                for thread in crew:
+                    thread.join()
     finally:
         with contextlib.suppress(OSError):
             link.send(WorkerExit(cpu_seconds()))

@@ -57,6 +57,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -80,6 +81,7 @@ __all__ = [
     "blocked_address_kind",
     "fetch",
     "fetch_async",
+    "host_key",
     "make_async_client",
     "make_client",
 ]
@@ -132,6 +134,10 @@ def _client_options(http: HttpSettings, threads: int) -> dict[str, Any]:
         "follow_redirects": False,
         "verify": http.verify,
         "trust_env": True,
+        # No cookie jar: a cookie one server sets must not follow this run to other
+        # URLs (another port is another origin, but not another cookie domain).
+        # A --header 'Cookie: …' is still sent, to the listed URL's origin only.
+        "cookies": CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     }
 
 
@@ -712,6 +718,7 @@ class _Attempts:
             succeeded = True
         except FetchError as exc:
             exc.attempts = self.count
+            exc.final_url = _without_userinfo(exc.final_url)
             raise
         finally:
             if not succeeded:
@@ -794,7 +801,7 @@ class _Attempts:
             path=self.path,
             nbytes=body.nbytes,
             sha256=body.sha256,
-            final_url=body.final_url,
+            final_url=_without_userinfo(body.final_url),
             http_status=200,
             attempts=self.count,
             elapsed=self.clock() - self.started,
@@ -828,7 +835,7 @@ class _BodyReader:
         self, attempts: _Attempts, response: httpx.Response, received: _Received
     ) -> None:
         self._attempts = attempts
-        self._host = _host_key(response.url)
+        self._host = host_key(response.url)
         self._max_bytes = max_bytes = attempts.http.max_bytes
         self._received = received
         received.expected = expected = _content_length(response)
@@ -936,7 +943,7 @@ class _Download:
 
     def _request(self, url: httpx.URL) -> _Body | str:
         """Send one GET; return the saved body, or the ``Location`` of a redirect."""
-        host = _host_key(url)
+        host = host_key(url)
         with _translated(url, host, self.attempts) as received:
             self.attempts.guard.check(url, host)
             with self.hosts.slot(host, self.cancel):
@@ -1001,7 +1008,7 @@ class _AsyncDownload:
 
     async def _request(self, url: httpx.URL) -> _Body | str:
         """Send one GET; return the saved body, or the ``Location`` of a redirect."""
-        host = _host_key(url)
+        host = host_key(url)
         with _translated(url, host, self.attempts) as received:
             await self.attempts.guard.check_async(url, host)
             async with self.hosts.slot(host, self.stop):
@@ -1193,7 +1200,7 @@ def _check_status(
             # Joined they make a URL neither target meant ("/a, /b"); curl refuses too.
             raise FetchError(f"ambiguous redirect: {len(locations)} Location headers")
         return locations[0]
-    if code in _TRANSIENT_CLIENT_STATUSES or code >= 500:
+    if code in _TRANSIENT_CLIENT_STATUSES or 500 <= code <= 599:
         retry_after = None
         if code in _RATE_LIMIT_STATUSES:
             retry_after = _retry_after(response.headers.get("Retry-After"), max_backoff)
@@ -1253,11 +1260,33 @@ def _parse_url(url: str) -> httpx.URL:
         raise FetchError(f"invalid URL: {exc}") from exc
 
 
-def _host_key(url: httpx.URL) -> str:
-    """Return "host:port", the unit that per-host limits apply to."""
+def host_key(url: str | httpx.URL) -> str:
+    """Return "host:port", the unit that per-host limits apply to (the one key).
+
+    The port is always a number (80, 443 by default), an IPv6 host in brackets. A
+    string httpx cannot parse is its own key: it fails at its first request anyway.
+    """
+    if isinstance(url, str):
+        try:
+            return host_key(httpx.URL(url))
+        except httpx.InvalidURL:
+            return url
     port = url.port or (443 if url.scheme == "https" else 80)
     host = f"[{url.host}]" if ":" in url.host else url.host
     return f"{host}:{port}"
+
+
+def _without_userinfo(url: str | None) -> str | None:
+    """``url`` without a ``user:password@`` part: records never keep credentials."""
+    if url is None or "@" not in url:
+        return url
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return url
+    if not parsed.userinfo:
+        return url
+    return str(parsed.copy_with(username=None, password=None))
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int]:

@@ -1,12 +1,12 @@
-"""One item end to end, and the worker-process side of the pool-based modes.
+"""The worker-process side of the pool-based modes (``process_modes``).
 
-``fetch_and_transform`` downloads one ``Job`` then transforms it in the calling thread
-(``sequential`` and ``threads`` modes run it directly). The pool-based modes run these
-top-level functions in ``ProcessPoolExecutor`` workers started from
-``pipeline.mp_context()``::
+These top-level functions run in ``ProcessPoolExecutor`` workers started from
+``children.mp_context()``; what a job's record is comes from a ``Lifecycle`` made per
+job in the worker (its events recorded for the parent)::
 
-    init_worker(settings, out, tmp, stop)     once per worker: ignore SIGINT, Pillow
-                                              limits, own httpx.Client, stop watcher
+    init_worker(settings, out, tmp, stop)     once per worker: children.enter_child
+                                              (SIGINT, stop and parent watch), Pillow
+                                              limits, own httpx.Client
     process_job(job)      -> JobReport        processes mode: download + transform
     fetch_job(job)        -> FetchReport      processes mode, --name-by sha256:
                                               download only (the parent claims it)
@@ -19,24 +19,23 @@ and count worker CPU (forkserver children are not this process's children).
 
 from __future__ import annotations
 
+import functools
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, replace
-from multiprocessing import parent_process, util
-from multiprocessing.connection import Connection, wait
+from multiprocessing import util
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import httpx
 
+from downloader.children import enter_child
 from downloader.fetch import HostLimiter, make_client
+from downloader.lifecycle import Lifecycle
 from downloader.progress import EventKind, ProgressEvent
 from downloader.records import Fetched, Job, Outcome, Stage
-from downloader.reuse import Claim
 from downloader.runtime import Cancellation, RunContext
 from downloader.settings import Settings
-from downloader.steps import discard, fetch_step, interrupted, transform_step
 from downloader.transform import configure_pillow
 from downloader.worker import Task, TaskDone, TaskFailed, cpu_seconds, run_task
 
@@ -44,7 +43,6 @@ __all__ = [
     "FetchReport",
     "JobReport",
     "TransformReport",
-    "fetch_and_transform",
     "fetch_job",
     "init_worker",
     "process_job",
@@ -57,50 +55,6 @@ WORKER_LANE = "proc"
 _CLIENT_EXIT_PRIORITY = 10
 
 
-def _as_is(fetched: Fetched) -> Fetched:
-    """The claim of a worker process that names outputs after URLs: keep everything."""
-    return fetched
-
-
-def fetch_and_transform(
-    job: Job,
-    client: httpx.Client,
-    hosts: HostLimiter,
-    settings: Settings,
-    context: RunContext,
-    lane: str,
-    claim: Claim = _as_is,
-) -> Outcome | None:
-    """Download ``job``, then transform it here, unless the run was stopped between.
-
-    None means that ``claim`` found the same body in progress elsewhere: its record
-    comes with that one's (``reuse.ContentIndex``).
-    """
-    result = _fetch_unless_stopped(job, client, hosts, settings, context, lane)
-    if isinstance(result, Outcome):
-        return result
-    claimed = claim(result)
-    if not isinstance(claimed, Fetched):
-        return claimed
-    return transform_step(claimed, settings, context, lane)
-
-
-def _fetch_unless_stopped(
-    job: Job,
-    client: httpx.Client,
-    hosts: HostLimiter,
-    settings: Settings,
-    context: RunContext,
-    lane: str,
-) -> Fetched | Outcome:
-    """Download ``job``; a download finished after a stop request is let go."""
-    result = fetch_step(job, client, settings, context, hosts, lane)
-    if isinstance(result, Fetched) and context.cancel.is_set():
-        discard(result)
-        return interrupted(job, Stage.TRANSFORM, result)
-    return result
-
-
 @dataclass(frozen=True, slots=True)
 class JobReport:
     """What ``process_job`` sends back: the record, its events, who did it."""
@@ -110,6 +64,8 @@ class JobReport:
     pid: int
     cpu_s: float
     """CPU seconds the worker used so far (it only grows)."""
+    fault: str | None = None
+    """A local fault the job hit here (disk full): the parent stops the run."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +76,8 @@ class FetchReport:
     events: tuple[ProgressEvent, ...]
     pid: int
     cpu_s: float
+    fault: str | None = None
+    """A local fault the download hit here: the parent stops the run."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,25 +91,31 @@ class TransformReport:
 
 
 class _Recorder:
-    """An event sink that keeps STARTED/FINISHED events and sums byte counts."""
+    """An event sink that keeps STARTED/FINISHED events and sums byte counts.
+
+    The sum goes in just before the download's FINISHED event, where a reader that
+    adds bytes to that event (``EventStream``) expects them.
+    """
 
     def __init__(self) -> None:
         self.kept: list[ProgressEvent] = []
         self._bytes: ProgressEvent | None = None
 
     def __call__(self, event: ProgressEvent, /) -> None:
-        if event.kind is not EventKind.BYTES:
-            self.kept.append(event)
-        elif self._bytes is None:
-            self._bytes = event
-        else:
-            self._bytes = replace(event, nbytes=self._bytes.nbytes + event.nbytes)
+        if event.kind is EventKind.BYTES:
+            nbytes = event.nbytes + (0 if self._bytes is None else self._bytes.nbytes)
+            self._bytes = replace(event, nbytes=nbytes)
+            return
+        finishing = event.kind is EventKind.FINISHED and event.stage is Stage.DOWNLOAD
+        if finishing and self._bytes is not None:
+            self.kept.append(self._bytes)
+            self._bytes = None
+        self.kept.append(event)
 
     def events(self) -> tuple[ProgressEvent, ...]:
-        """The events in order, the byte count folded in before the last one."""
-        if self._bytes is None:
-            return tuple(self.kept)
-        return (*self.kept[:-1], self._bytes, *self.kept[-1:])
+        """The events in the order they happened."""
+        tail = () if self._bytes is None else (self._bytes,)
+        return (*self.kept, *tail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,14 +131,15 @@ _state: _WorkerState | None = None
 
 
 def init_worker(settings: Settings, out: str, tmp: str, stop: Connection) -> None:
-    """Prepare a pool worker; ``stop`` reads EOF when the parent wants it to stop."""
+    """Prepare a pool worker; ``stop`` reads EOF when the parent wants it to stop.
+
+    ``stop`` is the reader of the parent's ``children.StopLine``. A job's exception
+    goes back through the executor's own boundary (``_ExceptionWithTraceback``).
+    """
     global _state  # per-process state of a pool worker, set once here
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configure_pillow(settings.image)
     cancel = Cancellation()
-    threading.Thread(
-        target=_watch, args=(stop, cancel), name="stop-watch", daemon=True
-    ).start()
+    enter_child(stop, functools.partial(cancel.set, "stopped by the parent"))
+    configure_pillow(settings.image)
     client = make_client(settings.http, 1)
     # Pool workers end through multiprocessing's exit path, which runs finalisers.
     util.Finalize(client, client.close, exitpriority=_CLIENT_EXIT_PRIORITY)
@@ -184,46 +149,45 @@ def init_worker(settings: Settings, out: str, tmp: str, stop: Connection) -> Non
     )
 
 
-def _watch(stop: Connection, cancel: Cancellation) -> None:
-    """Stop on the parent's word (EOF on ``stop``); exit at once if the parent dies."""
-    parent = parent_process()
-    watched: list[Connection | int] = [stop]
-    if parent is not None:
-        watched.append(parent.sentinel)
-    ready = wait(watched)
-    if stop not in ready:
-        os._exit(1)
-    cancel.set("stopped by the parent")
-
-
 def _worker_state() -> _WorkerState:
     if _state is None:
         raise RuntimeError("init_worker has not run in this process")
     return _state
 
 
+def _job_lifecycle(state: _WorkerState) -> tuple[Lifecycle, _Recorder]:
+    """A lifecycle for one job in this worker: its events recorded for the parent."""
+    recorder = _Recorder()
+    context = replace(state.context, events=recorder)
+    return Lifecycle(state.settings, context), recorder
+
+
+def _fault(lifecycle: Lifecycle) -> str | None:
+    return None if lifecycle.failure is None else str(lifecycle.failure)
+
+
 def process_job(job: Job) -> JobReport:
     """Download and transform one job in this worker process."""
     state = _worker_state()
-    recorder = _Recorder()
-    context = replace(state.context, events=recorder)
-    outcome = fetch_and_transform(
-        job, state.client, state.hosts, state.settings, context, WORKER_LANE
-    )
+    lifecycle, recorder = _job_lifecycle(state)
+    outcome = lifecycle.run_here(job, state.client, state.hosts, WORKER_LANE)
     if outcome is None:  # only a parent's claim defers; this one keeps everything
         raise RuntimeError(f"job {job.index} was deferred in a worker")
-    return JobReport(outcome, recorder.events(), os.getpid(), cpu_seconds())
+    return JobReport(
+        outcome, recorder.events(), os.getpid(), cpu_seconds(), _fault(lifecycle)
+    )
 
 
 def fetch_job(job: Job) -> FetchReport:
     """Download one job in this worker process; the parent decides what follows."""
     state = _worker_state()
-    recorder = _Recorder()
-    context = replace(state.context, events=recorder)
-    result = _fetch_unless_stopped(
-        job, state.client, state.hosts, state.settings, context, WORKER_LANE
+    lifecycle, recorder = _job_lifecycle(state)
+    fetched = lifecycle.fetch_now(job, state.client, state.hosts, WORKER_LANE)
+    result = lifecycle.after_fetch(fetched)  # keeps it, unless stopped meanwhile
+    assert result is not None  # a worker's claim keeps every download
+    return FetchReport(
+        result, recorder.events(), os.getpid(), cpu_seconds(), _fault(lifecycle)
     )
-    return FetchReport(result, recorder.events(), os.getpid(), cpu_seconds())
 
 
 def transform_task(task: Task) -> TransformReport:

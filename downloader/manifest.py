@@ -7,6 +7,7 @@ Layout of an output folder::
     DIR/originals/               the downloads themselves (--keep-originals)
     DIR/manifest.jsonl           one JSON line per input URL (its latest outcome)
     DIR/failed.txt               the failed URLs, one per line, ready to feed back in
+    DIR/manifest.rejected.txt    lines found in the manifest that are not records
     DIR/.manifest-updates.jsonl  a rerun's records of URLs the manifest already has
     DIR/.manifest.jsonl.new      the next manifest, while it is being written
     DIR/.failed.txt.new          the next failed.txt, while it is being written
@@ -46,7 +47,14 @@ its name, even between a check and a use, makes the open fail instead of writing
 through it), new files are created with ``O_EXCL``, and a rename replaces a link at its
 target rather than following it. At the start, a symbolic link at any name the run
 writes (the files above, ``.tmp``, ``originals`` and the ``--sizes`` folders) stops the
-run with an ``OutputError`` (exit 3) naming it, before anything is fetched. Refusing,
+run with an ``OutputError`` (exit 3) naming it, before anything is fetched, and so does
+the wrong kind of entry there (a folder at ``failed.txt``, a file at ``.tmp``): what is
+inside ``.tmp`` is scratch, but a file called ``.tmp`` is someone's. A file replaced
+whole (``failed.txt``, the merged manifest) goes through ``write_file``, which checks
+its name again when it writes and refuses a link there (one made in the instant
+between that check and the rename is replaced, never followed); the other modules
+that write a file of their own in an output folder (``--compare``, ``--demo``) use it
+too. Refusing,
 rather than replacing the link, because the link may be the user's own arrangement (a
 manifest kept elsewhere) that replacing would silently break, and a link nobody made
 means someone else writes in the folder, which a person should look at; stopping before
@@ -61,6 +69,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import stat
@@ -81,11 +90,17 @@ __all__ = [
     "OutputFolder",
     "PreviousRun",
     "record_key",
+    "refuse_link",
+    "write_file",
 ]
+
+_log = logging.getLogger("downloader")
 
 MANIFEST_NAME = "manifest.jsonl"
 UPDATES_NAME = ".manifest-updates.jsonl"
 FAILED_NAME = "failed.txt"
+REJECTED_NAME = "manifest.rejected.txt"
+"""Where lines of the manifest that are not records go, appended, when it is merged."""
 TMP_NAME = ".tmp"
 LOCK_NAME = ".lock"
 NEW_SUFFIX = ".new"
@@ -138,6 +153,92 @@ def _kind_error(path: Path, kind: str) -> OutputError:
 
 def _new_name(name: str) -> str:
     return f".{name}{NEW_SUFFIX}"
+
+
+def write_file(
+    folder: Path,
+    name: str,
+    chunks: Iterable[bytes],
+    *,
+    dir_fd: int | None = None,
+    temporary: str | None = None,
+) -> Path:
+    """Make ``chunks`` the whole content of the file ``folder/name``; return its path.
+
+    ``name`` is a bare name (no ``/``).
+
+    The one way this package writes a file of its own in an output folder: the
+    content goes to a new temporary file in ``folder`` itself (``temporary``, by
+    default ``.<name>.<pid>.new``; one left there is removed first), created with
+    ``O_EXCL | O_NOFOLLOW``, flushed to disk, then renamed over ``name``. A symbolic
+    link at ``name`` is refused (``OutputError`` naming it, as at a run's start),
+    never written through nor replaced; so is anything there but a regular file.
+    ``dir_fd``: a descriptor of ``folder`` already open (else it is opened here).
+
+    Raises:
+        OutputError: refused, or it could not be written; ``name`` is then unchanged.
+    """
+    if dir_fd is None:
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _output_error("open folder", folder, exc) from exc
+        try:
+            return write_file(folder, name, chunks, dir_fd=fd, temporary=temporary)
+        finally:
+            os.close(fd)
+    path = folder / name
+    temporary = temporary or f".{name}.{os.getpid()}{NEW_SUFFIX}"
+    try:
+        refuse_link(path, dir_fd=dir_fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=dir_fd)  # a link there goes, unfollowed
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS
+        fd = os.open(temporary, flags, _FILE_MODE, dir_fd=dir_fd)
+    except OSError as exc:
+        raise _output_error("write", path, exc) from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.writelines(chunks)  # reading them may fail too (OutputError)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # A link planted at ``name`` since the check is replaced, not followed.
+        os.replace(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary, dir_fd=dir_fd)
+        if isinstance(exc, OSError):
+            raise _output_error("write", path, exc) from exc
+        raise
+    return path
+
+
+def refuse_link(
+    path: Path, *, kind: str = "regular file", dir_fd: int | None = None
+) -> None:
+    """Refuse a symbolic link at ``path``, or anything there but a ``kind``.
+
+    ``kind``: ``"regular file"`` or ``"folder"``; nothing there is fine. For a name
+    that is written later through ``write_file`` (which checks again), or a folder
+    that is then written into by path (a check at the start, as for ``originals``).
+    With ``dir_fd`` (a descriptor of ``path.parent``), ``path.name`` is looked up in it.
+
+    Raises:
+        OutputError: a link, or the wrong kind of entry, is at ``path``.
+    """
+    try:
+        if dir_fd is None:
+            mode = os.lstat(path).st_mode
+        else:
+            mode = os.lstat(path.name, dir_fd=dir_fd).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _output_error("check", path, exc) from exc
+    if stat.S_ISLNK(mode):
+        raise _link_error(path)
+    if not (stat.S_ISDIR(mode) if kind == "folder" else stat.S_ISREG(mode)):
+        raise _kind_error(path, kind)
 
 
 class OutputFolder:
@@ -227,11 +328,20 @@ class OutputFolder:
 
         The merged manifest is renamed over the old one before the updates file is
         removed, so a crash at any point leaves files that the next run merges again.
-        Memory: a digest and a line number per URL.
+        A line that is not a record is appended to ``manifest.rejected.txt`` first,
+        with a warning (``_Rejects``). Memory: a digest and a line number per URL.
         """
         last_line: dict[bytes, int] = {}
-        for number, (_, outcome) in enumerate(_all_records(self)):
-            last_line[record_key(outcome.url)] = number
+        with _Rejects(self) as rejects:
+            number = 0
+            for line, outcome in _all_lines(self):
+                if outcome is None:
+                    rejects.add(line)
+                else:
+                    last_line[record_key(outcome.url)] = number
+                    number += 1
+            # On disk before the manifest without them replaces the old one.
+            rejects.report()
         self.replace_file(
             MANIFEST_NAME,
             (
@@ -245,25 +355,14 @@ class OutputFolder:
     def replace_file(self, name: str, lines: Iterable[bytes]) -> None:
         """Write ``lines`` as the new content of ``name``: beside it, then rename.
 
+        Through ``write_file``, as ``.<name>.new``: a link at ``name`` is refused.
+
         Raises:
-            OutputError: it could not be written; ``name`` is then unchanged.
+            OutputError: refused, or it could not be written; ``name`` is unchanged.
         """
-        folder = self._dir()
-        temporary = _new_name(name)
-        self._remove(temporary)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        try:
-            with os.fdopen(self.open_file(temporary, flags), "wb") as handle:
-                handle.writelines(lines)  # reading them may fail too (OutputError)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
-        except BaseException as exc:
-            with contextlib.suppress(OutputError):
-                self._remove(temporary)
-            if isinstance(exc, OSError):
-                raise _output_error("rewrite", self.path / name, exc) from exc
-            raise
+        write_file(
+            self.path, name, lines, dir_fd=self._dir(), temporary=_new_name(name)
+        )
 
     def _remove(self, name: str) -> None:
         """Remove the file (or link) ``name`` if it is there."""
@@ -287,15 +386,11 @@ class OutputFolder:
 
     def _refuse_links(self) -> None:
         """Refuse a link, or the wrong kind of entry, at a name this run writes."""
-        for name in (MANIFEST_NAME, UPDATES_NAME, FAILED_NAME):
-            mode = self._mode(name)
-            if mode is not None and not stat.S_ISREG(mode):
-                raise _kind_error(self.path / name, "regular file")
-        self._mode(TMP_NAME)  # anything else there is scratch: it is removed
-        for name in self.subfolders:
-            mode = self._mode(name)
-            if mode is not None and not stat.S_ISDIR(mode):
-                raise _kind_error(self.path / name, "folder")
+        for name in (MANIFEST_NAME, UPDATES_NAME, FAILED_NAME, REJECTED_NAME):
+            refuse_link(self.path / name, dir_fd=self._dir())
+        # What is in .tmp is scratch, but a file at .tmp itself is not ours.
+        for name in (TMP_NAME, *self.subfolders):
+            refuse_link(self.path / name, kind="folder", dir_fd=self._dir())
 
     def _mode(self, name: str) -> int | None:
         """The ``st_mode`` of ``name`` itself, None if absent; a link is refused."""
@@ -330,12 +425,10 @@ class OutputFolder:
 
     def _reset_scratch(self) -> None:
         # Anything in the scratch folder was left by a run that crashed or was
-        # killed: no record points at it, so it is safe to remove.
+        # killed: no record points at it, so it is safe to remove. (That .tmp is a
+        # folder, not a link nor a file, was checked by _refuse_links.)
         try:
-            if stat.S_ISDIR(os.lstat(TMP_NAME, dir_fd=self._dir()).st_mode):
-                shutil.rmtree(TMP_NAME, dir_fd=self._dir())
-            else:
-                os.unlink(TMP_NAME, dir_fd=self._dir())  # a file (a link was refused)
+            shutil.rmtree(TMP_NAME, dir_fd=self._dir())
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -395,12 +488,76 @@ def _parse(line: bytes) -> Outcome | None:
         return None
 
 
-def _all_records(folder: OutputFolder) -> Iterator[tuple[bytes, Outcome]]:
-    """The records of the manifest, then of the updates file (later lines win)."""
+_RECORD_START = b'{"url": '
+"""How every record's line starts (``url`` is ``Outcome``'s first field)."""
+
+
+def _torn(line: bytes) -> bool:
+    """Tell whether ``line`` is a record cut short: no newline, a record's start."""
+    return not line.endswith(b"\n") and (
+        line.startswith(_RECORD_START) or _RECORD_START.startswith(line)
+    )
+
+
+def _all_lines(folder: OutputFolder) -> Iterator[tuple[bytes, Outcome | None]]:
+    """The lines of the manifest, then of the updates file, each with its record."""
     for name in (MANIFEST_NAME, UPDATES_NAME):
         for _, line, outcome in _read_records(folder, name):
-            if outcome is not None:
-                yield line, outcome
+            yield line, outcome
+
+
+def _all_records(folder: OutputFolder) -> Iterator[tuple[bytes, Outcome]]:
+    """The records of the manifest, then of the updates file (later lines win)."""
+    for line, outcome in _all_lines(folder):
+        if outcome is not None:
+            yield line, outcome
+
+
+class _Rejects:
+    """Keep the lines of a merge that are not records in ``REJECTED_NAME``.
+
+    A line that is not a record (not JSON, or not an object with this tool's fields)
+    is someone's: a note, a hand edit gone wrong, another tool's line. The manifest
+    stays one record per line, so such a line leaves it, but it is appended to
+    ``manifest.rejected.txt`` and a warning says so, never dropped in silence. Two
+    kinds of line are dropped: blank ones, and the torn last line that a crash
+    leaves: no newline, and the start of one of our records (``{"url": …``), whose
+    URL is simply redone.
+    """
+
+    def __init__(self, folder: OutputFolder) -> None:
+        self._folder = folder
+        self._file: _Appender | None = None
+        self.kept = 0
+
+    def __enter__(self) -> _Rejects:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def add(self, line: bytes) -> None:
+        """Keep ``line`` unless it is blank or torn."""
+        if not line.strip() or _torn(line):
+            return
+        if self._file is None:
+            self._file = _Appender(self._folder, REJECTED_NAME)
+        self._file.append(line if line.endswith(b"\n") else line + b"\n")
+        self.kept += 1
+
+    def report(self) -> None:
+        """Flush what was kept to disk and say so in one line (a warning)."""
+        if self._file is None:
+            return
+        self._file.sync()
+        _log.warning(
+            "%s: %d line(s) that are not records of this tool moved to %s "
+            "(the manifest keeps one record per line)",
+            self._folder.manifest,
+            self.kept,
+            self._folder.path / REJECTED_NAME,
+        )
 
 
 class PreviousRun:
@@ -428,7 +585,7 @@ class PreviousRun:
         self.lines = 0
         """Records read (lines that are one)."""
         self.torn = 0
-        """Lines that are not a record (a crash cut them short)."""
+        """Lines that are not a record (a crash cut them short, or not ours)."""
         self._load(by_content)
 
     @property
@@ -486,11 +643,6 @@ class PreviousRun:
             return False
         return outcome.path is not None and (self._folder.path / outcome.path).is_file()
 
-    def finished(self, url: str) -> Outcome | None:
-        """Return the earlier ok record of ``url`` if it still stands (``current``)."""
-        outcome = self.earlier(url)
-        return outcome if outcome is not None and self.current(outcome) else None
-
     def kept_original(self, outcome: Outcome) -> Path | None:
         """Return the kept download of an ok record, if it is still there."""
         if outcome.original is None:
@@ -547,10 +699,25 @@ class _Appender:
             raise _output_error("write", self.path, exc) from exc
 
     def append(self, line: bytes) -> None:
+        """Append ``line`` whole, or not at all: a full disk leaves no torn line."""
         if self._fd is None:
             raise RuntimeError("the manifest is closed")
         try:
-            _write_all(self._fd, line)
+            end = os.lseek(self._fd, 0, os.SEEK_END)
+            try:
+                _write_all(self._fd, line)
+            except OSError:
+                os.ftruncate(self._fd, end)  # freeing space cannot fail for lack of it
+                raise
+        except OSError as exc:
+            raise _output_error("write", self.path, exc) from exc
+
+    def sync(self) -> None:
+        """Flush what was appended to disk."""
+        if self._fd is None:
+            raise RuntimeError(f"{self.path} is closed")
+        try:
+            os.fsync(self._fd)
         except OSError as exc:
             raise _output_error("write", self.path, exc) from exc
 
@@ -572,7 +739,6 @@ class ManifestWriter:
         self._previous = previous
         self._manifest: _Appender | None = _Appender(folder, MANIFEST_NAME)
         self._updates: _Appender | None = None
-        self.written = 0
 
     def write(self, outcome: Outcome) -> None:
         """Write ``outcome`` (flushed to the OS: one ``write`` call)."""
@@ -589,7 +755,6 @@ class ManifestWriter:
             self._updates.append(data)
         else:
             self._manifest.append(data)
-        self.written += 1
 
     def close(self) -> None:
         """Close the files, merge them and write ``failed.txt`` (idempotent)."""

@@ -33,6 +33,8 @@ __all__ = [
     "Events",
     "ProgressEvent",
     "fan_out",
+    "tell_note",
+    "tell_outcome",
 ]
 
 _log = logging.getLogger("downloader")
@@ -61,7 +63,14 @@ class ProgressEvent:
 
 
 class Events(Protocol):
-    """A sink for progress events; must be safe to call from any thread."""
+    """A sink for progress events; must be safe to call from any thread.
+
+    A sink may also take the run's other news, which the library gives every sink
+    that has the method (``EventStream`` does): ``outcome(record)`` once per input as
+    its record is written, and ``note(kind, fields)`` for ``start`` (the settings)
+    and ``summary`` (the totals). So ``run(..., events=stream)`` and the command
+    line's ``--events`` write the same lines.
+    """
 
     def __call__(self, event: ProgressEvent, /) -> None: ...
 
@@ -70,14 +79,44 @@ def ignore_events(event: ProgressEvent, /) -> None:
     """Drop an event (the sink used when nobody watches)."""
 
 
-def fan_out(*sinks: Events) -> Events:
-    """Return a sink that passes each event to every one of ``sinks``."""
+def tell_outcome(sink: Events, outcome: Outcome) -> None:
+    """Give ``outcome`` to ``sink`` if it takes records (see ``Events``)."""
+    method = getattr(sink, "outcome", None)
+    if callable(method):
+        method(outcome)
 
-    def emit(event: ProgressEvent, /) -> None:
-        for sink in sinks:
+
+def tell_note(sink: Events, kind: str, fields: Mapping[str, Any]) -> None:
+    """Give a ``note`` to ``sink`` if it takes notes (see ``Events``)."""
+    method = getattr(sink, "note", None)
+    if callable(method):
+        method(kind, fields)
+
+
+class _FanOut:
+    """A sink that passes each event, record and note to every one of its sinks."""
+
+    def __init__(self, sinks: tuple[Events, ...]) -> None:
+        self._sinks = sinks
+
+    def __call__(self, event: ProgressEvent, /) -> None:
+        for sink in self._sinks:
             sink(event)
 
-    return emit
+    def outcome(self, outcome: Outcome) -> None:
+        """Pass a record on to the sinks that take records."""
+        for sink in self._sinks:
+            tell_outcome(sink, outcome)
+
+    def note(self, kind: str, fields: Mapping[str, Any]) -> None:
+        """Pass a note on to the sinks that take notes."""
+        for sink in self._sinks:
+            tell_note(sink, kind, fields)
+
+
+def fan_out(*sinks: Events) -> Events:
+    """Return a sink that passes everything it gets to every one of ``sinks``."""
+    return _FanOut(sinks)
 
 
 class EventLog:

@@ -150,6 +150,11 @@ def import_callable(ref: str) -> Callable[..., object]:
     if match is None:
         raise InputError(f"transform {ref!r} is not of the form module:function")
     module_name, attribute = match.groups()
+    if module_name in ("__main__", "__mp_main__"):
+        raise InputError(
+            f"transform {ref!r} is in your script (__main__), which worker processes "
+            "do not import: put it in a module they can import"
+        )
     try:
         target: object = importlib.import_module(module_name)
     # User code: any exception while importing it is a usage error.
@@ -329,11 +334,12 @@ class _Location:
     label: str
 
     def __call__(self, value: object, label: str | None = None) -> object:
-        expected = "a non-empty path (str or os.PathLike)"
+        expected = "a non-empty path (str or os.PathLike) without NUL characters"
         text = os.fspath(value) if isinstance(value, str | os.PathLike) else None
         if not isinstance(text, str):  # not a path at all, or a bytes path
             raise _refusal(label or self.label, expected, value, wrong_type=True)
-        if not text:  # Path("") would quietly mean the current folder
+        # Path("") would quietly mean the current folder; no system call takes a NUL.
+        if not text or "\0" in text:
             raise _refusal(label or self.label, expected, value, wrong_type=False)
         return Path(text)
 

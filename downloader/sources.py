@@ -30,16 +30,19 @@ import csv
 import enum
 import glob
 import hashlib
+import io
 import json
 import os
+import queue
 import re
 import stat
 import sys
+import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import BinaryIO, Protocol, TextIO, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from downloader.errors import InputError
@@ -51,6 +54,7 @@ __all__ = [
     "InputFormat",
     "Line",
     "LocalFiles",
+    "Prefetched",
     "Source",
     "UrlList",
     "can_reread",
@@ -276,10 +280,21 @@ def read_lines(
         else:
             input_format = InputFormat.TXT
     if isinstance(source, str) and source == "-":
-        stdin_bytes: BinaryIO | None = getattr(sys.stdin, "buffer", None)
-        if stdin_bytes is None:  # replaced by a text-only stream, e.g. in tests
+        try:
+            stdin_fd = sys.stdin.fileno()
+        except (AttributeError, OSError, ValueError):  # replaced, e.g. in tests
+            stdin_bytes: BinaryIO | None = getattr(sys.stdin, "buffer", None)
+            if stdin_bytes is not None:
+                return _parse(
+                    _binary_lines(stdin_bytes), input_format, "standard input"
+                )
             return _parse(_text_lines(sys.stdin), input_format, "standard input")
-        return _parse(_binary_lines(stdin_bytes), input_format, "standard input")
+        stdin_raw = io.FileIO(stdin_fd, closefd=False)
+        return _parse(
+            _binary_lines(_RawLines(stdin_raw)), input_format, "standard input"
+        )
+    if isinstance(source, str | os.PathLike) and reads_once(source):
+        return _stream_lines(Path(source), input_format)
     if isinstance(source, str | os.PathLike):
         return _file_lines(Path(source), input_format)
     return _parse(_text_lines(source), input_format, "the URL list")
@@ -447,6 +462,84 @@ def open_source(
     return plan_jobs(read_lines(source))
 
 
+_T = TypeVar("_T")
+
+PREFETCH_ITEMS = 256
+"""Items of the list read ahead by its reader thread (a bounded queue)."""
+_STOPPED_GRACE_S = 1.0
+"""How long, once the run is stopping, a consumer waits for the list's next item
+before it gives up on a list that is not coming (a pipe whose writer says nothing)."""
+_POLL_S = 0.25
+
+
+class Prefetched(Iterator[_T]):
+    """A list read in a thread of its own, so that waiting for it never blocks a stop.
+
+    A pipe's writer may say nothing for minutes. Read in the scheduler's thread, such
+    a list would hold the run (and Ctrl-C, and SIGTERM) until the next line came:
+    here the consumer waits on a bounded queue instead, and once ``stopped()`` is
+    true it gives up after ``_STOPPED_GRACE_S`` without a new item: the lines not
+    read yet were never inputs of this run. A list that is all there (a file) is read
+    to its end as usual, so every input it holds still gets its record. The reader
+    is a daemon thread; blocked on such a pipe, it ends with the process.
+    """
+
+    def __init__(self, items: Iterable[_T], stopped: Callable[[], bool]) -> None:
+        self._stopped = stopped
+        self._queue: queue.Queue[tuple[str, object]] = queue.Queue(PREFETCH_ITEMS)
+        self._closed = threading.Event()
+        self._ended = False
+        reader = threading.Thread(
+            target=self._read, args=(iter(items),), name="list-reader", daemon=True
+        )
+        reader.start()
+
+    def __next__(self) -> _T:
+        if self._ended:
+            raise StopIteration
+        waited = 0.0
+        while True:
+            try:
+                kind, value = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                waited = waited + _POLL_S if self._stopped() else 0.0
+                if waited >= _STOPPED_GRACE_S:
+                    self.close()
+                    raise StopIteration from None
+                continue
+            if kind == "item":
+                return value  # type: ignore[return-value]
+            self.close()
+            if kind == "error":
+                assert isinstance(value, BaseException)
+                raise value
+            raise StopIteration
+
+    def close(self) -> None:
+        """Stop reading (the reader ends at its next item)."""
+        self._ended = True
+        self._closed.set()
+
+    def _read(self, items: Iterator[_T]) -> None:
+        try:
+            for item in items:
+                if not self._put("item", item):
+                    return
+        except BaseException as exc:  # noqa: BLE001 (thread boundary: to the consumer)
+            self._put("error", exc)
+        else:
+            self._put("end", None)
+
+    def _put(self, kind: str, value: object) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put((kind, value), timeout=_POLL_S)
+            except queue.Full:
+                continue
+            return True
+        return False
+
+
 def _sanitise(text: str) -> str:
     # A leading '-' would read as an option to command-line tools.
     return _UNSAFE_RUN.sub("_", text).lstrip("._-")
@@ -552,6 +645,59 @@ def _file_lines(path: Path, input_format: InputFormat) -> Iterator[Line]:
     return lines
 
 
+class _LineSource(Protocol):
+    def readline(self, limit: int = -1, /) -> bytes: ...
+
+
+class _RawLines:
+    """``readline`` over ``os.read`` on a descriptor: a stream read only once.
+
+    No lock is held while it waits: a thread blocked here (a pipe whose writer says
+    nothing) cannot hold up a second Ctrl-C or the interpreter's exit, as a thread
+    blocked in a ``BufferedReader`` does ("could not acquire lock … at shutdown").
+    """
+
+    def __init__(self, raw: io.FileIO) -> None:
+        self._raw = raw
+        self._buffer = bytearray()
+        self._ended = False
+
+    def readline(self, limit: int = -1, /) -> bytes:
+        limit = limit if limit > 0 else sys.maxsize
+        while True:
+            end = self._buffer.find(b"\n", 0, limit)
+            if end >= 0 or len(self._buffer) >= limit or self._ended:
+                size = end + 1 if end >= 0 else min(limit, len(self._buffer))
+                line = bytes(self._buffer[:size])
+                del self._buffer[:size]
+                return line
+            chunk = self._raw.read(64 * 1024)  # one read(2), no lock
+            if chunk:
+                self._buffer += chunk
+            else:
+                self._ended = True
+
+
+def _stream_lines(path: Path, input_format: InputFormat) -> Iterator[Line]:
+    """``_file_lines`` for a pipe, FIFO or device: read without a buffer's lock."""
+    try:
+        raw = io.FileIO(path, "rb")
+    except OSError as exc:
+        raise InputError(f"cannot read URL list {path}: {exc.strerror or exc}") from exc
+    lines = _parse(_read_raw_and_close(raw, path), input_format, str(path))
+    weakref.finalize(lines, raw.close)
+    return lines
+
+
+def _read_raw_and_close(raw: io.FileIO, path: Path) -> Iterator[_Physical]:
+    with raw:
+        try:
+            yield from _binary_lines(_RawLines(raw))
+        except OSError as exc:
+            message = f"cannot read URL list {path}: {exc.strerror or exc}"
+            raise InputError(message) from exc
+
+
 def _read_and_close(file: BinaryIO, path: Path) -> Iterator[_Physical]:
     """Stream the lines of an open file and close it when done or closed."""
     with file:
@@ -562,7 +708,7 @@ def _read_and_close(file: BinaryIO, path: Path) -> Iterator[_Physical]:
             raise InputError(message) from exc
 
 
-def _binary_lines(stream: BinaryIO) -> Iterator[_Physical]:
+def _binary_lines(stream: _LineSource) -> Iterator[_Physical]:
     """Decode a byte stream line by line as UTF-8, marking lines that cannot be used."""
     number = 0
     while raw := stream.readline(_MAX_LINE_BYTES):
@@ -580,7 +726,7 @@ def _binary_lines(stream: BinaryIO) -> Iterator[_Physical]:
         yield number, text, error
 
 
-def _skip_rest_of_line(stream: BinaryIO) -> None:
+def _skip_rest_of_line(stream: _LineSource) -> None:
     """Read and drop bytes up to and including the next newline (or the end)."""
     while (chunk := stream.readline(_MAX_LINE_BYTES)) and not chunk.endswith(b"\n"):
         pass

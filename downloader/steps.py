@@ -1,9 +1,7 @@
-"""The two steps every scheduler runs, wrapped with progress events and records.
+"""Pieces of the two steps that the lifecycle and the workers share: files, events.
 
-``fetch_step`` turns one ``Job`` into a ``Fetched`` file or a ``failed`` ``Outcome``;
-``transform_step`` turns a ``Fetched`` file into the final ``Outcome`` in the calling
-process (the process-based schedulers run ``worker.run_task`` in workers instead).
-Local faults (``OutputError``) are not per-URL failures and propagate.
+``emit`` and ``byte_counter`` make progress events; ``Retry`` is a download waiting
+for its next attempt. The record a job ends with is decided in ``lifecycle``.
 
 A job with a ``local_path`` (``--input-dir``, or a kept original a rerun works from) is
 never fetched: ``stage_local`` puts a hard link to the file (a copy across file systems)
@@ -23,20 +21,16 @@ import hashlib
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import httpx
-
 from downloader.errors import FetchError, OutputError, TransformError
-from downloader.fetch import HostLimiter, RetryLater, fetch
 from downloader.progress import EventKind, Events, ProgressEvent
 from downloader.records import Fetched, Job, Outcome, Stage, Transformed
-from downloader.runtime import RunContext
 from downloader.settings import Settings
-from downloader.transform import place_file, remove_outputs, transform_file
+from downloader.transform import place_file, remove_outputs
 
 __all__ = [
     "ORIGINALS_NAME",
@@ -44,18 +38,10 @@ __all__ = [
     "byte_counter",
     "discard",
     "emit",
-    "fetch_deferring",
-    "fetch_failure",
-    "fetch_step",
     "finish_success",
-    "interrupted",
     "keep_download",
-    "not_started",
     "original_extension",
-    "passthrough",
     "stage_local",
-    "stage_local_reporting",
-    "transform_step",
 ]
 
 ORIGINALS_NAME = "originals"
@@ -104,137 +90,6 @@ class Retry:
     job: Job
     attempts: int
     due: float
-
-
-def fetch_step(
-    job: Job,
-    client: httpx.Client,
-    settings: Settings,
-    context: RunContext,
-    hosts: HostLimiter,
-    lane: str,
-) -> Fetched | Outcome:
-    """Download ``job``; a per-URL failure comes back as a ``failed`` record."""
-    result = _fetch_reporting(job, client, settings, context, hosts, lane)
-    assert not isinstance(result, Retry)  # only deferring fetches wait outside
-    return result
-
-
-def fetch_deferring(
-    item: Job | Retry,
-    client: httpx.Client,
-    settings: Settings,
-    context: RunContext,
-    hosts: HostLimiter,
-    lane: str,
-) -> Fetched | Outcome | Retry:
-    """``fetch_step`` that returns a ``Retry`` instead of sleeping before a retry.
-
-    A job's ``started`` event comes with its first attempt and its ``finished`` event
-    with its last, so progress counts each download once however often it waited.
-    """
-    if isinstance(item, Retry):
-        return _fetch_reporting(
-            item.job, client, settings, context, hosts, lane, attempts=item.attempts
-        )
-    return _fetch_reporting(item, client, settings, context, hosts, lane, defer=True)
-
-
-def _fetch_reporting(
-    job: Job,
-    client: httpx.Client,
-    settings: Settings,
-    context: RunContext,
-    hosts: HostLimiter,
-    lane: str,
-    *,
-    attempts: int = 0,
-    defer: bool = False,
-) -> Fetched | Outcome | Retry:
-    defer = defer or attempts > 0
-    if attempts == 0:
-        emit(context.events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane)
-    started = time.perf_counter()
-    waits = False
-    try:
-        if job.local_path is not None:
-            return stage_local_reporting(job, context, lane)
-        return fetch(
-            job,
-            client,
-            settings.http,
-            context.tmp,
-            cancel=context.cancel.event,
-            hosts=hosts,
-            on_bytes=byte_counter(context.events, job.index, lane),
-            defer_retries=defer,
-            attempts_done=attempts,
-        )
-    except RetryLater as later:
-        waits = True
-        return Retry(job, later.attempts, time.monotonic() + later.delay)
-    except FetchError as exc:
-        return fetch_failure(job, exc, started)
-    finally:
-        if not waits:
-            emit(context.events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane)
-
-
-def stage_local_reporting(job: Job, context: RunContext, lane: str) -> Fetched:
-    """Stage a local file as a download would land, and report its bytes."""
-    staged = stage_local(job, context.tmp)
-    emit(
-        context.events,
-        Stage.DOWNLOAD,
-        EventKind.BYTES,
-        job.index,
-        lane,
-        nbytes=staged.nbytes,
-    )
-    return staged
-
-
-def fetch_failure(job: Job, error: FetchError, started: float) -> Outcome:
-    """The ``failed`` record of a download that began at ``started`` (perf_counter)."""
-    return Outcome.failure(
-        job,
-        Stage.DOWNLOAD,
-        error.reason,
-        http_status=error.http_status,
-        attempts=error.attempts,
-        final_url=error.final_url,
-        download_s=time.perf_counter() - started,
-    )
-
-
-def transform_step(
-    fetched: Fetched, settings: Settings, context: RunContext, lane: str
-) -> Outcome:
-    """Transform a downloaded file here, in this process, and remove the download."""
-    index = fetched.job.index
-    emit(context.events, Stage.TRANSFORM, EventKind.STARTED, index, lane)
-    started = time.perf_counter()
-    try:
-        job = fetched.job
-        result = transform_file(
-            fetched.path, context.out, job.stem, settings.image, job.owned
-        )
-    except TransformError as exc:
-        discard(fetched)
-        elapsed = time.perf_counter() - started
-        return Outcome.failure(
-            fetched.job,
-            Stage.TRANSFORM,
-            exc.reason,
-            fetched=fetched,
-            transform_s=elapsed,
-        )
-    except BaseException:
-        discard(fetched)
-        raise
-    finally:
-        emit(context.events, Stage.TRANSFORM, EventKind.FINISHED, index, lane)
-    return finish_success(fetched, result, context.out, settings)
 
 
 def finish_success(
@@ -401,24 +256,3 @@ def discard(fetched: Fetched) -> None:
     """Remove a download's temporary file (it is done with, or abandoned)."""
     with contextlib.suppress(FileNotFoundError):
         fetched.path.unlink()
-
-
-def interrupted(job: Job, stage: Stage, fetched: Fetched | None = None) -> Outcome:
-    """The record of a URL whose work was cut short by a stop request."""
-    return Outcome.failure(job, stage, "interrupted", fetched=fetched)
-
-
-def not_started(job: Job, reason: str) -> Outcome:
-    """The record of a URL the run never reached before it was stopped."""
-    return Outcome.failure(job, None, f"not started ({reason})")
-
-
-def passthrough(
-    items: Iterable[Job | Outcome], on_outcome: Callable[[Outcome], None]
-) -> Iterator[Job]:
-    """Yield the jobs of ``items``, handing ready-made records to ``on_outcome``."""
-    for item in items:
-        if isinstance(item, Outcome):
-            on_outcome(item)
-        else:
-            yield item

@@ -601,9 +601,13 @@ def place_file(src: Path, out_dir: Path, name: str, owned: Collection[str]) -> N
         OutputError: the file could not be moved (read-only folder, disk full).
     """
     final = out_dir / name
+    folder, _, file_name = name.rpartition("/")
     try:
-        _make_folder(final.parent, out_dir)
-        _place(src, final, ours=name in owned)
+        folder_fd = _open_folder(out_dir, folder)
+        try:
+            _place(src, folder_fd, file_name, final, ours=name in owned)
+        finally:
+            os.close(folder_fd)
     except OSError as exc:
         raise OutputError(
             f"cannot write {exc.filename or final}: {exc.strerror}"
@@ -654,46 +658,66 @@ def _write_atomically(
         raise
 
 
-def _make_folder(folder: Path, out_dir: Path) -> None:
-    """Create an output's folder (a ``--sizes`` or ``originals`` one) if need be."""
-    if folder == out_dir:
-        return  # the run made it; no system call for the common case
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_folder(out_dir: Path, folder: str) -> int:
+    """Open the folder an output goes in (made if need be), never through a link.
+
+    Everything after is done relative to the descriptor, so a link planted at a
+    ``--sizes`` or ``originals`` folder during the run is refused, never written
+    through, and a folder swapped after the check is not the one written to.
+    """
+    out_fd = os.open(out_dir, _FOLDER_FLAGS)
+    if not folder:
+        return out_fd
     try:
-        folder.mkdir(exist_ok=True)
-    except FileExistsError as exc:  # something that is not a folder is there
-        raise TransformError(
-            f"output path {folder} exists and is not a folder"
-        ) from exc
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, dir_fd=out_fd)
+        try:
+            return os.open(folder, _FOLDER_FLAGS, dir_fd=out_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            what = os.lstat(folder, dir_fd=out_fd)
+            kind = "a symbolic link" if stat.S_ISLNK(what.st_mode) else "not a folder"
+            raise TransformError(
+                f"output path {out_dir / folder} exists and is {kind}: refused"
+            ) from exc
+    finally:
+        os.close(out_fd)
 
 
-def _place(src: Path, final: Path, *, ours: bool) -> None:
-    """Rename ``src`` to ``final`` unless ``final`` is taken by what is not ours.
+def _place(src: Path, folder_fd: int, name: str, final: Path, *, ours: bool) -> None:
+    """Rename ``src`` to ``name`` in the folder unless it is taken by what is not ours.
 
     A hard link is the rename that never replaces: it fails, atomically, if
     anything is at ``final`` (even a dangling link, which is never followed). Only
     then is ``final`` looked at, so the common case costs no extra ``lstat``.
     """
     try:
-        os.link(src, final)
+        os.link(src, name, dst_dir_fd=folder_fd)
     except FileExistsError:
         pass
     except OSError as exc:
         if exc.errno not in _NO_HARD_LINKS:
             raise
         # A file system without hard links: look, then rename.
-        if not os.path.lexists(final):
-            os.replace(src, final)
+        try:
+            os.lstat(name, dir_fd=folder_fd)
+        except FileNotFoundError:
+            os.replace(src, name, dst_dir_fd=folder_fd)
             return
     else:
         src.unlink()
         return
-    existing = os.lstat(final)
+    existing = os.lstat(name, dir_fd=folder_fd)
     if not stat.S_ISREG(existing.st_mode):
         raise TransformError(
             f"output path {final} exists and is not ours ({_kind(existing)})"
         )
     if ours:
-        os.replace(src, final)  # this URL's own earlier output
+        os.replace(src, name, dst_dir_fd=folder_fd)  # this URL's own earlier output
     elif filecmp.cmp(src, final, shallow=False):
         # Byte for byte what would be written (outputs are deterministic): this
         # URL's output from a run that stopped before recording it, or a retry's.

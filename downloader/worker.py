@@ -3,26 +3,24 @@
 A worker takes ``Task`` records (paths, never bytes) from its own inbox Queue, runs
 ``transform_file`` on each, and reports over its own Pipe: ``TaskStarted`` before the
 work (so a crash can be pinned on the right item), then ``TaskDone`` or ``TaskFailed``.
-It ignores SIGINT (the parent coordinates shutdown), exits when the parent dies, and
-retires after ``max_tasks`` items so that a long run does not accumulate memory.
+It starts through ``children.child_process`` (SIGINT ignored, exit when the parent
+dies, stop on EOF of its stop Pipe, an unexpected exception sent back as a
+``ChildFault``) and retires after ``max_tasks`` items so that a long run does not
+accumulate memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import resource
-import signal
 import threading
 import time
-import traceback
 from dataclasses import dataclass
-from multiprocessing import parent_process
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from multiprocessing.queues import Queue
-from multiprocessing.synchronize import Event
 from pathlib import Path
 
+from downloader.children import ChildFault, child_process
 from downloader.errors import OutputError, TransformError
 from downloader.records import Transformed
 from downloader.settings import ImageSpec
@@ -33,12 +31,10 @@ __all__ = [
     "TaskDone",
     "TaskFailed",
     "TaskStarted",
-    "WorkerError",
     "WorkerExit",
     "WorkerMessage",
     "WorkerRetired",
     "cpu_seconds",
-    "exit_when_parent_dies",
     "worker_main",
 ]
 
@@ -96,29 +92,9 @@ class WorkerExit:
     cpu_s: float
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerError:
-    """An unexpected exception ended the worker; the traceback comes back as text."""
-
-    traceback: str
-
-
 WorkerMessage = (
-    TaskStarted | TaskDone | TaskFailed | WorkerRetired | WorkerError | WorkerExit
+    TaskStarted | TaskDone | TaskFailed | WorkerRetired | ChildFault | WorkerExit
 )
-
-
-def exit_when_parent_dies() -> None:
-    """End this child process at once when its parent dies (a watcher thread)."""
-    parent = parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        wait([parent.sentinel])
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def cpu_seconds() -> float:
@@ -144,26 +120,28 @@ def run_task(task: Task, out: Path, spec: ImageSpec) -> TaskDone | TaskFailed:
 def worker_main(
     inbox: Queue[Task | None],
     results: Connection,
-    stop: Event,
+    stop: Connection,
     out: str,
     spec: ImageSpec,
     max_tasks: int,
 ) -> None:
-    """Run in a worker process: transform tasks from ``inbox`` until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    exit_when_parent_dies()
+    """Run in a worker process: transform tasks from ``inbox`` until told to stop.
+
+    ``stop`` is the reader of the parent's ``children.StopLine``: at its EOF the
+    worker takes no further task (the one running finishes).
+    """
+    stopping = threading.Event()
     try:
-        configure_pillow(spec)
-        for done, task in enumerate(iter(inbox.get, None), start=1):
-            if stop.is_set():
-                break
-            results.send(TaskStarted(task.index, time.perf_counter()))
-            results.send(run_task(task, Path(out), spec))
-            if done >= max_tasks:
-                results.send(WorkerRetired(done))
-                break
-    except Exception:  # noqa: BLE001 (worker boundary: report, then end)
-        results.send(WorkerError(traceback.format_exc()))
+        with child_process(stop, stopping.set, results.send):
+            configure_pillow(spec)
+            for done, task in enumerate(iter(inbox.get, None), start=1):
+                if stopping.is_set():
+                    break
+                results.send(TaskStarted(task.index, time.perf_counter()))
+                results.send(run_task(task, Path(out), spec))
+                if done >= max_tasks:
+                    results.send(WorkerRetired(done))
+                    break
     finally:
         with contextlib.suppress(OSError):
             results.send(WorkerExit(cpu_seconds()))

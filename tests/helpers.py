@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -25,6 +26,9 @@ CORPUS_SIZE = 12
 # on a worker while it is busy with it.
 SLOW_IMAGE = "slow.png"
 SLOW_IMAGE_SIZE = (8000, 6000)
+# A small one-colour PNG: the image that the worker-killing transforms of
+# ``tests.user_transforms`` pick out (named to sort after the others, see /named).
+FLAT_IMAGE = "tiny-flat.png"
 WAIT_S = 30.0
 # Misbehaving routes hold a connection at most this long (or until the server closes).
 HOLD_S = 10.0
@@ -414,3 +418,43 @@ def wait_gone(pids: list[int], timeout: float = WAIT_S) -> list[int]:
     finally:
         for fd in handles:
             os.close(fd)
+
+
+def _port(server: LocalServer) -> int:
+    port = urllib.parse.urlsplit(server.base_url).port
+    assert port is not None
+    return port
+
+
+def _tcp_inodes_to(port: int) -> set[str]:
+    """Socket inodes of this network namespace's TCP connections to ``port``."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[2].rpartition(":")[2], 16) == port:
+                    inodes.add(fields[9])
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{name}")
+                if target.startswith("socket:["):
+                    inodes.add(target.removeprefix("socket:[").removesuffix("]"))
+    return inodes
+
+
+def download_pids(server: LocalServer) -> list[int]:
+    """Worker processes of this test connected to ``server``: the download ones.
+
+    Download processes and transform workers are both forkserver grandchildren of
+    the test process; only a download process holds a TCP socket connected to the
+    test server's port.
+    """
+    connected = _tcp_inodes_to(_port(server))
+    return [pid for pid in worker_pids() if _socket_inodes(pid) & connected]

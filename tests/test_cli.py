@@ -259,3 +259,24 @@ def test_demo_runs_offline_on_the_embedded_corpus(
     assert all(str(r["url"]).startswith("http://127.0.0.1:") for r in records)
     assert (out / "demo-urls.txt").is_file()
     assert "demo: serving" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """``cli.py … --dry-run | head -1``: no traceback; the exit code of a tool cut
+    short by SIGPIPE. (3000 lines: far more than a pipe holds, so writing fails.)"""
+    urls = [f"http://127.0.0.1:9/x{n}.jpg" for n in range(3000)]
+    listing = write_list(tmp_path / "urls.txt", urls)
+    child = subprocess.Popen(
+        [sys.executable, str(CLI), str(listing), "--dry-run", "--no-config"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline()  # the reader takes one line, then leaves
+    child.stdout.close()
+    _, err = child.communicate(timeout=60)
+
+    assert "Traceback" not in err
+    assert child.returncode == 141

@@ -21,7 +21,7 @@ from downloader.errors import TransformError
 from downloader.records import Outcome
 from downloader.settings import ImageSpec, NameBy, Settings
 from downloader.sources import normalize_url, safe_stem
-from downloader.transform import transform_file
+from downloader.transform import place_file, transform_file
 from tests.helpers import (
     LocalServer,
     corpus_urls,
@@ -251,3 +251,26 @@ def test_a_file_with_the_very_bytes_to_be_written_is_kept(tmp_path: Path) -> Non
     assert result.path == "img.jpg"
     assert (out / "img.jpg").stat().st_ino == inode
     assert list((out / ".tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("folder", ["256", "originals"])
+def test_a_link_planted_at_an_output_folder_is_never_written_through(
+    tmp_path: Path, folder: str
+) -> None:
+    """A --sizes or originals folder swapped for a link mid-run: refused, not followed.
+
+    The folder is opened without following links and the file placed relative to
+    it, so a link planted at any moment is found, not written through.
+    """
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    (out / ".tmp").mkdir(parents=True)
+    outside.mkdir()
+    (out / folder).symlink_to(outside)
+    src = out / ".tmp" / "x.jpg.tmp"
+    src.write_bytes(b"image")
+
+    with pytest.raises(TransformError, match="is a symbolic link: refused"):
+        place_file(src, out, f"{folder}/x.jpg", ())
+
+    assert list(outside.iterdir()) == []
+    assert src.read_bytes() == b"image"  # left for the caller to remove

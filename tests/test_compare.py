@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from PIL import Image
 
 from downloader.cli import main
 from downloader.compare import compare, gil_enabled
+from downloader.errors import OutputError
 from downloader.settings import Mode
 from tests.helpers import LocalServer, corpus_urls, fast_settings, write_list
 
@@ -121,3 +125,158 @@ def test_the_library_comparison_reads_a_one_shot_iterable_once_per_mode(
     assert comparison.ok
     assert comparison.speedup(comparison.results[0]) == 1.0
     assert comparison.gil_enabled is getattr(sys, "_is_gil_enabled", lambda: True)()
+
+
+# --- nothing is written outside OUT ---------------------------------------------------
+
+
+def _outside(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder outside --out holding one precious file; return (folder, file)."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    precious = folder / "precious.txt"
+    precious.write_text("keep me\n", encoding="utf-8")
+    return folder, precious
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    ("name", "is_folder"),
+    [
+        ("comparison.json", False),
+        ("comparison.png", False),
+        ("threads", True),
+        ("sequential", True),
+        ("threads/failed.txt", False),
+        ("threads/.tmp", True),
+    ],
+)
+def test_a_link_at_a_name_compare_writes_is_refused_before_any_mode_runs(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    is_folder: bool,
+) -> None:
+    """A symlink at OUT/comparison.*, OUT/<mode> or a name a mode's run writes in
+    OUT/<mode>: exit 3, one line, before any mode runs."""
+    url_list = write_list(tmp_path / "urls.txt", corpus_urls(server, corpus)[:2])
+    outside, precious = _outside(tmp_path)
+    target = outside if is_folder else precious
+    out = tmp_path / "out"
+    (out / name).parent.mkdir(parents=True)
+    (out / name).symlink_to(target)
+    before = _snapshot(outside)
+
+    code = main(
+        [
+            *(str(url_list), "--compare", "--modes", "sequential,threads"),
+            *("--out", str(out), "--procs", "1", "--max-size", "64"),
+        ]
+    )
+
+    captured = capsys.readouterr()
+    assert code == 3
+    assert captured.err.splitlines() == [
+        f"error: {out / name} is a symbolic link (to {target}): refused, since this "
+        "tool reads and writes only inside the output folder; remove the link or "
+        "choose another --out"
+    ]
+    assert _snapshot(outside) == before
+    assert server.request_count() == 0
+    assert (out / name).is_symlink()  # left for the user to look at
+    assert name == "comparison.json" or not (out / "comparison.json").exists()
+    assert not list(out.rglob("*.jpg"))
+
+
+@pytest.mark.parametrize(
+    ("name", "is_folder"), [("comparison.json", False), ("threads", True)]
+)
+def test_a_link_planted_after_the_start_checks_is_refused_when_written(
+    server: LocalServer, corpus: Path, tmp_path: Path, name: str, is_folder: bool
+) -> None:
+    """The link appears once the comparison is under way (here: while it reads the
+    list, after its first checks): refused when the name is written, never followed."""
+    urls = corpus_urls(server, corpus)[:2]
+    outside, precious = _outside(tmp_path)
+    target = outside if is_folder else precious
+    out = tmp_path / "out"
+    before = _snapshot(outside)
+
+    def planting() -> Iterator[str]:
+        if (out / name).is_dir():  # made by the start checks: swapped for a link
+            shutil.rmtree(out / name)
+        out.mkdir(exist_ok=True)
+        (out / name).symlink_to(target)
+        yield from urls
+
+    with pytest.raises(OutputError) as caught:
+        compare(
+            planting(),
+            fast_settings(out, threads=2, procs=1),
+            [Mode.SEQUENTIAL, Mode.THREADS],
+        )
+
+    assert str(caught.value).startswith(
+        f"{out / name} is a symbolic link (to {target})"
+    )
+    assert _snapshot(outside) == before
+    assert (out / name).is_symlink()
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary file
+
+
+def test_a_link_at_the_temporary_name_is_removed_not_followed(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """comparison.json is written under a new temporary name: a link waiting at the
+    name it will use is removed, never written through."""
+    outside, precious = _outside(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    planted = out / f".comparison.json.{os.getpid()}.new"
+    planted.symlink_to(precious)
+    before = _snapshot(outside)
+
+    compare(
+        corpus_urls(server, corpus)[:1],
+        fast_settings(out, threads=1, procs=1),
+        [Mode.SEQUENTIAL],
+    )
+
+    assert _snapshot(outside) == before
+    assert not planted.is_symlink()
+    assert json.loads((out / "comparison.json").read_text())["modes"][0]["images"] == 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        "comparison.json",
+        "comparison.png",
+        "sequential",
+    ]
+
+
+def test_quiet_compare_prints_nothing_and_still_writes_its_files(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """-q is errors only: no table, no notes; comparison.json and .png are written."""
+    urls = [*corpus_urls(server, corpus)[:2], f"{server.base_url}/status/404"]
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+
+    code = main(
+        [
+            *(str(url_list), "--compare", "--modes", "sequential,threads", "-q"),
+            *("--out", str(out), "--procs", "1", "--retries", "0"),
+        ]
+    )
+
+    assert capsys.readouterr() == ("", "")
+    assert code == 1  # a URL failed: told by the exit code, as in a run with -q
+    assert json.loads((out / "comparison.json").read_text())["ok"] is False
+    with Image.open(out / "comparison.png") as chart:
+        assert chart.format == "PNG"

@@ -113,15 +113,16 @@ def test_event_stream_is_flushed_per_line_from_python(
     """From Python: each line is on disk as soon as it is written, before close."""
     path = tmp_path / "events.jsonl"
     urls = corpus_urls(server, corpus)[:2]
-    seen_during_run = []
-
     with EventStream.open(path) as stream:
-        for outcome in iter_results(urls, fast_settings(tmp_path / "o"), events=stream):
-            stream.outcome(outcome)
-            seen_during_run.append(len(path.read_text().splitlines()))
+        seen_during_run = [
+            len(path.read_text().splitlines())
+            for _ in iter_results(urls, fast_settings(tmp_path / "o"), events=stream)
+        ]
 
-    assert seen_during_run[0] >= 3  # started, finished(download), ..., result
-    assert [line["type"] for line in _lines(path)].count("result") == 2
+    assert seen_during_run[0] >= 4  # start, started, finished(download), ..., result
+    types = [line["type"] for line in _lines(path)]
+    assert types.count("result") == 2  # written by the library, as for --events
+    assert (types[0], types[-1]) == ("start", "summary")
 
 
 def test_event_stream_stops_quietly_when_its_file_fails(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import time
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from downloader.cli import main
 from downloader.demo import (
     CorpusHandler,
     CorpusServer,
@@ -21,6 +23,7 @@ from downloader.demo import (
     generate_corpus,
     serve_in_thread,
 )
+from downloader.errors import OutputError
 
 TIMEOUT = 10.0
 EXIF_ORIENTATION_TAG = 0x0112
@@ -307,3 +310,87 @@ def test_demo_server_runs_in_its_own_process(
     assert url_list[1:] == urls
     with pytest.raises(RuntimeError):
         demo.urls()
+
+
+# --- the URL list goes in OUT: never through a link -----------------------------------
+
+
+def _precious(tmp_path: Path) -> Path:
+    """A file of the user's outside the output folder."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    precious = folder / "precious.txt"
+    precious.write_text("keep me\n", encoding="utf-8")
+    return precious
+
+
+def test_a_link_at_the_url_list_is_refused_not_replaced(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """A symlink at the list's name: OutputError naming it; the link and its target
+    are left as they were, and no temporary file is left beside it."""
+    precious = _precious(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "urls.txt").symlink_to(precious)
+
+    with DemoServer(corpus, latency=0.0) as demo, pytest.raises(OutputError) as caught:
+        demo.write_url_list(out / "urls.txt")
+
+    assert str(caught.value).startswith(
+        f"{out / 'urls.txt'} is a symbolic link (to {precious}): refused"
+    )
+    assert (out / "urls.txt").is_symlink()
+    assert precious.read_text(encoding="utf-8") == "keep me\n"
+    assert [p.name for p in out.iterdir()] == ["urls.txt"]
+
+
+def test_a_link_at_the_url_lists_temporary_name_is_not_followed(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """The list is written under a temporary name of its own first: a link waiting
+    at that name is removed, never written through (nor one at the name earlier
+    versions used, ``.NAME.PID.tmp``, which they wrote through)."""
+    precious = _precious(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    planted = out / f".urls.txt.{os.getpid()}.new"
+    planted.symlink_to(precious)
+    (out / f".urls.txt.{os.getpid()}.tmp").symlink_to(precious)
+
+    with DemoServer(corpus, latency=0.0) as demo:
+        written = demo.write_url_list(out / "urls.txt")
+        urls = demo.urls()
+
+    assert precious.read_text(encoding="utf-8") == "keep me\n"
+    assert written.read_text(encoding="utf-8").splitlines()[1:] == urls
+    assert not planted.is_symlink()
+    assert sorted(p.name for p in out.iterdir()) == [
+        f".urls.txt.{os.getpid()}.tmp",
+        "urls.txt",
+    ]
+
+
+def test_demo_refuses_a_link_at_demo_urls_txt(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--demo with OUT/demo-urls.txt a link of the user's: exit 3, one line."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    precious = _precious(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "demo-urls.txt").symlink_to(precious)
+
+    code = main(["--demo", "--demo-count", "1", "--out", str(out), "-q"])
+
+    assert code == 3
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {out / 'demo-urls.txt'} is a symbolic link (to {precious}): refused, "
+        "since this tool reads and writes only inside the output folder; remove the "
+        "link or choose another --out"
+    ]
+    assert (out / "demo-urls.txt").is_symlink()
+    assert precious.read_text(encoding="utf-8") == "keep me\n"
+    assert [p.name for p in out.iterdir()] == ["demo-urls.txt"]

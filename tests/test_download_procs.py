@@ -1,18 +1,15 @@
 """The pipeline with its download threads in several processes (``--download-procs``).
 
 To tell a download process from a transform worker (both are forkserver grandchildren
-of the test process), the tests look at open connections: a download process holds a
-TCP socket connected to the test server's port, a transform worker never opens one.
+of the test process), the tests look at open connections (``helpers.download_pids``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +33,7 @@ from tests.helpers import (
     WAIT_S,
     LocalServer,
     corpus_urls,
+    download_pids,
     fast_settings,
     leftovers,
     read_manifest,
@@ -60,41 +58,6 @@ def slow_server(corpus: Path) -> Iterator[LocalServer]:
     with serve_in_thread(LocalServer(corpus, latency=LATENCY_S)) as running:
         assert isinstance(running, LocalServer)
         yield running
-
-
-def _port(server: LocalServer) -> int:
-    port = urllib.parse.urlsplit(server.base_url).port
-    assert port is not None
-    return port
-
-
-def _tcp_inodes_to(port: int) -> set[str]:
-    """Socket inodes of this network namespace's TCP connections to ``port``."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                if int(fields[2].rpartition(":")[2], 16) == port:
-                    inodes.add(fields[9])
-    return inodes
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    with contextlib.suppress(OSError):
-        for name in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{name}")
-                if target.startswith("socket:["):
-                    inodes.add(target.removeprefix("socket:[").removesuffix("]"))
-    return inodes
-
-
-def download_pids(server: LocalServer) -> list[int]:
-    """Worker processes of this test connected to ``server``: the download ones."""
-    connected = _tcp_inodes_to(_port(server))
-    return [pid for pid in worker_pids() if _socket_inodes(pid) & connected]
 
 
 def _comparable(out: Path) -> list[dict[str, object]]:

@@ -266,6 +266,9 @@ class Handler(BaseHTTPRequestHandler):
         port = self.server.server_address[1]
         self.redirect(f"http://{host}:{port}/ok/10?{self.query}")
 
+    def route_set_cookie(self) -> None:
+        self.send_body(payload(10), Set_Cookie="sess=SECRET; Path=/")
+
     def route_to_port(self, port: str) -> None:
         self.redirect(f"http://127.0.0.1:{port}/ok/10?{self.query}")
 
@@ -473,9 +476,9 @@ def test_part_symlink_is_not_followed(site: Site, tmp_path: Path) -> None:
     assert fetched.path.read_bytes() == payload(100)
 
 
-@pytest.mark.parametrize("code", [400, 401, 403, 404, 410])
+@pytest.mark.parametrize("code", [400, 401, 403, 404, 410, 600, 999])
 def test_client_errors_are_not_retried(site: Site, tmp_path: Path, code: int) -> None:
-    """4xx other than 408/429 fails after one request."""
+    """4xx other than 408/429, and codes past 5xx, fail after one request."""
     error = failure(site.url(f"/status/{code}"), tmp_path)
 
     assert error.reason == f"HTTP {code}"
@@ -1155,3 +1158,48 @@ def test_credentials_do_not_follow_a_port_change(site: Site, tmp_path: Path) -> 
     assert "authorization" not in headers
     assert "cookie" not in headers
     assert site.requests()[0]["authorization"] == "Bearer s3cret"
+
+
+def test_cookies_a_server_sets_are_not_kept(site: Site, tmp_path: Path) -> None:
+    """A Set-Cookie is not stored: no later request, to any origin, carries it."""
+    other = Server()
+    thread = threading.Thread(
+        target=other.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        with make_client(FAST, threads=1) as client:
+            for number, url in enumerate(
+                [
+                    site.url("/set-cookie"),
+                    site.url("/ok/10"),
+                    f"http://127.0.0.1:{other.server_address[1]}/ok/10?{site.token}",
+                ]
+            ):
+                fetch(
+                    make_job(url, f"c{number}"),
+                    client,
+                    FAST,
+                    tmp_path,
+                    cancel=threading.Event(),
+                    hosts=HostLimiter(4),
+                )
+        with other.lock:
+            ((_, elsewhere),) = other.log
+    finally:
+        other.shutdown()
+        other.server_close()
+        thread.join(timeout=WAIT)
+
+    assert "cookie" not in site.requests("/ok")[0]
+    assert "cookie" not in elsewhere
+
+
+def test_final_url_keeps_no_credentials(site: Site, tmp_path: Path) -> None:
+    """A redirect to ``user:password@host`` does not put the password in records."""
+    target = f"http://user:pw@{site.host}/ok/10?{site.token}"
+    quoted = "".join(f"%{byte:02X}" for byte in target.encode())
+
+    fetched = download(site.url(f"/to-raw/{quoted}"), tmp_path)
+
+    assert fetched.final_url == f"http://{site.host}/ok/10?{site.token}"

@@ -90,6 +90,7 @@ def test_a_torn_last_line_is_ignored_and_its_url_redone(
     assert {o.url: o.status for o in report.results}[redo[0]] is Status.OK
     records = read_manifest(out)
     assert sorted(str(r["url"]) for r in records) == sorted(urls)
+    assert not (out / "manifest.rejected.txt").exists()  # half a record: not kept
 
 
 def test_an_ok_record_whose_image_was_deleted_is_redone(
@@ -370,12 +371,13 @@ def test_a_rerun_killed_mid_way_leaves_one_line_per_url_and_loses_nothing(
 
 @pytest.mark.parametrize(
     ("name", "code"),
-    [(UPDATES, 3), ("failed.txt", 0), (".manifest.jsonl.new", 0)],
+    [(UPDATES, 3), ("failed.txt", 3), (".manifest.jsonl.new", 0)],
 )
 def test_a_link_planted_during_the_run_is_never_written_through(
     gated: GatedServer, corpus: Path, tmp_path: Path, name: str, code: int
 ) -> None:
-    """A link made after the start checks: refused when opened, or replaced."""
+    """A link made after the start checks: refused when its name is opened or
+    written (exit 3, the link left as it was), or, at a temporary name, removed."""
     held = f"{gated.base_url}/gate/{corpus_urls(gated, corpus)[0].rpartition('/')[2]}"
     url_list = write_list(tmp_path / "urls.txt", [held])
     out = tmp_path / "out"
@@ -396,11 +398,19 @@ def test_a_link_planted_during_the_run_is_never_written_through(
     assert rerun.returncode == code, stderr
     assert not target.exists()
     if code == 3:
-        assert f"{out / name} is a symbolic link" in stderr.decode()
-        assert read_manifest(out) == first
+        assert stderr.decode().splitlines() == [
+            f"error: {out / name} is a symbolic link (to {target}): refused, since "
+            "this tool reads and writes only inside the output folder; remove the "
+            "link or choose another --out"
+        ]
+        assert (out / name).is_symlink()
     else:
         assert not (out / name).is_symlink()
+    if name == UPDATES:  # refused before the record was written
+        assert read_manifest(out) == first
+    else:  # failed.txt is written last: the manifest has the rerun's record
         assert [r["status"] for r in read_manifest(out)] == ["ok"]
+        assert read_manifest(out) != first
 
 
 def test_duplicate_lines_left_by_an_older_version_are_merged(
@@ -417,3 +427,106 @@ def test_duplicate_lines_left_by_an_older_version_are_merged(
     run([corpus_urls(server, corpus)[2]], fast_settings(out))
 
     assert len(_one_line_per_url(out)) == 3
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo"])
+def test_a_file_of_the_users_at_tmp_is_refused_not_deleted(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    kind: str,
+) -> None:
+    """OUT/.tmp that is not a folder is someone's: exit 3, one line, left as it was
+    (as at OUT/originals); the scratch inside a .tmp folder is still swept."""
+    url_list = write_list(tmp_path / "urls.txt", corpus_urls(server, corpus)[:2])
+    out = tmp_path / "out"
+    out.mkdir()
+    if kind == "file":
+        (out / ".tmp").write_text("my notes\n", encoding="utf-8")
+    else:
+        os.mkfifo(out / ".tmp")
+
+    code = main([str(url_list), "--out", str(out), *_cli_options("--max-size", "64")])
+
+    assert code == 3
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {out / '.tmp'} is not a folder: remove it or choose another --out "
+        "(the tool writes there)"
+    ]
+    assert server.request_count() == 0
+    if kind == "file":
+        assert (out / ".tmp").read_text(encoding="utf-8") == "my notes\n"
+    else:
+        assert (out / ".tmp").is_fifo()
+    assert not (out / "manifest.jsonl").exists()
+
+
+SUMMARY = ("done: ", "  ")
+"""How the lines of the summary a run prints on stderr start."""
+
+
+def test_lines_that_are_not_records_are_kept_aside_with_a_warning(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A note, a non-record JSON line and a garbage line in the manifest: the rerun
+    goes on, moves them (as they were) to manifest.rejected.txt with one warning,
+    and leaves one record per line; a blank line just goes; the next run is quiet."""
+    urls = corpus_urls(server, corpus)[:3]
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+    options = [str(url_list), "--out", str(out), *_cli_options("--max-size", "64")]
+    assert main(options) == 0
+    capsys.readouterr()
+    manifest = out / "manifest.jsonl"
+    records = manifest.read_text(encoding="utf-8").splitlines(keepends=True)
+    strangers = [
+        "# batch of 3 March, from Ana\n",
+        '{"comment": "checked by hand"}\n',
+        "\u00e9t\u00e9 \x00\x01 {not json\n",
+    ]
+    mixed = (records[0], strangers[0], "\n", records[1], *strangers[1:], records[2])
+    manifest.write_text("".join(mixed), encoding="utf-8")
+
+    code = main(options)
+
+    err = capsys.readouterr().err.splitlines()
+    assert code == 0
+    assert [line for line in err if not line.startswith(SUMMARY)] == [
+        f"warning: {manifest}: 3 line(s) that are not records of this tool moved to "
+        f"{out / 'manifest.rejected.txt'} (the manifest keeps one record per line)"
+    ]
+    rejected = out / "manifest.rejected.txt"
+    assert rejected.read_text(encoding="utf-8") == "".join(strangers)
+    assert sorted(_one_line_per_url(out)) == sorted(urls)
+    assert {str(r["status"]) for r in read_manifest(out)} == {"skipped"}
+
+    assert main(options) == 0
+
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if not line.startswith(SUMMARY)] == []
+    assert rejected.read_text(encoding="utf-8") == "".join(strangers)
+    assert sorted(_one_line_per_url(out)) == sorted(urls)
+
+
+def test_an_unterminated_last_line_that_is_not_a_record_is_kept_too(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Only half a record is taken for a crash's torn line; a note without a final
+    newline is kept aside like any other line that is not a record."""
+    urls = corpus_urls(server, corpus)[:2]
+    out = tmp_path / "out"
+    run(urls, fast_settings(out))
+    manifest = out / "manifest.jsonl"
+    with manifest.open("a", encoding="utf-8") as text:
+        text.write("todo: add the April list")
+
+    report = run(urls, fast_settings(out))
+
+    assert [o.status for o in report.results] == [Status.SKIPPED] * 2
+    rejected = out / "manifest.rejected.txt"
+    assert rejected.read_text(encoding="utf-8") == "todo: add the April list\n"
+    assert sorted(_one_line_per_url(out)) == sorted(urls)

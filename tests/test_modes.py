@@ -154,9 +154,9 @@ def test_leaving_the_loop_early_stops_the_run(
 
 
 # When the worker is surely busy with the slow image: in processes mode it asks for
-# it itself; in async mode (one download task) the transform is handed to the pool
-# before the second download starts.
-KILL_AFTER_REQUESTS = {Mode.PROCESSES: 1, Mode.ASYNC: 2}
+# it itself; in async mode (one download task) and in the pipeline (one download
+# thread) the transform is handed to the worker before the second download starts.
+KILL_AFTER_REQUESTS = {Mode.PROCESSES: 1, Mode.PIPELINE: 2, Mode.ASYNC: 2}
 
 
 @pytest.mark.parametrize("mode", list(KILL_AFTER_REQUESTS), ids=lambda m: m.value)

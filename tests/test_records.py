@@ -6,7 +6,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from downloader.records import REASON_MAX_CHARS, Job, Outcome, Stage, one_line
-from downloader.steps import not_started
 
 JOB = Job(index=0, line=1, url="http://127.0.0.1/a.jpg", key="k", stem="a")
 TRACEBACK = """download thread thread-1 crashed:
@@ -18,7 +17,7 @@ httpx.InvalidURL: For absolute URLs, path must be empty or begin with '/'"""
 
 def test_a_traceback_becomes_its_first_and_last_line() -> None:
     """A crash's reason names where (first line) and what (last line), on one line."""
-    record = not_started(JOB, TRACEBACK)
+    record = Outcome.failure(JOB, None, f"not started ({TRACEBACK})")
 
     assert record.error == (
         "not started (download thread thread-1 crashed: … httpx.InvalidURL: "

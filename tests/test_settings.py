@@ -86,6 +86,7 @@ BAD_VALUES: list[tuple[type, dict[str, Any], str]] = [
     (Settings, {"stall_report": 86_401}, "stall_report .* got 86401$"),
     (Settings, {"out": 5}, r"--out must be a non-empty path .* got 5 \(int\)$"),
     (Settings, {"out": ""}, "--out must be a non-empty path"),
+    (Settings, {"out": "a\0b"}, "--out .* without NUL characters, got 'a\\\\x00b'$"),
     (Settings, {"out": b"bytes"}, r"--out .* \(bytes\)$"),
     (Settings, {"mode": "thread"}, "--mode must be one of sequential, threads, "),
     (Settings, {"mode": 3}, r"--mode .* got 3 \(int\)$"),
@@ -456,3 +457,32 @@ def test_the_demo_options_are_checked_in_a_config_too(
         "error: config downloader.toml: demo-count must be an integer from 1 to "
         "10000, got '8' (str)\n"
     )
+
+
+@pytest.mark.parametrize("text", ["1.5", "0.0001k", "1.0000001M"])
+def test_a_fraction_of_a_byte_is_refused(
+    text: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--max-bytes 1.5 used to become 1 byte (every URL then failed); now exit 2."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/x.jpg\n")
+    (tmp_path / "downloader.toml").write_text(f'max-bytes = "{text}"\n')
+
+    from_flag = main([*LIST, "--max-bytes", text])
+    flag_err = capsys.readouterr().err
+    from_config = main(["urls.txt", "--dry-run"])
+
+    assert from_flag == 2
+    assert f"not a whole number of bytes: '{text}'" in flag_err
+    assert from_config == 2
+    assert "not a whole number of bytes" in capsys.readouterr().err
+
+
+def test_a_fraction_with_a_unit_is_a_whole_number_of_bytes(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('max-bytes = "1.5M"\n')
+
+    assert load_settings(config).http.max_bytes == 1_572_864

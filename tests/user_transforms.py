@@ -5,6 +5,10 @@ A module of its own (not a test module) so that worker processes import it cheap
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
+
 from PIL import Image, ImageOps
 
 # Printed into the image so a test can tell the function ran.
@@ -45,3 +49,55 @@ def not_an_image(image: Image.Image) -> int:
 
 
 NOT_CALLABLE = 42
+
+
+# ------------------------------------------------- transforms that kill their worker
+
+KILLS_ENV = "DOWNLOADER_TEST_KILLS"
+"""The variable naming a folder where the killing transforms leave a file per kill
+(named by the pid) and the ``once`` mark; tests set it before the run starts its
+worker processes, which inherit it."""
+
+
+def _kill_this_worker(*, once: bool = False) -> None:
+    """SIGKILL the calling worker process, noting its pid; with ``once``, only the
+    first time in the run (later calls return)."""
+    kills = Path(os.environ[KILLS_ENV])
+    if once:
+        try:
+            (kills / "once").touch(exist_ok=False)
+        except FileExistsError:
+            return
+    (kills / str(os.getpid())).touch()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _is_flat(image: Image.Image) -> bool:
+    """Whether every pixel has the same colour (the tests' slow PNG is flat)."""
+    extrema = image.convert("RGB").getextrema()  # one (low, high) per band
+    return all(isinstance(band, tuple) and band[0] == band[1] for band in extrema)
+
+
+def kill_worker(image: Image.Image) -> Image.Image:
+    """Kill the worker on every image: a transform that always crashes its process."""
+    _kill_this_worker()
+    return image
+
+
+def kill_worker_on_flat(image: Image.Image) -> Image.Image:
+    """Kill the worker whenever it gets a flat image; pass any other image."""
+    if _is_flat(image):
+        _kill_this_worker()
+    return image
+
+
+def kill_worker_on_flat_once(image: Image.Image) -> Image.Image:
+    """Kill the worker the first time it gets a flat image in the run; pass the rest."""
+    if _is_flat(image):
+        _kill_this_worker(once=True)
+    return image
+
+
+def kills(folder: Path) -> list[int]:
+    """The pids the killing transforms killed, from ``folder`` (``KILLS_ENV``)."""
+    return sorted(int(entry.name) for entry in folder.iterdir() if entry.name.isdigit())
