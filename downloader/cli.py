@@ -526,15 +526,17 @@ def _url_list(args: argparse.Namespace, say: Callable[[str], None]) -> Iterator[
         else:
             yield UrlList(args.urls, InputFormat(args.input_format))
         return
-    from downloader.demo import DemoServer, default_corpus  # only the demo needs it
+    from downloader.demo import DemoServer, default_corpus, previous_port
 
     if args.urls is not None:
         raise InputError("--demo serves its own URL list; give no file with it")
     say(f"demo: preparing {args.demo_count} sample images...")
     corpus = default_corpus(args.demo_count)
-    with DemoServer(corpus, latency=args.demo_latency) as server:
+    listed = Path(args.out) / "demo-urls.txt"
+    port = previous_port(listed)  # the same URLs as last time, if the port is free
+    with DemoServer(corpus, latency=args.demo_latency, port=port) as server:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        url_list = server.write_url_list(Path(args.out) / "demo-urls.txt")
+        url_list = server.write_url_list(listed)
         say(f"demo: serving {corpus} at {server.base_url}")
         yield str(url_list)
 

@@ -20,6 +20,7 @@ import collections
 import contextlib
 import enum
 import http.server
+import itertools
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -27,6 +28,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -410,6 +412,7 @@ class CorpusServer(http.server.ThreadingHTTPServer):
         bandwidth: int | None = None,
         handler: type[http.server.BaseHTTPRequestHandler] = CorpusHandler,
         host: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
         if latency < 0:
             raise ValueError("latency must be at least 0")
@@ -421,7 +424,13 @@ class CorpusServer(http.server.ThreadingHTTPServer):
         self.requests: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
         self._connections: set[socket.socket] = set()
-        super().__init__((host, 0), handler)
+        super().__init__((host, port), handler)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that hangs up mid-request is no error; anything else is printed."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
 
     @property
     def base_url(self) -> str:
@@ -501,11 +510,18 @@ class DemoServer:
     """Run a CorpusServer in its own process, so it does not share the tool's GIL."""
 
     def __init__(
-        self, corpus: Path, *, latency: float = 0.02, bandwidth: int | None = None
+        self,
+        corpus: Path,
+        *,
+        latency: float = 0.02,
+        bandwidth: int | None = None,
+        port: int = 0,
     ) -> None:
+        """``port``: the one to serve on if it is free, else any free one (0: any)."""
         self.corpus = Path(corpus)
         self.latency = latency
         self.bandwidth = bandwidth
+        self.port = port
         self.process: SpawnProcess | None = None
         self._base_url: str | None = None
         self._state = _State.UNOPENED
@@ -519,7 +535,7 @@ class DemoServer:
         reader, writer = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
             target=_run_demo_server,
-            args=(str(self.corpus), self.latency, self.bandwidth, writer),
+            args=(str(self.corpus), self.latency, self.bandwidth, writer, self.port),
             name="downloader-demo-server",
             # Only a safety net if the parent dies abruptly; close() is the normal path.
             daemon=True,
@@ -605,6 +621,7 @@ def _run_demo_server(
     latency: float,
     bandwidth: int | None,
     writer: multiprocessing.connection.Connection,
+    port: int = 0,
 ) -> None:
     """Serve ``corpus`` until terminated; the body of the DemoServer process."""
     # The parent coordinates shutdown on Ctrl-C; this process just gets terminated.
@@ -614,10 +631,32 @@ def _run_demo_server(
         threading.Thread(
             target=_exit_with_parent, args=(parent.sentinel,), daemon=True
         ).start()
-    with CorpusServer(Path(corpus), latency=latency, bandwidth=bandwidth) as server:
+    try:
+        server = CorpusServer(
+            Path(corpus), latency=latency, bandwidth=bandwidth, port=port
+        )
+    except OSError:  # the port asked for is taken: any free one
+        server = CorpusServer(Path(corpus), latency=latency, bandwidth=bandwidth)
+    with server:
         writer.send(server.base_url)
         writer.close()
         server.serve_forever()
+
+
+def previous_port(url_list: Path) -> int:
+    """The port of the URLs a demo run wrote to ``url_list`` before, else 0.
+
+    Serving there again keeps the demo's URLs, so a rerun of the same command resumes
+    (the manifest knows URLs, and a new port would make every one new).
+    """
+    try:
+        with url_list.open(encoding="utf-8") as lines:
+            for line in itertools.islice(lines, 10):  # a comment first, then URLs
+                if line.startswith("http://"):
+                    return urllib.parse.urlsplit(line.strip()).port or 0
+    except (OSError, ValueError, UnicodeError):
+        pass
+    return 0
 
 
 def _exit_with_parent(sentinel: int) -> None:

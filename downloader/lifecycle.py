@@ -26,9 +26,12 @@ process) died while it held the item is run once more, then fails (``crashed``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import stat
 import threading
 import time
 from collections import Counter
+from pathlib import Path, PurePosixPath
 
 import httpx
 
@@ -41,11 +44,12 @@ from downloader.fetch import (
     fetch_async,
 )
 from downloader.progress import EventKind
-from downloader.records import Fetched, Job, Outcome, Stage, Transformed
+from downloader.records import Fetched, Job, Outcome, Stage, Status, Transformed
 from downloader.reuse import Claim
 from downloader.runtime import RunContext
-from downloader.settings import Settings
+from downloader.settings import NameBy, Settings
 from downloader.steps import (
+    ORIGINALS_NAME,
     Retry,
     byte_counter,
     discard,
@@ -336,11 +340,22 @@ class Lifecycle:
         )
 
     def finish(self, fetched: Fetched, result: Transformed) -> Outcome:
-        """The ``ok`` record of a transformed download (kept, or removed)."""
+        """The ``ok`` record of a transformed download (kept, or removed).
+
+        Outputs this URL's earlier record named and the new one does not (a rerun
+        with another ``--format`` or ``--sizes``) are removed once the new ones are
+        in place, so none is left on disk that no record names. Not with
+        ``--name-by sha256``, where other records may share a name.
+        """
         try:
-            return finish_success(fetched, result, self.context.out, self.settings)
+            outcome = finish_success(fetched, result, self.context.out, self.settings)
         except OutputError as exc:
             return self.local_fault(fetched.job, Stage.TRANSFORM, exc, fetched)
+        if outcome.status is Status.OK and self.settings.name_by is NameBy.URL:
+            kept = {outcome.path, *(outcome.outputs or ()), outcome.original}
+            superseded = [name for name in fetched.job.owned if name not in kept]
+            remove_superseded(self.context.out, superseded)
+        return outcome
 
     # -------------------------------------------------------------- other ends
 
@@ -410,6 +425,24 @@ class Lifecycle:
             discard(fetched)
         self.fail_run(error)
         return Outcome.failure(job, stage, str(error), fetched=fetched)
+
+
+def remove_superseded(out: Path, names: list[str]) -> None:
+    """Remove earlier outputs of a URL, named relative to ``out`` by its old record.
+
+    The names come from a manifest, which anyone may have edited: only a regular
+    file inside ``out`` (no absolute path, no ``..``, not a kept original) goes.
+    """
+    for name in names:
+        relative = PurePosixPath(name)
+        if relative.is_absolute() or ".." in relative.parts:
+            continue
+        if relative.parts[:1] == (ORIGINALS_NAME,):
+            continue  # a kept download is an input, not an output
+        path = out / relative
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(path.lstat().st_mode):
+                path.unlink()
 
 
 def _stage(fetched: Fetched | None) -> Stage:

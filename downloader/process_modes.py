@@ -66,6 +66,19 @@ _BROKEN_POOL = (
 )
 
 
+_START_FAILURES = (BrokenProcessPool, EOFError, OSError)
+"""What submitting to a pool raises when it cannot start a worker: broken already, or
+the forkserver gone (a SIGTERM sent to the whole process group ends it too)."""
+
+
+def _broken(cause: BaseException) -> Future[Any]:
+    """A future that failed as if its pool broke: settled like any other break."""
+    future: Future[Any] = Future()
+    error = BrokenProcessPool(f"cannot start a pool worker: {cause}")
+    future.set_exception(error)
+    return future
+
+
 class _ProcessPool:
     """A ``ProcessPoolExecutor`` of ``itemwork`` workers, replaced when one dies."""
 
@@ -136,12 +149,15 @@ class _ProcessesRun:
         executor = self.pool.executor
         fetched = self.claimed.get(job.index)
         future: Future[Any]
-        if fetched is not None:
-            future = executor.submit(transform_task, fetched_task(fetched))
-        elif self.split:
-            future = executor.submit(fetch_job, job)
-        else:
-            future = executor.submit(process_job, job)
+        try:
+            if fetched is not None:
+                future = executor.submit(transform_task, fetched_task(fetched))
+            elif self.split:
+                future = executor.submit(fetch_job, job)
+            else:
+                future = executor.submit(process_job, job)
+        except _START_FAILURES as exc:
+            future = _broken(exc)
         self.owners[future] = executor
         return future
 
@@ -379,7 +395,7 @@ class _AsyncRun:
                 report: TransformReport = await loop.run_in_executor(
                     executor, transform_task, task
                 )
-            except BrokenProcessPool:
+            except _START_FAILURES:
                 self.pool.replace(executor)
                 outcome = self.lifecycle.crashed(job, fetched, _BROKEN_POOL)
                 if outcome is not None:

@@ -104,7 +104,8 @@ class Tally:
         self.counts[outcome.status] += 1
         if outcome.status is Status.SKIPPED:
             return
-        self.bytes += outcome.bytes or 0
+        if outcome.attempts:  # fetched over the network: not a local or kept file
+            self.bytes += outcome.bytes or 0
         if outcome.status is Status.OK:
             self.images += 1
         elif outcome.error:

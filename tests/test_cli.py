@@ -260,6 +260,15 @@ def test_demo_runs_offline_on_the_embedded_corpus(
     assert (out / "demo-urls.txt").is_file()
     assert "demo: serving" in capsys.readouterr().err
 
+    # The same command again resumes: the demo serves on its earlier port, so the
+    # URLs are the same ones and nothing is done twice (it used to add 3 more).
+    listed = (out / "demo-urls.txt").read_text()
+    again = main(["--demo", "--demo-count", "3", "--out", str(out), *FAST])
+
+    assert again == 0
+    assert (out / "demo-urls.txt").read_text() == listed
+    assert [r["status"] for r in read_manifest(out)] == ["skipped"] * 3
+
 
 def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     """``cli.py … --dry-run | head -1``: no traceback; the exit code of a tool cut

@@ -166,6 +166,7 @@ def test_local_files_are_processed_in_every_mode_and_left_alone(
 
     assert [o.status for o in report.results] == [Status.OK] * 3
     assert [o.status for o in rerun.results] == [Status.SKIPPED] * 3
+    assert report.summary.bytes_downloaded == 0  # local files: nothing downloaded
     for name, data in photos.items():
         original = tmp_path / "in" / name
         assert original.read_bytes() == data

@@ -362,3 +362,26 @@ def test_a_duplicate_whose_leader_never_ends_gets_a_failed_record(
 
     assert [o.status for o in relayed] == [Status.FAILED]
     assert str(relayed[0].error).startswith("interrupted")
+
+
+@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+def test_outputs_of_old_settings_are_removed_once_replaced(
+    server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode
+) -> None:
+    """A rerun with --format webp: the .jpg files go once the .webp are in place
+    (they used to stay, named by no record); a user's own file is left alone."""
+    urls = corpus_urls(server, corpus)[:2]
+    out = tmp_path / "out"
+    first = run(urls, fast_settings(out, mode=mode))
+    old = sorted(str(o.path) for o in first.results)
+    (out / "mine.jpg").write_bytes(b"not the tool's")
+
+    webp = ImageSpec(max_size=64, format=ImageFormat.WEBP)
+    second = run(urls, fast_settings(out, mode=mode, image=webp))
+
+    new = sorted(str(o.path) for o in second.results)
+    assert all(name.endswith(".jpg") for name in old)
+    assert all(name.endswith(".webp") for name in new)
+    assert [(out / name).exists() for name in old] == [False, False]
+    assert all((out / name).is_file() for name in new)
+    assert (out / "mine.jpg").read_bytes() == b"not the tool's"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -13,9 +14,16 @@ MAKE = shutil.which("make") or "make"
 
 def _planned(target: str, venv: Path) -> list[str]:
     """The commands ``make TARGET`` would run for an environment at ``venv``."""
+    # Not a sub-make of the make that may be running the suite (make test).
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")
+    }
     done = subprocess.run(
-        [MAKE, "-n", target, f"VENV={venv}", "PYTHON=python3"],
+        [MAKE, "--no-print-directory", "-n", target, f"VENV={venv}", "PYTHON=python3"],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         check=True,
