@@ -760,7 +760,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             with interrupts.armed():
                 code = _main(argv)
         except KeyboardInterrupt as exc:
-            print(str(exc) or "interrupted", file=sys.stderr)
+            # A second signal stops at once, without recording what was not reached.
+            print(
+                str(exc) or "interrupted at once; rerun the same command to finish",
+                file=sys.stderr,
+            )
             code = EXIT_INTERRUPTED
         except BrokenPipeError:
             # The reader of our output left (``| head``): stop quietly, as Unix

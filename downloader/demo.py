@@ -20,7 +20,6 @@ import collections
 import contextlib
 import enum
 import http.server
-import itertools
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -28,6 +27,7 @@ import os
 import random
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -649,13 +649,23 @@ def previous_port(url_list: Path) -> int:
     Serving there again keeps the demo's URLs, so a rerun of the same command resumes
     (the manifest knows URLs, and a new port would make every one new).
     """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        with url_list.open(encoding="utf-8") as lines:
-            for line in itertools.islice(lines, 10):  # a comment first, then URLs
-                if line.startswith("http://"):
-                    return urllib.parse.urlsplit(line.strip()).port or 0
-    except (OSError, ValueError, UnicodeError):
-        pass
+        fd = os.open(url_list, flags)  # never through a link, never a FIFO's wait
+    except OSError:
+        return 0  # absent, or not ours to read: writing it says why
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return 0
+        head = os.read(fd, 4096).decode("utf-8", "replace")  # a comment, then URLs
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+    for line in head.splitlines()[:10]:
+        if line.startswith("http://127.0.0.1:"):
+            with contextlib.suppress(ValueError):
+                return urllib.parse.urlsplit(line.strip()).port or 0
     return 0
 
 

@@ -42,6 +42,7 @@ from downloader.errors import OutputError, WorkerCrashed
 from downloader.feed import Feed
 from downloader.fetch import HostLimiter, make_client
 from downloader.lifecycle import Lifecycle
+from downloader.progress import EventKind
 from downloader.records import Fetched, Job, Outcome, Stage
 from downloader.runtime import Wakeup
 from downloader.steps import Retry
@@ -257,6 +258,8 @@ class _Downloader:
     inbox: Queue[Job | None]
     reader: Connection
     assigned: dict[int, Job] = field(default_factory=dict)
+    started: set[int] = field(default_factory=set)
+    """Jobs it began (their download ``started`` event came back)."""
     fault: ChildFault | None = None
 
     @property
@@ -399,9 +402,12 @@ class ProcessDownloads:
         lifecycle = self._lifecycle
         if isinstance(message, DownloadEvents):
             for event in message.events:
+                if event.kind is EventKind.STARTED:
+                    process.started.add(event.index)
                 lifecycle.context.events(event)
         elif isinstance(message, Downloaded):
             job = process.assigned.pop(message.index)
+            process.started.discard(message.index)
             self._feed.done(job)
             self._restarts.succeeded()
             claimed = lifecycle.after_fetch(message.result)
@@ -430,7 +436,10 @@ class ProcessDownloads:
         for job in process.assigned.values():
             self._feed.done(job)
             if self._stopping:
-                yield self._lifecycle.interrupted(job, Stage.DOWNLOAD)
+                if job.index in process.started:
+                    yield self._lifecycle.interrupted(job, Stage.DOWNLOAD)
+                else:
+                    yield self._lifecycle.not_started(job)
                 continue
             outcome = self._lifecycle.crashed(job, None, reason)
             if outcome is not None:

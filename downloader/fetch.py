@@ -1329,7 +1329,7 @@ def _translate(
     Once the run is stopping, any of them is ``interrupted``.
     """
     http = attempts.http
-    message = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    message = _message(exc)
     if isinstance(exc, httpx.TimeoutException):
         if attempts.past_deadline():
             return _Transient(f"timed out after {http.deadline:g}s", host=host)
@@ -1357,6 +1357,23 @@ def _translate(
         return FetchError(message)
     _log.debug("unexpected error for %s", attempts.job.url, exc_info=exc)
     return FetchError(f"unexpected {type(exc).__name__}: {message}")
+
+
+def _message(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or of its cause's when it has none.
+
+    asyncio's transports raise httpx errors with an empty message whose cause says
+    what happened (``[Errno 104] Connection reset by peer``): the same words then, in
+    every mode.
+    """
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if str(seen).strip():
+            return str(seen).strip().splitlines()[0]
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
 
 
 def _readable_protocol_error(message: str) -> str:

@@ -219,7 +219,12 @@ class Lifecycle:
         return staged
 
     def fetch_failed(self, job: Job, error: FetchError, started: float) -> Outcome:
-        """The record of a download that failed; it began at ``started``."""
+        """The record of a download that failed; it began at ``started``.
+
+        Stopped before its first request, it never began: ``not started``.
+        """
+        if error.reason == "interrupted" and error.attempts == 0:
+            return self.not_started(job)
         return Outcome.failure(
             job,
             Stage.DOWNLOAD,
@@ -354,7 +359,7 @@ class Lifecycle:
         if outcome.status is Status.OK and self.settings.name_by is NameBy.URL:
             kept = {outcome.path, *(outcome.outputs or ()), outcome.original}
             superseded = [name for name in fetched.job.owned if name not in kept]
-            remove_superseded(self.context.out, superseded)
+            remove_superseded(self.context.out, superseded, fetched.job.stem)
         return outcome
 
     # -------------------------------------------------------------- other ends
@@ -427,18 +432,22 @@ class Lifecycle:
         return Outcome.failure(job, stage, str(error), fetched=fetched)
 
 
-def remove_superseded(out: Path, names: list[str]) -> None:
+def remove_superseded(out: Path, names: list[str], stem: str) -> None:
     """Remove earlier outputs of a URL, named relative to ``out`` by its old record.
 
     The names come from a manifest, which anyone may have edited: only a regular
-    file inside ``out`` (no absolute path, no ``..``, not a kept original) goes.
+    file inside ``out`` named as this URL's outputs are (``<stem>.<ext>``, at the top
+    or in one size folder; never a kept original) goes. A user's own file, whatever a
+    record says of it, stays.
     """
     for name in names:
         relative = PurePosixPath(name)
-        if relative.is_absolute() or ".." in relative.parts:
+        if relative.is_absolute() or ".." in relative.parts or len(relative.parts) > 2:
             continue
         if relative.parts[:1] == (ORIGINALS_NAME,):
             continue  # a kept download is an input, not an output
+        if relative.stem != stem or not relative.suffix:
+            continue  # not a name this tool gives this URL's outputs
         path = out / relative
         with contextlib.suppress(OSError):
             if stat.S_ISREG(path.lstat().st_mode):

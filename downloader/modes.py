@@ -29,7 +29,7 @@ from downloader.fetch import HostLimiter, make_client
 from downloader.lifecycle import Lifecycle
 from downloader.pipeline import run_pipeline
 from downloader.process_modes import run_async, run_processes
-from downloader.records import Job, Outcome, Stage
+from downloader.records import Job, Outcome
 from downloader.scheduling import (
     IN_FLIGHT_SLACK,
     Lanes,
@@ -84,8 +84,8 @@ def run_threads(
     def settle(
         future: Future[Outcome | None], job: Job, launch: Launch
     ) -> Iterator[Outcome]:
-        if future.cancelled():
-            yield lifecycle.interrupted(job, Stage.DOWNLOAD)
+        if future.cancelled():  # still queued when the run stopped: never began
+            yield lifecycle.not_started(job)
             return
         outcome = future.result()
         if outcome is not None:

@@ -197,19 +197,30 @@ class _ProcessesRun:
         if report.fault is not None:
             self.lifecycle.fail_run(OutputError(report.fault))
         if isinstance(report, JobReport):
-            yield report.outcome
+            yield self._in_parent_words(report.outcome, job)
             return
-        claimed = self.lifecycle.after_fetch(report.result)
+        result = report.result
+        if isinstance(result, Outcome):
+            result = self._in_parent_words(result, job)
+        claimed = self.lifecycle.after_fetch(result)
         if isinstance(claimed, Fetched):
             self.claimed[job.index] = claimed
             launch(job)
         elif claimed is not None:
             yield claimed
 
+    def _in_parent_words(self, outcome: Outcome, job: Job) -> Outcome:
+        """A worker's ``not started`` record in the run's words, not the worker's."""
+        if outcome.stage is None and (outcome.error or "").startswith("not started ("):
+            return self.lifecycle.not_started(job)
+        return outcome
+
     def _stopped(self, job: Job) -> Outcome:
+        """A job whose call was cancelled in the pool's queue when the run stopped."""
         fetched = self.claimed.pop(job.index, None)
-        stage = Stage.DOWNLOAD if fetched is None else Stage.TRANSFORM
-        return self.lifecycle.interrupted(job, stage, fetched)
+        if fetched is None:
+            return self.lifecycle.not_started(job)  # it never began
+        return self.lifecycle.interrupted(job, Stage.TRANSFORM, fetched)
 
 
 def run_processes(

@@ -306,6 +306,8 @@ class TransformPool:
     def _keep_restarting(self, worker: _Worker) -> bool:
         if worker.retiring and worker.current is None:
             return True
+        if worker.timed_out:
+            return True  # killed by us for --item-timeout: not a worker dying
         if not self._restarts.allow():
             self._lifecycle.fail_run(
                 WorkerCrashed(

@@ -21,6 +21,7 @@ from downloader.demo import (
     DemoServer,
     default_corpus,
     generate_corpus,
+    previous_port,
     serve_in_thread,
 )
 from downloader.errors import OutputError
@@ -394,3 +395,16 @@ def test_demo_refuses_a_link_at_demo_urls_txt(
     assert (out / "demo-urls.txt").is_symlink()
     assert precious.read_text(encoding="utf-8") == "keep me\n"
     assert [p.name for p in out.iterdir()] == ["demo-urls.txt"]
+
+
+def test_an_odd_file_at_the_demo_list_is_not_read_for_its_port(tmp_path: Path) -> None:
+    """previous_port never waits on a FIFO nor reads through a link (/dev/zero)."""
+    fifo = tmp_path / "fifo.txt"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.txt"
+    link.symlink_to("/dev/zero")
+    listed = tmp_path / "demo-urls.txt"
+    listed.write_text("# a demo list\nhttp://127.0.0.1:41234/img-0000.jpg\n")
+
+    assert (previous_port(fifo), previous_port(link)) == (0, 0)
+    assert previous_port(listed) == 41234

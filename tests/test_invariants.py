@@ -34,11 +34,13 @@ from downloader import (
     Stage,
     Status,
     WorkerCrashed,
+    iter_results,
     run,
 )
 from downloader.cli import main
 from downloader.demo import serve_in_thread
 from downloader.report import RunReport
+from downloader.runtime import Cancellation
 from tests.helpers import (
     WAIT_S,
     LocalServer,
@@ -374,3 +376,46 @@ def test_download_processes_that_keep_dying_end_the_run_with_worker_crashed(
     assert wait_gone(killed) == []
     assert worker_pids() == []
     assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+def test_urls_never_requested_are_not_started(
+    corpus: Path, tmp_path: Path, mode: Mode
+) -> None:
+    """Stopped early: a URL the server never saw is `not started`, never `interrupted`
+    (threads and processes used to call their queued jobs interrupted)."""
+    with serve_in_thread(LocalServer(corpus, latency=0.3)) as served:
+        assert isinstance(served, LocalServer)
+        urls = corpus_urls(served, corpus)
+        cancel = Cancellation()
+        settings = fast_settings(tmp_path / "out", mode=mode, threads=1, procs=1)
+        for _ in iter_results(urls, settings, cancel=cancel):
+            cancel.set("stopped by the test")
+        seen = {
+            url: served.request_count(urllib.parse.urlsplit(url).path) for url in urls
+        }
+
+    records = {str(r["url"]): r for r in read_manifest(tmp_path / "out")}
+    assert sorted(records) == sorted(urls)
+    never = [url for url in urls if not seen[url]]
+    assert never  # the test stopped the run early enough to mean something
+    for url in never:
+        assert str(records[url]["error"]).startswith("not started ("), records[url]
+
+
+def test_item_timeouts_do_not_count_as_workers_dying(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """The pipeline kills a worker past --item-timeout: that item fails, the run goes
+    on; it used to count as a worker dying and end the run after a few."""
+    urls = corpus_urls(server, corpus)[:5]  # more than the restart budget of 1 worker
+    image = ImageSpec(max_size=64, transform="tests.user_transforms:hang")
+    settings = fast_settings(
+        tmp_path / "out", mode=Mode.PIPELINE, procs=1, item_timeout=0.5, image=image
+    )
+
+    report = run(urls, settings)
+
+    assert [o.error for o in report.results] == [
+        "processing timed out after 0.5s (worker replaced)"
+    ] * len(urls)

@@ -385,3 +385,28 @@ def test_outputs_of_old_settings_are_removed_once_replaced(
     assert [(out / name).exists() for name in old] == [False, False]
     assert all((out / name).is_file() for name in new)
     assert (out / "mine.jpg").read_bytes() == b"not the tool's"
+
+
+def test_a_hand_edited_record_cannot_make_a_rerun_delete_a_users_file(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Old outputs are removed only under the names this URL's outputs get: a record
+    edited to name a user's file (or one outside OUT) leaves it alone."""
+    urls = corpus_urls(server, corpus)[:1]
+    out = tmp_path / "out"
+    run(urls, fast_settings(out))
+    (out / "notes.txt").write_text("mine")
+    (out / "mine").mkdir()
+    (out / "mine" / "photo.jpg").write_text("mine too")
+    (tmp_path / "outside.jpg").write_text("not in OUT")
+    manifest = out / "manifest.jsonl"
+    record = json.loads(manifest.read_text())
+    record["path"] = "notes.txt"
+    record["outputs"] = ["mine/photo.jpg", "../outside.jpg"]
+    manifest.write_text(json.dumps(record) + "\n")
+
+    run(urls, fast_settings(out, image=ImageSpec(max_size=64, format=ImageFormat.WEBP)))
+
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "mine" / "photo.jpg").read_text() == "mine too"
+    assert (tmp_path / "outside.jpg").read_text() == "not in OUT"

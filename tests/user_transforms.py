@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from PIL import Image, ImageOps
@@ -101,3 +102,9 @@ def kill_worker_on_flat_once(image: Image.Image) -> Image.Image:
 def kills(folder: Path) -> list[int]:
     """The pids the killing transforms killed, from ``folder`` (``KILLS_ENV``)."""
     return sorted(int(entry.name) for entry in folder.iterdir() if entry.name.isdigit())
+
+
+def hang(image: Image.Image) -> Image.Image:
+    """Hang (bounded: 60 s) on every image, for --item-timeout tests."""
+    time.sleep(60)
+    return image
