@@ -35,8 +35,6 @@ hear back about.
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import queue
 import threading
 import time
@@ -48,6 +46,7 @@ from pathlib import Path
 import httpx
 
 from downloader.children import ChildFault, child_process
+from downloader.feed import RetryHeap
 from downloader.fetch import HostLimiter, make_client
 from downloader.lifecycle import Lifecycle
 from downloader.progress import EventKind, ProgressEvent
@@ -63,7 +62,6 @@ __all__ = [
     "DownloadFatal",
     "DownloadMessage",
     "Downloaded",
-    "RetryHeap",
     "download_main",
 ]
 
@@ -95,42 +93,6 @@ class DownloadFatal:
 
 
 DownloadMessage = Downloaded | DownloadEvents | DownloadFatal | ChildFault | WorkerExit
-
-
-class RetryHeap:
-    """Jobs waiting for their next attempt, earliest due first (callers lock it)."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Retry]] = []
-        self._order = itertools.count()  # ties: first come, first served
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def push(self, retry: Retry) -> None:
-        """Add ``retry`` to wait until its due time."""
-        heapq.heappush(self._heap, (retry.due, next(self._order), retry))
-
-    def pop_due(self) -> Retry | None:
-        """Remove and return the earliest retry if it is due, else None."""
-        if self._heap and self._heap[0][0] <= time.monotonic():
-            return heapq.heappop(self._heap)[2]
-        return None
-
-    def until_next(self) -> float | None:
-        """Seconds until the earliest retry is due (0 if it is); None if empty."""
-        if not self._heap:
-            return None
-        return max(0.0, self._heap[0][0] - time.monotonic())
-
-    def jobs(self) -> list[Job]:
-        """The waiting jobs, earliest due first."""
-        return [retry.job for _, _, retry in sorted(self._heap)]
-
-    def drain(self) -> list[Job]:
-        """Remove and return every waiting job, earliest due first."""
-        jobs, self._heap = self.jobs(), []
-        return jobs
 
 
 class _Link:
