@@ -43,7 +43,7 @@ from downloader.runtime import Wakeup
 from downloader.scheduling import TICK_S
 from downloader.transform_pool import SHUTDOWN_GRACE_S, TransformPool
 
-__all__ = ["HOST_LOOKAHEAD_PER_THREAD", "State", "mp_context", "run_pipeline"]
+__all__ = ["HOST_LOOKAHEAD_PER_THREAD", "State", "run_pipeline"]
 
 _log = logging.getLogger("downloader")
 

@@ -1,7 +1,7 @@
 """The two schedulers built on a standard process pool: ``processes`` and ``async``.
 
 Both use a ``concurrent.futures.ProcessPoolExecutor`` of ``itemwork`` workers, started
-from ``pipeline.mp_context()``: the Pool idea, shown as it is usually written::
+from ``children.mp_context()``: the Pool idea, shown as it is usually written::
 
     processes   ProcessPoolExecutor(procs): fetch → transform per item, in workers
                 with their own httpx.Client (itemwork.process_job); with
@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
-from downloader.children import RestartBudget, mp_context
+from downloader.children import RestartBudget, StopLine, mp_context
 from downloader.errors import OutputError, WorkerCrashed
 from downloader.fetch import AsyncHostLimiter, make_async_client
 from downloader.itemwork import (
@@ -227,12 +227,12 @@ def run_processes(
     items: Iterable[Job | Outcome], lifecycle: Lifecycle
 ) -> Iterator[Outcome]:
     """Download and transform each item in a pool worker process."""
-    stop_reader, stop_writer = mp_context().Pipe(duplex=False)
-    pool = _ProcessPool(lifecycle, stop_reader)
+    stop_line = StopLine(mp_context())
+    pool = _ProcessPool(lifecycle, stop_line.reader)
     run = _ProcessesRun(pool, lifecycle)
 
     def stop() -> None:
-        stop_writer.close()  # every worker's watcher reads EOF: stop downloading
+        stop_line.stop()  # every worker's watcher reads EOF: stop downloading
         pool.executor.shutdown(wait=False, cancel_futures=True)
 
     try:
@@ -246,9 +246,9 @@ def run_processes(
                 on_stop=stop,
             )
     finally:
-        stop_writer.close()
+        stop_line.stop()
         pool.close()
-        stop_reader.close()
+        stop_line.close()
         lifecycle.context.usage.add_worker_cpu(run.cpu.total())
 
 
@@ -331,8 +331,8 @@ class _AsyncRun:
         loop = asyncio.get_running_loop()
         wakeup = Wakeup()
         loop.add_reader(wakeup.fileno(), self._on_wakeup, wakeup)
-        stop_reader, stop_writer = mp_context().Pipe(duplex=False)
-        self.pool = _ProcessPool(self.lifecycle, stop_reader)
+        stop_line = StopLine(mp_context())
+        self.pool = _ProcessPool(self.lifecycle, stop_line.reader)
         settings = self.lifecycle.settings
         try:
             with self.lifecycle.context.cancel.waking(wakeup):
@@ -344,9 +344,9 @@ class _AsyncRun:
         finally:
             loop.remove_reader(wakeup.fileno())
             wakeup.close()
-            stop_writer.close()
+            stop_line.stop()
             self.pool.close()
-            stop_reader.close()
+            stop_line.close()
             self.lifecycle.context.usage.add_worker_cpu(self.cpu.total())
 
     def _on_wakeup(self, wakeup: Wakeup) -> None:

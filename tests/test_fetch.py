@@ -14,6 +14,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import count
@@ -355,17 +356,26 @@ class RecordingLimiter(HostLimiter):
         super().slow_down(host, delay)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
+@contextmanager
+def running_server() -> Iterator[Server]:
+    """A ``Server`` serving in a thread for the block, then shut down."""
     httpd = Server()
     thread = threading.Thread(
         target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
     )
     thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=WAIT)
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=WAIT)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with running_server() as httpd:
+        yield httpd
 
 
 @pytest.fixture
@@ -1140,20 +1150,11 @@ def test_credentials_follow_a_same_origin_redirect(
 
 def test_credentials_do_not_follow_a_port_change(site: Site, tmp_path: Path) -> None:
     """Another port on the same host is another origin."""
-    other = Server()
-    thread = threading.Thread(
-        target=other.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
+    with running_server() as other:
         http = replace(FAST, headers=SECRETS)
         download(site.url(f"/to-port/{other.server_address[1]}"), tmp_path, http)
         with other.lock:
             ((_, headers),) = other.log
-    finally:
-        other.shutdown()
-        other.server_close()
-        thread.join(timeout=WAIT)
 
     assert "authorization" not in headers
     assert "cookie" not in headers
@@ -1162,12 +1163,7 @@ def test_credentials_do_not_follow_a_port_change(site: Site, tmp_path: Path) -> 
 
 def test_cookies_a_server_sets_are_not_kept(site: Site, tmp_path: Path) -> None:
     """A Set-Cookie is not stored: no later request, to any origin, carries it."""
-    other = Server()
-    thread = threading.Thread(
-        target=other.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    try:
+    with running_server() as other:
         with make_client(FAST, threads=1) as client:
             for number, url in enumerate(
                 [
@@ -1186,10 +1182,6 @@ def test_cookies_a_server_sets_are_not_kept(site: Site, tmp_path: Path) -> None:
                 )
         with other.lock:
             ((_, elsewhere),) = other.log
-    finally:
-        other.shutdown()
-        other.server_close()
-        thread.join(timeout=WAIT)
 
     assert "cookie" not in site.requests("/ok")[0]
     assert "cookie" not in elsewhere

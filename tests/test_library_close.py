@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from downloader import Mode, iter_results
+from downloader.children import mp_context
 from downloader.demo import serve_in_thread
-from downloader.pipeline import mp_context
 from downloader.settings import Settings
 from tests.helpers import (
     WAIT_S,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from downloader.api import run
-from downloader.pipeline import mp_context
+from downloader.children import mp_context
 from downloader.records import Status
 from downloader.runtime import (
     FALLBACK_PREFIX,
