@@ -6,6 +6,7 @@ output folder, against the loopback corpus server; the refusals run in-process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -75,24 +76,34 @@ def _command(url_list: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, str(CLI), str(url_list), *_flags(out, *extra)]
 
 
-def _start(command: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        command,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(process: subprocess.Popen[str]) -> tuple[int, str]:
+@contextlib.contextmanager
+def _running(*commands: list[str]) -> Iterator[list[subprocess.Popen[str]]]:
+    """Start the commands at once, each in its own session; at the end, kill the
+    session of any still running (a failed test) and reap them all."""
+    processes = [
+        subprocess.Popen(
+            command,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for command in commands
+    ]
     try:
-        _, stderr = process.communicate(timeout=WAIT_S * 2)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate(timeout=WAIT_S)
-        raise
-    return process.returncode, stderr
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate(timeout=WAIT_S)
+
+
+def _codes(processes: list[subprocess.Popen[str]]) -> list[int]:
+    """Wait for each process (bounded); their exit codes."""
+    for process in processes:
+        process.communicate(timeout=WAIT_S * 2)
+    return [process.returncode for process in processes]
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
@@ -137,16 +148,17 @@ def test_three_parts_at_once_then_merge_equal_a_single_run(
     url_list = write_list(tmp_path / "urls.txt", _inputs(server, corpus))
     out, single = tmp_path / "out", tmp_path / "single"
     *part_modes, single_mode = modes
-    processes = [
-        _start(_command(url_list, out, "--part", f"{k}/{PARTS}", "--mode", mode.value))
+    commands = [
+        _command(url_list, out, "--part", f"{k}/{PARTS}", "--mode", mode.value)
         for k, mode in enumerate(part_modes, start=1)
     ]
-    codes = [_finish(process) for process in processes]
+    with _running(*commands) as processes:
+        codes = _codes(processes)
     scratch = list((out / ".tmp").iterdir())
     merged = _merge(out)
     alone = _run(_command(url_list, single, "--mode", single_mode.value))
 
-    assert all(code in (0, 1) for code, _ in codes), codes
+    assert set(codes) <= {0, 1}, codes
     assert merged.returncode == 1, merged.stderr  # the 404 and the unusable line
     assert merged.stderr.count("\n") == 1
     assert "merged 3 part(s)" in merged.stderr
@@ -203,18 +215,19 @@ def test_a_killed_part_rerun_alone_completes_the_merge(
     killed = _biggest_part(urls)
     others = [k for k in range(1, PARTS + 1) if k != killed]
     one_at_a_time = ("--threads", "1", "--per-host", "1")
-    victim = _start(
-        _command(url_list, out, "--part", f"{killed}/{PARTS}", *one_at_a_time)
+    victim_command = _command(
+        url_list, out, "--part", f"{killed}/{PARTS}", *one_at_a_time
     )
-    slow_server.wait_for_requests(1)
-    group = session_pids(victim.pid)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.communicate(timeout=WAIT_S)
-    assert wait_gone(group, timeout=10) == []
-    finished = [
-        _start(_command(url_list, out, "--part", f"{k}/{PARTS}")) for k in others
+    with _running(victim_command) as (victim,):
+        slow_server.wait_for_requests(1)
+        group = session_pids(victim.pid)
+        os.killpg(victim.pid, signal.SIGKILL)
+        assert wait_gone(group, timeout=10) == []
+    others_commands = [
+        _command(url_list, out, "--part", f"{k}/{PARTS}") for k in others
     ]
-    codes = [_finish(process)[0] for process in finished]
+    with _running(*others_commands) as processes:
+        codes = _codes(processes)
     refused = _merge(out)
     other_files = {
         k: (out / RecordFiles.for_part(Part(k, PARTS)).manifest).read_bytes()
