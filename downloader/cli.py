@@ -778,7 +778,7 @@ def _check_merge(args: argparse.Namespace) -> None:
     given = [
         flag
         for flag, value in (
-            ("a URL list", args.urls),
+            ("URL list", args.urls),
             ("--input-dir", args.input_dir),
             ("--demo", args.demo or None),
             ("--part", args.part),
