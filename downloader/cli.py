@@ -28,6 +28,7 @@ from typing import IO, Any
 from downloader.api import iter_results
 from downloader.config import parse_args
 from downloader.errors import DownloaderError, InputError, OutputError
+from downloader.manifest import RecordFiles
 from downloader.progress import Bars, BarsHandler, Events, EventStream, fan_out
 from downloader.records import Status
 from downloader.report import Summary, Tally, print_summary, summary_json
@@ -48,6 +49,7 @@ from downloader.settings import (
     Mode,
     NameBy,
     Number,
+    Part,
     ResizeMode,
     Settings,
     Whole,
@@ -101,6 +103,17 @@ def _byte_size(text: str) -> int:
             f"not a whole number of bytes: {text!r} (e.g. 500000, 20M, 1G)"
         )
     return int(size)
+
+
+_PART = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+
+
+def _part(text: str) -> tuple[int, int]:
+    """Parse ``K/N``; ``Part`` checks the range."""
+    match = _PART.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a part: {text!r} (e.g. 2/3)")
+    return int(match.group(1)), int(match.group(2))
 
 
 def _mode_list(text: str) -> tuple[Mode, ...]:
@@ -203,6 +216,22 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="processes to run the download threads in (pipeline mode; default: 1, "
         "or one per 8 worker processes); --per-host applies to each",
+    )
+    parser.add_argument(
+        "--part",
+        type=_part,
+        default=None,
+        metavar="K/N",
+        help="handle only part K of N of the list (K counts from 1: 1/3, 2/3, 3/3): "
+        "the URLs that hash to it; run the N parts with the same list, settings and "
+        "--out (one shared folder, any machines), then --merge-parts "
+        "(default: the whole list)",
+    )
+    parser.add_argument(
+        "--merge-parts",
+        action="store_true",
+        help="merge the parts in --out (after every --part K/N has finished) into "
+        "manifest.jsonl and failed.txt; takes no list; safe to rerun",
     )
     parser.add_argument("--force", action="store_true", help="redo URLs already ok")
     parser.add_argument(
@@ -484,6 +513,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         item_timeout=args.item_timeout,
         http=HttpSettings(**http_kwargs),
         image=image,
+        part=None if args.part is None else Part(*args.part),
         **extra,
     )
 
@@ -618,7 +648,9 @@ def _finish(
     if args.json:
         _print_json(figures)
     elif not args.quiet:
-        print_summary(summary, out_dir=str(settings.out), file=stderr)
+        part = settings.part
+        records = None if part is None else RecordFiles.for_part(part).manifest
+        print_summary(summary, out_dir=str(settings.out), file=stderr, records=records)
 
 
 def _run(
@@ -653,7 +685,7 @@ def _run_with_bars(
     disable = True if args.no_progress or args.quiet else None
     with (
         _url_list(args, _sayer(args, stderr)) as source,
-        Bars(file=stderr, disable=disable, total=count_entries(source)) as bars,
+        Bars(file=stderr, disable=disable, total=_total(source, settings)) as bars,
         _events_to(log, bars.write),
     ):
         # Counted from here: the demo corpus, if any, is ready and being served.
@@ -671,6 +703,11 @@ def _run_with_bars(
                 if outcome.status is Status.FAILED:
                     _log.info("failed %s: %s", outcome.url, outcome.error)
     return tally.summary(interrupted=cancel.is_set(), worker_cpu_s=usage.worker_cpu_s)
+
+
+def _total(source: Source, settings: Settings) -> int | None:
+    """The bars' total: the list's entries; unknown for a part (a share of them)."""
+    return count_entries(source) if settings.part is None else None
 
 
 def _sayer(args: argparse.Namespace, stderr: IO[str]) -> Callable[[str], None]:
@@ -722,8 +759,48 @@ def _run_dry(args: argparse.Namespace, settings: Settings, stderr: IO[str]) -> i
     return EXIT_OK if plan.ok else EXIT_FAILED
 
 
+def _run_merge(args: argparse.Namespace, stderr: IO[str]) -> int:
+    from downloader.parts import merge_parts  # only --merge-parts needs it
+
+    merged = merge_parts(Path(args.out))
+    counts = {status.value: n for status, n in merged.counts.items()}
+    if args.json:
+        _print_json({"parts": merged.parts, "manifest": str(merged.manifest), **counts})
+    _sayer(args, stderr)(
+        f"merged {merged.parts} part(s) into {merged.manifest}: {merged.records} "
+        "URLs (" + ", ".join(f"{n} {name}" for name, n in counts.items()) + ")"
+    )
+    return EXIT_FAILED if merged.counts[Status.FAILED] else EXIT_OK
+
+
+def _check_merge(args: argparse.Namespace) -> None:
+    """Refuse what does not go with --merge-parts (which takes no list)."""
+    given = [
+        flag
+        for flag, value in (
+            ("URL list", args.urls),
+            ("--input-dir", args.input_dir),
+            ("--demo", args.demo or None),
+            ("--part", args.part),
+            ("--dry-run", args.dry_run or None),
+            ("--compare", args.compare or None),
+            ("--events", args.events),
+        )
+        if value is not None
+    ]
+    if given:
+        raise InputError(
+            f"--merge-parts merges the parts in --out; it takes no {given[0]}"
+        )
+
+
 def _check_combinations(args: argparse.Namespace) -> None:
     """Refuse flags that cannot go together (a usage error, exit 2)."""
+    if args.merge_parts:
+        _check_merge(args)
+    if args.part is not None and (args.compare or args.demo):
+        other = "--compare" if args.compare else "--demo"
+        raise InputError(f"--part splits your list; it does not go with {other}")
     if args.modes is not None and not args.compare:
         raise InputError("--modes goes with --compare (use --mode for one run)")
     if args.events is not None and (args.compare or args.dry_run):
@@ -737,6 +814,8 @@ def _check_combinations(args: argparse.Namespace) -> None:
 
 def _dispatch(args: argparse.Namespace, log: BarsHandler) -> int:
     _check_combinations(args)
+    if args.merge_parts:
+        return _run_merge(args, sys.stderr)
     settings = _settings(args)
     if args.dry_run:
         return _run_dry(args, settings, sys.stderr)

@@ -9,6 +9,10 @@
                                                       invalid / duplicate
     OUT/manifest.jsonl (read only, if there) ──► which URLs would be skipped
 
+With ``--part K/N`` the plan holds only the part's lines (a duplicate goes with the
+URL it repeats); ``other_parts`` counts the lines left to the other parts, and the
+part's own record file is read as well as the manifest.
+
 Nothing is fetched and no name is looked up in DNS; the output folder is neither
 created nor locked, and the manifest is only read. The whole plan is kept in memory,
 so this is for checking lists, not for streaming huge ones.
@@ -27,10 +31,11 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 from downloader.fetch import blocked_address_kind
-from downloader.manifest import MANIFEST_NAME, OutputFolder, PreviousRun
+from downloader.manifest import OutputFolder, PreviousRun
+from downloader.parts import part_of
 from downloader.records import Job, Outcome
 from downloader.reuse import settings_fingerprint
-from downloader.settings import ImageFormat, NameBy, Settings
+from downloader.settings import ImageFormat, NameBy, Part, Settings
 from downloader.sources import (
     Line,
     LocalFiles,
@@ -89,6 +94,9 @@ class DryRun:
     hosts: dict[str, int]
     """host[:port] → URLs that would be fetched there, most first."""
     out: Path
+    part: Part | None = None
+    other_parts: int = 0
+    """With a part: the lines of the list that belong to the other parts."""
 
     @property
     def counts(self) -> dict[Action, int]:
@@ -111,24 +119,36 @@ def dry_run(source: Source, settings: Settings) -> DryRun:
     """
     previous = _previous_run(settings)
     items = []
+    other_parts = 0
     for item in _planned(source, settings):
-        if isinstance(item, Job):
+        part = settings.part
+        if part is not None and part_of(item.url, part.count) != part.number:
+            other_parts += 1
+        elif isinstance(item, Job):
             items.append(_plan_job(item, settings, previous))
         else:
             items.append(item)
     hosts = Counter(
         _host(item.url) for item in items if item.action is Action.FETCH
     ) + Counter(LOCAL_HOST for item in items if item.action is Action.PROCESS)
-    return DryRun(tuple(items), dict(hosts.most_common()), settings.out)
+    return DryRun(
+        tuple(items),
+        dict(hosts.most_common()),
+        settings.out,
+        settings.part,
+        other_parts,
+    )
 
 
 def _previous_run(settings: Settings) -> PreviousRun | None:
-    if settings.force or not (settings.out / MANIFEST_NAME).is_file():
-        return None
     # An OutputFolder that is never entered: nothing is created or locked.
-    return PreviousRun(
-        OutputFolder(settings.out), fingerprint=settings_fingerprint(settings)
-    )
+    folder = OutputFolder.for_settings(settings)
+    names = (folder.files.manifest, folder.files.base)
+    if settings.force or not any(
+        name and (settings.out / name).is_file() for name in names
+    ):
+        return None
+    return PreviousRun(folder, fingerprint=settings_fingerprint(settings))
 
 
 def _planned(source: Source, settings: Settings) -> Iterator[Job | PlannedItem]:
@@ -258,6 +278,11 @@ def dry_run_json(plan: DryRun) -> dict[str, Any]:
     return {
         "ok": plan.ok,
         "out": str(plan.out),
+        **(
+            {}
+            if plan.part is None
+            else {"part": str(plan.part), "other_parts": plan.other_parts}
+        ),
         "counts": {action.value: n for action, n in plan.counts.items()},
         "hosts": plan.hosts,
         "items": [
@@ -283,10 +308,16 @@ def print_plan(plan: DryRun, *, file: IO[str]) -> None:
     for item in plan.items:
         file.write(_describe(item, plan.out) + "\n")
     counts = plan.counts
+    part = "" if plan.part is None else f" (part {plan.part})"
+    others = (
+        ""
+        if plan.part is None
+        else f"; {plan.other_parts} entries of the other parts not shown"
+    )
     file.write(
-        f"dry run: {len(plan.items)} entries: "
+        f"dry run{part}: {len(plan.items)} entries: "
         + ", ".join(f"{n} {action.value}" for action, n in counts.items() if n)
-        + "; nothing was downloaded or written\n"
+        + f"{others}; nothing was downloaded or written\n"
     )
     if plan.hosts:
         per_host = ", ".join(f"{host} {n}" for host, n in plan.hosts.items())

@@ -126,8 +126,14 @@ class Tally:
         )
 
 
-def print_summary(summary: Summary, *, out_dir: str, file: IO[str]) -> None:
-    """Print the short end-of-run report a person reads."""
+def print_summary(
+    summary: Summary, *, out_dir: str, file: IO[str], records: str | None = None
+) -> None:
+    """Print the short end-of-run report a person reads.
+
+    ``records``: the file the records went to when it is not the manifest (a
+    part's, which has no failed list of its own).
+    """
     counts = ", ".join(f"{n} {status.value}" for status, n in summary.counts.items())
     heading = "interrupted" if summary.interrupted else "done"
     print(f"{heading}: {summary.total} URLs ({counts})", file=file)
@@ -143,6 +149,9 @@ def print_summary(summary: Summary, *, out_dir: str, file: IO[str]) -> None:
         print(f"  failed x{count}: {reason}", file=file)
     if len(reasons) > TOP_REASONS:
         print(f"  ... and {len(reasons) - TOP_REASONS} other reasons", file=file)
+    if records is not None:
+        print(f"  results in {out_dir} ({records}; then --merge-parts)", file=file)
+        return
     print(f"  results in {out_dir} (manifest.jsonl", end="", file=file)
     failed = summary.counts.get(Status.FAILED, 0)
     print(", failed.txt)" if failed else ")", file=file)

@@ -35,6 +35,7 @@ __all__ = [
     "Mode",
     "NameBy",
     "Number",
+    "Part",
     "ResizeMode",
     "Settings",
     "Whole",
@@ -73,6 +74,8 @@ sets use a handful."""
 PIXELS_LIMIT = BOX_SIDE_LIMIT**2
 """``max_pixels``: the largest JPEG; decoding one takes ~13 GB per worker already."""
 TASKS_LIMIT = 10**9
+# Parts of one list (--part K/N): far more machines than any job array gives one job.
+PARTS_LIMIT = 100_000
 """``max_tasks_per_worker``: beyond any run's length, i.e. never recycle."""
 
 
@@ -369,8 +372,12 @@ class _Instance:
 
     label: str
     kind: type
+    optional: bool = False
+    """None is allowed too (the group is not used)."""
 
     def __call__(self, value: object, label: str | None = None) -> object:
+        if value is None and self.optional:
+            return None
         if not isinstance(value, self.kind):
             expected = f"an instance of {self.kind.__name__}"
             raise _refusal(label or self.label, expected, value, wrong_type=True)
@@ -484,6 +491,31 @@ def _check_fields(settings: object, checks: Mapping[str, Check]) -> None:
 def _seconds(label: str, *, zero: bool = False) -> Number:
     """A number of seconds up to a day; 0 itself only with ``zero`` (a wait)."""
     return Number(label, 0, SECONDS_LIMIT, unit="seconds", above=not zero)
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """Part ``number`` of ``count`` (``--part K/N``; numbered from 1, like job arrays).
+
+    A run with a part handles only the inputs whose URL identity hashes to it
+    (``downloader.parts.part_of``), so N runs of one list, on any machines sharing
+    the output folder, split it without talking to each other.
+    """
+
+    number: int
+    count: int
+
+    def __post_init__(self) -> None:
+        Whole("--part N", 1, PARTS_LIMIT)(self.count)
+        Whole("--part K", 1, int(self.count))(self.number)
+
+    @property
+    def label(self) -> str:
+        """The part in file names: ``part-2-of-3``."""
+        return f"part-{self.number}-of-{self.count}"
+
+    def __str__(self) -> str:
+        return f"{self.number}/{self.count}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -668,9 +700,19 @@ class Settings:
     (logger ``downloader``, warning); the run goes on."""
     http: HttpSettings = field(default_factory=HttpSettings)
     image: ImageSpec = field(default_factory=ImageSpec)
+    part: Part | None = None
+    """Handle only this part of the list (``--part K/N``); None: all of it."""
 
     def __post_init__(self) -> None:
         _check_fields(self, _SETTINGS_CHECKS)
+        # Content names are shared by every URL with that body, whichever part has
+        # it: two parts could write, or a redo remove, the same file.
+        _require(
+            self.part is None or self.name_by is not NameBy.SHA256,
+            "--name-by sha256 does not go with --part: outputs named by content are "
+            "shared between URLs of different parts, which would write and remove "
+            "the same files",
+        )
 
     @property
     def download_processes(self) -> int:
@@ -699,6 +741,7 @@ _SETTINGS_CHECKS: Mapping[str, Check] = {
     "stall_report": _seconds("stall_report"),
     "http": _Instance("http", HttpSettings),
     "image": _Instance("image", ImageSpec),
+    "part": _Instance("--part", Part, optional=True),
 }
 
 OPTION_CHECKS: Mapping[str, Check] = {
