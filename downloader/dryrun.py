@@ -230,7 +230,8 @@ def _output_names(stem: str, settings: Settings) -> list[str]:
 
 
 def _host(url: str) -> str:
-    return urlsplit(url).netloc.rpartition("@")[2].lower()
+    """``url``'s host and port as the key writes them (IDNA, lowercased)."""
+    return urlsplit(normalize_url(url)).netloc.rpartition("@")[2]
 
 
 def _blocked_literal(key: str) -> str | None:

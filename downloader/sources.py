@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, TextIO, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
+import idna
+
 from downloader.errors import InputError
 from downloader.records import Job, Outcome, Status
 
@@ -57,9 +59,11 @@ __all__ = [
     "Prefetched",
     "Source",
     "UrlList",
+    "ascii_host",
     "can_reread",
     "check_url",
     "count_entries",
+    "legacy_key",
     "local_jobs",
     "normalize_url",
     "open_source",
@@ -192,11 +196,42 @@ _Physical = tuple[int, str, str | None]
 def normalize_url(url: str) -> str:
     """Return the key that recognises duplicates of a URL that passed ``check_url``.
 
-    Scheme and host are lowercased, a default port and any fragment are dropped, and an
-    empty path becomes ``/``; the rest (credentials, path and query) is kept exactly.
+    Scheme and host are lowercased, an international host is written in its ASCII
+    (IDNA) form, as httpx connects to it, a default port and any fragment are dropped,
+    and an empty path becomes ``/``; the rest (credentials, path and query) is kept
+    exactly. So ``http://BÜCHER.example/x`` and ``http://xn--bcher-kva.example/x`` are
+    one URL. (Keys made before the IDNA step kept such a host in Unicode:
+    ``legacy_key`` gives that older key, so a rerun still finds those records.)
     """
     parts = urlsplit(url)
-    host = parts.hostname or ""
+    host = ascii_host(parts.hostname or "")
+    return _join_key(parts, host)
+
+
+def legacy_key(url: str) -> str:
+    """The key ``normalize_url`` gave before hosts were IDNA-encoded (to 0.1.0 with
+    the host lowercased only); equal to today's key for every ASCII host."""
+    parts = urlsplit(url)
+    return _join_key(parts, parts.hostname or "")
+
+
+def ascii_host(host: str) -> str:
+    """``host`` lowercased, in IDNA (``xn--…``) form if it has non-ASCII letters.
+
+    The encoding is httpx's (the ``idna`` package, IDNA 2008, of the lowercased
+    name), so that the key names the host a request connects to. A name that
+    encoding refuses is kept as it is: its request fails with the reason anyway.
+    """
+    host = host.lower()
+    if host.isascii():
+        return host
+    try:
+        return idna.encode(host).decode("ascii")
+    except idna.IDNAError:
+        return host
+
+
+def _join_key(parts: SplitResult, host: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     userinfo, at, _ = parts.netloc.rpartition("@")
