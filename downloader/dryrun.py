@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from downloader.fetch import blocked_address_kind
 from downloader.manifest import MANIFEST_NAME, OutputFolder, PreviousRun
 from downloader.records import Job, Outcome
+from downloader.resolve import BlockPolicy, blocked_address_kind
 from downloader.reuse import settings_fingerprint
 from downloader.settings import ImageFormat, NameBy, Settings
 from downloader.sources import (
@@ -212,7 +212,9 @@ def _plan_job(
                 tuple(others),
                 reason="settings changed: redone from the kept original",
             )
-    blocked = _blocked_literal(job.key) if settings.http.block_private else None
+    http = settings.http
+    policy = http.block_policy or blocked_address_kind
+    blocked = _blocked_literal(job.key, policy) if http.block_private else None
     if blocked is not None:
         return PlannedItem(Action.INVALID, job.url, job.line, reason=blocked)
     path, *others = _output_names(job.stem, settings)
@@ -234,7 +236,7 @@ def _host(url: str) -> str:
     return urlsplit(normalize_url(url)).netloc.rpartition("@")[2]
 
 
-def _blocked_literal(key: str) -> str | None:
+def _blocked_literal(key: str, policy: BlockPolicy) -> str | None:
     """Why ``--block-private`` would refuse a URL whose host is an IP address.
 
     Only numeric hosts are judged (``inet_aton`` reads ``127.1`` or ``0x7f.1`` as
@@ -248,7 +250,7 @@ def _blocked_literal(key: str) -> str | None:
             address = ipaddress.IPv4Address(socket.inet_aton(host))
         except OSError:
             return None
-    kind = blocked_address_kind(address)
+    kind = policy(str(address))
     if kind is None:
         return None
     return f"blocked address {address} ({kind}, --block-private)"

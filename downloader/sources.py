@@ -63,7 +63,7 @@ __all__ = [
     "can_reread",
     "check_url",
     "count_entries",
-    "legacy_key",
+    "earlier_stems",
     "local_jobs",
     "normalize_url",
     "open_source",
@@ -200,19 +200,30 @@ def normalize_url(url: str) -> str:
     (IDNA) form, as httpx connects to it, a default port and any fragment are dropped,
     and an empty path becomes ``/``; the rest (credentials, path and query) is kept
     exactly. So ``http://BÜCHER.example/x`` and ``http://xn--bcher-kva.example/x`` are
-    one URL. (Keys made before the IDNA step kept such a host in Unicode:
-    ``legacy_key`` gives that older key, so a rerun still finds those records.)
+    one URL. (Keys made before the IDNA step kept such a host as written, lowercased:
+    the manifest recomputes every record's key from its URL, so old records are
+    found; ``earlier_stems`` names their outputs.)
     """
     parts = urlsplit(url)
     host = ascii_host(parts.hostname or "")
     return _join_key(parts, host)
 
 
-def legacy_key(url: str) -> str:
-    """The key ``normalize_url`` gave before hosts were IDNA-encoded (to 0.1.0 with
-    the host lowercased only); equal to today's key for every ASCII host."""
-    parts = urlsplit(url)
-    return _join_key(parts, parts.hostname or "")
+def earlier_stems(job: Job) -> tuple[str, ...]:
+    """The stems ``job``'s outputs may have on disk: its own, and for an
+    international host the one an earlier key rule gave it (the host in Unicode), so
+    that a rerun that redoes the URL removes outputs made under either name."""
+    digest = _key_digest(job.key)
+    parts = urlsplit(job.key)
+    host = parts.hostname or ""
+    if not job.stem.endswith(digest) or "xn--" not in host:
+        return (job.stem,)
+    try:
+        unicode_host = idna.decode(host)
+    except idna.IDNAError:
+        return (job.stem,)
+    earlier = _key_digest(_join_key(parts, unicode_host))
+    return (job.stem, job.stem.removesuffix(digest) + earlier)
 
 
 def ascii_host(host: str) -> str:
@@ -277,9 +288,14 @@ def safe_stem(key: str, readable_from: str | None = None) -> str:
     else:
         readable = safe_name(readable_from)
     readable = readable[:_STEM_READABLE_CHARS] or "image"
+    return f"{readable}-{_key_digest(key)}"
+
+
+def _key_digest(key: str) -> str:
+    """The hash part of a stem: the first hex digits of the key's SHA-256."""
     # surrogatepass: keep the function total for any str a library caller passes.
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-    return f"{readable}-{digest[:_STEM_HASH_DIGITS]}"
+    return digest[:_STEM_HASH_DIGITS]
 
 
 def safe_name(name: str) -> str:

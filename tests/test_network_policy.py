@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import math
 import ssl
 import subprocess
@@ -39,8 +40,14 @@ from downloader.fetch import (
 )
 from downloader.politeness import RequestRate
 from downloader.records import Fetched, Job
-from downloader.settings import USER_AGENT, HttpSettings, Mode, Settings
-from downloader.sources import legacy_key, normalize_url, safe_stem
+from downloader.settings import (
+    USER_AGENT,
+    HttpSettings,
+    ImageFormat,
+    Mode,
+    Settings,
+)
+from downloader.sources import normalize_url, safe_stem
 from tests.helpers import (
     LocalServer,
     LoggedResolver,
@@ -617,10 +624,7 @@ def test_international_spellings_are_one_url_and_one_host() -> None:
         "http://xn--bcher-kva.example/x.jpg"
     }
     assert {host_key(url) for url in urls} == {"xn--bcher-kva.example:80"}
-    assert legacy_key(urls[0]) == "http://bücher.example/x.jpg"
-    assert normalize_url("http://Example.COM:80/a") == legacy_key(
-        "http://Example.COM:80/a"
-    )
+    assert normalize_url("http://Example.COM:80/a") == "http://example.com/a"
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
@@ -648,29 +652,33 @@ def test_a_record_of_the_old_rule_is_still_recognised(
     server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
     """A folder made when the key kept the host in Unicode: the rerun skips its ok
-    record (the output at the old name), in both spellings, with no request."""
+    record (the output at the old name), in both spellings, with no request; a rerun
+    that redoes it replaces the output under the old name too."""
     port = server.server_address[1]
     resolver = LoggedResolver(
         tmp_path / "lookups", {"xn--bcher-kva.example": [["127.0.0.1"]]}
     )
-    url = f"http://BÜCHER.example:{port}/{first_image(corpus)}"
+    name = first_image(corpus)
+    url = f"http://BÜCHER.example:{port}/{name}"
     out = tmp_path / "out"
     settings = settings_for(out, Mode.SEQUENTIAL, replace(HTTP, resolver=resolver))
     downloader.run([url], settings)
     # Make it the old rule's folder: the output named after the old key.
     record = read_manifest(out)[0]
-    old_path = f"{safe_stem(legacy_key(url))}.jpg"
+    old_path = f"{safe_stem(f'http://bücher.example:{port}/{name}')}.jpg"
     assert old_path != record["path"]
     (out / str(record["path"])).rename(out / old_path)
     record["path"] = old_path
-    import json
-
     (out / "manifest.jsonl").write_text(json.dumps(record) + "\n", "utf-8")
     fetched_before = server.request_count()
 
     again = downloader.run([url, url.replace("BÜCHER", "xn--bcher-kva")], settings)
+    as_png = replace(settings, image=replace(settings.image, format=ImageFormat.PNG))
+    redone = downloader.run([url.replace("BÜCHER", "xn--bcher-kva")], as_png)
 
     assert [r.status.value for r in again.results] == ["skipped"]
     assert again.results[0].path == old_path
-    assert server.request_count() == fetched_before
-    assert [r["status"] for r in read_manifest(out)] == ["skipped"]
+    assert server.request_count() == fetched_before + 1  # only the redo
+    assert [r.status.value for r in redone.results] == ["ok"]
+    images = sorted(p.name for p in out.iterdir() if p.suffix in (".jpg", ".png"))
+    assert images == [redone.results[0].path]  # the old-named .jpg is gone
