@@ -30,7 +30,7 @@ single reads. Credential headers given by the user go only to the listed URL's o
 (``_translate``, which lists each one's fate), so no server can stop a run.
 
 Every connection, first hop, redirect hop and retry alike, is looked up once and made
-to the very address looked up (``resolve.pin_backend``, under the deadline backend);
+to the very address looked up (``resolve.pin_backend``, over the deadline backend);
 with ``HttpSettings.block_private`` that address is judged first, so the check is the
 connection (no DNS-rebinding gap). A name that does not resolve is retried at most
 once (``resolve.UNRESOLVED_ATTEMPTS``).
@@ -151,7 +151,9 @@ def make_client(http: HttpSettings, threads: int) -> httpx.Client:
     """Build the one client a run shares between all its download threads."""
     client = httpx.Client(**_client_options(http, threads))
     for pool in _pools(client):
-        pool._network_backend = _DeadlineBackend(pin_backend(pool, http))
+        pool._network_backend = pin_backend(
+            pool, http, _DeadlineBackend(pool._network_backend)
+        )
     return client
 
 
@@ -159,7 +161,9 @@ def make_async_client(http: HttpSettings, tasks: int) -> httpx.AsyncClient:
     """Build the one async client an event loop shares between its download tasks."""
     client = httpx.AsyncClient(**_client_options(http, tasks))
     for pool in _pools(client):
-        pool._network_backend = _AsyncDeadlineBackend(pin_backend(pool, http))
+        pool._network_backend = pin_backend(
+            pool, http, _AsyncDeadlineBackend(pool._network_backend)
+        )
     return client
 
 

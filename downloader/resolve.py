@@ -1,8 +1,8 @@
 """Name resolution and the connection it leads to: one lookup, one check, one connect.
 
 Every TCP connection the download clients open goes through ``pin_backend``'s network
-backend (``_PinnedBackend``, ``_AsyncPinnedBackend``), installed under fetch's deadline
-backend::
+backend (``_PinnedBackend``, ``_AsyncPinnedBackend``), installed over fetch's deadline
+backend (so each address tried is connected to within the deadline)::
 
     httpcore asks: connect to (host, port)
       └─ lookup, once: HttpSettings.resolver, else the system's getaddrinfo
@@ -230,8 +230,8 @@ class _PinnedBackend(httpcore.NetworkBackend):
                 return self._backend.connect_tcp(
                     address, port, timeout, local_address, socket_options
                 )
-            except httpcore.ConnectError:
-                continue
+            except (httpcore.ConnectError, httpcore.ConnectTimeout):
+                continue  # as socket.create_connection does: try the next one
         return self._backend.connect_tcp(
             addresses[-1], port, timeout, local_address, socket_options
         )
@@ -268,8 +268,8 @@ class _AsyncPinnedBackend(httpcore.AsyncNetworkBackend):
                 return await self._backend.connect_tcp(
                     address, port, timeout, local_address, socket_options
                 )
-            except httpcore.ConnectError:
-                continue
+            except (httpcore.ConnectError, httpcore.ConnectTimeout):
+                continue  # as socket.create_connection does: try the next one
         return await self._backend.connect_tcp(
             addresses[-1], port, timeout, local_address, socket_options
         )
@@ -285,13 +285,13 @@ class _AsyncPinnedBackend(httpcore.AsyncNetworkBackend):
         await self._backend.sleep(seconds)
 
 
-def pin_backend(pool: Any, http: HttpSettings) -> Any:
-    """The backend for ``pool``: its own, behind one judged lookup per connection.
+def pin_backend(pool: Any, http: HttpSettings, backend: Any) -> Any:
+    """The backend for ``pool``: ``backend`` (which connects to an address), behind
+    one judged lookup per connection.
 
     A proxy's pool connects to the proxy: looked up the same way, never judged.
     """
     lookup = _Lookup(http, judged=not isinstance(pool, _PROXY_POOLS))
-    backend = pool._network_backend
     if isinstance(backend, httpcore.AsyncNetworkBackend):
         return _AsyncPinnedBackend(backend, lookup)
     return _PinnedBackend(backend, lookup)

@@ -189,6 +189,29 @@ def test_the_connection_goes_to_the_address_checked(
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
+def test_the_next_address_is_tried_when_one_does_not_answer(
+    driver: str, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Nothing listens on 127.0.0.2 at the server's port: the second address serves."""
+    port = server.server_address[1]
+    resolver = LoggedResolver(
+        tmp_path / "lookups", {"two.test": [["127.0.0.2", "127.0.0.1"]]}
+    )
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+
+    fetched = fetch_with(
+        driver,
+        f"http://two.test:{port}/{first_image(corpus)}",
+        tmp,
+        replace(HTTP, resolver=resolver),
+    )
+
+    assert (fetched.nbytes > 0, fetched.attempts) == (True, 1)
+    assert resolver.lookups() == ["two.test"]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
 def test_a_refused_address_is_never_connected_to(
     driver: str, server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
