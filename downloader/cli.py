@@ -116,6 +116,20 @@ def _part(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+_RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*(s|min|h))?\s*")
+_PER_SECOND = {None: 1, "s": 1, "min": 60, "h": 3600}
+
+
+def _rate(text: str) -> float:
+    """``2/s``, ``30/min``, ``100/h`` or ``2`` (per second): requests per second."""
+    match = _RATE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"not a rate: {text!r} (e.g. 2/s, 30/min, 100/h)"
+        )
+    return float(match.group(1)) / _PER_SECOND[match.group(2)]
+
+
 def _mode_list(text: str) -> tuple[Mode, ...]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     known = {mode.value: mode for mode in Mode}
@@ -348,6 +362,33 @@ def _add_download_options(
         "demo: threads)",
     )
     http.add_argument(
+        "--rate-per-host",
+        type=_rate,
+        default=None,
+        metavar="RATE",
+        help="most requests to one host, e.g. 2/s, 30/min, 100/h, for the whole run "
+        "in every mode (default: no limit but --per-host)",
+    )
+    http.add_argument(
+        "--user-agent",
+        default=defaults.user_agent,
+        metavar="TEXT",
+        help=f"the User-Agent header (default {defaults.user_agent!r})",
+    )
+    http.add_argument(
+        "--proxy",
+        default=None,
+        metavar="URL",
+        help="send every request through this http(s) proxy (default: the "
+        "environment's HTTPS_PROXY/HTTP_PROXY/NO_PROXY)",
+    )
+    http.add_argument(
+        "--ignore-noai",
+        action="store_true",
+        help="download even what the server marks X-Robots-Tag: noai or noimageai "
+        "(default: such URLs fail, nothing kept)",
+    )
+    http.add_argument(
         "--header",
         type=_header,
         action="append",
@@ -478,6 +519,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         "retries": args.retries,
         "max_bytes": args.max_bytes,
         "per_host": per_host,
+        "rate_per_host": args.rate_per_host,
+        "user_agent": args.user_agent,
+        "proxy": args.proxy,
+        "honour_noai": not args.ignore_noai,
         "headers": _last_of_each_name(args.header),
         "verify": not args.insecure,
         "block_private": args.block_private,

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from downloader.fetch import blocked_address_kind
 from downloader.manifest import OutputFolder, PreviousRun
 from downloader.parts import part_of
 from downloader.records import Job, Outcome
+from downloader.resolve import BlockPolicy, blocked_address_kind
 from downloader.reuse import settings_fingerprint
 from downloader.settings import ImageFormat, NameBy, Part, Settings
 from downloader.sources import (
@@ -232,7 +232,9 @@ def _plan_job(
                 tuple(others),
                 reason="settings changed: redone from the kept original",
             )
-    blocked = _blocked_literal(job.key) if settings.http.block_private else None
+    http = settings.http
+    policy = http.block_policy or blocked_address_kind
+    blocked = _blocked_literal(job.key, policy) if http.block_private else None
     if blocked is not None:
         return PlannedItem(Action.INVALID, job.url, job.line, reason=blocked)
     path, *others = _output_names(job.stem, settings)
@@ -250,10 +252,11 @@ def _output_names(stem: str, settings: Settings) -> list[str]:
 
 
 def _host(url: str) -> str:
-    return urlsplit(url).netloc.rpartition("@")[2].lower()
+    """``url``'s host and port as the key writes them (IDNA, lowercased)."""
+    return urlsplit(normalize_url(url)).netloc.rpartition("@")[2]
 
 
-def _blocked_literal(key: str) -> str | None:
+def _blocked_literal(key: str, policy: BlockPolicy) -> str | None:
     """Why ``--block-private`` would refuse a URL whose host is an IP address.
 
     Only numeric hosts are judged (``inet_aton`` reads ``127.1`` or ``0x7f.1`` as
@@ -267,7 +270,7 @@ def _blocked_literal(key: str) -> str | None:
             address = ipaddress.IPv4Address(socket.inet_aton(host))
         except OSError:
             return None
-    kind = blocked_address_kind(address)
+    kind = policy(str(address))
     if kind is None:
         return None
     return f"blocked address {address} ({kind}, --block-private)"

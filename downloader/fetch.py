@@ -29,14 +29,11 @@ single reads. Credential headers given by the user go only to the listed URL's o
 (``_Attempts.request``). Every exception a request raises is translated in one place
 (``_translate``, which lists each one's fate), so no server can stop a run.
 
-With ``HttpSettings.block_private`` every request, first hop, redirect hop and retry
-alike, is preceded by a lookup of its host (``socket.getaddrinfo``, or the event loop's
-in asyncio), and refused if any address it resolves to is internal (see
-``blocked_address_kind``). Limits of that check: httpx resolves the name again when it
-connects, so a DNS server that answers differently the second time (DNS rebinding)
-can still steer a connection to an internal address; with a proxy from the
-environment the proxy connects, and only the URL's own host is checked. It guards
-against lists and redirects that name internal hosts, not against a hostile resolver.
+Every connection, first hop, redirect hop and retry alike, is looked up once and made
+to the very address looked up (``resolve.pin_backend``, over the deadline backend);
+with ``HttpSettings.block_private`` that address is judged first, so the check is the
+connection (no DNS-rebinding gap). A name that does not resolve is retried at most
+once (``resolve.UNRESOLVED_ATTEMPTS``).
 """
 
 from __future__ import annotations
@@ -45,11 +42,9 @@ import asyncio
 import contextvars
 import email.utils
 import hashlib
-import ipaddress
 import logging
 import os
 import random
-import socket
 import threading
 import time
 import zlib
@@ -68,7 +63,16 @@ import httpx
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 from downloader.errors import FetchError, OutputError
+from downloader.politeness import RequestRate, refused_use
 from downloader.records import Fetched, Job
+from downloader.resolve import (
+    UNRESOLVED_ATTEMPTS,
+    ProxiedCheck,
+    Resolve,
+    Unresolvable,
+    blocked_address_kind,
+    pin_backend,
+)
 from downloader.settings import HttpSettings
 
 __all__ = [
@@ -133,6 +137,8 @@ def _client_options(http: HttpSettings, threads: int) -> dict[str, Any]:
         # Redirects are followed by hand so that every hop is checked.
         "follow_redirects": False,
         "verify": http.verify,
+        # --proxy wins; without it httpx reads HTTPS_PROXY, NO_PROXY, ...
+        "proxy": http.proxy,
         "trust_env": True,
         # No cookie jar: a cookie one server sets must not follow this run to other
         # URLs (another port is another origin, but not another cookie domain).
@@ -145,7 +151,9 @@ def make_client(http: HttpSettings, threads: int) -> httpx.Client:
     """Build the one client a run shares between all its download threads."""
     client = httpx.Client(**_client_options(http, threads))
     for pool in _pools(client):
-        pool._network_backend = _DeadlineBackend(pool._network_backend)
+        pool._network_backend = pin_backend(
+            pool, http, _DeadlineBackend(pool._network_backend)
+        )
     return client
 
 
@@ -153,7 +161,9 @@ def make_async_client(http: HttpSettings, tasks: int) -> httpx.AsyncClient:
     """Build the one async client an event loop shares between its download tasks."""
     client = httpx.AsyncClient(**_client_options(http, tasks))
     for pool in _pools(client):
-        pool._network_backend = _AsyncDeadlineBackend(pool._network_backend)
+        pool._network_backend = pin_backend(
+            pool, http, _AsyncDeadlineBackend(pool._network_backend)
+        )
     return client
 
 
@@ -346,14 +356,16 @@ class StopFlag(Protocol):
 
 
 class _HostBackoff:
-    """The per-host "not before" times that rate-limited hosts asked for."""
+    """The per-host "not before" times that rate-limited hosts asked for, and the
+    request rate per host (``--rate-per-host``, this process's share)."""
 
-    def __init__(self, per_host: int) -> None:
+    def __init__(self, per_host: int, rate: float | None = None) -> None:
         if per_host <= 0:
             raise ValueError("per_host must be greater than 0")
         self._per_host = per_host
         self._lock = threading.Lock()
         self._not_before: dict[str, float] = {}
+        self.rate = RequestRate(rate)
 
     def slow_down(self, host: str, delay: float) -> None:
         """Make every download wait ``delay`` seconds before its next request there."""
@@ -371,8 +383,8 @@ class _HostBackoff:
 class HostLimiter(_HostBackoff):
     """Cap concurrent requests per host:port; hold back hosts that asked us to wait."""
 
-    def __init__(self, per_host: int) -> None:
-        super().__init__(per_host)
+    def __init__(self, per_host: int, rate: float | None = None) -> None:
+        super().__init__(per_host, rate)
         self._slots: dict[str, threading.BoundedSemaphore] = {}
 
     @contextmanager
@@ -388,6 +400,9 @@ class HostLimiter(_HostBackoff):
                 raise FetchError("interrupted")
         try:
             self._wait_until_allowed(host, cancel)
+            turn = self.rate.reserve(host)
+            if turn > 0 and cancel.wait(turn):
+                raise FetchError("interrupted")
             yield
         finally:
             semaphore.release()
@@ -413,8 +428,8 @@ class HostLimiter(_HostBackoff):
 class AsyncHostLimiter(_HostBackoff):
     """``HostLimiter`` for one event loop: asyncio semaphores, stop by an Event."""
 
-    def __init__(self, per_host: int) -> None:
-        super().__init__(per_host)
+    def __init__(self, per_host: int, rate: float | None = None) -> None:
+        super().__init__(per_host, rate)
         self._slots: dict[str, asyncio.Semaphore] = {}
 
     @asynccontextmanager
@@ -430,6 +445,9 @@ class AsyncHostLimiter(_HostBackoff):
             while (remaining := self._remaining(host)) > 0 or stop.is_set():
                 if await _stopped_within(stop, remaining):
                     raise FetchError("interrupted")
+            turn = self.rate.reserve(host)
+            if turn > 0 and await _stopped_within(stop, turn):
+                raise FetchError("interrupted")
             yield
         finally:
             semaphore.release()
@@ -474,14 +492,12 @@ def fetch(
     hosts: HostLimiter,
     on_bytes: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
-    resolve: Resolve | None = None,
     defer_retries: bool = False,
     attempts_done: int = 0,
 ) -> Fetched:
     """Download ``job.url`` to ``tmp_dir/<stem>.part``, retrying transient failures.
 
-    ``resolve`` replaces ``socket.getaddrinfo`` for the ``block_private`` check (a
-    test knob, like ``clock``). With ``defer_retries`` a wait before the next attempt
+    With ``defer_retries`` a wait before the next attempt
     is raised as ``RetryLater`` instead of slept; ``attempts_done`` continues the retry
     budget of the calls before.
 
@@ -490,7 +506,7 @@ def fetch(
         FetchError: the URL failed (``reason`` says why); nothing is left on disk.
         OutputError: the ``.part`` file could not be written; the run should stop.
     """
-    guard = _AddressGuard(http.block_private, resolve)
+    guard = ProxiedCheck(http)
     attempts = _Attempts(job, http, tmp_dir, cancel, hosts, on_bytes, clock, guard)
     attempts.count = attempts_done
     download = _Download(attempts, client, hosts, cancel, defer_retries=defer_retries)
@@ -508,7 +524,6 @@ async def fetch_async(
     hosts: AsyncHostLimiter,
     on_bytes: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
-    resolve: Resolve | None = None,
 ) -> Fetched:
     """``fetch`` for asyncio: the same rules, the body written with aiofiles.
 
@@ -516,134 +531,11 @@ async def fetch_async(
         FetchError: the URL failed (``reason`` says why); nothing is left on disk.
         OutputError: the ``.part`` file could not be written; the run should stop.
     """
-    guard = _AddressGuard(http.block_private, resolve)
+    guard = ProxiedCheck(http)
     attempts = _Attempts(job, http, tmp_dir, stop, hosts, on_bytes, clock, guard)
     download = _AsyncDownload(attempts, client, hosts, stop)
     with attempts.cleanup():
         return await download.run()
-
-
-Resolve = Callable[[str, int], list[str]]
-"""Host and port → every address a connection to them could use."""
-
-_BLOCKED_V4 = tuple(
-    (ipaddress.IPv4Network(network), kind)
-    for network, kind in (
-        # Most specific first: the first match names the kind.
-        ("169.254.169.254/32", "cloud metadata"),
-        ("0.0.0.0/8", "unspecified"),
-        ("127.0.0.0/8", "loopback"),
-        ("10.0.0.0/8", "private"),
-        ("172.16.0.0/12", "private"),
-        ("192.168.0.0/16", "private"),
-        ("100.64.0.0/10", "carrier-grade NAT"),
-        ("169.254.0.0/16", "link-local"),
-        ("192.0.0.0/24", "IETF protocol assignments"),
-        ("198.18.0.0/15", "benchmarking"),
-        ("224.0.0.0/4", "multicast"),
-        ("240.0.0.0/4", "reserved"),
-    )
-)
-_BLOCKED_V6 = tuple(
-    (ipaddress.IPv6Network(network), kind)
-    for network, kind in (
-        ("fd00:ec2::254/128", "cloud metadata"),
-        ("::/128", "unspecified"),
-        ("::1/128", "loopback"),
-        ("::/96", "IPv4-compatible"),
-        ("fc00::/7", "private"),
-        ("fe80::/10", "link-local"),
-        ("fec0::/10", "site-local"),
-        ("ff00::/8", "multicast"),
-    )
-)
-# NAT64 (RFC 6052): the last 32 bits are the IPv4 address a gateway connects to.
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-
-
-def blocked_address_kind(
-    address: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
-) -> str | None:
-    """Return why ``--block-private`` refuses ``address`` (e.g. "loopback"), or None.
-
-    Refused: loopback, private (RFC 1918, ULA ``fc00::/7``), link-local, carrier-grade
-    NAT (``100.64.0.0/10``), unspecified, multicast, reserved, and cloud metadata
-    addresses (``169.254.169.254``, ``fd00:ec2::254``); an IPv4 address inside IPv6
-    (``::ffff:127.0.0.1``, NAT64, 6to4) is judged by its IPv4 part.
-
-    Raises:
-        ValueError: ``address`` is not an IP address.
-    """
-    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None:
-            return blocked_address_kind(embedded)
-        return next((kind for net, kind in _BLOCKED_V6 if ip in net), None)
-    return next((kind for net, kind in _BLOCKED_V4 if ip in net), None)
-
-
-def _getaddrinfo(host: str, port: int) -> list[str]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [str(info[4][0]) for info in infos]
-
-
-class _AddressGuard:
-    """The ``block_private`` check: look a URL's host up and refuse internal addresses.
-
-    The address the OS resolves a host to is judged, so numeric spellings such as
-    ``2130706433`` or ``0x7f.1`` are caught as the 127.0.0.1 they connect to.
-    """
-
-    def __init__(self, enabled: bool, resolve: Resolve | None) -> None:
-        self.enabled = enabled
-        self._resolve = resolve
-
-    def check(self, url: httpx.URL, host_key: str) -> None:
-        """Raise ``FetchError`` if ``url``'s host resolves to a refused address."""
-        if not self.enabled:
-            return
-        host, port = _lookup_target(url)
-        try:
-            addresses = (self._resolve or _getaddrinfo)(host, port)
-        except (OSError, UnicodeError) as exc:
-            raise _unresolvable(host, host_key, exc) from exc
-        _refuse_blocked(addresses)
-
-    async def check_async(self, url: httpx.URL, host_key: str) -> None:
-        """``check`` for asyncio: the lookup runs in the event loop's resolver."""
-        if not self.enabled:
-            return
-        if self._resolve is not None:
-            self.check(url, host_key)
-            return
-        host, port = _lookup_target(url)
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
-            raise _unresolvable(host, host_key, exc) from exc
-        _refuse_blocked([str(info[4][0]) for info in infos])
-
-
-def _lookup_target(url: httpx.URL) -> tuple[str, int]:
-    """The host (IDNA-encoded, as httpx connects to it) and port of ``url``."""
-    port = url.port or (443 if url.scheme == "https" else 80)
-    return url.raw_host.decode("ascii"), port
-
-
-def _refuse_blocked(addresses: list[str]) -> None:
-    for address in addresses:
-        kind = blocked_address_kind(address)
-        if kind is not None:
-            raise FetchError(f"blocked address {address} ({kind}, --block-private)")
-
-
-def _unresolvable(host: str, host_key: str, exc: Exception) -> _Transient:
-    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-    return _Transient(f"cannot connect: cannot resolve {host}: {detail}", host=host_key)
 
 
 class _Transient(FetchError):
@@ -656,10 +548,13 @@ class _Transient(FetchError):
         host: str,
         http_status: int | None = None,
         retry_after: float | None = None,
+        most_attempts: int | None = None,
     ) -> None:
         super().__init__(reason, http_status=http_status)
         self.host = host
         self.retry_after = retry_after
+        self.most_attempts = most_attempts
+        """Attempts this kind of failure deserves at most, below ``--retries``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -697,7 +592,7 @@ class _Attempts:
         hosts: _HostBackoff,
         on_bytes: Callable[[int], None] | None,
         clock: Callable[[], float],
-        guard: _AddressGuard,
+        guard: ProxiedCheck,
     ) -> None:
         self.job, self.http, self.stop, self.hosts = job, http, stop, hosts
         self.guard = guard
@@ -737,7 +632,10 @@ class _Attempts:
     def retry_delay(self, exc: _Transient) -> float:
         """Return the wait before the next attempt, or raise if this was the last."""
         _remove(self.path)
-        if self.count > self.http.retries:
+        last = self.http.retries + 1
+        if exc.most_attempts is not None:
+            last = min(last, exc.most_attempts)
+        if self.count >= last:
             reason = exc.reason
             if self.count > 1:
                 reason = f"{reason} after {self.count} attempts"
@@ -792,6 +690,7 @@ class _Attempts:
 
     def body_reader(self, response: httpx.Response, received: _Received) -> _BodyReader:
         """Check a 200 response's headers and return the reader for its body."""
+        refused_use(response.headers, self.http)
         return _BodyReader(self, response, received)
 
     def fetched(self, body: _Body) -> Fetched:
@@ -945,7 +844,7 @@ class _Download:
         """Send one GET; return the saved body, or the ``Location`` of a redirect."""
         host = host_key(url)
         with _translated(url, host, self.attempts) as received:
-            self.attempts.guard.check(url, host)
+            self.attempts.guard.check(self.client, url)
             with self.hosts.slot(host, self.cancel):
                 return self._send(url, host, received)
 
@@ -1010,7 +909,7 @@ class _AsyncDownload:
         """Send one GET; return the saved body, or the ``Location`` of a redirect."""
         host = host_key(url)
         with _translated(url, host, self.attempts) as received:
-            await self.attempts.guard.check_async(url, host)
+            await self.attempts.guard.check_async(self.client, url)
             async with self.hosts.slot(host, self.stop):
                 self.attempts.check_running(host)
                 request = self.attempts.request(self.client, url)
@@ -1263,8 +1162,10 @@ def _parse_url(url: str) -> httpx.URL:
 def host_key(url: str | httpx.URL) -> str:
     """Return "host:port", the unit that per-host limits apply to (the one key).
 
-    The port is always a number (80, 443 by default), an IPv6 host in brackets. A
-    string httpx cannot parse is its own key: it fails at its first request anyway.
+    The port is always a number (80, 443 by default), an IPv6 host in brackets, an
+    international name in its ASCII (IDNA) form, as it is connected to, so that
+    ``BÜCHER.example`` and ``xn--bcher-kva.example`` are one host. A string httpx
+    cannot parse is its own key: it fails at its first request anyway.
     """
     if isinstance(url, str):
         try:
@@ -1272,7 +1173,8 @@ def host_key(url: str | httpx.URL) -> str:
         except httpx.InvalidURL:
             return url
     port = url.port or (443 if url.scheme == "https" else 80)
-    host = f"[{url.host}]" if ":" in url.host else url.host
+    name = url.raw_host.decode("ascii")
+    host = f"[{name}]" if ":" in name else name
     return f"{host}:{port}"
 
 
@@ -1318,6 +1220,8 @@ def _translate(
 
     - timeouts (connect, read, write, the pool, ``--deadline``), connection errors,
       resets, a connection closed before or during the reply: ``_Transient``;
+    - a host that does not resolve (``resolve.Unresolvable``): ``_Transient``, but
+      tried at most ``UNRESOLVED_ATTEMPTS`` times;
     - a reply that is not valid HTTP (an illegal status line, conflicting
       Content-Length, a bad chunk): final, ``bad HTTP response: …``;
     - a ``Location`` httpx cannot represent (``httpx.InvalidURL``, raised while it
@@ -1349,6 +1253,10 @@ def _translate(
         if lowered.startswith(_DISCONNECTED):
             return _Transient(message, host=host)
         return FetchError(f"bad HTTP response: {_readable_protocol_error(message)}")
+    if isinstance(exc, Unresolvable):
+        return _Transient(
+            f"cannot connect: {message}", host=host, most_attempts=UNRESOLVED_ATTEMPTS
+        )
     if isinstance(exc, httpx.ConnectError):
         return _Transient(f"cannot connect: {message}", host=host)
     if isinstance(exc, httpx.NetworkError | httpx.ProxyError):

@@ -48,6 +48,7 @@ from downloader.records import Fetched, Job, Outcome, Stage, Status, Transformed
 from downloader.reuse import Claim
 from downloader.runtime import RunContext
 from downloader.settings import NameBy, Settings
+from downloader.sources import earlier_stems
 from downloader.steps import (
     ORIGINALS_NAME,
     Retry,
@@ -359,7 +360,8 @@ class Lifecycle:
         if outcome.status is Status.OK and self.settings.name_by is NameBy.URL:
             kept = {outcome.path, *(outcome.outputs or ()), outcome.original}
             superseded = [name for name in fetched.job.owned if name not in kept]
-            remove_superseded(self.context.out, superseded, fetched.job.stem)
+            stems = earlier_stems(fetched.job)
+            remove_superseded(self.context.out, superseded, stems)
         return outcome
 
     # -------------------------------------------------------------- other ends
@@ -432,13 +434,13 @@ class Lifecycle:
         return Outcome.failure(job, stage, str(error), fetched=fetched)
 
 
-def remove_superseded(out: Path, names: list[str], stem: str) -> None:
+def remove_superseded(out: Path, names: list[str], stems: tuple[str, ...]) -> None:
     """Remove earlier outputs of a URL, named relative to ``out`` by its old record.
 
     The names come from a manifest, which anyone may have edited: only a regular
-    file inside ``out`` named as this URL's outputs are (``<stem>.<ext>``, at the top
-    or in one size folder; never a kept original) goes. A user's own file, whatever a
-    record says of it, stays.
+    file inside ``out`` named as this URL's outputs are (``<stem>.<ext>`` for one of
+    ``stems``, at the top or in one size folder; never a kept original) goes. A
+    user's own file, whatever a record says of it, stays.
     """
     for name in names:
         relative = PurePosixPath(name)
@@ -446,7 +448,7 @@ def remove_superseded(out: Path, names: list[str], stem: str) -> None:
             continue
         if relative.parts[:1] == (ORIGINALS_NAME,):
             continue  # a kept download is an input, not an output
-        if relative.stem != stem or not relative.suffix:
+        if relative.stem not in stems or not relative.suffix:
             continue  # not a name this tool gives this URL's outputs
         path = out / relative
         with contextlib.suppress(OSError):

@@ -22,6 +22,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
+
+import httpx
 
 from downloader.errors import InputError
 
@@ -44,7 +47,9 @@ __all__ = [
 ]
 
 VERSION = "0.1.0"
-USER_AGENT = f"downloader/{VERSION} (+https://github.com/downloader/downloader)"
+USER_AGENT = f"downloader/{VERSION} (+python-httpx/{httpx.__version__})"
+"""What the tool is, in the product/version form servers log: no address, since
+this project has none of its own to give (``--user-agent`` gives yours)."""
 MEGABYTE = 1024 * 1024
 
 # Upper bounds, each far above what a demanding run uses and low enough that a typo
@@ -64,6 +69,9 @@ SECONDS_LIMIT = 86_400
 """Any timeout, deadline or wait: a day; no single step here sensibly waits longer."""
 BYTES_LIMIT = 1024**4
 """``max_bytes``: 1 TiB, far above any image file (a 65535-pixel-square PNG)."""
+RATE_LIMIT = 10_000
+"""``rate_per_host``: requests per second to one host; far above what any server
+that needs a limit accepts."""
 SPEED_LIMIT = 1024**3
 """``min_speed``: 1 GiB/s; a higher floor would fail every download as stalled."""
 BOX_SIDE_LIMIT = 65_535
@@ -273,9 +281,13 @@ class Number:
     high: float
     unit: str = ""
     above: bool = False
+    optional: bool = False
+    """None is allowed too (it means "no limit")."""
 
     def __call__(self, value: object, label: str | None = None) -> object:
         """Return ``value`` as a ``float``; NaN and infinities fail the range."""
+        if value is None and self.optional:
+            return None
         kind = f"a number of {self.unit}" if self.unit else "a number"
         if self.above:
             expected = f"{kind} greater than {self.low:g} and at most {self.high:g}"
@@ -449,6 +461,44 @@ class _Boxes:
 
 
 @dataclass(frozen=True, slots=True)
+class _Hook:
+    """A callable, or None (the built-in behaviour); for library callers only."""
+
+    label: str
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        if value is not None and not callable(value):
+            raise _refusal(
+                label or self.label, "a callable or None", value, wrong_type=True
+            )
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class _ProxyUrl:
+    """None, or an ``http://`` or ``https://`` proxy URL with a host."""
+
+    label: str
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        label = label or self.label
+        expected = "an http:// or https:// URL"
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise _refusal(label, expected, value, wrong_type=True)
+        try:
+            parts = urlsplit(value)
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+            usable = usable and parts.port != 0
+        except ValueError:
+            usable = False
+        if not usable or _HEADER_VALUE_FORBIDDEN.search(value):
+            raise _refusal(label, expected, value, wrong_type=False)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
 class _Headers:
     """(name, value) pairs of ``str`` (or a mapping); a tuple of tuples."""
 
@@ -542,6 +592,9 @@ class HttpSettings:
     max_redirects: int = 5
     per_host: int = 4
     """Concurrent connections to one host:port."""
+    rate_per_host: float | None = None
+    """Most requests per second to one host:port (every hop and retry counts), for
+    the whole run in every mode; None: no limit but ``per_host``."""
     min_speed: int = 1024
     """Bytes per second below which a download counts as stalled ..."""
     speed_window: float = 30.0
@@ -553,7 +606,20 @@ class HttpSettings:
     """Verify TLS certificates; False (``--insecure``) is recorded in the manifest."""
     block_private: bool = False
     """Refuse hosts that resolve to loopback, private, link-local or metadata
-    addresses, on every redirect hop too (``--block-private``)."""
+    addresses, on every redirect hop too (``--block-private``); the connection is made
+    to the address checked."""
+    proxy: str | None = None
+    """Send every request through this http(s) proxy (``--proxy``); None: the
+    environment's (``HTTPS_PROXY``, ``NO_PROXY``, ...), as httpx reads them."""
+    honour_noai: bool = True
+    """Fail a URL whose response says ``X-Robots-Tag: noai`` or ``noimageai`` (for
+    every agent, or for ours), keeping nothing (``--ignore-noai`` turns it off)."""
+    resolver: Callable[[str, int], list[str]] | None = None
+    """Host and port → addresses, instead of the system's resolver (library only:
+    a test, or your own DNS). Must be picklable for the modes with processes."""
+    block_policy: Callable[[str], str | None] | None = None
+    """An address → why ``block_private`` refuses it, or None; default: loopback,
+    private, link-local and the like (``blocked_address_kind``). Library only."""
 
     def __post_init__(self) -> None:
         _check_fields(self, _HTTP_CHECKS)
@@ -568,12 +634,24 @@ _HTTP_CHECKS: Mapping[str, Check] = {
     "max_bytes": Whole("--max-bytes", 1, BYTES_LIMIT, unit="bytes"),
     "max_redirects": Whole("max_redirects", 0, REDIRECTS_LIMIT),
     "per_host": Whole("--per-host", 1, THREADS_LIMIT),
+    "rate_per_host": Number(
+        "--rate-per-host",
+        0,
+        RATE_LIMIT,
+        unit="requests per second",
+        above=True,
+        optional=True,
+    ),
     "min_speed": Whole("min_speed", 0, SPEED_LIMIT, unit="bytes per second"),
     "speed_window": _seconds("speed_window"),
-    "user_agent": _Text("user_agent", one_line=True),
+    "user_agent": _Text("--user-agent", one_line=True),
     "headers": _Headers("--header"),
     "verify": _Switch("verify"),
     "block_private": _Switch("--block-private"),
+    "proxy": _ProxyUrl("--proxy"),
+    "honour_noai": _Switch("honour_noai"),
+    "resolver": _Hook("resolver"),
+    "block_policy": _Hook("block_policy"),
 }
 
 

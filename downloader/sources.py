@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, TextIO, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
+import idna
+
 from downloader.errors import InputError
 from downloader.records import Job, Outcome, Status
 
@@ -57,9 +59,11 @@ __all__ = [
     "Prefetched",
     "Source",
     "UrlList",
+    "ascii_host",
     "can_reread",
     "check_url",
     "count_entries",
+    "earlier_stems",
     "local_jobs",
     "normalize_url",
     "open_source",
@@ -192,11 +196,53 @@ _Physical = tuple[int, str, str | None]
 def normalize_url(url: str) -> str:
     """Return the key that recognises duplicates of a URL that passed ``check_url``.
 
-    Scheme and host are lowercased, a default port and any fragment are dropped, and an
-    empty path becomes ``/``; the rest (credentials, path and query) is kept exactly.
+    Scheme and host are lowercased, an international host is written in its ASCII
+    (IDNA) form, as httpx connects to it, a default port and any fragment are dropped,
+    and an empty path becomes ``/``; the rest (credentials, path and query) is kept
+    exactly. So ``http://BÜCHER.example/x`` and ``http://xn--bcher-kva.example/x`` are
+    one URL. (Keys made before the IDNA step kept such a host as written, lowercased:
+    the manifest recomputes every record's key from its URL, so old records are
+    found; ``earlier_stems`` names their outputs.)
     """
     parts = urlsplit(url)
+    host = ascii_host(parts.hostname or "")
+    return _join_key(parts, host)
+
+
+def earlier_stems(job: Job) -> tuple[str, ...]:
+    """The stems ``job``'s outputs may have on disk: its own, and for an
+    international host the one an earlier key rule gave it (the host in Unicode), so
+    that a rerun that redoes the URL removes outputs made under either name."""
+    digest = _key_digest(job.key)
+    parts = urlsplit(job.key)
     host = parts.hostname or ""
+    if not job.stem.endswith(digest) or "xn--" not in host:
+        return (job.stem,)
+    try:
+        unicode_host = idna.decode(host)
+    except idna.IDNAError:
+        return (job.stem,)
+    earlier = _key_digest(_join_key(parts, unicode_host))
+    return (job.stem, job.stem.removesuffix(digest) + earlier)
+
+
+def ascii_host(host: str) -> str:
+    """``host`` lowercased, in IDNA (``xn--…``) form if it has non-ASCII letters.
+
+    The encoding is httpx's (the ``idna`` package, IDNA 2008, of the lowercased
+    name), so that the key names the host a request connects to. A name that
+    encoding refuses is kept as it is: its request fails with the reason anyway.
+    """
+    host = host.lower()
+    if host.isascii():
+        return host
+    try:
+        return idna.encode(host).decode("ascii")
+    except idna.IDNAError:
+        return host
+
+
+def _join_key(parts: SplitResult, host: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     userinfo, at, _ = parts.netloc.rpartition("@")
@@ -242,9 +288,14 @@ def safe_stem(key: str, readable_from: str | None = None) -> str:
     else:
         readable = safe_name(readable_from)
     readable = readable[:_STEM_READABLE_CHARS] or "image"
+    return f"{readable}-{_key_digest(key)}"
+
+
+def _key_digest(key: str) -> str:
+    """The hash part of a stem: the first hex digits of the key's SHA-256."""
     # surrogatepass: keep the function total for any str a library caller passes.
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-    return f"{readable}-{digest[:_STEM_HASH_DIGITS]}"
+    return digest[:_STEM_HASH_DIGITS]
 
 
 def safe_name(name: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import fcntl
 import functools
 import gzip
 import json
@@ -230,6 +231,19 @@ class LocalHandler(CorpusHandler):
     def _empty(self, rest: str) -> None:
         self.send_bytes(200, b"", "image/jpeg")
 
+    def _robots(self, rest: str) -> None:
+        # /robots/VALUE/NAME: NAME with "X-Robots-Tag: VALUE" (VALUE percent-encoded
+        # in the path; "|" separates several headers).
+        value, _, name = rest.rpartition("/")
+        data = (self.server.corpus / name).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(data)))
+        for one in value.split("|"):
+            self.send_header("X-Robots-Tag", one)
+        self.end_headers()
+        self.wfile.write(data)
+
     ROUTES: ClassVar[dict[str, Callable[[LocalHandler, str], None]]] = {
         "status": _status,
         "html": _html,
@@ -252,6 +266,7 @@ class LocalHandler(CorpusHandler):
         "disposition": _disposition,
         "named": _named,
         "empty": _empty,
+        "robots": _robots,
     }
 
     def count_request(self) -> None:
@@ -318,6 +333,48 @@ def write_list(path: Path, urls: list[str]) -> Path:
     """Write a URL list file."""
     path.write_text("".join(url + "\n" for url in urls), encoding="utf-8")
     return path
+
+
+class LoggedResolver:
+    """A resolver for ``HttpSettings.resolver`` that answers from a table, never DNS.
+
+    ``answers`` maps a name to the answers of its successive lookups (the last one
+    repeats); a name with no answers does not resolve. Every lookup is appended to
+    ``log`` (a file, under a lock), so lookups are counted, and numbered, across the
+    processes of a run: picklable, it travels to them with the settings.
+    """
+
+    def __init__(self, log: Path, answers: dict[str, list[list[str]]]) -> None:
+        self.log = log
+        self.answers = answers
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        with open(self.log, "a+", encoding="utf-8") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)
+            file.seek(0)
+            earlier = file.read().splitlines().count(host)
+            file.write(host + "\n")
+        answers = self.answers.get(host)
+        if not answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return answers[min(earlier, len(answers) - 1)]
+
+    def lookups(self) -> list[str]:
+        """Every name looked up so far, in order."""
+        if not self.log.exists():
+            return []
+        return self.log.read_text(encoding="utf-8").splitlines()
+
+
+def block_127_0_0_2(address: str) -> str | None:
+    """A ``block_policy`` for tests: refuse 127.0.0.2 only, so 127.0.0.1 (where the
+    test servers listen) stays reachable."""
+    return "test-internal" if address == "127.0.0.2" else None
+
+
+def block_127_0_0_1(address: str) -> str | None:
+    """A ``block_policy`` that refuses 127.0.0.1 only (a test proxy's address)."""
+    return "test-internal" if address == "127.0.0.1" else None
 
 
 def fast_settings(out: Path, **overrides: object) -> Settings:
