@@ -23,13 +23,14 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from downloader.api import iter_results
 from downloader.config import parse_args
 from downloader.errors import DownloaderError, InputError, OutputError
+from downloader.manifest import FAILED_NAME
 from downloader.progress import Bars, BarsHandler, Events, EventStream, fan_out
-from downloader.records import Status
+from downloader.records import Status, one_line
 from downloader.report import Summary, Tally, print_summary, summary_json
 from downloader.runtime import (
     Cancellation,
@@ -60,7 +61,7 @@ from downloader.sources import (
     count_entries,
 )
 
-__all__ = ["load_settings", "main"]
+__all__ = ["USAGE_HINT", "load_settings", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -146,8 +147,21 @@ def _header(text: str) -> tuple[str, str]:
     return name, value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are raised, to be printed as one line.
+
+    argparse prints its whole usage block before the message, and words it
+    ``downloader: error:``; the command line's other refusals (a value out of range,
+    flags that do not go together) are one ``error:`` line. Raising here makes every
+    usage error the same one line (see ``_print_error``).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(message.removeprefix("argument "))
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="downloader",
         description="Download a list of image URLs concurrently and process them "
         "in parallel (resize, re-encode) into an output folder.",
@@ -619,6 +633,13 @@ def _finish(
         _print_json(figures)
     elif not args.quiet:
         print_summary(summary, out_dir=str(settings.out), file=stderr)
+    failed = summary.counts[Status.FAILED]
+    if args.quiet and failed:  # errors only: failed URLs are the run's errors
+        listed = settings.out / FAILED_NAME
+        print(
+            f"failed: {failed} of {summary.total} URLs (listed in {listed})",
+            file=stderr,
+        )
 
 
 def _run(
@@ -796,14 +817,23 @@ def _main(argv: Sequence[str] | None) -> int:
     """Parse, run and map errors to exit codes (``main`` handles interruptions)."""
     try:
         args = parse_args(_parser(), argv, checks=_CHECKS)
-    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+    except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    except InputError as exc:  # the config file
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except InputError as exc:  # the command line or the config file
+        return _print_error(exc)
     try:
         with _console_log(_log_level(args), sys.stderr) as log:
             return _dispatch(args, log)
     except DownloaderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _print_error(exc)
+
+
+USAGE_HINT = "; see --help"
+"""Ends a usage error's line (exit 2): where the options and their syntax are."""
+
+
+def _print_error(exc: DownloaderError) -> int:
+    """Print ``exc`` as the one ``error:`` line; return its exit code."""
+    hint = USAGE_HINT if exc.exit_code == EXIT_USAGE else ""
+    print(f"error: {one_line(str(exc))}{hint}", file=sys.stderr)
+    return exc.exit_code

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from downloader import __version__
-from downloader.cli import main
+from downloader.cli import USAGE_HINT, main
 from tests.helpers import WAIT_S, LocalServer, corpus_urls, read_manifest, write_list
 
 FAST = ["--no-progress", "--threads", "2", "--procs", "1", "--retries", "0"]
@@ -203,6 +203,43 @@ def test_usage_errors_exit_2_with_one_clear_line(
     assert message in err
     assert "Traceback" not in err
     assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--threads", "0"],
+        ["--procs", "-1"],
+        ["--max-size", "abc"],
+        ["--max-bytes", "12Q"],
+        ["--mode", "turbo"],
+        ["--header", "bad"],
+        ["--no-such-option"],
+        ["--threads"],
+        ["-q", "-v"],
+        ["--modes", "threads"],
+    ],
+)
+def test_a_usage_error_is_one_line_with_a_hint(
+    argv: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Whatever is wrong on the command line: exit 2 and one line, one prefix, a
+    pointer to --help; never argparse's usage block first."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/x.jpg\n")
+
+    code = main(["urls.txt", "--no-config", "--dry-run", *argv])
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("error: ")
+    assert captured.err.endswith(f"{USAGE_HINT}\n")
+    assert "usage:" not in captured.err
 
 
 def test_an_unusable_output_folder_exits_3(

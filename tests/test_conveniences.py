@@ -251,7 +251,8 @@ def test_dry_run_json_exits_0_for_a_clean_list(
 def test_quiet_prints_nothing_and_verbose_names_each_failure(
     two_good_one_404: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--quiet: nothing; default: the summary; --verbose: settings and each failure."""
+    """--quiet: one line saying how many failed and where they are listed; default:
+    the summary; --verbose: settings and each failure."""
     base = [str(two_good_one_404), *FAST]
 
     quiet = main([*base, "--out", str(tmp_path / "q"), "--quiet"])
@@ -262,7 +263,14 @@ def test_quiet_prints_nothing_and_verbose_names_each_failure(
     verbose_err = capsys.readouterr().err
 
     assert (quiet, default, verbose) == (1, 1, 1)
-    assert quiet_err == ""
+    assert (
+        quiet_err
+        == f"failed: 1 of 3 URLs (listed in {tmp_path / 'q' / 'failed.txt'})\n"
+    )
+    assert (tmp_path / "q" / "failed.txt").read_text().count("\n") == 1
+    again = main([*base, "--out", str(tmp_path / "q"), "--quiet"])
+    assert again == 1
+    assert capsys.readouterr().err == quiet_err  # the rerun still has one failure
     assert "done: 3 URLs" in default_err
     assert "/status/404: HTTP 404" not in default_err
     assert "mode pipeline: 2 threads in 1 download process(es), 1 worker" in verbose_err
