@@ -423,6 +423,14 @@ def _add_image_options(image: argparse._ArgumentGroup, defaults: Settings) -> No
         "from the current folder or sys.path",
     )
     image.add_argument(
+        "--max-pixels",
+        type=int,
+        default=spec.max_pixels,
+        metavar="N",
+        help="refuse images with more pixels than this, before decoding them "
+        f"(decompression bombs; default {spec.max_pixels:_}, 200 MP)",
+    )
+    image.add_argument(
         "--item-timeout",
         type=float,
         default=defaults.item_timeout,
@@ -484,6 +492,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         keep_metadata=args.keep_metadata,
         grayscale=args.grayscale,
         transform=args.transform,
+        max_pixels=args.max_pixels,
         **box,
     )
     extra = {} if args.procs is None else {"procs": args.procs}

@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from downloader import __version__
-from downloader.cli import USAGE_HINT, main
+from downloader.cli import USAGE_HINT, load_settings, main
+from downloader.errors import InputError
+from downloader.settings import ImageSpec, Mode
 from tests.helpers import WAIT_S, LocalServer, corpus_urls, read_manifest, write_list
 
 FAST = ["--no-progress", "--threads", "2", "--procs", "1", "--retries", "0"]
@@ -326,3 +329,56 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
 
     assert "Traceback" not in err
     assert child.returncode == 141
+
+
+@pytest.fixture(scope="module")
+def camera_photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with one 10000x9500 JPEG (95 MP, as a large camera's): one grey, so
+    it is ~1 MB on disk and, shrunk to a small box, decoded at 1/8 scale."""
+    folder = tmp_path_factory.mktemp("photo")
+    Image.new("L", (10_000, 9_500), 128).save(folder / "photo.jpg", quality=50)
+    return folder
+
+
+@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+def test_a_large_camera_photo_is_not_a_bomb(
+    mode: Mode, camera_photo: Path, tmp_path: Path
+) -> None:
+    """95 MP passes the default pixel limit (it failed as a bomb over 90 MP) in every
+    mode; --max-pixels lowers the limit, and the image then fails with the reason."""
+    base = ["--input-dir", str(camera_photo), "--mode", mode.value, *FAST]
+    base += ["--no-config", "--max-size", "64"]
+
+    default = main([*base, "--out", str(tmp_path / "default")])
+    lowered = main([*base, "--out", str(tmp_path / "low"), "--max-pixels", "90000000"])
+
+    assert default == 0
+    (accepted,) = read_manifest(tmp_path / "default")
+    assert (accepted["status"], accepted["width"]) == ("ok", 64)
+    assert lowered == 1
+    (refused,) = read_manifest(tmp_path / "low")
+    assert refused["error"] == "decompression bomb: 95000000 pixels (limit 90000000)"
+
+
+def test_max_pixels_is_checked_from_flag_config_and_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--max-pixels, the config's max-pixels and ImageSpec(max_pixels=) are one
+    setting, refused out of range in the same words."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/x.jpg\n")
+    (tmp_path / "c.toml").write_text("max-pixels = 0\n")
+    (tmp_path / "ok.toml").write_text("max-pixels = 1_000\n")
+
+    flag = main(["urls.txt", "--dry-run", "--no-config", "--max-pixels", "0"])
+    flag_err = capsys.readouterr().err
+    config = main(["urls.txt", "--dry-run", "--config", "c.toml"])
+    config_err = capsys.readouterr().err
+
+    assert (flag, config) == (2, 2)
+    assert flag_err.startswith("error: --max-pixels must be an integer from 1 to ")
+    assert config_err.startswith("error: config c.toml: max-pixels must be an integer")
+    with pytest.raises(InputError, match=r"^--max-pixels must be an integer from 1 "):
+        ImageSpec(max_pixels=0)
+    assert load_settings("ok.toml").image.max_pixels == 1_000
+    assert ImageSpec().max_pixels >= 16_320 * 12_240  # a 200 MP phone's photo

@@ -161,8 +161,8 @@ BAD_VALUES: list[tuple[type, dict[str, Any], str]] = [
     (ImageSpec, {"keep_metadata": None}, r"--keep-metadata .* \(NoneType\)$"),
     (ImageSpec, {"grayscale": ""}, r"--grayscale .* \(str\)$"),
     (ImageSpec, {"transform": 5}, r"--transform must be a str.* \(int\)$"),
-    (ImageSpec, {"max_pixels": 0}, "max_pixels must be an integer from 1 to "),
-    (ImageSpec, {"max_pixels": 65_535**2 + 1}, "max_pixels .* got 4294836226$"),
+    (ImageSpec, {"max_pixels": 0}, "--max-pixels must be an integer from 1 to "),
+    (ImageSpec, {"max_pixels": 65_535**2 + 1}, "--max-pixels .* got 4294836226$"),
 ]
 
 
