@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from downloader.fetch import blocked_address_kind
 from downloader.manifest import MANIFEST_NAME, OutputFolder, PreviousRun
-from downloader.records import Job, Outcome
+from downloader.records import Job, Outcome, aside
 from downloader.reuse import settings_fingerprint
 from downloader.settings import ImageFormat, NameBy, Settings
 from downloader.sources import (
@@ -302,6 +302,6 @@ def _describe(item: PlannedItem, out: Path) -> str:
             if name
         ]
         target = f" -> {', '.join(paths)}" if paths else ""
-        note = f" ({item.reason})" if item.reason else ""
-        return f"{where}{item.action.value} {item.url}{target}{note}"
+        line = f"{where}{item.action.value} {item.url}{target}"
+        return aside(line, item.reason) if item.reason else line
     return f"{where}{item.action.value} {item.url} -- {item.reason}"

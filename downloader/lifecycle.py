@@ -44,7 +44,15 @@ from downloader.fetch import (
     fetch_async,
 )
 from downloader.progress import EventKind
-from downloader.records import Fetched, Job, Outcome, Stage, Status, Transformed
+from downloader.records import (
+    Fetched,
+    Job,
+    Outcome,
+    Stage,
+    Status,
+    Transformed,
+    aside,
+)
 from downloader.reuse import Claim
 from downloader.runtime import RunContext
 from downloader.settings import NameBy, Settings
@@ -416,7 +424,7 @@ class Lifecycle:
     def not_started(self, job: Job, reason: str | None = None) -> Outcome:
         """The record of a job the run never reached before it was stopped."""
         why = reason or self.context.cancel.reason or "interrupted"
-        return Outcome.failure(job, None, f"not started ({why})")
+        return Outcome.failure(job, None, aside("not started", why))
 
     def local_fault(
         self,

@@ -12,7 +12,16 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Fetched", "Job", "Outcome", "Stage", "Status", "Transformed", "one_line"]
+__all__ = [
+    "Fetched",
+    "Job",
+    "Outcome",
+    "Stage",
+    "Status",
+    "Transformed",
+    "aside",
+    "one_line",
+]
 
 REASON_MAX_CHARS = 500
 """Longest reason or note a record keeps: enough for any message of ours plus a URL,
@@ -42,6 +51,17 @@ def one_line(text: str) -> str:
     if len(text) > REASON_MAX_CHARS:
         text = text[: REASON_MAX_CHARS - 1] + "…"
     return text
+
+
+def aside(text: str, detail: str) -> str:
+    """``text (detail)``, or ``text: detail`` when ``detail`` has parentheses itself.
+
+    A reason often wraps another (``not started (<why the run stopped>)``); nested
+    parentheses, ``(already ok (use --force))``, read badly.
+    """
+    if "(" in detail or ")" in detail:
+        return f"{text}: {detail}"
+    return f"{text} ({detail})"
 
 
 class Status(enum.Enum):
