@@ -615,11 +615,18 @@ def _describe(settings: Settings) -> str:
     )
 
 
-def _open_events(args: argparse.Namespace) -> EventStream | None:
+EVENTS_READER_LEFT = "the reader of the events left (a closed pipe)"
+"""The stop reason when ``--events -``'s reader goes (``| head``)."""
+
+
+def _open_events(args: argparse.Namespace, cancel: Cancellation) -> EventStream | None:
+    """Open ``--events``; when its reader leaves, stop the run as a signal would."""
     if args.events is None:
         return None
     try:
-        return EventStream.open(args.events)
+        return EventStream.open(
+            args.events, reader_left=lambda: cancel.set(EVENTS_READER_LEFT)
+        )
     except OSError as exc:
         raise OutputError(
             f"cannot write events to {args.events}: {exc.strerror or exc}"
@@ -659,13 +666,18 @@ def _run(
 ) -> int:
     cancel = Cancellation()
     with contextlib.ExitStack() as stack:
-        stream = _open_events(args)
+        stream = _open_events(args, cancel)
         if stream is not None:
             stack.enter_context(stream)
         summary = _run_with_bars(args, settings, log, stream, cancel, stderr)
         _finish(args, summary, settings, stream, stderr)
     if summary.interrupted:
         _log.warning("%s; rerun the same command to finish the job", cancel.reason)
+    if stream is not None and stream.reader_gone:
+        # As ``| head`` expects of a writer; the run has stopped in order, the
+        # manifest says how far it got, and a rerun finishes the job.
+        raise BrokenPipeError(EVENTS_READER_LEFT)
+    if summary.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILED if summary.counts[Status.FAILED] else EXIT_OK
 

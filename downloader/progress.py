@@ -251,9 +251,10 @@ class EventStream:
       ``error``, ``path``, ...), written by ``outcome()``;
     - anything a caller adds with ``note()`` (the CLI adds ``start`` and ``summary``).
 
-    A sink for ``events=`` (safe from any thread). If writing fails (a closed pipe, a
-    full disk) the stream stops writing, logs one warning and keeps the reason in
-    ``error``; the run goes on.
+    A sink for ``events=`` (safe from any thread). If writing fails (a full disk)
+    the stream stops writing, logs one warning and keeps the reason in ``error``; the
+    run goes on. A closed pipe (``| head``: the reader left) calls ``reader_left``
+    instead of the warning, when given: the command line then stops the run.
     """
 
     def __init__(
@@ -263,9 +264,11 @@ class EventStream:
         close_file: bool = False,
         clock: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], float] = time.time,
+        reader_left: Callable[[], None] | None = None,
     ) -> None:
         self._file: IO[str] | None = file
         self._close_file = close_file
+        self._reader_left = reader_left
         # Event times are perf_counter readings (comparable across processes);
         # this offset turns them into Unix time for readers.
         self._offset = wall_clock() - clock()
@@ -273,19 +276,23 @@ class EventStream:
         self._lock = threading.Lock()
         self._bytes: dict[int, int] = {}
         self.error: str | None = None
+        self.reader_gone = False
+        """True once writing failed because the reader of the pipe left."""
 
     @classmethod
-    def open(cls, target: str | Path) -> EventStream:
+    def open(
+        cls, target: str | Path, *, reader_left: Callable[[], None] | None = None
+    ) -> EventStream:
         """Open ``target`` for writing (replacing it); ``"-"`` means standard output.
 
         Raises:
             OSError: the file cannot be created.
         """
         if str(target) == "-":
-            return cls(sys.stdout)
+            return cls(sys.stdout, reader_left=reader_left)
         # Line buffered: each event reaches the file as soon as it is written.
         file = open(target, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
-        return cls(file, close_file=True)
+        return cls(file, close_file=True, reader_left=reader_left)
 
     def __call__(self, event: ProgressEvent, /) -> None:
         """Write a started/finished event; add up byte counts for the finished one."""
@@ -353,6 +360,11 @@ class EventStream:
                 self._failed(exc)
 
     def _failed(self, exc: Exception) -> None:
-        if self.error is None:
-            self.error = f"cannot write events: {exc}"
+        if self.error is not None:
+            return
+        self.error = f"cannot write events: {exc}"
+        self.reader_gone = isinstance(exc, BrokenPipeError)
+        if self.reader_gone and self._reader_left is not None:
+            self._reader_left()
+        else:
             _log.warning("%s; no more events are written", self.error)

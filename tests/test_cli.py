@@ -331,6 +331,36 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     assert child.returncode == 141
 
 
+@pytest.mark.parametrize("output", [["--json"], ["--events", "-"]])
+def test_a_reader_gone_before_the_run_writes_ends_it_quietly(
+    output: list[str], tmp_path: Path
+) -> None:
+    """``… --json | head`` and ``… --events - | head`` with the reader gone before the
+    first write: exit 141 without a traceback or an 'Errno 32' line, and every input
+    still has its one record (a stopped run, which a rerun finishes)."""
+    lines = [f"not a url {n}" for n in range(50)] + ["http://127.0.0.1:9/x.jpg"]
+    listing = write_list(tmp_path / "urls.txt", lines)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will ever read: the first write fails
+    try:
+        child = subprocess.run(
+            [sys.executable, str(CLI), str(listing), "--no-config", *output, *FAST],
+            cwd=tmp_path,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+    assert "Traceback" not in child.stderr
+    assert "Errno 32" not in child.stderr
+    assert child.returncode == 141, child.stderr
+    assert len(read_manifest(tmp_path / "output")) == len(lines)
+
+
 @pytest.fixture(scope="module")
 def camera_photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with one 10000x9500 JPEG (95 MP, as a large camera's): one grey, so
