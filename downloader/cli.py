@@ -764,6 +764,31 @@ def _run_dry(args: argparse.Namespace, settings: Settings, stderr: IO[str]) -> i
     return EXIT_OK if plan.ok else EXIT_FAILED
 
 
+_ONLY_WITH = {"demo_count": "--demo", "demo_latency": "--demo", "mode": "one run"}
+"""Options that mean something only with another (``mode``: not with --compare,
+which runs --modes): refused when typed without it, rather than ignored. A config
+file's value is only a default, so it is never refused for this."""
+_NOT_GIVEN = object()
+
+
+def _typed(argv: Sequence[str] | None) -> set[str]:
+    """The options of ``_ONLY_WITH`` given on the command line itself."""
+    parser = _parser()
+    parser.set_defaults(**dict.fromkeys(_ONLY_WITH, _NOT_GIVEN))
+    plain = parser.parse_args(argv)
+    return {dest for dest in _ONLY_WITH if getattr(plain, dest) is not _NOT_GIVEN}
+
+
+def _check_typed(args: argparse.Namespace, typed: set[str]) -> None:
+    """Refuse an option typed where it would be ignored (a usage error, exit 2)."""
+    for dest in sorted(typed):
+        flag = "--" + dest.replace("_", "-")
+        if _ONLY_WITH[dest] == "--demo" and not args.demo:
+            raise InputError(f"{flag} goes with --demo")
+    if "mode" in typed and args.compare:
+        raise InputError("--compare runs --modes (default: all), not --mode")
+
+
 def _check_combinations(args: argparse.Namespace) -> None:
     """Refuse flags that cannot go together (a usage error, exit 2)."""
     if args.modes is not None and not args.compare:
@@ -843,7 +868,10 @@ def _main(argv: Sequence[str] | None) -> int:
     except InputError as exc:  # the command line or the config file
         return _print_error(exc)
     try:
+        _check_typed(args, _typed(argv))
         with _console_log(_log_level(args), sys.stderr) as log:
+            if args.config is not None:
+                _log.info("defaults from %s (flags win)", args.config)
             return _dispatch(args, log)
     except DownloaderError as exc:
         return _print_error(exc)

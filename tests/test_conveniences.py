@@ -404,6 +404,57 @@ def test_headers_are_checked_from_python() -> None:
 # ------------------------------------------------------------------------ config
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--demo-count", "5"], "error: --demo-count goes with --demo"),
+        (["--demo-latency", "0"], "error: --demo-latency goes with --demo"),
+        (["--compare", "--mode", "threads"], "error: --compare runs --modes"),
+        (["--compare", "--mode=pipeline"], "error: --compare runs --modes"),
+    ],
+)
+def test_a_flag_that_would_be_ignored_is_refused(
+    flags: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--demo-count without --demo, --mode with --compare: exit 2 instead of being
+    silently ignored. The same values from a config file are defaults: no error."""
+    monkeypatch.chdir(tmp_path)
+    write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/a.jpg"])
+    (tmp_path / "c.toml").write_text('demo-count = 5\nmode = "threads"\n')
+
+    typed = main(["urls.txt", "--dry-run", "--no-config", *flags])
+    typed_err = capsys.readouterr().err
+    from_file = main(["urls.txt", "--dry-run", "--config", "c.toml"])
+
+    assert typed == 2
+    assert typed_err.startswith(message)
+    assert from_file == 0
+
+
+def test_verbose_names_the_config_file_and_header_is_a_key(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """./downloader.toml applied: -v says so (it was applied without a word); its
+    headers key also takes the flag's own name, header."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "downloader.toml").write_text('header = ["X-From: config"]\n')
+    url_list = write_list(tmp_path / "urls.txt", corpus_urls(server, corpus)[:1])
+
+    code = main([str(url_list), "--out", "o", "-v", *QUICK[:-1]])
+
+    assert code == 0
+    assert "defaults from downloader.toml (flags win)" in capsys.readouterr().err
+    assert server.request_headers[-1]["x-from"] == "config"
+
+
 def test_config_file_sets_defaults_and_flags_win(
     server: LocalServer,
     corpus: Path,
