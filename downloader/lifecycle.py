@@ -149,7 +149,9 @@ class Lifecycle:
         )
         events = self.context.events
         if attempts == 0:
-            emit(events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane)
+            emit(
+                events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane, url=job.url
+            )
         started = time.perf_counter()
         waits = False
         try:
@@ -175,7 +177,14 @@ class Lifecycle:
             return self.local_fault(job, Stage.DOWNLOAD, exc)
         finally:
             if not waits:
-                emit(events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane)
+                emit(
+                    events,
+                    Stage.DOWNLOAD,
+                    EventKind.FINISHED,
+                    job.index,
+                    lane,
+                    url=job.url,
+                )
 
     async def fetch_async(
         self,
@@ -187,7 +196,7 @@ class Lifecycle:
     ) -> Fetched | Outcome:
         """``fetch`` for asyncio: the same events and records, the I/O of a loop."""
         events = self.context.events
-        emit(events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane)
+        emit(events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane, url=job.url)
         started = time.perf_counter()
         try:
             if job.local_path is not None:
@@ -206,7 +215,9 @@ class Lifecycle:
         except OutputError as exc:
             return self.local_fault(job, Stage.DOWNLOAD, exc)
         finally:
-            emit(events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane)
+            emit(
+                events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane, url=job.url
+            )
 
     def stage_local(self, job: Job, lane: str) -> Fetched:
         """Put a local file where its download would land; report its bytes.
@@ -265,7 +276,7 @@ class Lifecycle:
         """Transform a download in this process, with its events; the download goes."""
         job = fetched.job
         events = self.context.events
-        emit(events, Stage.TRANSFORM, EventKind.STARTED, job.index, lane)
+        emit(events, Stage.TRANSFORM, EventKind.STARTED, job.index, lane, url=job.url)
         started = time.perf_counter()
         try:
             result = transform_file(
@@ -283,7 +294,14 @@ class Lifecycle:
             discard(fetched)
             raise
         finally:
-            emit(events, Stage.TRANSFORM, EventKind.FINISHED, job.index, lane)
+            emit(
+                events,
+                Stage.TRANSFORM,
+                EventKind.FINISHED,
+                job.index,
+                lane,
+                url=job.url,
+            )
         return self.finish(fetched, result)
 
     def fetch_now(
@@ -312,6 +330,7 @@ class Lifecycle:
             job.index,
             lane,
             at=at,
+            url=job.url,
         )
 
     def transformed(
@@ -336,6 +355,7 @@ class Lifecycle:
             job.index,
             lane,
             at=message.time,
+            url=job.url,
         )
         if isinstance(message, TaskDone):
             return self.finish(fetched, message.result)

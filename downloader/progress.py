@@ -60,6 +60,8 @@ class ProgressEvent:
     time: float
     """``time.perf_counter()`` (CLOCK_MONOTONIC, comparable across processes)."""
     nbytes: int = 0
+    url: str = ""
+    """The item's URL as in its record, on ``started`` and ``finished`` events."""
 
 
 class Events(Protocol):
@@ -245,10 +247,12 @@ class EventStream:
 
     - ``started`` / ``finished``: one item entering or leaving a stage, with
       ``stage`` (download, transform), ``index`` (the item's position among the
-      list's unique URLs, from 0) and ``lane`` (thread-N, task-N, proc-N); a download's
-      ``finished`` line has ``bytes``, the bytes received;
+      list's unique URLs, from 0), ``url`` and ``lane`` (thread-N, task-N, proc-N);
+      a download's ``finished`` line has ``bytes``, the bytes received;
     - ``result``: one per input, as its manifest record (``url``, ``status``,
-      ``error``, ``path``, ...), written by ``outcome()``;
+      ``error``, ``path``, ...) plus the ``index`` its ``started`` lines had (null
+      for an input that reached no stage: a skip, a bad line, one not started),
+      written by ``outcome()``;
     - anything a caller adds with ``note()`` (the CLI adds ``start`` and ``summary``).
 
     A sink for ``events=`` (safe from any thread). If writing fails (a full disk)
@@ -275,6 +279,8 @@ class EventStream:
         self._clock = clock
         self._lock = threading.Lock()
         self._bytes: dict[int, int] = {}
+        # URL -> index of the items that started and have no result yet.
+        self._indexes: dict[str, int] = {}
         self.error: str | None = None
         self.reader_gone = False
         """True once writing failed because the reader of the pipe left."""
@@ -307,8 +313,12 @@ class EventStream:
             "time": self._unix(event.time),
             "stage": event.stage.value,
             "index": event.index,
+            "url": event.url,
             "lane": event.lane,
         }
+        if event.kind is EventKind.STARTED:
+            with self._lock:
+                self._indexes[event.url] = event.index
         if event.kind is EventKind.FINISHED and event.stage is Stage.DOWNLOAD:
             with self._lock:
                 line["bytes"] = self._bytes.pop(event.index, 0)
@@ -316,8 +326,11 @@ class EventStream:
 
     def outcome(self, outcome: Outcome) -> None:
         """Write the ``result`` line of one finished input."""
+        with self._lock:
+            index = self._indexes.pop(outcome.url, None)
+        time_now = self._unix(self._clock())
         self._write(
-            {"type": "result", "time": self._unix(self._clock()), **outcome.to_json()}
+            {"type": "result", "time": time_now, "index": index, **outcome.to_json()}
         )
 
     def note(self, kind: str, fields: Mapping[str, Any]) -> None:

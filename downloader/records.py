@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "Extra",
     "Fetched",
     "Job",
     "Outcome",
@@ -26,6 +27,12 @@ __all__ = [
 REASON_MAX_CHARS = 500
 """Longest reason or note a record keeps: enough for any message of ours plus a URL,
 short enough that a hostile server cannot fill the manifest through one."""
+
+
+Extra = tuple[tuple[str, Any], ...]
+"""An input row's other fields, in order, with their values as given: text from
+CSV and TSV, any JSON value (number, list, object, ...) from JSON Lines, so that the
+manifest writes ``[1, 2]`` back as ``[1, 2]``, not as the text ``"[1, 2]"``."""
 
 
 def _escaped(char: str) -> str:
@@ -93,7 +100,7 @@ class Job:
     """Normalised URL used to recognise duplicates and earlier results."""
     stem: str
     """Safe output file name without extension, unique per key."""
-    extra: tuple[tuple[str, str], ...] = ()
+    extra: Extra = ()
     """Other columns of the input row (CSV, TSV, JSON Lines), for the manifest."""
     local_path: str | None = None
     """A local file to process instead of downloading ``url`` (``--input-dir``)."""
@@ -160,7 +167,7 @@ class Outcome:
     transform_s: float | None = None
     outputs: tuple[str, ...] | None = None
     """Outputs besides ``path`` (one per extra size), relative to the output folder."""
-    extra: tuple[tuple[str, str], ...] | None = None
+    extra: Extra | None = None
     """The input row's other columns; the manifest writes them as an object."""
     insecure: bool | None = None
     """True when the body was fetched with TLS verification off (``--insecure``)."""

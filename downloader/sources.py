@@ -48,7 +48,7 @@ from typing import BinaryIO, Protocol, TextIO, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 from downloader.errors import InputError
-from downloader.records import Job, Outcome, Status
+from downloader.records import Extra, Job, Outcome, Status
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -188,7 +188,7 @@ class Line:
     """Why the line cannot be used whatever it says, e.g. it is not valid UTF-8."""
     name: str | None = None
     """The ``name`` column: the output file stem it asks for (before sanitising)."""
-    extra: tuple[tuple[str, str], ...] = ()
+    extra: Extra = ()
     """The other columns of a CSV, TSV or JSON Lines row, in order."""
 
 
@@ -821,13 +821,14 @@ def _json_lines(physical: Iterator[_Physical]) -> Iterator[Line]:
 def _json_line(number: int, text: str) -> Line:
     """Return the entry of one JSON line; a bad line becomes an entry with an error."""
     try:
-        record = json.loads(text)
+        # NaN and Infinity are not JSON: kept as their text, so the manifest stays JSON.
+        record = json.loads(text, parse_constant=str)
     except (ValueError, RecursionError) as exc:
         return Line(number, _preview(text), f"line is not valid JSON: {exc}")
     if not isinstance(record, dict):
         return Line(number, _preview(text), "line is not a JSON object")
     extra = tuple(
-        (str(key), _as_text(value))
+        (str(key), value)  # JSON values keep their types (records.Extra)
         for key, value in record.items()
         if key not in (_URL_FIELD, _NAME_FIELD)
     )

@@ -19,6 +19,7 @@ from downloader import (
     EventStream,
     HttpSettings,
     InputError,
+    Mode,
     Settings,
     Status,
     dry_run,
@@ -95,6 +96,31 @@ def test_events_file_has_steps_results_and_summary(
     assert all(isinstance(line["time"], float) for line in lines)
     assert all("lane" in line for line in lines if line["type"] == "started")
     assert lines[-1]["counts"] == {"ok": 2, "failed": 1, "skipped": 0}
+
+
+@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+def test_events_name_each_item_the_same_way_in_every_kind(
+    mode: Mode, two_good_one_404: Path, tmp_path: Path
+) -> None:
+    """started, finished and result lines all carry index and url, and they agree
+    (started/finished had no url, result no index); a line that reached no stage
+    has index null."""
+    with two_good_one_404.open("a") as listing:
+        listing.write("not a url\n")
+    events = tmp_path / "events.jsonl"
+    argv = [str(two_good_one_404), "--out", str(tmp_path / "o"), "--mode", mode.value]
+
+    main([*argv, "--events", str(events), *FAST])
+
+    lines = [
+        line for line in _lines(events) if line["type"] not in ("start", "summary")
+    ]
+    assert {line["type"] for line in lines} == {"started", "finished", "result"}
+    assert all({"index", "url"} <= line.keys() for line in lines)
+    pairs = {(line["index"], line["url"]) for line in lines}
+    assert pairs == {(None, "not a url")} | {
+        (n, url) for n, url in enumerate(two_good_one_404.read_text().split()[:3])
+    }
 
 
 def test_events_dash_goes_to_stdout(

@@ -95,7 +95,7 @@ def test_json_lines_with_bad_lines_run_on(
     statuses = sorted(o.status.value for o in report.results)
     assert statuses == ["failed", "failed", "ok", "ok"]
     records = records_by_url(out)
-    assert records[good[0]]["extra"] == {"id": "1"}
+    assert records[good[0]]["extra"] == {"id": 1}
     assert records[good[1]]["path"] == "second.jpg"
     errors = sorted(str(o.error) for o in report.results if o.error)
     assert errors[0].startswith("line is not valid JSON")
@@ -445,3 +445,31 @@ def test_json_lines_read_as_text_get_a_hint(
         "a JSON object, not a URL (for JSON Lines: --input-format jsonl)"
     ] * 2
     assert "--input-format jsonl" in capsys.readouterr().err  # in the summary too
+
+
+def test_json_lines_extras_keep_their_types_and_csv_stays_text(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Numbers, lists and objects from JSON Lines reach the manifest, the events and
+    the records as they were given (they were stored as text: "[1, 2]"); a CSV
+    column is text, and stays text even when it looks like a number."""
+    url = corpus_urls(server, corpus)[0]
+    given = {"id": 7, "tags": [1, 2], "geo": {"lat": 1.5}, "ok": True, "none": None}
+    jsonl = tmp_path / "list.jsonl"
+    jsonl.write_text(json.dumps({"url": url, **given}) + "\n", encoding="utf-8")
+    csv_list = tmp_path / "list.csv"
+    csv_list.write_text(f"url,id\n{url},7\n", encoding="utf-8")
+    events = tmp_path / "events.jsonl"
+
+    code = main(
+        [str(jsonl), "--out", str(tmp_path / "j"), "--events", str(events), *FAST]
+    )
+    main([str(csv_list), "--out", str(tmp_path / "c"), "--no-config", *FAST])
+
+    assert code == 0
+    (record,) = read_manifest(tmp_path / "j")
+    assert record["extra"] == given
+    results = list(map(json.loads, events.read_text().splitlines()))
+    assert [e["extra"] for e in results if e["type"] == "result"] == [given]
+    (from_csv,) = read_manifest(tmp_path / "c")
+    assert from_csv["extra"] == {"id": "7"}
