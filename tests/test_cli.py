@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -257,6 +258,51 @@ def test_an_unusable_output_folder_exits_3(
 
     assert code == 3
     assert "error: cannot create output folder" in capsys.readouterr().err
+
+
+def _help_blocks(text: str) -> dict[str, tuple[str, str]]:
+    """--help's options that take a value: option -> (group title, its help)."""
+    blocks: dict[str, tuple[str, str]] = {}
+    title = option = ""
+    for line in text.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            title, option = line[:-1], ""
+        elif found := re.match(r"  (?:-\w, )?(--[a-z-]+) [A-Z{']", line):
+            option = found.group(1)
+            blocks[option] = (title, line)
+        elif line.startswith("  -") or not line.strip():
+            option = ""
+        elif option:
+            blocks[option] = (title, blocks[option][1] + " " + line.strip())
+    return blocks
+
+
+# Options with no default value: nothing is done unless they are given.
+NO_DEFAULT = {"--input-dir", "--events", "--header", "--size", "--sizes", "--transform"}
+
+
+def test_help_groups_the_options_shows_defaults_and_ends_with_examples(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--help: options grouped as the README groups them (--item-timeout with the
+    run, not the images), every default shown, --mode explained, examples last
+    (it was one group of ~20 options, few defaults, no examples)."""
+    monkeypatch.setenv("COLUMNS", "100")
+
+    code = main(["--help"])
+
+    text = capsys.readouterr().out
+    blocks = _help_blocks(text)
+    assert code == 0
+    assert blocks["--item-timeout"][0] == "run"
+    assert blocks["--timeout"][0] == "download"
+    assert blocks["--max-pixels"][0].startswith("transforms")
+    assert blocks["--demo-count"][0] == "demo"
+    assert "scheduled: sequential, threads" in blocks["--mode"][1]
+    for option, (_, block) in blocks.items():
+        assert ("default: " in block) is (option not in NO_DEFAULT), block
+    assert text.index("examples:") > text.index("--demo-latency")
+    assert "downloader urls.txt --dry-run" in text[text.index("examples:") :]
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
