@@ -832,29 +832,32 @@ def _run_dry(args: argparse.Namespace, settings: Settings, stderr: IO[str]) -> i
     return EXIT_OK if plan.ok else EXIT_FAILED
 
 
-_ONLY_WITH = {"demo_count": "--demo", "demo_latency": "--demo", "mode": "one run"}
-"""Options that mean something only with another (``mode``: not with --compare,
-which runs --modes): refused when typed without it, rather than ignored. A config
-file's value is only a default, so it is never refused for this."""
+_IGNORED_UNLESS: dict[str, tuple[Callable[[argparse.Namespace], bool], str]] = {
+    "demo_count": (lambda args: args.demo, "--demo-count goes with --demo"),
+    "demo_latency": (lambda args: args.demo, "--demo-latency goes with --demo"),
+    "mode": (
+        lambda args: not args.compare,
+        "--compare runs --modes (default: all), not --mode",
+    ),
+}
+"""Options that a run would ignore unless the condition holds: refused when typed
+on the command line (a config file's value is only a default, never refused)."""
 _NOT_GIVEN = object()
 
 
 def _typed(argv: Sequence[str] | None) -> set[str]:
-    """The options of ``_ONLY_WITH`` given on the command line itself."""
+    """The options of ``_IGNORED_UNLESS`` given on the command line itself."""
     parser = _parser()
-    parser.set_defaults(**dict.fromkeys(_ONLY_WITH, _NOT_GIVEN))
+    parser.set_defaults(**dict.fromkeys(_IGNORED_UNLESS, _NOT_GIVEN))
     plain = parser.parse_args(argv)
-    return {dest for dest in _ONLY_WITH if getattr(plain, dest) is not _NOT_GIVEN}
+    return {dest for dest in _IGNORED_UNLESS if getattr(plain, dest) is not _NOT_GIVEN}
 
 
 def _check_typed(args: argparse.Namespace, typed: set[str]) -> None:
     """Refuse an option typed where it would be ignored (a usage error, exit 2)."""
-    for dest in sorted(typed):
-        flag = "--" + dest.replace("_", "-")
-        if _ONLY_WITH[dest] == "--demo" and not args.demo:
-            raise InputError(f"{flag} goes with --demo")
-    if "mode" in typed and args.compare:
-        raise InputError("--compare runs --modes (default: all), not --mode")
+    for dest, (applies, refusal) in _IGNORED_UNLESS.items():
+        if dest in typed and not applies(args):
+            raise InputError(refusal)
 
 
 def _check_combinations(args: argparse.Namespace) -> None:
