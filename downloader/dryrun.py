@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from downloader.manifest import OutputFolder, PreviousRun
 from downloader.parts import part_of
-from downloader.records import Job, Outcome
+from downloader.records import Job, Outcome, aside
 from downloader.resolve import BlockPolicy, blocked_address_kind
 from downloader.reuse import settings_fingerprint
 from downloader.settings import ImageFormat, NameBy, Part, Settings
@@ -336,6 +336,6 @@ def _describe(item: PlannedItem, out: Path) -> str:
             if name
         ]
         target = f" -> {', '.join(paths)}" if paths else ""
-        note = f" ({item.reason})" if item.reason else ""
-        return f"{where}{item.action.value} {item.url}{target}{note}"
+        line = f"{where}{item.action.value} {item.url}{target}"
+        return aside(line, item.reason) if item.reason else line
     return f"{where}{item.action.value} {item.url} -- {item.reason}"

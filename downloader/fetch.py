@@ -45,6 +45,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import threading
 import time
 import zlib
@@ -1279,9 +1280,18 @@ def _message(exc: BaseException) -> str:
         if seen is None:
             break
         if str(seen).strip():
-            return str(seen).strip().splitlines()[0]
+            return _plain(str(seen).strip().splitlines()[0])
         seen = seen.__cause__ or seen.__context__
     return type(exc).__name__
+
+
+_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)$")
+
+
+def _plain(message: str) -> str:
+    """A library's sentence as part of a reason: no final full stop (the reason may
+    go on: ``… after 3 attempts``), no ``(_ssl.c:1006)`` source line."""
+    return _SSL_SOURCE.sub("", message).rstrip(".") or message
 
 
 def _readable_protocol_error(message: str) -> str:

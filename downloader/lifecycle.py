@@ -44,7 +44,15 @@ from downloader.fetch import (
     fetch_async,
 )
 from downloader.progress import EventKind
-from downloader.records import Fetched, Job, Outcome, Stage, Status, Transformed
+from downloader.records import (
+    Fetched,
+    Job,
+    Outcome,
+    Stage,
+    Status,
+    Transformed,
+    aside,
+)
 from downloader.reuse import Claim
 from downloader.runtime import RunContext
 from downloader.settings import NameBy, Settings
@@ -142,7 +150,9 @@ class Lifecycle:
         )
         events = self.context.events
         if attempts == 0:
-            emit(events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane)
+            emit(
+                events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane, url=job.url
+            )
         started = time.perf_counter()
         waits = False
         try:
@@ -168,7 +178,14 @@ class Lifecycle:
             return self.local_fault(job, Stage.DOWNLOAD, exc)
         finally:
             if not waits:
-                emit(events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane)
+                emit(
+                    events,
+                    Stage.DOWNLOAD,
+                    EventKind.FINISHED,
+                    job.index,
+                    lane,
+                    url=job.url,
+                )
 
     async def fetch_async(
         self,
@@ -180,7 +197,7 @@ class Lifecycle:
     ) -> Fetched | Outcome:
         """``fetch`` for asyncio: the same events and records, the I/O of a loop."""
         events = self.context.events
-        emit(events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane)
+        emit(events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane, url=job.url)
         started = time.perf_counter()
         try:
             if job.local_path is not None:
@@ -199,7 +216,9 @@ class Lifecycle:
         except OutputError as exc:
             return self.local_fault(job, Stage.DOWNLOAD, exc)
         finally:
-            emit(events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane)
+            emit(
+                events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane, url=job.url
+            )
 
     def stage_local(self, job: Job, lane: str) -> Fetched:
         """Put a local file where its download would land; report its bytes.
@@ -258,7 +277,7 @@ class Lifecycle:
         """Transform a download in this process, with its events; the download goes."""
         job = fetched.job
         events = self.context.events
-        emit(events, Stage.TRANSFORM, EventKind.STARTED, job.index, lane)
+        emit(events, Stage.TRANSFORM, EventKind.STARTED, job.index, lane, url=job.url)
         started = time.perf_counter()
         try:
             result = transform_file(
@@ -276,7 +295,14 @@ class Lifecycle:
             discard(fetched)
             raise
         finally:
-            emit(events, Stage.TRANSFORM, EventKind.FINISHED, job.index, lane)
+            emit(
+                events,
+                Stage.TRANSFORM,
+                EventKind.FINISHED,
+                job.index,
+                lane,
+                url=job.url,
+            )
         return self.finish(fetched, result)
 
     def fetch_now(
@@ -305,6 +331,7 @@ class Lifecycle:
             job.index,
             lane,
             at=at,
+            url=job.url,
         )
 
     def transformed(
@@ -329,6 +356,7 @@ class Lifecycle:
             job.index,
             lane,
             at=message.time,
+            url=job.url,
         )
         if isinstance(message, TaskDone):
             return self.finish(fetched, message.result)
@@ -418,7 +446,7 @@ class Lifecycle:
     def not_started(self, job: Job, reason: str | None = None) -> Outcome:
         """The record of a job the run never reached before it was stopped."""
         why = reason or self.context.cancel.reason or "interrupted"
-        return Outcome.failure(job, None, f"not started ({why})")
+        return Outcome.failure(job, None, aside("not started", why))
 
     def local_fault(
         self,

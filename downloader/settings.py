@@ -81,6 +81,13 @@ BOXES_LIMIT = 64
 sets use a handful."""
 PIXELS_LIMIT = BOX_SIDE_LIMIT**2
 """``max_pixels``: the largest JPEG; decoding one takes ~13 GB per worker already."""
+MAX_PIXELS_DEFAULT = 200_000_000
+"""``max_pixels`` by default: 200 MP, just above the largest photos cameras make today
+(a 200 MP phone sensor's 16320x12240 = 199.8 MP; medium format 150 MP, 14204x10652),
+while a bomb (a small file declaring 65535x65535 pixels) is still refused. Pillow's own
+guard stops at 2 x 89,478,485 = 179.0 MP, which refuses those phones' photos. Decoding
+one such image in full takes ~600 MB (RGB) in a worker; a JPEG shrunk to a small box is
+decoded at 1/8 scale (``draft``), far less."""
 TASKS_LIMIT = 10**9
 # Parts of one list (--part K/N): far more machines than any job array gives one job.
 PARTS_LIMIT = 100_000
@@ -690,8 +697,9 @@ class ImageSpec:
     grayscale: bool = False
     transform: str | None = None
     """``module:function`` applied to each output image after the built-in steps."""
-    max_pixels: int = 90_000_000
-    """Images with more pixels than this are refused as decompression bombs."""
+    max_pixels: int = MAX_PIXELS_DEFAULT
+    """Images with more pixels than this are refused as decompression bombs
+    (``--max-pixels``), before any pixel is decoded."""
 
     def __post_init__(self) -> None:
         _check_fields(self, _IMAGE_CHECKS)
@@ -732,7 +740,7 @@ _IMAGE_CHECKS: Mapping[str, Check] = {
     "keep_metadata": _Switch("--keep-metadata"),
     "grayscale": _Switch("--grayscale"),
     "transform": _Text("--transform", optional=True),
-    "max_pixels": Whole("max_pixels", 1, PIXELS_LIMIT),
+    "max_pixels": Whole("--max-pixels", 1, PIXELS_LIMIT),
 }
 
 

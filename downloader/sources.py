@@ -26,12 +26,14 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import enum
 import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import queue
 import re
@@ -48,10 +50,11 @@ from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 import idna
 
 from downloader.errors import InputError
-from downloader.records import Job, Outcome, Status
+from downloader.records import Extra, Job, Outcome, Status
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "JSON_LINE_HINT",
     "MAX_URL_LENGTH",
     "InputFormat",
     "Line",
@@ -79,6 +82,10 @@ __all__ = [
 # could not be fetched anyway; the cap also bounds the memory one line can take.
 MAX_URL_LENGTH = 8192
 
+_log = logging.getLogger("downloader")
+JSON_LINE_HINT = "a JSON object, not a URL (for JSON Lines: --input-format jsonl)"
+"""The reason of a line of a plain list that starts with ``{``: most likely the
+list is JSON Lines read as text (from stdin, or a ``.txt``)."""
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"})
 """File name suffixes taken from an ``--input-dir`` folder: what the transform reads."""
 
@@ -185,7 +192,7 @@ class Line:
     """Why the line cannot be used whatever it says, e.g. it is not valid UTF-8."""
     name: str | None = None
     """The ``name`` column: the output file stem it asks for (before sanitising)."""
-    extra: tuple[tuple[str, str], ...] = ()
+    extra: Extra = ()
     """The other columns of a CSV, TSV or JSON Lines row, in order."""
 
 
@@ -615,17 +622,32 @@ def _expand(pattern: str) -> list[Path]:
             entries = list(path.iterdir())
         except OSError as exc:
             raise InputError(f"cannot list {pattern}: {exc.strerror or exc}") from exc
-        return sorted(
-            entry
-            for entry in entries
-            if entry.suffix.lower() in IMAGE_SUFFIXES and entry.is_file()
+        files = [entry for entry in entries if entry.is_file()]
+        _say_left_out(
+            pattern, [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
         )
+        return sorted(f for f in files if f.suffix.lower() in IMAGE_SUFFIXES)
     if _GLOB_MAGIC.search(pattern):
         matches = glob.glob(pattern, recursive=True)
         return sorted(Path(match) for match in matches if Path(match).is_file())
     if path.is_file():
         return [path]
     raise InputError(f"no such folder or file: {pattern}")
+
+
+def _say_left_out(folder: str, files: list[Path]) -> None:
+    """Log, as one warning, the files of an ``--input-dir`` folder not processed."""
+    if not files:
+        return
+    kinds = collections.Counter(f.suffix.lower() or "no suffix" for f in files)
+    listed = ", ".join(f"{suffix} {n}" for suffix, n in sorted(kinds.items()))
+    _log.warning(
+        "%s: %d file(s) left out, not named as images (%s); processed are %s",
+        folder,
+        len(files),
+        listed,
+        ", ".join(sorted(IMAGE_SUFFIXES)),
+    )
 
 
 def _check_authority(parts: SplitResult) -> str | None:
@@ -818,6 +840,8 @@ def _make_line(number: int, text: str, error: str | None) -> Line | None:
         return None
     if error is None and "\x00" in text:
         error = "NUL byte in line"
+    if error is None and text.startswith("{"):
+        error = JSON_LINE_HINT
     return Line(number, text, error)
 
 
@@ -848,13 +872,14 @@ def _json_lines(physical: Iterator[_Physical]) -> Iterator[Line]:
 def _json_line(number: int, text: str) -> Line:
     """Return the entry of one JSON line; a bad line becomes an entry with an error."""
     try:
-        record = json.loads(text)
+        # NaN and Infinity are not JSON: kept as their text, so the manifest stays JSON.
+        record = json.loads(text, parse_constant=str)
     except (ValueError, RecursionError) as exc:
         return Line(number, _preview(text), f"line is not valid JSON: {exc}")
     if not isinstance(record, dict):
         return Line(number, _preview(text), "line is not a JSON object")
     extra = tuple(
-        (str(key), _as_text(value))
+        (str(key), value)  # JSON values keep their types (records.Extra)
         for key, value in record.items()
         if key not in (_URL_FIELD, _NAME_FIELD)
     )

@@ -68,10 +68,11 @@ def emit(
     *,
     nbytes: int = 0,
     at: float | None = None,
+    url: str = "",
 ) -> None:
     """Send one progress event, stamped now unless ``at`` is given."""
     moment = time.perf_counter() if at is None else at
-    events(ProgressEvent(stage, kind, index, lane, moment, nbytes))
+    events(ProgressEvent(stage, kind, index, lane, moment, nbytes, url))
 
 
 def byte_counter(events: Events, index: int, lane: str) -> Callable[[int], None]:

@@ -243,6 +243,25 @@ def test_a_hostile_route_fails_with_a_plain_reason(
     assert batch.requests(path) == requests
 
 
+def _nesting(text: str) -> int:
+    """How deep parentheses go in ``text``."""
+    depth = deepest = 0
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def test_every_reason_reads_as_plain_words(batch: Batch) -> None:
+    """No Python repr, no full stop before the reason goes on, no (… (…))."""
+    reasons = [o.error or o.note or "" for o in batch.report.results]
+
+    assert len([r for r in reasons if r]) >= len(FAILURES)
+    for reason in reasons:
+        assert not re.search(r"bytearray|b'|b\"|\.\s+after|\.\)|\.;", reason), reason
+        assert _nesting(reason) <= 1, reason
+
+
 def test_a_connection_reset_mid_body_is_retried_then_failed(batch: Batch) -> None:
     """A reset after 5000 of 100000 bytes counts as transient and is retried."""
     outcome = batch.outcome("/reset")
@@ -355,7 +374,9 @@ def test_a_truncated_jpeg_fails_as_truncated(batch: Batch) -> None:
 
     assert outcome.status is Status.FAILED
     assert outcome.stage is Stage.TRANSFORM
-    assert str(outcome.error).startswith("truncated image (image file is truncated")
+    assert re.fullmatch(
+        r"truncated image \(\d+ bytes not processed\)", str(outcome.error)
+    )
     assert batch.requests("/truncated.jpg") == 1
 
 
