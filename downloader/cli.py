@@ -290,7 +290,11 @@ def _add_download_options(
         "--timeout",
         type=float,
         default=defaults.timeout,
-        help=f"seconds for connecting and for each read (default {defaults.timeout:g})",
+        help=(
+            "seconds for connecting and for each read; a body slower than "
+            f"{defaults.min_speed} bytes/s for this long is cut too; a stall is "
+            f"retried once (default {defaults.timeout:g})"
+        ),
     )
     http.add_argument(
         "--deadline",

@@ -511,9 +511,8 @@ class HttpSettings:
     per_host: int = 4
     """Concurrent connections to one host:port."""
     min_speed: int = 1024
-    """Bytes per second below which a download counts as stalled ..."""
-    speed_window: float = 30.0
-    """... when measured over this many seconds."""
+    """Bytes per second below which a body counts as stalled when measured over
+    ``timeout`` seconds (0: no minimum)."""
     user_agent: str = USER_AGENT
     headers: tuple[tuple[str, str], ...] = ()
     """Extra request headers (name, value); they replace defaults of the same name."""
@@ -537,7 +536,6 @@ _HTTP_CHECKS: Mapping[str, Check] = {
     "max_redirects": Whole("max_redirects", 0, REDIRECTS_LIMIT),
     "per_host": Whole("--per-host", 1, THREADS_LIMIT),
     "min_speed": Whole("min_speed", 0, SPEED_LIMIT, unit="bytes per second"),
-    "speed_window": _seconds("speed_window"),
     "user_agent": _Text("user_agent", one_line=True),
     "headers": _Headers("--header"),
     "verify": _Switch("verify"),

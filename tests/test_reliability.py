@@ -22,6 +22,7 @@ from downloader.demo import serve_in_thread
 from downloader.records import Outcome
 from downloader.report import RunReport
 from downloader.settings import HttpSettings, ImageSpec, Mode
+from downloader.transfer import STALL_RETRIES
 from tests.helpers import (
     SLOW_IMAGE,
     LocalServer,
@@ -36,6 +37,7 @@ MAX_BYTES = 100_000
 MAX_PIXELS = 10_000
 RETRIES = 2
 ATTEMPTS = RETRIES + 1
+STALL_ATTEMPTS = STALL_RETRIES + 1
 READ_TIMEOUT_S = 0.5
 DEADLINE_S = 0.6
 MAX_BACKOFF_S = 0.5
@@ -154,7 +156,7 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Batch]:
             max_backoff=MAX_BACKOFF_S,
             max_bytes=MAX_BYTES,
             per_host=16,
-            speed_window=60,
+            min_speed=0,  # /drip is for the deadline
         ),
         image=ImageSpec(max_size=64, max_pixels=MAX_PIXELS),
     )
@@ -178,8 +180,9 @@ FAILURES = [
     ("/status/503", Stage.DOWNLOAD, f"HTTP 503 after {ATTEMPTS} attempts", ATTEMPTS),
     (
         "/html",
-        Stage.TRANSFORM,
-        "not an image (starts with '<html><body>404</bod')",
+        Stage.DOWNLOAD,
+        "not an image: server sent text/html "
+        "(starts with '<html><body>404</body></html>')",
         1,
     ),
     (
@@ -191,8 +194,9 @@ FAILURES = [
     (
         "/silent",
         Stage.DOWNLOAD,
-        f"timed out after {READ_TIMEOUT_S:g}s (read) after {ATTEMPTS} attempts",
-        ATTEMPTS,
+        # Headers, then nothing: a stall, retried once only.
+        f"timed out after {READ_TIMEOUT_S:g}s (read) after {STALL_ATTEMPTS} attempts",
+        STALL_ATTEMPTS,
     ),
     (
         "/drip",
@@ -219,7 +223,13 @@ FAILURES = [
     ("/loop", Stage.DOWNLOAD, "redirect loop", 1),
     ("/to-file", Stage.DOWNLOAD, "redirect to unsupported scheme 'file'", 1),
     ("/to-ftp", Stage.DOWNLOAD, "redirect to unsupported scheme 'ftp'", 1),
-    ("/fake.jpg", Stage.TRANSFORM, "not an image (starts with '<html>oops</html>')", 1),
+    (
+        "/fake.jpg",
+        Stage.DOWNLOAD,
+        "not an image: the body is text (starts with '<html>oops</html>'; "
+        "sent as image/jpeg)",
+        1,
+    ),
     ("/empty.jpg", Stage.DOWNLOAD, "empty body", 1),
     ("/empty", Stage.DOWNLOAD, "empty body", 1),
 ]
