@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import count
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -38,7 +39,13 @@ from downloader.fetch import (
 )
 from downloader.records import Fetched, Job
 from downloader.settings import HttpSettings
-from downloader.transfer import SNIFF_BYTES, STALL_RETRIES, refusal
+from downloader.transfer import (
+    SNIFF_BYTES,
+    STALL_RETRIES,
+    Partial,
+    partial_for,
+    refusal,
+)
 from tests.helpers import fast_settings, leftovers
 
 HTTP = HttpSettings(
@@ -226,8 +233,8 @@ class Handler(BaseHTTPRequestHandler):
         ``stall``, goes quiet). Later ones, by ``variant``: ``etag``, ``dated`` and
         ``stall`` honour ``Range`` under ``If-Range``; ``ignore`` sends it all again;
         ``changed`` has a new body and ETag; ``bad-range`` answers its first range
-        request from the wrong byte; ``weak`` has only a weak ETag; ``always``
-        cuts every answer."""
+        request from the wrong byte, ``unsatisfiable`` with a 416; ``weak`` has
+        only a weak ETag; ``always`` cuts every answer."""
         body = PHOTO if name == "photo" else BODY
         validator = {"dated": LAST_MODIFIED, "weak": 'W/"v1"'}.get(variant, ETAG)
         field = "Last-Modified" if variant == "dated" else "ETag"
@@ -243,6 +250,9 @@ class Handler(BaseHTTPRequestHandler):
             body, validator = body[::-1], NEW_ETAG
             offer["ETag"] = validator
         wanted = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        if variant == "unsatisfiable" and wanted is not None:
+            self.start(416, 0, Content_Range=f"bytes */{len(body)}")
+            return
         fresh = self.headers.get("If-Range") == validator
         if variant == "ignore" or wanted is None or not fresh:
             self.start(200, len(body), Content_Type="image/jpeg", **offer)
@@ -541,6 +551,7 @@ def test_a_cut_body_continues_with_a_range_request(
         ("ignore", BODY, 2),  # range ignored: the whole body again, in a 200
         ("changed", BODY[::-1], 2),  # validator changed: the new body, in a 200
         ("bad-range", BODY, 3),  # a 206 from the wrong byte: dropped, then whole
+        ("unsatisfiable", BODY, 3),  # a 416: dropped, then whole
     ],
 )
 def test_a_server_that_does_not_continue_gets_a_whole_download(
@@ -561,6 +572,32 @@ def test_a_server_that_does_not_continue_gets_a_whole_download(
     assert fetched.attempts == requests
     assert server.headers_of(url)[1]["range"] == f"bytes={len(BODY) // 2}-"
     assert len(server.headers_of(url)) == requests
+
+
+@pytest.mark.parametrize(
+    ("headers", "partial"),
+    [
+        ({"Accept-Ranges": "bytes", "ETag": ETAG}, Partial("http://h/x", ETAG)),
+        (
+            {"Accept-Ranges": "Bytes", "ETag": 'W/"1"', "Last-Modified": LAST_MODIFIED},
+            Partial("http://h/x", LAST_MODIFIED),
+        ),
+        ({"Accept-Ranges": "bytes", "ETag": 'W/"1"'}, None),
+        ({"Accept-Ranges": "none", "ETag": ETAG}, None),
+        ({"ETag": ETAG}, None),
+        ({"Accept-Ranges": "bytes", "ETag": ETAG, "Content-Encoding": "gzip"}, None),
+    ],
+)
+def test_what_may_be_continued(
+    headers: dict[str, str], partial: Partial | None
+) -> None:
+    """Byte ranges offered, no content coding, and a strong validator: ETag first,
+    Last-Modified when the ETag is weak."""
+    response = httpx.Response(
+        200, headers=headers, request=httpx.Request("GET", "http://h/x")
+    )
+
+    assert partial_for(response) == partial
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
