@@ -403,7 +403,11 @@ def _add_download_options(http: argparse._ArgumentGroup, settings: Settings) -> 
         "--timeout",
         type=float,
         default=defaults.timeout,
-        help="seconds for connecting and for each read",
+        help=(
+            "seconds for connecting and for each read; a body slower than "
+            f"{defaults.min_speed} bytes/s for this long is cut too; a stall is "
+            "retried once"
+        ),
     )
     http.add_argument(
         "--deadline",

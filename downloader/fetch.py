@@ -8,9 +8,12 @@ left behind.
 
 Redirects (followed by hand, each hop checked), retries with jittered backoff,
 ``Retry-After``, size caps on raw and decoded bytes, the per-attempt deadline and the
-minimum-speed check all live here, so every scheduler gets the same behaviour. This
-module never starts a thread or a process: callers run ``fetch()`` from as many threads
-as they like, sharing one client (``make_client``) and one ``HostLimiter``.
+minimum-speed check (over ``--timeout`` seconds) all live here, so every scheduler
+gets the same behaviour. What is judged mid-body (a body that is not an image is
+refused after its first bytes, a stall is retried once, a cut body continues with a
+range request) follows the rules of ``transfer.py``. This module never starts a
+thread or a process: callers run ``fetch()`` from as many threads as they like,
+sharing one client (``make_client``) and one ``HostLimiter``.
 
 ``fetch_async()`` is the same download for asyncio (``make_async_client``,
 ``AsyncHostLimiter``, the body written with aiofiles). Both drive one sans-IO core,
@@ -18,9 +21,10 @@ as they like, sharing one client (``make_client``) and one ``HostLimiter``.
 ``_BodyReader`` (size caps, decoding, hashing, truncation); only the I/O differs.
 
 ``fetch(..., defer_retries=True)`` does not sleep between attempts: it raises
-``RetryLater`` (the wait, the attempts made) so that a scheduler can serve other URLs
-meanwhile, then calls ``fetch(..., attempts_done=n)`` when the wait is over; the retry
-budget and the final reason are the same as with the sleep.
+``RetryLater`` (the wait, the attempts made, an ``AttemptState``) so that a scheduler
+can serve other URLs meanwhile, then calls ``fetch(..., attempts_done=n, state=s)``
+when the wait is over; the retry budget, the stalls, the partial body to continue and
+the final reason are the same as with the sleep.
 
 ``--deadline`` bounds each attempt from connecting to the last byte: the clients are
 built with a network backend (``_DeadlineBackend``) that cuts every connect, read and
@@ -75,6 +79,13 @@ from downloader.resolve import (
     pin_backend,
 )
 from downloader.settings import HttpSettings
+from downloader.transfer import (
+    STALL_RETRIES,
+    AttemptState,
+    Continuation,
+    Sniff,
+    partial_for,
+)
 
 __all__ = [
     "CHUNK",
@@ -100,6 +111,7 @@ _SLOT_WAIT_SLICE = 0.25
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _RATE_LIMIT_STATUSES = frozenset({429, 503})
+_PARTIAL_CONTENT, _RANGE_NOT_SATISFIABLE = 206, 416
 _TRANSIENT_CLIENT_STATUSES = frozenset({408, 429})
 _ALLOWED_SCHEMES = frozenset({"http", "https"})
 _TIMEOUT_KINDS: dict[type[httpx.TimeoutException], str] = {
@@ -115,6 +127,8 @@ redirect leads to, as curl and browsers do."""
 _log = logging.getLogger("downloader")
 # O_EXCL|O_NOFOLLOW: never write through a file or link someone else put there.
 _PART_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+# A partial body is continued in the file this download made, never through a link.
+_PARTIAL_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW
 
 
 def _client_options(http: HttpSettings, threads: int) -> dict[str, Any]:
@@ -475,12 +489,22 @@ async def _acquire_unless_stopped(semaphore: asyncio.Semaphore, stop: StopFlag) 
 class RetryLater(FetchError):
     """Not a failure: try ``fetch`` again in ``delay`` seconds (``defer_retries``).
 
-    ``attempts`` is the number made so far: pass it back as ``attempts_done``.
+    ``attempts`` is the number made so far: pass it back as ``attempts_done``, and
+    ``state`` as ``state`` (its partial body stays on disk until then, or until the
+    run removes its scratch folder).
     """
 
-    def __init__(self, reason: str, *, delay: float, attempts: int) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        delay: float,
+        attempts: int,
+        state: AttemptState | None = None,
+    ) -> None:
         super().__init__(f"retry later: {reason}", attempts=attempts)
         self.delay = delay
+        self.state = state or AttemptState()
 
 
 def fetch(
@@ -495,21 +519,25 @@ def fetch(
     clock: Callable[[], float] = time.monotonic,
     defer_retries: bool = False,
     attempts_done: int = 0,
+    state: AttemptState | None = None,
 ) -> Fetched:
     """Download ``job.url`` to ``tmp_dir/<stem>.part``, retrying transient failures.
 
-    With ``defer_retries`` a wait before the next attempt
-    is raised as ``RetryLater`` instead of slept; ``attempts_done`` continues the retry
-    budget of the calls before.
+    With ``defer_retries`` a wait before the next attempt is raised as ``RetryLater``
+    instead of slept; ``attempts_done`` and ``state`` (both from that ``RetryLater``)
+    continue the retry budget of the calls before.
 
     Raises:
-        RetryLater: only with ``defer_retries``; nothing is left on disk.
+        RetryLater: only with ``defer_retries``; nothing is left on disk but the
+            partial body its ``state`` continues (the run's scratch folder goes at
+            the end of the run, with it).
         FetchError: the URL failed (``reason`` says why); nothing is left on disk.
         OutputError: the ``.part`` file could not be written; the run should stop.
     """
     guard = ProxiedCheck(http)
     attempts = _Attempts(job, http, tmp_dir, cancel, hosts, on_bytes, clock, guard)
     attempts.count = attempts_done
+    attempts.carry(state or AttemptState())
     download = _Download(attempts, client, hosts, cancel, defer_retries=defer_retries)
     with attempts.cleanup():
         return download.run()
@@ -540,7 +568,12 @@ async def fetch_async(
 
 
 class _Transient(FetchError):
-    """A failure worth another attempt; ``retry_after`` is the server's own wait."""
+    """A failure worth another attempt; ``retry_after`` is the server's own wait.
+
+    ``stall``: the server sent nothing for ``--timeout`` seconds, or its body crawled
+    below the minimum speed that long; a download gets ``STALL_RETRIES`` more
+    attempts after one.
+    """
 
     def __init__(
         self,
@@ -549,11 +582,13 @@ class _Transient(FetchError):
         host: str,
         http_status: int | None = None,
         retry_after: float | None = None,
+        stall: bool = False,
         most_attempts: int | None = None,
     ) -> None:
         super().__init__(reason, http_status=http_status)
         self.host = host
         self.retry_after = retry_after
+        self.stall = stall
         self.most_attempts = most_attempts
         """Attempts this kind of failure deserves at most, below ``--retries``."""
 
@@ -568,7 +603,8 @@ class _Body:
 
 
 class _Received:
-    """Raw bytes seen so far on one response, for the truncation message."""
+    """Raw bytes of the body so far (a continued body's earlier ones included), for
+    the truncation message."""
 
     __slots__ = ("expected", "raw")
 
@@ -604,20 +640,34 @@ class _Attempts:
         self.deadline: float | None = None
         self._deadline_at: float | None = None
         self.origin: tuple[str, str, int] | None = None
+        self.stalls = 0
+        self.continuation = Continuation(self.path)
+
+    def carry(self, state: AttemptState) -> None:
+        """Continue from what earlier calls left (``RetryLater.state``)."""
+        self.stalls, self.continuation.partial = state.stalls, state.partial
+
+    def state(self) -> AttemptState:
+        """What the next call needs to continue this download."""
+        return AttemptState(self.stalls, self.continuation.partial)
 
     @contextmanager
     def cleanup(self) -> Iterator[None]:
-        """Leave no ``.part`` behind unless the download succeeds; count attempts."""
-        succeeded = False
+        """Leave no ``.part`` behind unless the download succeeds or continues later
+        (a ``RetryLater`` with a partial body); count attempts."""
+        keep = False
         try:
             yield
-            succeeded = True
+            keep = True
+        except RetryLater:
+            keep = self.continuation.partial is not None
+            raise
         except FetchError as exc:
             exc.attempts = self.count
             exc.final_url = _without_userinfo(exc.final_url)
             raise
         finally:
-            if not succeeded:
+            if not keep:
                 _remove(self.path)
 
     def begin(self) -> _Hops:
@@ -631,12 +681,18 @@ class _Attempts:
         return hops
 
     def retry_delay(self, exc: _Transient) -> float:
-        """Return the wait before the next attempt, or raise if this was the last."""
-        _remove(self.path)
+        """Return the wait before the next attempt, or raise if this was the last.
+
+        A partial body that the next attempt may continue stays on disk.
+        """
+        if self.continuation.partial is None:
+            _remove(self.path)
+        if exc.stall:
+            self.stalls += 1
         last = self.http.retries + 1
         if exc.most_attempts is not None:
             last = min(last, exc.most_attempts)
-        if self.count >= last:
+        if self.count >= last or self.stalls > STALL_RETRIES:
             reason = exc.reason
             if self.count > 1:
                 reason = f"{reason} after {self.count} attempts"
@@ -687,12 +743,33 @@ class _Attempts:
         if _origin(url) != self.origin:
             for name in _CREDENTIAL_HEADERS:
                 request.headers.pop(name, None)
+        request.headers.update(self.continuation.range_headers(str(url)))
         return request
 
+    def check_status(self, response: httpx.Response, host: str) -> str | None:
+        """``_check_status``, and the answers to a range request: a 206 is the rest
+        of the body; a 416 drops the partial body for a whole new attempt."""
+        if self.continuation.asked_from > 0:
+            if response.status_code == _PARTIAL_CONTENT:
+                return None
+            if response.status_code == _RANGE_NOT_SATISFIABLE:
+                self.continuation.drop()
+                reason = "HTTP 416 to a range request"
+                raise _Transient(reason, host=host, http_status=416)
+        return _check_status(response, host, self.http.max_backoff)
+
     def body_reader(self, response: httpx.Response, received: _Received) -> _BodyReader:
-        """Check a 200 response's headers and return the reader for its body."""
+        """Check a 200 (or 206) response's headers and return the reader for its body.
+
+        A 206 that does not continue the partial body where it ends is retried as a
+        whole download (``Continuation.body_start``).
+        """
         refused_use(response.headers, self.http)
-        return _BodyReader(self, response, received)
+        try:
+            offset, total = self.continuation.body_start(response)
+        except ValueError as exc:
+            raise _Transient(str(exc), host=host_key(response.url)) from exc
+        return _BodyReader(self, response, received, offset, total)
 
     def fetched(self, body: _Body) -> Fetched:
         """The record of the successful attempt."""
@@ -729,25 +806,39 @@ class _Hops:
 
 
 class _BodyReader:
-    """Turn raw reads of one 200 response into checked, decoded pieces to write."""
+    """Turn raw reads of one 200 response into checked, decoded pieces to write.
+
+    A 206 continues a partial body from ``offset`` (its bytes are already in the
+    file; the caller seeds ``digest`` with them); ``total`` is its Content-Range size.
+    """
 
     def __init__(
-        self, attempts: _Attempts, response: httpx.Response, received: _Received
+        self,
+        attempts: _Attempts,
+        response: httpx.Response,
+        received: _Received,
+        offset: int = 0,
+        total: int | None = None,
     ) -> None:
         self._attempts = attempts
         self._host = host_key(response.url)
         self._max_bytes = max_bytes = attempts.http.max_bytes
         self._received = received
-        received.expected = expected = _content_length(response)
+        length = _content_length(response)
+        expected = total if length is None else offset + length
+        received.raw, received.expected = offset, expected
         if expected is not None and expected > max_bytes:
             limit = f"larger than --max-bytes ({max_bytes} bytes)"
             raise FetchError(f"{limit}: Content-Length {expected}")
         if expected == 0:
             raise FetchError("empty body")
         self._decoder = _decoder_for(response.headers.get("Content-Encoding", ""))
-        self._speed = _SpeedCheck(attempts.http, attempts.clock, self._host)
-        self._digest = hashlib.sha256()
-        self.nbytes = 0
+        self._speed = _SpeedCheck(attempts.http, attempts.clock, self._host, offset)
+        content_type = response.headers.get("Content-Type")
+        self._sniff = Sniff(content_type, decided=offset > 0)
+        self._partial = None if offset else partial_for(response)
+        self.digest = hashlib.sha256()
+        self.nbytes = self.offset = offset
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """Yield the decoded pieces of one raw read, then check deadline and speed."""
@@ -759,8 +850,9 @@ class _BodyReader:
         self._speed.update(self._received.raw)
 
     def finish(self) -> Iterator[bytes]:
-        """Yield what the decoder still holds."""
+        """Yield what the decoder still holds; judge a body too short to judge yet."""
         yield from self._counted(self._decoder.finish())
+        self._judge(self._sniff.finish())
 
     def body(self, url: str) -> _Body:
         """Check that the body is complete and not empty; return its description."""
@@ -771,13 +863,23 @@ class _BodyReader:
             )
         if self.nbytes == 0:
             raise FetchError("empty body")
-        return _Body(url, self.nbytes, self._digest.hexdigest())
+        return _Body(url, self.nbytes, self.digest.hexdigest())
+
+    def _judge(self, refusal: str | None) -> None:
+        """Refuse a body that is not an image (never retried); once it is let
+        through, a cut may be continued (``partial_for``)."""
+        if refusal is not None:
+            raise FetchError(refusal)
+        if self._sniff.decided and not self.offset:
+            self._attempts.continuation.partial = self._partial
 
     def _counted(self, pieces: Iterator[bytes]) -> Iterator[bytes]:
         for piece in pieces:
+            if not self._sniff.decided:
+                self._judge(self._sniff.feed(piece))
             if self.nbytes + len(piece) > self._max_bytes:
                 raise FetchError(f"larger than --max-bytes ({self._max_bytes} bytes)")
-            self._digest.update(piece)
+            self.digest.update(piece)
             self.nbytes += len(piece)
             yield piece
             if self._attempts.on_bytes is not None:
@@ -834,8 +936,10 @@ class _Download:
             except _Transient as exc:
                 delay = self.attempts.retry_delay(exc)
                 if self.defer_retries and delay > 0:
-                    count = self.attempts.count
-                    raise RetryLater(exc.reason, delay=delay, attempts=count) from exc
+                    count, state = self.attempts.count, self.attempts.state()
+                    raise RetryLater(
+                        exc.reason, delay=delay, attempts=count, state=state
+                    ) from exc
                 if self.cancel.wait(delay):
                     raise FetchError("interrupted") from exc
             else:
@@ -856,7 +960,7 @@ class _Download:
         with self.attempts.network_deadline():
             response = self.client.send(request, stream=True)
             try:
-                location = _check_status(response, host, self.attempts.http.max_backoff)
+                location = self.attempts.check_status(response, host)
                 if location is not None:
                     return location
                 return self._save(response, str(url), received)
@@ -865,7 +969,9 @@ class _Download:
 
     def _save(self, response: httpx.Response, url: str, received: _Received) -> _Body:
         reader = self.attempts.body_reader(response, received)
-        with _PartFile(self.attempts.path) as part:
+        if reader.offset:
+            reader.digest = _digest_of(self.attempts.path, reader.offset)
+        with _PartFile(self.attempts.path, append=reader.offset > 0) as part:
             # No chunk_size: httpx would buffer reads up to it, so a slow drip would
             # never reach the deadline check. httpcore already reads 64 KiB at a time.
             for data in response.iter_raw():
@@ -917,9 +1023,7 @@ class _AsyncDownload:
                 with self.attempts.network_deadline():
                     response = await self.client.send(request, stream=True)
                     try:
-                        location = _check_status(
-                            response, host, self.attempts.http.max_backoff
-                        )
+                        location = self.attempts.check_status(response, host)
                         if location is not None:
                             return location
                         return await self._save(response, str(url), received)
@@ -930,8 +1034,12 @@ class _AsyncDownload:
         self, response: httpx.Response, url: str, received: _Received
     ) -> _Body:
         reader = self.attempts.body_reader(response, received)
+        path, offset = self.attempts.path, reader.offset
+        opener = _open_partial if offset else _open_part
+        if offset:
+            reader.digest = await asyncio.to_thread(_digest_of, path, offset)
         try:
-            part = await aiofiles.open(self.attempts.path, "wb", opener=_open_part)
+            part = await aiofiles.open(path, "ab" if offset else "wb", opener=opener)
         except OSError as exc:
             raise _output_error(self.attempts.path, exc) from exc
         try:
@@ -955,6 +1063,37 @@ def _open_part(path: str, flags: int) -> int:
     return os.open(path, _PART_FLAGS | (flags & os.O_CLOEXEC), 0o600)
 
 
+def _open_partial(path: str, flags: int) -> int:
+    """The opener of a ``.part`` file being continued: appended to, never a link."""
+    return os.open(path, _PARTIAL_FLAGS | (flags & os.O_CLOEXEC))
+
+
+def _digest_of(path: Path, size: int) -> hashlib._Hash:
+    """The SHA-256 state of the first ``size`` bytes of a partial body (all of it).
+
+    Read back from the file rather than kept from the cut attempt, so that what is
+    hashed is exactly what is on disk, however the attempt ended.
+
+    Raises:
+        OutputError: the file cannot be read, or holds fewer bytes than ``size``.
+    """
+    digest, left = hashlib.sha256(), size
+    try:
+        with open(path, "rb", opener=_open_read) as file:
+            while left > 0 and (block := file.read(min(left, CHUNK))):
+                digest.update(block)
+                left -= len(block)
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
+    if left:
+        raise OutputError(f"cannot continue {path}: {left} bytes missing")
+    return digest
+
+
+def _open_read(path: str, flags: int) -> int:
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | (flags & os.O_CLOEXEC))
+
+
 async def _close_part(part: AsyncBufferedIOBase, path: Path) -> None:
     try:
         await part.close()
@@ -965,12 +1104,18 @@ async def _close_part(part: AsyncBufferedIOBase, path: Path) -> None:
 
 
 class _SpeedCheck:
-    """Fail a body whose average rate over each window falls below the minimum."""
+    """Fail a body whose average rate over each window falls below the minimum.
 
-    def __init__(self, http: HttpSettings, clock: Callable[[], float], host: str):
-        self._window, self._min_speed = http.speed_window, http.min_speed
+    The window is ``--timeout``: a body slower than ``min_speed`` for that long is a
+    stall, as is one that sends nothing for that long (the read timeout).
+    """
+
+    def __init__(
+        self, http: HttpSettings, clock: Callable[[], float], host: str, start: int
+    ) -> None:
+        self._window, self._min_speed = http.timeout, http.min_speed
         self._clock, self._host = clock, host
-        self._mark_time, self._mark_bytes = clock(), 0
+        self._mark_time, self._mark_bytes = clock(), start
 
     def update(self, total: int) -> None:
         """Record ``total`` bytes received so far; raise if the last window was slow."""
@@ -980,22 +1125,27 @@ class _SpeedCheck:
             return
         rate = (total - self._mark_bytes) / elapsed
         if rate < self._min_speed:
-            raise _Transient(
-                f"too slow: {rate:.0f} B/s for {self._window:g}s", host=self._host
-            )
+            reason = f"too slow: {rate:.0f} B/s for {self._window:g}s"
+            raise _Transient(reason, host=self._host, stall=True)
         self._mark_time, self._mark_bytes = now, total
 
 
 class _PartFile:
-    """The ``.part`` being written with ``os.write``; local faults → OutputError."""
+    """The ``.part`` being written with ``os.write``; local faults → OutputError.
 
-    def __init__(self, path: Path) -> None:
+    A new file, or with ``append`` the partial body this download is continuing. A
+    failed transfer leaves the file to ``_Attempts``, which keeps it only to continue.
+    """
+
+    def __init__(self, path: Path, *, append: bool = False) -> None:
         self.path = path
+        self._append = append
         self._fd = -1
 
     def __enter__(self) -> _PartFile:
+        opener = _open_partial if self._append else _open_part
         try:
-            self._fd = _open_part(str(self.path), os.O_WRONLY)
+            self._fd = opener(str(self.path), os.O_WRONLY)
         except OSError as exc:
             raise _output_error(self.path, exc) from exc
         return self
@@ -1023,8 +1173,6 @@ class _PartFile:
             _remove(self.path)
             if exc_type is None:
                 raise _output_error(self.path, close_exc) from close_exc
-        if exc_type is not None:
-            _remove(self.path)
 
 
 class _Identity:
@@ -1220,7 +1368,8 @@ def _translate(
     Every exception a request can raise ends here, with its fate:
 
     - timeouts (connect, read, write, the pool, ``--deadline``), connection errors,
-      resets, a connection closed before or during the reply: ``_Transient``;
+      resets, a connection closed before or during the reply: ``_Transient`` (a read
+      timeout is a stall);
     - a host that does not resolve (``resolve.Unresolvable``): ``_Transient``, but
       tried at most ``UNRESOLVED_ATTEMPTS`` times;
     - a reply that is not valid HTTP (an illegal status line, conflicting
@@ -1240,7 +1389,8 @@ def _translate(
             return _Transient(f"timed out after {http.deadline:g}s", host=host)
         kind = _TIMEOUT_KINDS.get(type(exc), "network")
         seconds = http.deadline if kind == "pool" else http.timeout
-        return _Transient(f"timed out after {seconds:g}s ({kind})", host=host)
+        reason = f"timed out after {seconds:g}s ({kind})"
+        return _Transient(reason, host=host, stall=kind == "read")
     if attempts.stop.is_set():
         return FetchError("interrupted")
     lowered = message.lower()

@@ -145,8 +145,10 @@ class Lifecycle:
         its first attempt and ``finished`` with its last, so progress counts each
         download once however often it waited.
         """
-        job, attempts = (
-            (item.job, item.attempts) if isinstance(item, Retry) else (item, 0)
+        job, attempts, state = (
+            (item.job, item.attempts, item.state)
+            if isinstance(item, Retry)
+            else (item, 0, None)
         )
         events = self.context.events
         if attempts == 0:
@@ -168,10 +170,12 @@ class Lifecycle:
                 on_bytes=byte_counter(events, job.index, lane),
                 defer_retries=defer or attempts > 0,
                 attempts_done=attempts,
+                state=state,
             )
         except RetryLater as later:
             waits = True
-            return Retry(job, later.attempts, time.monotonic() + later.delay)
+            due = time.monotonic() + later.delay
+            return Retry(job, later.attempts, due, later.state)
         except FetchError as exc:
             return self.fetch_failed(job, exc, started)
         except OutputError as exc:

@@ -603,9 +603,8 @@ class HttpSettings:
     """Most requests per second to one host:port (every hop and retry counts), for
     the whole run in every mode; None: no limit but ``per_host``."""
     min_speed: int = 1024
-    """Bytes per second below which a download counts as stalled ..."""
-    speed_window: float = 30.0
-    """... when measured over this many seconds."""
+    """Bytes per second below which a body counts as stalled when measured over
+    ``timeout`` seconds (0: no minimum)."""
     user_agent: str = USER_AGENT
     headers: tuple[tuple[str, str], ...] = ()
     """Extra request headers (name, value); they replace defaults of the same name."""
@@ -650,7 +649,6 @@ _HTTP_CHECKS: Mapping[str, Check] = {
         optional=True,
     ),
     "min_speed": Whole("min_speed", 0, SPEED_LIMIT, unit="bytes per second"),
-    "speed_window": _seconds("speed_window"),
     "user_agent": _Text("--user-agent", one_line=True),
     "headers": _Headers("--header"),
     "verify": _Switch("verify"),

@@ -39,6 +39,8 @@ DRIP_S = 0.05
 BIG_BODY = 1_000_000
 # Zeros that the gzip bomb inflates to (about 20 KB on the wire).
 BOMB_BYTES = 20_000_000
+# The body of /noise: no image format's signature, and not text.
+NOISE = bytes(range(256)) * 4
 # Seconds a 429 asks the client to wait (tests cap the wait with max_backoff).
 RETRY_AFTER_S = 2
 
@@ -52,7 +54,9 @@ def gzip_bomb() -> bytes:
 class LocalHandler(CorpusHandler):
     """The corpus server plus misbehaving routes, each bounded in time.
 
-    ``/status/NNN``, ``/html``; ``/flaky/N/NAME`` (503 N times, then NAME);
+    ``/status/NNN``, ``/html``; ``/noise/...`` (binary bytes that are no image,
+    labelled image/jpeg: they pass the download and fail in a worker);
+    ``/flaky/N/NAME`` (503 N times, then NAME);
     ``/retry-after/seconds|date/NAME`` (one 429, then NAME); ``/reset`` (RST mid-body);
     ``/short`` (Content-Length 1000, 100 bytes); ``/silent`` (headers, then nothing);
     ``/drip`` (a byte every ``DRIP_S``); ``/chunked-cut``; ``/big`` and
@@ -87,6 +91,9 @@ class LocalHandler(CorpusHandler):
 
     def _html(self, rest: str) -> None:
         self.send_bytes(200, b"<html><body>404</body></html>", "text/html")
+
+    def _noise(self, rest: str) -> None:
+        self.send_bytes(200, NOISE, "image/jpeg")
 
     def _corpus_file(self, name: str) -> None:
         path = self.server.corpus / name
@@ -247,6 +254,7 @@ class LocalHandler(CorpusHandler):
     ROUTES: ClassVar[dict[str, Callable[[LocalHandler, str], None]]] = {
         "status": _status,
         "html": _html,
+        "noise": _noise,
         "flaky": _flaky,
         "retry-after": _retry_after,
         "reset": _reset,

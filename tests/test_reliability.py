@@ -22,6 +22,7 @@ from downloader.demo import serve_in_thread
 from downloader.records import Outcome
 from downloader.report import RunReport
 from downloader.settings import HttpSettings, ImageSpec, Mode
+from downloader.transfer import STALL_RETRIES
 from tests.helpers import (
     SLOW_IMAGE,
     LocalServer,
@@ -36,8 +37,12 @@ MAX_BYTES = 100_000
 MAX_PIXELS = 10_000
 RETRIES = 2
 ATTEMPTS = RETRIES + 1
+STALL_ATTEMPTS = STALL_RETRIES + 1
 READ_TIMEOUT_S = 0.5
-DEADLINE_S = 0.6
+# Well past the read timeout, so that /silent's attempts end by the read timeout (a
+# stall: retried once) and not by the deadline (retried like any timeout), even when
+# connecting is slow on a busy machine.
+DEADLINE_S = 1.5
 MAX_BACKOFF_S = 0.5
 LONG_NAME = "x" * 3000 + ".jpg"
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -154,7 +159,7 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Batch]:
             max_backoff=MAX_BACKOFF_S,
             max_bytes=MAX_BYTES,
             per_host=16,
-            speed_window=60,
+            min_speed=0,  # /drip is for the deadline
         ),
         image=ImageSpec(max_size=64, max_pixels=MAX_PIXELS),
     )
@@ -178,8 +183,9 @@ FAILURES = [
     ("/status/503", Stage.DOWNLOAD, f"HTTP 503 after {ATTEMPTS} attempts", ATTEMPTS),
     (
         "/html",
-        Stage.TRANSFORM,
-        "not an image (starts with '<html><body>404</bod')",
+        Stage.DOWNLOAD,
+        "not an image: server sent text/html "
+        "(starts with '<html><body>404</body></html>')",
         1,
     ),
     (
@@ -191,8 +197,9 @@ FAILURES = [
     (
         "/silent",
         Stage.DOWNLOAD,
-        f"timed out after {READ_TIMEOUT_S:g}s (read) after {ATTEMPTS} attempts",
-        ATTEMPTS,
+        # Headers, then nothing: a stall, retried once only.
+        f"timed out after {READ_TIMEOUT_S:g}s (read) after {STALL_ATTEMPTS} attempts",
+        STALL_ATTEMPTS,
     ),
     (
         "/drip",
@@ -219,7 +226,13 @@ FAILURES = [
     ("/loop", Stage.DOWNLOAD, "redirect loop", 1),
     ("/to-file", Stage.DOWNLOAD, "redirect to unsupported scheme 'file'", 1),
     ("/to-ftp", Stage.DOWNLOAD, "redirect to unsupported scheme 'ftp'", 1),
-    ("/fake.jpg", Stage.TRANSFORM, "not an image (starts with '<html>oops</html>')", 1),
+    (
+        "/fake.jpg",
+        Stage.DOWNLOAD,
+        "not an image: the body is text (starts with '<html>oops</html>'; "
+        "sent as image/jpeg)",
+        1,
+    ),
     ("/empty.jpg", Stage.DOWNLOAD, "empty body", 1),
     ("/empty", Stage.DOWNLOAD, "empty body", 1),
 ]

@@ -116,7 +116,6 @@ BAD_VALUES: list[tuple[type, dict[str, Any], str]] = [
     (HttpSettings, {"per_host": 1025}, "--per-host .* got 1025$"),
     (HttpSettings, {"min_speed": -1}, "min_speed must be a whole number of bytes"),
     (HttpSettings, {"min_speed": True}, r"min_speed .* \(bool\)$"),
-    (HttpSettings, {"speed_window": 0}, "speed_window must be a number of seconds"),
     (HttpSettings, {"user_agent": 5}, r"--user-agent must be a str.* \(int\)$"),
     (HttpSettings, {"user_agent": "a\r\nX: b"}, "--user-agent .* line breaks or NUL"),
     (HttpSettings, {"headers": "X: y"}, r"--header must be .*pairs.* \(str\)$"),
