@@ -1000,6 +1000,25 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise InputError("--dry-run and --compare do not go together")
     if args.events == "-" and args.json:
         raise InputError("--events - and --json both write to stdout; name a file")
+    if args.events is not None:
+        _check_events_path(args)
+
+
+def _check_events_path(args: argparse.Namespace) -> None:
+    """Refuse an ``--events`` file that opening would wipe: the list, or any file
+    in the output folder (the manifest, an output); an empty name is no file."""
+    if args.events == "":
+        raise InputError("--events needs a file name ('-': stdout)")
+    if args.events == "-":
+        return
+    events = Path(args.events).resolve()
+    if args.urls not in (None, "-") and events == Path(args.urls).resolve():
+        raise InputError(f"--events {args.events} is the URL list; name another file")
+    if events.is_relative_to(Path(args.out).resolve()):
+        raise InputError(
+            f"--events {args.events} is inside the output folder {args.out}; "
+            "name a file outside it"
+        )
 
 
 def _dispatch(args: argparse.Namespace, log: BarsHandler) -> int:

@@ -482,3 +482,33 @@ def test_max_pixels_is_checked_from_flag_config_and_library(
         ImageSpec(max_pixels=0)
     assert load_settings("ok.toml").image.max_pixels == 1_000
     assert ImageSpec().max_pixels >= 16_320 * 12_240  # a 200 MP phone's photo
+
+
+def test_events_never_overwrite_the_list_or_the_output_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--events naming the list, the manifest or any file in --out is refused before
+    anything is opened (opening it for writing wiped the list or the records); an
+    empty name is a usage error, not a local fault."""
+    urls = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/a.jpg"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.jsonl").write_text('{"url": "http://127.0.0.1:9/a.jpg"}\n')
+    before = urls.read_text(), (out / "manifest.jsonl").read_text()
+    base = [str(urls), "--out", str(out), "--no-config", "--no-progress"]
+
+    codes = [
+        main([*base, "--events", str(urls)]),
+        main([*base, "--events", str(out / "manifest.jsonl")]),
+        main([*base, "--events", str(out / "new" / "events.jsonl")]),
+        main([*base, "--events", ""]),
+    ]
+    err = capsys.readouterr().err.splitlines()
+
+    assert codes == [2, 2, 2, 2]
+    assert (urls.read_text(), (out / "manifest.jsonl").read_text()) == before
+    assert not (out / "new").exists()
+    assert len(err) == 4
+    assert all(line.startswith("error: --events ") for line in err), err
+    assert "is the URL list" in err[0]
+    assert "inside the output folder" in err[1]
