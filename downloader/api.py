@@ -10,7 +10,7 @@ from downloader.errors import DownloaderError, InputError, OutputError
 from downloader.lifecycle import Lifecycle
 from downloader.manifest import ManifestWriter, OutputFolder, PreviousRun
 from downloader.modes import RUNNERS
-from downloader.parts import finish_part, only_part, start_part
+from downloader.parts import ListDigest, finish_part, only_part, start_part
 from downloader.progress import Events, ignore_events, tell_note, tell_outcome
 from downloader.records import Job, Outcome, Status
 from downloader.report import RunReport, Tally, summary_json
@@ -145,8 +145,9 @@ def iter_results(
     cancel = cancel or Cancellation()
     # Read in a thread of its own: a list that waits (a silent pipe) never blocks a
     # stop; the rest of a list that is there still gets its records after one.
+    digest = ListDigest()
     items = Prefetched(
-        only_part(open_source(source, exclude=settings.out), settings.part),
+        only_part(open_source(source, exclude=settings.out), settings.part, digest),
         cancel.is_set,
     )
     runner = RUNNERS[settings.mode]  # every Mode has its scheduler
@@ -204,7 +205,7 @@ def iter_results(
                 records.close()
                 items.close()
         if not cancel.is_set():  # reached the end of its list: ready to be merged
-            finish_part(folder, settings.part, fingerprint)
+            finish_part(folder, settings.part, fingerprint, digest)
         summary = tally.summary(
             interrupted=cancel.is_set(), worker_cpu_s=usage.worker_cpu_s
         )
