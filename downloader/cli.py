@@ -797,17 +797,20 @@ def _finish(
         part = settings.part
         records = None if part is None else RecordFiles.for_part(part).manifest
         print_summary(summary, out_dir=str(settings.out), file=stderr, records=records)
-    failed = summary.counts[Status.FAILED]
-    if args.quiet and failed:  # errors only: failed URLs are the run's errors
-        listed = settings.out / (
-            FAILED_NAME
-            if settings.part is None
-            else RecordFiles.for_part(settings.part).manifest
-        )
-        print(
-            f"failed: {failed} of {summary.total} URLs (listed in {listed})",
-            file=stderr,
-        )
+    listed = settings.out / (
+        FAILED_NAME
+        if settings.part is None
+        else RecordFiles.for_part(settings.part).manifest
+    )
+    _say_failed(args, stderr, summary.counts[Status.FAILED], summary.total, listed)
+
+
+def _say_failed(
+    args: argparse.Namespace, stderr: IO[str], failed: int, total: int, listed: Path
+) -> None:
+    """With -q (errors only), still one line when URLs failed: they are its errors."""
+    if args.quiet and failed:
+        print(f"failed: {failed} of {total} URLs (listed in {listed})", file=stderr)
 
 
 def _run(
@@ -902,6 +905,10 @@ def _run_compare(args: argparse.Namespace, settings: Settings, stderr: IO[str]) 
     _sayer(args, stderr)(
         f"comparison written to {settings.out}/comparison.json and .png"
     )
+    for result in comparison.results:
+        failed = result.summary.counts.get(Status.FAILED, 0)
+        listed = settings.out / result.mode.value / FAILED_NAME
+        _say_failed(args, stderr, failed, result.summary.total, listed)
     if cancel.is_set():
         return EXIT_INTERRUPTED
     return EXIT_OK if comparison.ok else EXIT_FAILED
@@ -932,7 +939,10 @@ def _run_merge(args: argparse.Namespace, stderr: IO[str]) -> int:
         f"merged {merged.parts} part(s) into {merged.manifest}: {merged.records} "
         "URLs (" + ", ".join(f"{n} {name}" for name, n in counts.items()) + ")"
     )
-    return EXIT_FAILED if merged.counts[Status.FAILED] else EXIT_OK
+    failed = merged.counts[Status.FAILED]
+    listed = merged.manifest.parent / FAILED_NAME
+    _say_failed(args, stderr, failed, merged.records, listed)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _check_merge(args: argparse.Namespace) -> None:

@@ -156,12 +156,18 @@ def test_three_parts_at_once_then_merge_equal_a_single_run(
         codes = _codes(processes)
     scratch = list((out / ".tmp").iterdir())
     merged = _merge(out)
+    quiet = _run([sys.executable, str(CLI), "--merge-parts", "--out", str(out), "-q"])
     alone = _run(_command(url_list, single, "--mode", single_mode.value))
 
     assert set(codes) <= {0, 1}, codes
     assert merged.returncode == 1, merged.stderr  # the 404 and the unusable line
     assert merged.stderr.count("\n") == 1
     assert "merged 3 part(s)" in merged.stderr
+    assert quiet.returncode == 1  # -q: only the failures' line, as a run's
+    assert (
+        quiet.stderr
+        == f"failed: 2 of {len(_by_url(out))} URLs (listed in {out / 'failed.txt'})\n"
+    )
     assert alone.returncode == 1, alone.stderr
     parts_records, single_records = _by_url(out), _by_url(single)
     assert sorted(parts_records) == sorted(single_records)
