@@ -1436,12 +1436,14 @@ def _message(exc: BaseException) -> str:
 
 
 _SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)$")
+_ERRNO = re.compile(r"^\[Errno -?\d+\] ")
 
 
 def _plain(message: str) -> str:
     """A library's sentence as part of a reason: no final full stop (the reason may
-    go on: ``… after 3 attempts``), no ``(_ssl.c:1006)`` source line."""
-    return _SSL_SOURCE.sub("", message).rstrip(".") or message
+    go on: ``… after 3 attempts``), no ``(_ssl.c:1006)`` source line, no ``[Errno
+    111]`` before ``Connection refused``."""
+    return _ERRNO.sub("", _SSL_SOURCE.sub("", message)).rstrip(".") or message
 
 
 def _readable_protocol_error(message: str) -> str:
