@@ -65,6 +65,7 @@ from typing import Any, Protocol
 import aiofiles
 import httpcore
 import httpx
+import idna
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 from downloader.errors import FetchError, OutputError
@@ -1396,6 +1397,10 @@ def _translate(
     lowered = message.lower()
     if isinstance(exc, httpx.InvalidURL) or lowered.startswith(_REDIRECT_BUILD_ERRORS):
         return FetchError(f"bad redirect: {message}")
+    if isinstance(exc, idna.IDNAError):
+        # httpx decodes the Location's host as it builds the next request (redirects
+        # off too); listed URLs with such a host were refused by sources.check_url.
+        return FetchError(f"bad redirect: host is not a valid name ({message})")
     if isinstance(exc, httpx.RemoteProtocolError):
         expected = received.expected
         if expected is not None and 0 < received.raw < expected:
