@@ -22,8 +22,8 @@ from downloader.runtime import (
     cancel_on_signals,
     helper_processes,
 )
-from downloader.settings import VERSION, NameBy, Settings
-from downloader.sources import Prefetched, Source, open_source
+from downloader.settings import VERSION, NameBy, Settings, check_environment_proxies
+from downloader.sources import LocalFiles, Prefetched, Source, open_source
 
 __all__ = ["Source", "iter_results", "run"]
 
@@ -140,6 +140,8 @@ def iter_results(
     # First: a reader of the events knows the run is up before the list is opened
     # (a FIFO's open waits for its writer).
     tell_note(events, "start", start_fields(settings))
+    if not isinstance(source, LocalFiles):
+        check_environment_proxies(settings.http)
     if isinstance(source, str | Path) and str(source) != "-" and Path(source).is_dir():
         raise InputError(f"cannot read URL list {source}: it is a directory")
     cancel = cancel or Cancellation()
