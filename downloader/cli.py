@@ -966,6 +966,15 @@ def _check_merge(args: argparse.Namespace) -> None:
         )
 
 
+def _pipeline(args: argparse.Namespace) -> bool:
+    return bool(args.compare) or args.mode == Mode.PIPELINE.value
+
+
+def _downloads(args: argparse.Namespace) -> bool:
+    return args.input_dir is None
+
+
+_LOCAL_FILES = "--input-dir reads local files, nothing is downloaded"
 _IGNORED_UNLESS: dict[str, tuple[Callable[[argparse.Namespace], bool], str]] = {
     "demo_count": (lambda args: args.demo, "--demo-count goes with --demo"),
     "demo_latency": (lambda args: args.demo, "--demo-latency goes with --demo"),
@@ -973,22 +982,45 @@ _IGNORED_UNLESS: dict[str, tuple[Callable[[argparse.Namespace], bool], str]] = {
         lambda args: not args.compare,
         "--compare runs --modes (default: all), not --mode",
     ),
+    "download_procs": (_pipeline, "--download-procs applies to --mode pipeline"),
+    "item_timeout": (_pipeline, "--item-timeout applies to --mode pipeline"),
+    "insecure": (_downloads, f"--insecure is for downloads; {_LOCAL_FILES}"),
+    "proxy": (_downloads, f"--proxy is for downloads; {_LOCAL_FILES}"),
+    "user_agent": (_downloads, f"--user-agent is for downloads; {_LOCAL_FILES}"),
+    "rate_per_host": (_downloads, f"--rate-per-host is for downloads; {_LOCAL_FILES}"),
+    "header": (_downloads, f"--header is for downloads; {_LOCAL_FILES}"),
 }
 """Options that a run would ignore unless the condition holds: refused when typed
 on the command line (a config file's value is only a default, never refused)."""
 _NOT_GIVEN = object()
 
 
+_MERGE_TAKES = {"merge_parts", "out", "json", "quiet", "verbose", "config", "no_config"}
+"""What ``--merge-parts`` uses; any other option typed with it would be ignored."""
+
+
 def _typed(argv: Sequence[str] | None) -> set[str]:
-    """The options of ``_IGNORED_UNLESS`` given on the command line itself."""
+    """The options given on the command line itself (not defaults or the config's)."""
     parser = _parser()
-    parser.set_defaults(**dict.fromkeys(_IGNORED_UNLESS, _NOT_GIVEN))
+    actions = [a for a in parser._actions if a.dest not in ("help", "version")]
+    # An appending option (--header) adds to its default: None there, not the marker.
+    appending = {a.dest for a in actions if isinstance(a, argparse._AppendAction)}
+    parser.set_defaults(**dict.fromkeys({a.dest for a in actions}, _NOT_GIVEN))
+    parser.set_defaults(**dict.fromkeys(appending, None))
     plain = parser.parse_args(argv)
-    return {dest for dest in _IGNORED_UNLESS if getattr(plain, dest) is not _NOT_GIVEN}
+    unset = (_NOT_GIVEN, None)
+    return {a.dest for a in actions if getattr(plain, a.dest, _NOT_GIVEN) not in unset}
 
 
 def _check_typed(args: argparse.Namespace, typed: set[str]) -> None:
     """Refuse an option typed where it would be ignored (a usage error, exit 2)."""
+    if args.merge_parts:
+        extra = sorted(typed - _MERGE_TAKES - {"urls", "no_progress"})
+        if extra:
+            raise InputError(
+                f"--merge-parts takes --out, --json, -q and -v only, not "
+                f"--{extra[0].replace('_', '-')}"
+            )
     for dest, (applies, refusal) in _IGNORED_UNLESS.items():
         if dest in typed and not applies(args):
             raise InputError(refusal)

@@ -437,6 +437,11 @@ def test_headers_are_checked_from_python() -> None:
         (["--demo-latency", "0"], "error: --demo-latency goes with --demo"),
         (["--compare", "--mode", "threads"], "error: --compare runs --modes"),
         (["--compare", "--mode=pipeline"], "error: --compare runs --modes"),
+        (
+            ["--mode", "threads", "--download-procs", "2"],
+            "error: --download-procs applies to --mode pipeline",
+        ),
+        (["--mode=async", "--item-timeout", "5"], "error: --item-timeout applies to"),
     ],
 )
 def test_a_flag_that_would_be_ignored_is_refused(
@@ -459,6 +464,51 @@ def test_a_flag_that_would_be_ignored_is_refused(
     assert typed == 2
     assert typed_err.startswith(message)
     assert from_file == 0
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--insecure"],
+        ["--proxy", "http://127.0.0.1:9"],
+        ["--user-agent", "me/1"],
+        ["--rate-per-host", "2/s"],
+        ["--header", "X-A: 1"],
+    ],
+)
+def test_download_flags_with_local_files_are_refused(
+    flags: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--input-dir downloads nothing: a download flag with it would be ignored (and
+    --insecure warned that TLS was off and marked local files insecure)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    out = tmp_path / "out"
+
+    code = main(["--input-dir", str(folder), "--out", str(out), "--no-config", *flags])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: {flags[0]} is for downloads; --input-dir reads")
+    assert not out.exists()
+
+
+def test_merge_parts_refuses_the_options_it_would_ignore(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--merge-parts with --format, --threads or --force: refused, not ignored."""
+    codes = [
+        main(["--merge-parts", "--out", str(tmp_path), "--no-config", *flags])
+        for flags in (["--format", "png"], ["--threads", "3"], ["--force"])
+    ]
+
+    err = capsys.readouterr().err.splitlines()
+    assert codes == [2, 2, 2]
+    assert [line.split(", not ")[1].split(";")[0] for line in err] == [
+        "--format",
+        "--threads",
+        "--force",
+    ]
 
 
 def test_verbose_names_the_config_file_and_header_is_a_key(
