@@ -58,7 +58,7 @@ from downloader.manifest import (
     record_key,
 )
 from downloader.records import Job, Outcome, Status
-from downloader.settings import VERSION, Part
+from downloader.settings import PARTS_LIMIT, VERSION, Part
 
 __all__ = [
     "ListDigest",
@@ -341,7 +341,13 @@ def _part_files(out: Path) -> list[tuple[int, int, str]]:
     for name in names:
         match = _PART_FILE.match(name)
         if match is not None:
-            found.append((int(match.group(1)), int(match.group(2)), name))
+            number, count = int(match.group(1)), int(match.group(2))
+            if not 1 <= number <= count <= PARTS_LIMIT:  # not made by a part
+                raise OutputError(
+                    f"{out / name} is not the file of a part (K/N out of range): "
+                    "remove it"
+                )
+            found.append((number, count, name))
     return found
 
 

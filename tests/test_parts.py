@@ -606,3 +606,28 @@ def test_name_by_sha256_with_a_part_is_refused_by_the_settings(tmp_path: Path) -
     """The library refuses it too (Settings checks every value)."""
     with pytest.raises(Exception, match="does not go with --part"):
         fast_settings(tmp_path, part=Part(1, 2), name_by=NameBy.SHA256)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "manifest.part-1-of-0.json",
+        "manifest.part-0-of-2.jsonl",
+        f"manifest.part-1-of-{10**20}.jsonl",
+    ],
+)
+def test_a_file_no_part_made_is_named_and_refused(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A part file name with K/N out of range was merged as 0 parts (exit 0, an
+    empty manifest written) or refused as a --part usage error: exit 3, named."""
+    (tmp_path / name).touch()
+
+    code = main(["--merge-parts", "--out", str(tmp_path)])
+
+    assert code == 3
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / name} is not the file of a part (K/N out of range): "
+        "remove it\n"
+    )
+    assert not (tmp_path / "manifest.jsonl").exists()
