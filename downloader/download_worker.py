@@ -49,7 +49,7 @@ from downloader.children import ChildFault, child_process
 from downloader.feed import RetryHeap
 from downloader.fetch import HostLimiter, make_client
 from downloader.lifecycle import Lifecycle
-from downloader.politeness import process_rate
+from downloader.politeness import process_pace
 from downloader.progress import EventKind, ProgressEvent
 from downloader.records import Fetched, Job, Outcome, Stage
 from downloader.runtime import Cancellation, RunContext
@@ -215,11 +215,13 @@ def download_main(
     tmp: str,
     lane: str,
     threads: int,
+    number: int = 0,
 ) -> None:
     """Run in a download process: ``threads`` threads fetch jobs from ``inbox``.
 
     ``stop`` is the reader of the parent's ``children.StopLine``: at its EOF the
-    downloads in progress are cancelled and no further job is taken.
+    downloads in progress are cancelled and no further job is taken. ``number``
+    (the lane's) sets this process's phase of the rate per host (``Pace``).
     """
     link = _Link(results)
     cancel = Cancellation()
@@ -230,7 +232,7 @@ def download_main(
             with make_client(settings.http, threads) as client:
                 hosts = HostLimiter(
                     settings.http.per_host,
-                    process_rate(settings.http, settings.download_processes),
+                    process_pace(settings.http, settings.download_processes, number),
                 )
                 waiting = _Waiting()
                 crew = [

@@ -344,6 +344,7 @@ class ProcessDownloads:
                 str(context.tmp),
                 lane,
                 threads,
+                number,
             ),
             name=f"downloader-{lane}",
             daemon=True,

@@ -69,7 +69,7 @@ import idna
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 from downloader.errors import FetchError, OutputError
-from downloader.politeness import RequestRate, refused_use
+from downloader.politeness import Pace, RequestRate, refused_use
 from downloader.records import Fetched, Job
 from downloader.resolve import (
     UNRESOLVED_ATTEMPTS,
@@ -375,7 +375,7 @@ class _HostBackoff:
     """The per-host "not before" times that rate-limited hosts asked for, and the
     request rate per host (``--rate-per-host``, this process's share)."""
 
-    def __init__(self, per_host: int, rate: float | None = None) -> None:
+    def __init__(self, per_host: int, rate: Pace | float | None = None) -> None:
         if per_host <= 0:
             raise ValueError("per_host must be greater than 0")
         self._per_host = per_host
@@ -399,7 +399,7 @@ class _HostBackoff:
 class HostLimiter(_HostBackoff):
     """Cap concurrent requests per host:port; hold back hosts that asked us to wait."""
 
-    def __init__(self, per_host: int, rate: float | None = None) -> None:
+    def __init__(self, per_host: int, rate: Pace | float | None = None) -> None:
         super().__init__(per_host, rate)
         self._slots: dict[str, threading.BoundedSemaphore] = {}
 
@@ -416,9 +416,10 @@ class HostLimiter(_HostBackoff):
                 raise FetchError("interrupted")
         try:
             self._wait_until_allowed(host, cancel)
-            turn = self.rate.reserve(host)
-            if turn > 0 and cancel.wait(turn):
-                raise FetchError("interrupted")
+            # The turn is taken on waking, never ahead (``politeness``).
+            while (turn := self.rate.take(host)) > 0:
+                if cancel.wait(turn):
+                    raise FetchError("interrupted")
             yield
         finally:
             semaphore.release()
@@ -444,7 +445,7 @@ class HostLimiter(_HostBackoff):
 class AsyncHostLimiter(_HostBackoff):
     """``HostLimiter`` for one event loop: asyncio semaphores, stop by an Event."""
 
-    def __init__(self, per_host: int, rate: float | None = None) -> None:
+    def __init__(self, per_host: int, rate: Pace | float | None = None) -> None:
         super().__init__(per_host, rate)
         self._slots: dict[str, asyncio.Semaphore] = {}
 
@@ -461,9 +462,9 @@ class AsyncHostLimiter(_HostBackoff):
             while (remaining := self._remaining(host)) > 0 or stop.is_set():
                 if await _stopped_within(stop, remaining):
                     raise FetchError("interrupted")
-            turn = self.rate.reserve(host)
-            if turn > 0 and await _stopped_within(stop, turn):
-                raise FetchError("interrupted")
+            while (turn := self.rate.take(host)) > 0:
+                if await _stopped_within(stop, turn):
+                    raise FetchError("interrupted")
             yield
         finally:
             semaphore.release()

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, replace
 from multiprocessing import util
 from multiprocessing.connection import Connection
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 import httpx
@@ -32,7 +33,7 @@ import httpx
 from downloader.children import enter_child
 from downloader.fetch import HostLimiter, make_client
 from downloader.lifecycle import Lifecycle
-from downloader.politeness import process_rate
+from downloader.politeness import process_pace
 from downloader.progress import EventKind, ProgressEvent
 from downloader.records import Fetched, Job, Outcome, Stage
 from downloader.runtime import Cancellation, RunContext
@@ -131,8 +132,13 @@ _state: _WorkerState | None = None
 """This worker process's own client and settings, set once by ``init_worker``."""
 
 
-def init_worker(settings: Settings, out: str, tmp: str, stop: Connection) -> None:
+def init_worker(
+    settings: Settings, out: str, tmp: str, stop: Connection, numbers: Synchronized[int]
+) -> None:
     """Prepare a pool worker; ``stop`` reads EOF when the parent wants it to stop.
+
+    ``numbers`` counts the workers started: this one's number sets its phase of the
+    rate per host (``politeness.Pace``), so that the pool's workers interleave.
 
     ``stop`` is the reader of the parent's ``children.StopLine``. A job's exception
     goes back through the executor's own boundary (``_ExceptionWithTraceback``).
@@ -151,9 +157,17 @@ def init_worker(settings: Settings, out: str, tmp: str, stop: Connection) -> Non
         client,
         # One limiter per pool process: each keeps to its share of the rate.
         HostLimiter(
-            settings.http.per_host, process_rate(settings.http, settings.procs)
+            settings.http.per_host,
+            process_pace(settings.http, settings.procs, _next_number(numbers)),
         ),
     )
+
+
+def _next_number(numbers: Synchronized[int]) -> int:
+    with numbers.get_lock():
+        number = numbers.value
+        numbers.value += 1
+    return number
 
 
 def _worker_state() -> _WorkerState:

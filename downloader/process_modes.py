@@ -89,7 +89,8 @@ class _ProcessPool:
         self._restarts = RestartBudget(settings.procs)
         self._procs = settings.procs
         self._mp = mp_context()
-        self._initargs = (settings, str(context.out), str(context.tmp), stop)
+        numbers = self._mp.Value("i", 0)  # workers' numbers: their rate phases
+        self._initargs = (settings, str(context.out), str(context.tmp), stop, numbers)
         self.executor = self._start()
 
     def _start(self) -> ProcessPoolExecutor:

@@ -17,11 +17,15 @@ testable alone:
   crawls below the minimum speed for that long.
 - **Resuming a cut body** (``Continuation``, ``Partial``, ``partial_for``): a body
   cut mid-way from a server that offers byte ranges for it (``Accept-Ranges: bytes``)
-  and names its version (a strong ``ETag`` or ``Last-Modified``) is continued by the
-  next attempt with ``Range: bytes=N-`` guarded by ``If-Range``, so a server whose
-  file changed meanwhile sends the whole new one (a 200) instead of a mismatched
-  tail. Only within one run: the partial file lives in the run's scratch folder,
-  which no run leaves behind.
+  and names its version (a strong ``ETag``, or ``Last-Modified`` when there is no
+  ETag at all) is continued by the next attempt with ``Range: bytes=N-`` guarded by
+  ``If-Range``, so a server whose file changed meanwhile sends the whole new one (a
+  200) instead of a mismatched tail. ``If-Range`` is only as good as the server's
+  word, so a 206 must also prove it is the rest of the same body
+  (``continued_size``): from byte N exactly to the end of a body as long as the first
+  reply said; anything else would splice two bodies, so the partial file is dropped
+  and the next attempt downloads the whole body. Only within one run: the partial
+  file lives in the run's scratch folder, which no run leaves behind.
 """
 
 from __future__ import annotations
@@ -205,6 +209,9 @@ class Partial:
     """Where the body came from (after redirects): the only URL asked for the rest."""
     validator: str
     """The ``If-Range`` value: the body's strong ETag, else its Last-Modified."""
+    length: int | None = None
+    """The whole body's size, as the first reply's Content-Length said (None: it did
+    not say): a 206 for another size is the rest of another body."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,17 +231,30 @@ def partial_for(response: httpx.Response) -> Partial | None:
 
     Only a body sent as it is (no content coding: the ranges count the bytes on the
     wire) by a server offering byte ranges, with a validator ``If-Range`` accepts: a
-    weak ETag is not one (RFC 9110, 13.1.5).
+    strong ETag, or a Last-Modified date when there is no ETag. A weak ETag is no
+    validator for ``If-Range``, and a client that has one must not send a date there
+    instead (RFC 9110, 13.1.5): such a body is not continued at all.
     """
     headers = response.headers
     if headers.get("Accept-Ranges", "").strip().lower() != "bytes":
         return None
-    if headers.get("Content-Encoding", "").strip().lower() not in ("", "identity"):
+    if not _identity(headers):
         return None
     etag = headers.get("ETag", "").strip()
-    validator = etag if etag and not etag.startswith("W/") else ""
-    validator = validator or headers.get("Last-Modified", "").strip()
-    return Partial(str(response.url), validator) if validator else None
+    if etag.startswith("W/"):
+        return None
+    validator = etag or headers.get("Last-Modified", "").strip()
+    if not validator:
+        return None
+    length = headers.get("Content-Length", "").strip()
+    return Partial(
+        str(response.url), validator, int(length) if length.isdigit() else None
+    )
+
+
+def _identity(headers: httpx.Headers) -> bool:
+    """True if the body has no content coding: its bytes are those ranges count."""
+    return headers.get("Content-Encoding", "").strip().lower() in ("", "identity")
 
 
 class Continuation:
@@ -273,14 +293,15 @@ class Continuation:
         (``If-Range``); it replaces the partial one. A 206 continues it.
 
         Raises:
-            ValueError: a 206 that does not continue the partial body where it
-                ends; the partial body is dropped.
+            ValueError: a 206 that is not the rest of the partial body
+                (``continued_size``); the partial body is dropped.
         """
         if response.status_code != _PARTIAL_CONTENT:
             self.partial = None
             return 0, None
+        length = None if self.partial is None else self.partial.length
         try:
-            return self.asked_from, continued_size(response, self.asked_from)
+            return self.asked_from, continued_size(response, self.asked_from, length)
         except ValueError:
             self.drop()
             raise
@@ -296,27 +317,41 @@ _PARTIAL_CONTENT = 206
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 
 
-def continued_size(response: httpx.Response, offset: int) -> int | None:
-    """Check that a 206 continues the body at ``offset``; its full size if stated.
+def continued_size(
+    response: httpx.Response, offset: int, length: int | None = None
+) -> int:
+    """Check that a 206 is the rest, from ``offset``, of a body of ``length`` bytes
+    (the first reply's Content-Length; None if it gave none); return the body's size.
+
+    The 206 must say which body it is the end of: one byte range from ``offset`` to
+    the last byte of a stated complete length (not ``*``) equal to ``length``. And
+    the bytes it sends must be exactly that range: a Content-Length equal to the
+    range, with no chunked framing or content coding that could carry more or other
+    bytes (h11 then reads exactly that many, no more). The file thus ends where the
+    body does, never with the start of one body and the end of another.
 
     Raises:
-        ValueError: the ``Content-Range`` is missing, is not one byte range, or
-            starts elsewhere than ``offset``, or disagrees with Content-Length.
+        ValueError: the 206 is not that range, or does not say so.
     """
-    value = response.headers.get("Content-Range", "").strip()
+    headers = response.headers
+    value = headers.get("Content-Range", "").strip()
     match = _CONTENT_RANGE.fullmatch(value)
     if match is None:
         raise ValueError(f"bad Content-Range {value!r} in a 206")
-    first, last = int(match[1]), int(match[2])
-    total = None if match[3] == "*" else int(match[3])
-    length = response.headers.get("Content-Length")
+    first, last, total = int(match[1]), int(match[2]), match[3]
+    sent = headers.get("Content-Length", "").strip()
     if (
         first != offset
+        or total == "*"
+        or last != int(total) - 1
         or last < first
-        or (total is not None and last != total - 1)
-        or (length is not None and length.strip() != str(last - first + 1))
+        or (length is not None and int(total) != length)
+        or sent != str(last - first + 1)
+        or "Transfer-Encoding" in headers
+        or not _identity(headers)
     ):
         raise ValueError(
             f"Content-Range {value!r} does not continue the body at byte {offset}"
+            + ("" if length is None else f" of {length}")
         )
-    return total
+    return int(total)

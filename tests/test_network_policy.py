@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import itertools
 import json
 import math
 import ssl
@@ -38,7 +39,7 @@ from downloader.fetch import (
     make_async_client,
     make_client,
 )
-from downloader.politeness import RequestRate
+from downloader.politeness import WINDOW, Pace, RequestRate
 from downloader.records import Fetched, Job
 from downloader.settings import (
     USER_AGENT,
@@ -404,7 +405,34 @@ def test_request_rate_spaces_requests_per_host() -> None:
     assert RequestRate(None).reserve("a:80") == 0.0
 
 
-RATE = 20.0
+def test_a_turn_is_taken_only_when_due() -> None:
+    """``take`` takes the turn now or tells how long to wait, taking nothing: the
+    waiters that wake together do not all go together."""
+    rate = RequestRate(0.5)  # a turn every 2 s: the test never reaches the next
+    assert rate.take("a:80") == 0.0
+    waits = [rate.take("a:80") for _ in range(3)]
+
+    assert all(1.0 < wait <= 2.0 for wait in waits)
+    assert rate.take("b:80") == 0.0
+    assert RequestRate(None).take("a:80") == 0.0
+
+
+def test_processes_sharing_a_rate_take_turns_in_their_own_windows() -> None:
+    """At 4/s shared by 2 processes, process 0 may send in [0, 0.025) of every
+    0.5 s and process 1 in [0.25, 0.275): never closer than 0.9 of 0.25 s."""
+    first, second = Pace(0.25, 2, 0), Pace(0.25, 2, 1)
+
+    assert first.off_window(100.0) == 0.0
+    assert first.off_window(100.01) == 0.0
+    assert math.isclose(first.off_window(100.1), 0.4)
+    assert math.isclose(second.off_window(100.0), 0.25)
+    assert second.off_window(100.26) == 0.0
+    assert math.isclose(second.off_window(100.3), 0.45)
+    assert Pace(0.25).off_window(100.3) == 0.0
+    assert WINDOW * 0.25 <= 0.025
+
+
+RATE = 4.0
 RATED_URLS = 6
 
 
@@ -442,6 +470,10 @@ def test_the_rate_per_host_holds_for_the_whole_run_in_every_mode(
     # The busiest process makes at least ceil(N / P) requests, P / RATE apart.
     least = (math.ceil(RATED_URLS / processes) - 1) * processes / RATE
     assert arrivals[-1] - started >= least * 0.99
+    # And no two requests come closer than the rate allows, whichever processes
+    # sent them (a lower bound: load can only make gaps longer).
+    gaps = [later - sooner for sooner, later in itertools.pairwise(arrivals)]
+    assert min(gaps) >= 0.8 / RATE, [round(gap, 3) for gap in gaps]
 
 
 # The proxy: a forward proxy on loopback that knows one name the machine does not.

@@ -234,11 +234,20 @@ class Handler(BaseHTTPRequestHandler):
         ``stall`` honour ``Range`` under ``If-Range``; ``ignore`` sends it all again;
         ``changed`` has a new body and ETag; ``bad-range`` answers its first range
         request from the wrong byte, ``unsatisfiable`` with a 416; ``weak`` has
-        only a weak ETag; ``always`` cuts every answer."""
+        only a weak ETag (``weak-dated``: and a Last-Modified); ``always`` cuts every
+        answer. These answer a range request with a 206 that is not the rest of this
+        body: ``other-total`` the tail of a longer body, ``longer`` the rest plus
+        more bytes in a longer range, ``star`` an unknown complete length (``/*``),
+        ``chunked`` the right range with no Content-Length, chunked, plus junk."""
         body = PHOTO if name == "photo" else BODY
-        validator = {"dated": LAST_MODIFIED, "weak": 'W/"v1"'}.get(variant, ETAG)
+        weak = 'W/"v1"'
+        validator = {"dated": LAST_MODIFIED, "weak": weak, "weak-dated": weak}.get(
+            variant, ETAG
+        )
         field = "Last-Modified" if variant == "dated" else "ETag"
         offer = {"Accept_Ranges": "bytes", field.replace("-", "_"): validator}
+        if variant == "weak-dated":
+            offer["Last_Modified"] = LAST_MODIFIED
         if self.nth == 1 or variant == "always":
             self.start(200, len(body), Content_Type="image/jpeg", **offer)
             self.send(body[: len(body) // 2])
@@ -259,6 +268,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send(body)
             return
         first = 0 if variant == "bad-range" and self.nth == 2 else int(wanted[1])
+        if variant in SPLICES:
+            self.splice(variant, body, first, offer)
+            return
         last = len(body) - 1
         self.start(
             206,
@@ -268,6 +280,37 @@ class Handler(BaseHTTPRequestHandler):
             **offer,
         )
         self.send(body[first:])
+
+    def splice(
+        self, variant: str, body: bytes, first: int, offer: dict[str, str]
+    ) -> None:
+        """A 206 from byte ``first`` that is not the rest of ``body``."""
+        if variant == "chunked":
+            rest = body[first:] + b"junk" * 1000
+            self.start(
+                206,
+                None,
+                Content_Type="image/jpeg",
+                Content_Range=f"bytes {first}-{len(body) - 1}/{len(body)}",
+                Transfer_Encoding="chunked",
+                **offer,
+            )
+            self.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+            return
+        other = body + BODY[:1000] if variant == "longer" else BODY[::-1] * 2
+        total = "*" if variant == "star" else str(len(other))
+        self.start(
+            206,
+            len(other) - first,
+            Content_Type="image/jpeg",
+            Content_Range=f"bytes {first}-{len(other) - 1}/{total}",
+            **offer,
+        )
+        self.send(other[first:])
+
+
+SPLICES = ("other-total", "longer", "star", "chunked")
+"""``route_cut`` variants whose 206 would splice two bodies if taken."""
 
 
 @pytest.fixture(scope="module")
@@ -552,6 +595,8 @@ def test_a_cut_body_continues_with_a_range_request(
         ("changed", BODY[::-1], 2),  # validator changed: the new body, in a 200
         ("bad-range", BODY, 3),  # a 206 from the wrong byte: dropped, then whole
         ("unsatisfiable", BODY, 3),  # a 416: dropped, then whole
+        # 206s that are not the rest of this body: dropped, then whole
+        *((variant, BODY, 3) for variant in SPLICES),
     ],
 )
 def test_a_server_that_does_not_continue_gets_a_whole_download(
@@ -572,6 +617,8 @@ def test_a_server_that_does_not_continue_gets_a_whole_download(
     assert fetched.attempts == requests
     assert server.headers_of(url)[1]["range"] == f"bytes={len(BODY) // 2}-"
     assert len(server.headers_of(url)) == requests
+    if requests == 3:  # the partial file was dropped: the last asks for it all
+        assert "range" not in server.headers_of(url)[-1]
 
 
 @pytest.mark.parametrize(
@@ -579,8 +626,16 @@ def test_a_server_that_does_not_continue_gets_a_whole_download(
     [
         ({"Accept-Ranges": "bytes", "ETag": ETAG}, Partial("http://h/x", ETAG)),
         (
-            {"Accept-Ranges": "Bytes", "ETag": 'W/"1"', "Last-Modified": LAST_MODIFIED},
+            {"Accept-Ranges": "Bytes", "Last-Modified": LAST_MODIFIED},
             Partial("http://h/x", LAST_MODIFIED),
+        ),
+        (
+            {"Accept-Ranges": "bytes", "ETag": ETAG, "Content-Length": "99"},
+            Partial("http://h/x", ETAG, 99),
+        ),
+        (
+            {"Accept-Ranges": "Bytes", "ETag": 'W/"1"', "Last-Modified": LAST_MODIFIED},
+            None,
         ),
         ({"Accept-Ranges": "bytes", "ETag": 'W/"1"'}, None),
         ({"Accept-Ranges": "none", "ETag": ETAG}, None),
@@ -591,8 +646,8 @@ def test_a_server_that_does_not_continue_gets_a_whole_download(
 def test_what_may_be_continued(
     headers: dict[str, str], partial: Partial | None
 ) -> None:
-    """Byte ranges offered, no content coding, and a strong validator: ETag first,
-    Last-Modified when the ETag is weak."""
+    """Byte ranges offered, no content coding, and a strong validator: a strong
+    ETag, or Last-Modified when there is no ETag (never with a weak one)."""
     response = httpx.Response(
         200, headers=headers, request=httpx.Request("GET", "http://h/x")
     )
@@ -601,15 +656,20 @@ def test_what_may_be_continued(
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("variant", ["weak", "weak-dated"])
 def test_a_weak_etag_is_no_ground_to_continue(
-    server: Server, tmp_path: Path, driver: str
+    server: Server, tmp_path: Path, driver: str, variant: str
 ) -> None:
-    """If-Range takes no weak ETag: the retry downloads the whole body."""
-    url = server.url("/cut/weak/noise")
+    """If-Range takes no weak ETag, nor a date from a client that has an ETag
+    (RFC 9110, 13.1.5): the retry downloads the whole body, without Range."""
+    url = server.url(f"/cut/{variant}/noise")
     fetched = fetch_by(driver, url, tmp_path)
 
     assert fetched.path.read_bytes() == BODY
-    assert ["range" in headers for headers in server.headers_of(url)] == [False] * 2
+    assert fetched.sha256 == sha256(BODY)
+    assert sum(server.sent_for(url, 2)) == len(BODY) + len(BODY) // 2
+    sent = server.headers_of(url)
+    assert [("range" in h, "if-range" in h) for h in sent] == [(False, False)] * 2
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
