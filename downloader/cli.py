@@ -204,6 +204,20 @@ def _parser() -> argparse.ArgumentParser:
         help="processes to run the download threads in (pipeline mode; default: 1, "
         "or one per 8 worker processes); --per-host applies to each",
     )
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=defaults.shard_size,
+        help="--mode ray: consecutive list entries per Ray task "
+        f"(default {defaults.shard_size}); --per-host applies per task",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="auto|HOST:PORT",
+        default=None,
+        help="--mode ray: the Ray cluster to join (default: start a local Ray on "
+        "127.0.0.1 for the run, stopped after it)",
+    )
     parser.add_argument("--force", action="store_true", help="redo URLs already ok")
     parser.add_argument(
         "--name-by",
@@ -482,6 +496,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         name_by=NameBy(args.name_by),
         keep_originals=args.keep_originals,
         item_timeout=args.item_timeout,
+        shard_size=args.shard_size,
+        ray_address=args.ray_address,
         http=HttpSettings(**http_kwargs),
         image=image,
         **extra,

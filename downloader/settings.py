@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import importlib.util
 import math
 import numbers
 import os
@@ -27,6 +28,7 @@ from downloader.errors import InputError
 
 __all__ = [
     "HEADER_NAME",
+    "LOCAL_MODES",
     "OPTION_CHECKS",
     "Check",
     "HttpSettings",
@@ -74,6 +76,11 @@ PIXELS_LIMIT = BOX_SIDE_LIMIT**2
 """``max_pixels``: the largest JPEG; decoding one takes ~13 GB per worker already."""
 TASKS_LIMIT = 10**9
 """``max_tasks_per_worker``: beyond any run's length, i.e. never recycle."""
+SHARD_SIZE_LIMIT = 1_000_000
+"""``--shard-size``: entries per Ray task; the driver holds the jobs of the shards in
+flight (two per cluster CPU), so a million each is already gigabytes there."""
+RAY_EXTRA_HINT = "pip install 'downloader[ray]'"
+"""How to get Ray, for the one-line error of ``--mode ray`` without it."""
 
 
 class Mode(enum.Enum):
@@ -84,6 +91,12 @@ class Mode(enum.Enum):
     PROCESSES = "processes"
     PIPELINE = "pipeline"
     ASYNC = "async"
+    RAY = "ray"
+    """Shards of the list as tasks on a Ray cluster (``ray_mode``; the extra)."""
+
+
+LOCAL_MODES: tuple[Mode, ...] = tuple(mode for mode in Mode if mode is not Mode.RAY)
+"""The modes that need nothing but this machine (``--compare``'s default)."""
 
 
 class ImageFormat(enum.Enum):
@@ -666,11 +679,26 @@ class Settings:
     stall_report: float = 60.0
     """Seconds without any item finishing after which the URLs in progress are logged
     (logger ``downloader``, warning); the run goes on."""
+    shard_size: int = 1000
+    """``--mode ray``: consecutive list entries per Ray task (``--shard-size``)."""
+    ray_address: str | None = None
+    """``--mode ray``: the cluster to join (``auto`` or an address); None starts a
+    local Ray for the run, on 127.0.0.1 only (``--ray-address``)."""
     http: HttpSettings = field(default_factory=HttpSettings)
     image: ImageSpec = field(default_factory=ImageSpec)
 
     def __post_init__(self) -> None:
         _check_fields(self, _SETTINGS_CHECKS)
+        if self.mode is Mode.RAY:
+            _require(
+                self.name_by is NameBy.URL,
+                "--name-by sha256 does not go with --mode ray (identical bodies "
+                "would be found only within one task): use --name-by url",
+            )
+            _require(
+                importlib.util.find_spec("ray") is not None,
+                f"--mode ray needs Ray, which is not installed: {RAY_EXTRA_HINT}",
+            )
 
     @property
     def download_processes(self) -> int:
@@ -697,6 +725,8 @@ _SETTINGS_CHECKS: Mapping[str, Check] = {
     "item_timeout": _seconds("--item-timeout"),
     "max_tasks_per_worker": Whole("max_tasks_per_worker", 1, TASKS_LIMIT),
     "stall_report": _seconds("stall_report"),
+    "shard_size": Whole("--shard-size", 1, SHARD_SIZE_LIMIT),
+    "ray_address": _Text("--ray-address", optional=True, one_line=True),
     "http": _Instance("http", HttpSettings),
     "image": _Instance("image", ImageSpec),
 }

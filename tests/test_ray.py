@@ -1,0 +1,282 @@
+"""``--mode ray`` against a real local Ray: one per session (``conftest.ray_cluster``).
+
+Library runs in this process use that Ray; command-line runs are subprocesses that
+join it with ``--ray-address``, so that a signal or a ``kill -9`` hits the driver
+alone. Ray's worker processes are really killed (by the killing transforms of
+``tests.user_transforms``), never simulated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from downloader import ImageSpec, Mode, Settings, Status, run
+from downloader.cli import main
+from downloader.demo import serve_in_thread
+from downloader.errors import InputError
+from downloader.progress import EventKind, EventLog
+from downloader.ray_mode import SHARD_RETRIES
+from downloader.ray_shards import PARTS_NAME
+from downloader.records import Stage
+from downloader.settings import NameBy
+from tests.conftest import RayCluster
+from tests.helpers import (
+    FLAT_IMAGE,
+    WAIT_S,
+    LocalServer,
+    corpus_urls,
+    fast_settings,
+    leftovers,
+    read_manifest,
+    write_list,
+)
+from tests.test_modes import output_hashes
+from tests.user_transforms import kills
+
+CLI = Path(__file__).resolve().parents[1] / "cli.py"
+
+
+def ray_settings(out: Path, **overrides: object) -> Settings:
+    """The tests' settings in ray mode, with shards small enough to have several."""
+    values: dict[str, object] = {"mode": Mode.RAY, "shard_size": 3}
+    values.update(overrides)
+    return fast_settings(out, **values)
+
+
+def by_url(out: Path) -> dict[str, dict[str, object]]:
+    """The manifest's records by URL; fails if a URL has two lines."""
+    records = read_manifest(out)
+    urls = [str(record["url"]) for record in records]
+    assert len(urls) == len(set(urls)), "a URL has two lines in the manifest"
+    return {str(record["url"]): record for record in records}
+
+
+def assert_tidy(out: Path) -> None:
+    """No part file, no temporary file, every output image whole."""
+    assert not (out / PARTS_NAME).exists()
+    assert leftovers(out) == []
+    for record in read_manifest(out):
+        if record["status"] == "ok":
+            with Image.open(out / str(record["path"])) as image:
+                image.load()
+
+
+def test_statuses_and_bytes_equal_a_pipeline_run(
+    ray_cluster: RayCluster, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """The same list in ray mode: same records, same output files, byte for byte;
+    progress events for every item; a rerun skips what is ok."""
+    base = server.base_url
+    urls = [*corpus_urls(server, corpus), f"{base}/status/404", f"{base}/html"]
+    run(urls, fast_settings(tmp_path / "pipeline"))
+    log = EventLog()
+
+    report = run(urls, ray_settings(tmp_path / "ray"), events=log)
+
+    local, remote = by_url(tmp_path / "pipeline"), by_url(tmp_path / "ray")
+    assert sorted(remote) == sorted(urls)
+    fields = ("status", "error", "path", "bytes", "width", "height", "sha256")
+    for url in urls:
+        assert [remote[url].get(f) for f in fields] == [
+            local[url].get(f) for f in fields
+        ], url
+    assert output_hashes(tmp_path / "ray") == output_hashes(tmp_path / "pipeline")
+    assert [o.status for o in report.results].count(Status.OK) == len(urls) - 2
+    finished = {
+        e.index
+        for e in log.events
+        if e.stage is Stage.DOWNLOAD and e.kind is EventKind.FINISHED
+    }
+    assert len(finished) == len(urls)
+    assert all(e.lane.startswith("ray-") for e in log.events)
+    assert_tidy(tmp_path / "ray")
+
+    again = run(urls, ray_settings(tmp_path / "ray"))
+
+    statuses = sorted(o.status.value for o in again.results)
+    assert statuses == ["failed"] * 2 + ["skipped"] * (len(urls) - 2)
+    assert len(read_manifest(tmp_path / "ray")) == len(urls)
+
+
+def test_a_ray_worker_killed_mid_shard_costs_nothing(
+    ray_kills: Path, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """kill -9 of the worker running a shard, late in it: Ray runs the task again,
+    which skips what the part file records. One ok record per URL, none twice."""
+    urls = [*corpus_urls(server, corpus), server.url_for(FLAT_IMAGE)]
+    spec = ImageSpec(
+        max_size=64, transform="tests.user_transforms:kill_worker_on_flat_once"
+    )
+    settings = ray_settings(tmp_path, shard_size=len(urls), threads=2, image=spec)
+
+    report = run(urls, settings)
+
+    assert len(kills(ray_kills)) == 1
+    assert os.getpid() not in kills(ray_kills)
+    assert [o.status for o in report.results] == [Status.OK] * len(urls)
+    assert sorted(by_url(tmp_path)) == sorted(urls)
+    # The flat image (last in the list) killed the worker: the retry redid it and at
+    # most the one other URL in flight, not the shard's URLs already recorded.
+    assert server.requests["/" + FLAT_IMAGE] == 2
+    assert sum(server.requests.values()) <= len(urls) + settings.threads
+    assert_tidy(tmp_path)
+
+
+def test_a_shard_that_keeps_failing_fails_its_urls_with_the_reason(
+    ray_kills: Path, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A shard whose worker dies at every attempt: its URLs end failed, with why;
+    the other shards' URLs are ok."""
+    urls = [*corpus_urls(server, corpus)[:3], server.url_for(FLAT_IMAGE)]
+    spec = ImageSpec(max_size=64, transform="tests.user_transforms:kill_worker_on_flat")
+
+    run(urls, ray_settings(tmp_path, shard_size=2, image=spec))
+
+    records = by_url(tmp_path)
+    assert sorted(records) == sorted(urls)
+    assert [records[url]["status"] for url in urls[:2]] == ["ok", "ok"]
+    flat = records[urls[3]]
+    assert flat["status"] == "failed"
+    assert flat["error"] == (
+        f"ray task failed: its worker process died {SHARD_RETRIES + 1} times "
+        "while running this shard"
+    )
+    assert len(kills(ray_kills)) == SHARD_RETRIES + 1
+    assert (tmp_path / "failed.txt").read_text().splitlines() == [
+        url for url in urls[2:] if records[url]["status"] == "failed"
+    ]
+    assert_tidy(tmp_path)
+
+
+def test_ray_mode_refuses_sha256_names_in_one_line(tmp_path: Path) -> None:
+    """Content names would dedupe within one task only: refused up front."""
+    with pytest.raises(InputError, match="--name-by sha256 does not go with"):
+        Settings(out=tmp_path, mode=Mode.RAY, name_by=NameBy.SHA256)
+
+
+def test_without_ray_installed_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No Ray: exit 2 with the line that says how to install it; nothing written."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails
+    url_list = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/a.jpg"])
+
+    code = main([str(url_list), "--mode", "ray", "--out", str(tmp_path / "out")])
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "error: --mode ray needs Ray, which is not installed: "
+        "pip install 'downloader[ray]'\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------- the driver: Ctrl-C and kill -9
+
+
+@pytest.fixture
+def slow_server(corpus: Path) -> Iterator[LocalServer]:
+    """The corpus server with latency, so that a run is mid-flight for a while."""
+    with serve_in_thread(LocalServer(corpus, latency=0.3)) as running:
+        assert isinstance(running, LocalServer)
+        yield running
+
+
+def _many_urls(server: LocalServer, corpus: Path, count: int) -> list[str]:
+    """``count`` distinct URLs of the corpus's images (query strings)."""
+    names = corpus_urls(server, corpus)
+    return [f"{names[i % len(names)]}?n={i}" for i in range(count)]
+
+
+def _driver(url_list: Path, out: Path, address: str) -> subprocess.Popen[str]:
+    command = [
+        sys.executable,
+        str(CLI),
+        str(url_list),
+        *("--out", str(out), "--mode", "ray", "--ray-address", address),
+        *("--shard-size", "4", "--threads", "2", "--max-size", "64", "--json"),
+        *("--retries", "0", "--no-progress"),
+    ]
+    return subprocess.Popen(
+        command,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_records(out: Path, count: int) -> None:
+    """Wait (bounded) until the manifest has ``count`` complete lines."""
+    manifest = out / "manifest.jsonl"
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if manifest.exists() and manifest.read_bytes().count(b"\n") >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} records within {WAIT_S} s")
+
+
+def _rerun_completes(urls: list[str], url_list: Path, out: Path, address: str) -> None:
+    process = _driver(url_list, out, address)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert json.loads(stdout)["counts"]["failed"] == 0
+    records = by_url(out)
+    assert sorted(records) == sorted(urls)
+    assert {r["status"] for r in records.values()} <= {"ok", "skipped"}
+    assert_tidy(out)
+
+
+def test_ctrl_c_on_the_driver_exits_130_and_a_rerun_completes(
+    ray_cluster: RayCluster, slow_server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """SIGINT to the driver: tasks stop, every URL has its one record, exit 130."""
+    urls = _many_urls(slow_server, corpus, 40)
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+    process = _driver(url_list, out, ray_cluster.address)
+    _wait_for_records(out, 2)
+
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr
+    records = by_url(out)
+    assert sorted(records) == sorted(urls)
+    stopped = [r for r in records.values() if r["status"] == "failed"]
+    assert stopped, "the run ended before the signal"
+    assert all(
+        r["error"] == "interrupted" or str(r["error"]).startswith("not started (")
+        for r in stopped
+    )
+    assert_tidy(out)
+    _rerun_completes(urls, url_list, out, ray_cluster.address)
+
+
+def test_driver_killed_then_a_rerun_completes(
+    ray_cluster: RayCluster, slow_server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """kill -9 of the driver mid-run: the rerun merges the parts it left and
+    finishes; one line per URL, and what was recorded is not fetched again."""
+    urls = _many_urls(slow_server, corpus, 40)
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+    process = _driver(url_list, out, ray_cluster.address)
+    _wait_for_records(out, 2)
+
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate(timeout=WAIT_S)
+
+    assert len(read_manifest(out)) < len(urls)
+    _rerun_completes(urls, url_list, out, ray_cluster.address)
