@@ -250,7 +250,7 @@ def _add_reporting_options(parser: argparse.ArgumentParser) -> None:
         "--modes",
         type=_mode_list,
         default=None,
-        help="with --compare: modes to run, comma-separated (default: all)",
+        help="with --compare: modes to run, comma-separated (default: all but ray)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument(

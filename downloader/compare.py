@@ -61,13 +61,14 @@ from downloader.report import (
     draw_comparison,
 )
 from downloader.runtime import Cancellation, Usage
-from downloader.settings import Mode, Settings
+from downloader.settings import LOCAL_MODES, Mode, Settings
 from downloader.sources import InputFormat, LocalFiles, UrlList, reads_once
 
 __all__ = ["DEFAULT_MODES", "compare", "gil_enabled", "run_mode"]
 
-DEFAULT_MODES: tuple[Mode, ...] = tuple(Mode)
-"""Every mode, sequential first (it is the speed-up baseline)."""
+DEFAULT_MODES: tuple[Mode, ...] = LOCAL_MODES
+"""Every mode but ``ray`` (an optional extra that starts a cluster; ask for it with
+``--modes``), sequential first (it is the speed-up baseline)."""
 # Often enough to catch a worker's peak between two images, rarely enough to cost
 # nothing measurable (one /proc read per process per sample).
 SAMPLE_INTERVAL_S = 0.1
@@ -252,6 +253,7 @@ def _concurrency(mode: Mode, settings: Settings) -> tuple[int, int]:
         Mode.PROCESSES: (0, settings.procs),
         Mode.PIPELINE: (settings.threads, settings.procs),
         Mode.ASYNC: (settings.threads, settings.procs),
+        Mode.RAY: (settings.threads, 0),  # per task; a task per cluster CPU
     }[mode]
 
 
