@@ -216,9 +216,9 @@ def _driver(url_list: Path, out: Path, address: str) -> subprocess.Popen[str]:
     )
 
 
-def _wait_for_records(out: Path, count: int) -> None:
-    """Wait (bounded) until the manifest has ``count`` complete lines."""
-    manifest = out / "manifest.jsonl"
+def _wait_for_records(out: Path, count: int, name: str = "manifest.jsonl") -> None:
+    """Wait (bounded) until ``out/name`` has ``count`` complete lines."""
+    manifest = out / name
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         if manifest.exists() and manifest.read_bytes().count(b"\n") >= count:
@@ -227,22 +227,13 @@ def _wait_for_records(out: Path, count: int) -> None:
     raise AssertionError(f"fewer than {count} records within {WAIT_S} s")
 
 
-def _rerun_completes(urls: list[str], url_list: Path, out: Path, address: str) -> None:
-    process = _driver(url_list, out, address)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
-    assert json.loads(stdout)["counts"]["failed"] == 0
-    records = by_url(out)
-    assert sorted(records) == sorted(urls)
-    assert {r["status"] for r in records.values()} <= {"ok", "skipped"}
-    assert_tidy(out)
-
-
-def test_ctrl_c_on_the_driver_exits_130_and_a_rerun_completes(
+def test_driver_ctrl_c_then_kill_9_then_a_rerun_completes(
     ray_cluster: RayCluster, slow_server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
-    """SIGINT to the driver: tasks stop, every URL has its one record, exit 130."""
-    urls = _many_urls(slow_server, corpus, 40)
+    """SIGINT to the driver: tasks stop, every URL has its one record, exit 130.
+    Then kill -9 of the driver of the rerun, mid-run. The next run merges the part
+    files the killed one left and finishes: one line per URL, all ok."""
+    urls = _many_urls(slow_server, corpus, 32)
     url_list = write_list(tmp_path / "urls.txt", urls)
     out = tmp_path / "out"
     process = _driver(url_list, out, ray_cluster.address)
@@ -261,22 +252,48 @@ def test_ctrl_c_on_the_driver_exits_130_and_a_rerun_completes(
         for r in stopped
     )
     assert_tidy(out)
-    _rerun_completes(urls, url_list, out, ray_cluster.address)
+    ok_before = sum(r["status"] == "ok" for r in records.values())
 
-
-def test_driver_killed_then_a_rerun_completes(
-    ray_cluster: RayCluster, slow_server: LocalServer, corpus: Path, tmp_path: Path
-) -> None:
-    """kill -9 of the driver mid-run: the rerun merges the parts it left and
-    finishes; one line per URL, and what was recorded is not fetched again."""
-    urls = _many_urls(slow_server, corpus, 40)
-    url_list = write_list(tmp_path / "urls.txt", urls)
-    out = tmp_path / "out"
     process = _driver(url_list, out, ray_cluster.address)
-    _wait_for_records(out, 2)
-
+    # Records of URLs the manifest has go to the updates file until the run ends.
+    _wait_for_records(out, ok_before + 2, ".manifest-updates.jsonl")
     os.killpg(process.pid, signal.SIGKILL)
     process.communicate(timeout=WAIT_S)
+    assert list((out / PARTS_NAME).iterdir()), "no part left to merge"
 
-    assert len(read_manifest(out)) < len(urls)
-    _rerun_completes(urls, url_list, out, ray_cluster.address)
+    process = _driver(url_list, out, ray_cluster.address)
+    stdout, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["counts"]["failed"] == 0
+    assert summary["counts"]["skipped"] > ok_before  # the killed run's work counts
+    records = by_url(out)
+    assert sorted(records) == sorted(urls)
+    assert {r["status"] for r in records.values()} <= {"ok", "skipped"}
+    assert_tidy(out)
+
+
+def test_parts_a_killed_driver_left_are_merged_by_the_next_run(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Part files in OUT/.parts (torn last line included) are merged before the
+    next run plans, whatever its mode: their URLs are not fetched again."""
+    urls = corpus_urls(server, corpus)[:5]
+    run(urls[:3], fast_settings(tmp_path))
+    (tmp_path / PARTS_NAME).mkdir()
+    part = tmp_path / PARTS_NAME / "run-shard-00000.jsonl"
+    (tmp_path / "manifest.jsonl").rename(part)
+    with part.open("ab") as handle:
+        handle.write(b'{"url": "' + urls[3].encode())  # torn by a kill -9
+
+    report = run(urls, fast_settings(tmp_path))
+
+    statuses = {o.url: o.status for o in report.results}
+    assert statuses == {
+        **dict.fromkeys(urls[:3], Status.SKIPPED),
+        **dict.fromkeys(urls[3:], Status.OK),
+    }
+    assert all(server.requests["/" + url.rpartition("/")[2]] == 1 for url in urls)
+    assert sorted(by_url(tmp_path)) == sorted(urls)
+    assert_tidy(tmp_path)
