@@ -31,8 +31,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
+import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -73,6 +75,7 @@ STOP_GRACE_S = 30.0
 were doing (``interrupted``) before it cancels them by force."""
 _REPLY_S = 60.0
 """Longest a task waits for the driver's inbox to answer before it stops."""
+_log = logging.getLogger("downloader")
 _LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     # Ray's "not a cluster" switch: every address it picks is 127.0.0.1.
@@ -103,9 +106,41 @@ def connected(settings: Settings) -> Iterator[Any]:
     """Yield the ``ray`` module, connected: to the caller's Ray, a cluster, or a
     local Ray started here (and stopped after)."""
     ray = _import_ray(settings.ray_address)
-    if ray.is_initialized():
-        yield ray
+    with _messages_logged():
+        if ray.is_initialized():
+            yield ray
+            return
+        with _started(ray, settings):
+            yield ray
+
+
+@contextlib.contextmanager
+def _messages_logged() -> Iterator[None]:
+    """Send the messages Ray prints for the driver (a task's worker died, it is
+    retried) to the ``downloader`` logger (debug) instead of standard output,
+    which belongs to ``--json`` and ``--events -``; the records say what came of
+    them. Ray offers no switch for these, so its printer is replaced for the run
+    (``ray._private.worker.print_to_stdstream``; nothing is done if it is gone)."""
+    module: Any = sys.modules.get("ray._private.worker")
+    printer = getattr(module, "print_to_stdstream", None)
+    if module is None or printer is None:
+        yield
         return
+
+    def log(data: dict[str, Any], ignore_prefix: bool) -> None:
+        for line in data.get("lines", ()):
+            _log.debug("ray: %s", line)
+
+    module.print_to_stdstream = log
+    try:
+        yield
+    finally:
+        module.print_to_stdstream = printer
+
+
+@contextlib.contextmanager
+def _started(ray: Any, settings: Settings) -> Iterator[None]:
+    """``ray.init`` for the run, ``ray.shutdown`` after it."""
     # Ray sets its own SIGTERM handler in ray.init; the run's (Ctrl-C and SIGTERM
     # stop it in order) are put back.
     saved = _signal_handlers()
@@ -116,20 +151,20 @@ def connected(settings: Settings) -> Iterator[Any]:
                 _node_ip_address="127.0.0.1",
                 include_dashboard=False,
                 log_to_driver=False,
-                logging_level="warning",
+                logging_level="error",
             )
         else:
             ray.init(
                 address=settings.ray_address,
                 log_to_driver=False,
-                logging_level="warning",
+                logging_level="error",
             )
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise InputError(f"cannot start or join Ray: {exc}") from exc
     finally:
         _restore(saved)
     try:
-        yield ray
+        yield
     finally:
         _inboxes.clear()
         ray.shutdown()

@@ -22,6 +22,7 @@ from PIL import Image
 
 from downloader import ImageSpec, Mode, Settings, Status, run
 from downloader.cli import main
+from downloader.compare import compare
 from downloader.demo import serve_in_thread
 from downloader.errors import InputError
 from downloader.progress import EventKind, EventLog
@@ -156,6 +157,22 @@ def test_a_shard_that_keeps_failing_fails_its_urls_with_the_reason(
         url for url in urls[2:] if records[url]["status"] == "failed"
     ]
     assert_tidy(tmp_path)
+
+
+def test_compare_runs_ray_beside_a_local_mode(
+    ray_cluster: RayCluster, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """``--compare --modes pipeline,ray``: both rows, the same output bytes."""
+    urls = corpus_urls(server, corpus)[:6]
+
+    comparison = compare(urls, fast_settings(tmp_path), (Mode.PIPELINE, Mode.RAY))
+
+    assert [r.mode for r in comparison.results] == [Mode.PIPELINE, Mode.RAY]
+    assert all(r.ok for r in comparison.results)
+    pipeline, ray = comparison.results
+    assert ray.outputs == pipeline.outputs
+    assert len(ray.outputs) == len(urls)
+    assert {span.lane.split("-")[0] for span in ray.spans} == {"ray"}
 
 
 def test_ray_mode_refuses_sha256_names_in_one_line(tmp_path: Path) -> None:
