@@ -446,7 +446,8 @@ class _RayRun:
         shard = self.in_flight.pop(ref)
         del self.by_number[shard.spec.number]
         part = PartFile(shard.spec.part)
-        for outcome in part.records():
+        # Read only if a record was not heard of (its task died after writing it).
+        for outcome in part.records() if shard.waiting else ():
             if shard.waiting.pop(record_key(outcome.url), None) is not None:
                 yield outcome
         for job in shard.waiting.values():
