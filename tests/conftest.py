@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +63,18 @@ def worker_kills(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "token",
+}
+"""What downloader.ray_mode sets for a local Ray: no usage statistics, and every
+address Ray picks is 127.0.0.1 (Ray reads them when it is imported or started);
+and token authentication for the nodes and every driver, as ``ray.init`` turns on
+for a Ray it starts (the token is in ``~/.ray/auth_token``)."""
+RAY_STOP_S = 2.0
+
+
 @dataclass(frozen=True)
 class RayCluster:
     """The tests' one local Ray: where to join it, where its kills are noted."""
@@ -68,36 +85,71 @@ class RayCluster:
     test process's children and do not see a variable set later)."""
 
 
+@contextlib.contextmanager
+def ray_node(*args: str, env: dict[str, str]) -> Iterator[None]:
+    """``ray start ARGS`` on 127.0.0.1 in a session of its own; its processes are
+    ended (the whole group: never ``ray stop``, which ends every Ray of the user)."""
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", *args]
+    starter = subprocess.Popen(
+        [*command, "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+        env={**os.environ, **RAY_ENV, **env},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, stderr = starter.communicate(timeout=120)
+        assert starter.returncode == 0, stderr
+        yield
+    finally:
+        _end_group(starter.pid)
+
+
+def _end_group(group: int) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after a while."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + RAY_STOP_S
+        while time.monotonic() < deadline:
+            os.killpg(group, 0)  # raises once the group is gone
+            time.sleep(0.1)
+        os.killpg(group, signal.SIGKILL)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     """One local Ray for the whole session (starting one takes seconds): 2 CPUs,
     bound to 127.0.0.1, no dashboard, no usage statistics.
 
-    Library runs in this process use it (``ray.is_initialized()``); command-line
-    runs join it with ``--ray-address``.
+    Started by ``ray start``, so that its processes are not this process's children
+    (tests look for worker processes among those). Library runs in this process use
+    it (``ray.is_initialized()``); command-line runs join it with ``--ray-address``.
     """
-    # As downloader.ray_mode does for a local start; Ray reads them when imported.
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-
     kills = tmp_path_factory.mktemp("ray-kills")
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM,)}
-    ray.init(
-        address="local",
-        num_cpus=2,
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.ERROR,
-        runtime_env={"env_vars": {KILLS_ENV: str(kills)}},
-    )
-    for number, handler in handlers.items():  # ray.init sets its own SIGTERM one
-        signal.signal(number, handler)
-    try:
-        yield RayCluster(ray.get_runtime_context().gcs_address, kills)
-    finally:
-        ray.shutdown()
+    address = f"127.0.0.1:{free_port()}"
+    head = (f"--port={address.rpartition(':')[2]}", "--num-cpus=2")
+    with ray_node(
+        "--head", *head, "--include-dashboard=false", env={KILLS_ENV: str(kills)}
+    ):
+        os.environ.update(RAY_ENV)
+        import ray
+
+        handler = signal.getsignal(signal.SIGTERM)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+        signal.signal(signal.SIGTERM, handler)  # ray.init sets its own
+        try:
+            yield RayCluster(address, kills)
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture
