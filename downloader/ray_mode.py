@@ -350,8 +350,13 @@ class _RayRun:
         self.stop_deadline: float | None = None
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.limit = max(1, SHARDS_PER_CPU * cpus)
+        # SPREAD: shards go to every node, not first to fill the driver's (a
+        # download tool spreads its network load too).
         self.task = ray.remote(
-            num_cpus=1, max_retries=SHARD_RETRIES, retry_exceptions=False
+            num_cpus=1,
+            max_retries=SHARD_RETRIES,
+            retry_exceptions=False,
+            scheduling_strategy="SPREAD",
         )(_shard_task)
         self.inbox = _inbox(ray)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import shutil
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -150,6 +152,33 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
             yield RayCluster(address, kills)
         finally:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def second_node(cluster: RayCluster, cpus: int = 2) -> Iterator[None]:
+    """One more node of ``cluster`` on this machine (127.0.0.1), for the block;
+    ready when the cluster's scheduler sees its CPUs free."""
+    ray: Any = importlib.import_module("ray")
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
+
+    before = ray.available_resources().get("CPU", 0)
+    params = RayParams(
+        gcs_address=cluster.address,
+        num_cpus=cpus,
+        node_manager_port=0,
+        min_worker_port=0,
+        max_worker_port=0,
+    )
+    node = Node(params, head=False, shutdown_at_exit=True, spawn_reaper=False)
+    try:
+        deadline = time.monotonic() + 60
+        while ray.available_resources().get("CPU", 0) < before + cpus:
+            assert time.monotonic() < deadline, "the second node did not join"
+            time.sleep(0.2)
+        yield
+    finally:
+        node.kill_all_processes(check_alive=False, allow_graceful=True)
 
 
 @pytest.fixture

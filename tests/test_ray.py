@@ -30,7 +30,7 @@ from downloader.ray_mode import SHARD_RETRIES
 from downloader.ray_shards import PARTS_NAME
 from downloader.records import Stage
 from downloader.settings import NameBy
-from tests.conftest import RayCluster
+from tests.conftest import RayCluster, second_node
 from tests.helpers import (
     FLAT_IMAGE,
     WAIT_S,
@@ -42,7 +42,7 @@ from tests.helpers import (
     write_list,
 )
 from tests.test_modes import output_hashes
-from tests.user_transforms import kills
+from tests.user_transforms import KILLS_ENV, kills
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
 
@@ -314,3 +314,30 @@ def test_parts_a_killed_driver_left_are_merged_by_the_next_run(
     assert all(server.requests["/" + url.rpartition("/")[2]] == 1 for url in urls)
     assert sorted(by_url(tmp_path)) == sorted(urls)
     assert_tidy(tmp_path)
+
+
+def test_a_second_node_takes_shards(
+    ray_cluster: RayCluster,
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A second node joins the session's Ray (this machine, 127.0.0.1, a folder of
+    its own for notes): shards run on both nodes, one manifest, every URL ok once.
+
+    Started as Ray's own test helper starts one (``ray.cluster_utils.Cluster``):
+    ``ray start --address`` refuses a second node on 127.0.0.1 unless told the
+    machine is in a cluster, and then it binds the machine's routable address."""
+    node_notes = tmp_path / "node-2"
+    node_notes.mkdir()
+    monkeypatch.setenv(KILLS_ENV, str(node_notes))  # the new node's workers see it
+    spec = ImageSpec(max_size=64, transform="tests.user_transforms:note_worker")
+    urls = _many_urls(server, corpus, 24)
+    with second_node(ray_cluster):
+        report = run(urls, ray_settings(tmp_path / "out", shard_size=2, image=spec))
+
+    assert [o.status for o in report.results] == [Status.OK] * len(urls)
+    assert sorted(by_url(tmp_path / "out")) == sorted(urls)
+    assert list(node_notes.iterdir()), "no shard ran on the second node"
+    assert_tidy(tmp_path / "out")
