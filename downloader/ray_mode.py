@@ -300,6 +300,7 @@ class _Sender:
         self._settle(wait=True)
 
     def _loop(self) -> None:
+        self.send()  # at once: the driver knows the task has begun
         while not self._done.wait(SEND_S):
             self.send()
 
@@ -340,8 +341,9 @@ class _RayRun:
         self.ray = ray
         self.lifecycle = lifecycle
         self.settings = lifecycle.settings
-        context = lifecycle.context
-        self.parts = parts_folder(context.out)
+        self.out = Path(os.path.abspath(lifecycle.context.out))
+        self.tmp = Path(os.path.abspath(lifecycle.context.tmp))
+        self.parts = parts_folder(self.out)
         self.run_name = new_run_name()
         self.in_flight: dict[Any, _Shard] = {}
         self.by_number: dict[int, _Shard] = {}
@@ -393,16 +395,16 @@ class _RayRun:
                 self.parts.rmdir()  # only if empty: parts left are merged next run
 
     def _submit(self, number: int, jobs: list[Job]) -> None:
-        context = self.lifecycle.context
+        # Absolute paths: a task's working folder is not the driver's.
         spec = ShardSpec(
             number,
-            tuple(jobs),
+            tuple(_absolute(job) for job in jobs),
             self.parts / f"{self.run_name}-shard-{number:05d}.jsonl",
-            context.tmp / f"shard-{number:05d}",
+            self.tmp / f"shard-{number:05d}",
         )
         shard = _Shard(spec, {record_key(job.url): job for job in jobs})
         ref = self.task.remote(
-            spec, self.settings, str(context.out), self.inbox, self.run_name
+            spec, self.settings, str(self.out), self.inbox, self.run_name
         )
         self.in_flight[ref] = shard
         self.by_number[number] = shard
@@ -480,6 +482,13 @@ def _task_failure(ray: Any, error: BaseException) -> str:
     cause = getattr(error, "cause", None) or error
     text = str(cause).strip().splitlines()
     return f"ray task failed: {type(cause).__name__}: {text[-1] if text else ''}"
+
+
+def _absolute(job: Job) -> Job:
+    """``job`` with its local file (``--input-dir``, a kept original) absolute."""
+    if job.local_path is None or os.path.isabs(job.local_path):
+        return job
+    return replace(job, local_path=os.path.abspath(job.local_path))
 
 
 def _cut(jobs: Iterator[Job], size: int) -> Iterator[list[Job]]:

@@ -100,12 +100,28 @@ def ray_node(*args: str, env: dict[str, str]) -> Iterator[None]:
         stderr=subprocess.PIPE,
         text=True,
     )
+    # Ray's processes outlive a test process that is killed (they are not its
+    # children): this one ends them then.
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", _WATCH, str(os.getpid()), str(starter.pid)],
+        start_new_session=True,
+    )
     try:
         _, stderr = starter.communicate(timeout=120)
         assert starter.returncode == 0, stderr
         yield
     finally:
         _end_group(starter.pid)
+        watcher.kill()
+        watcher.wait()
+
+
+_WATCH = """
+import os, select, signal, sys
+select.select([os.pidfd_open(int(sys.argv[1]))], [], [])
+os.killpg(int(sys.argv[2]), signal.SIGKILL)
+"""
+"""Wait for the test process (argv 1) to end, then kill a process group (argv 2)."""
 
 
 def _end_group(group: int) -> None:

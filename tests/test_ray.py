@@ -216,16 +216,19 @@ def _many_urls(server: LocalServer, corpus: Path, count: int) -> list[str]:
 
 
 def _driver(url_list: Path, out: Path, address: str) -> subprocess.Popen[str]:
+    """The command line in ray mode, in ``out``'s parent, ``--out`` relative to it
+    (the tasks' working folder is not the driver's)."""
     command = [
         sys.executable,
         str(CLI),
         str(url_list),
-        *("--out", str(out), "--mode", "ray", "--ray-address", address),
+        *("--out", out.name, "--mode", "ray", "--ray-address", address),
         *("--shard-size", "4", "--threads", "2", "--max-size", "64", "--json"),
         *("--retries", "0", "--no-progress"),
     ]
     return subprocess.Popen(
         command,
+        cwd=out.parent,
         start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
