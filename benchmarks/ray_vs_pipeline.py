@@ -11,7 +11,7 @@ The corpus and the ``wan`` server are ``run.py``'s (generated once, cached under
 own; then the two modes run in turn (``--repeat`` times each, best wall time
 counts) through ``compare.run_mode``, as ``--compare`` runs them, with the same
 settings: ``--threads 16 --procs 2`` (in ray mode the threads are per task, one task
-per CPU). Writes ``results/ray-vs-pipeline.json`` and prints a small table.
+per CPU). Writes ``results/ray-vs-pipeline-<images>.json`` and prints a small table.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> int:
     }
     results = bench.HERE / "results"
     results.mkdir(exist_ok=True)
-    path = results / "ray-vs-pipeline.json"
+    path = results / f"ray-vs-pipeline-{args.images}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print("| mode | wall s | images/s | CPU s |")
     print("|---|---|---|---|")
