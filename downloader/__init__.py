@@ -31,6 +31,7 @@ from downloader.settings import (
     ImageFormat,
     ImageSpec,
     Mode,
+    Part,
     ResizeMode,
     Settings,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "Mode",
     "Outcome",
     "OutputError",
+    "Part",
     "ProgressEvent",
     "ResizeMode",
     "RunReport",

@@ -10,6 +10,7 @@ from downloader.errors import DownloaderError, InputError, OutputError
 from downloader.lifecycle import Lifecycle
 from downloader.manifest import ManifestWriter, OutputFolder, PreviousRun
 from downloader.modes import RUNNERS
+from downloader.parts import finish_part, only_part, start_part
 from downloader.progress import Events, ignore_events, tell_note, tell_outcome
 from downloader.ray_shards import merge_leftover_parts
 from downloader.records import Job, Outcome, Status
@@ -69,6 +70,7 @@ def start_fields(settings: Settings) -> dict[str, object]:
         "procs": settings.procs,
         "download_procs": settings.download_processes,
         "insecure": not settings.http.verify,
+        "part": None if settings.part is None else str(settings.part),
     }
 
 
@@ -144,7 +146,10 @@ def iter_results(
     cancel = cancel or Cancellation()
     # Read in a thread of its own: a list that waits (a silent pipe) never blocks a
     # stop; the rest of a list that is there still gets its records after one.
-    items = Prefetched(open_source(source, exclude=settings.out), cancel.is_set)
+    items = Prefetched(
+        only_part(open_source(source, exclude=settings.out), settings.part),
+        cancel.is_set,
+    )
     runner = RUNNERS[settings.mode]  # every Mode has its scheduler
     with (
         cancel_on_signals(cancel),
@@ -152,9 +157,11 @@ def iter_results(
         helper_processes(folder.tmp),
     ):
         merge_leftover_parts(folder)  # what a killed --mode ray run left
+        fingerprint = settings_fingerprint(settings)
+        start_part(folder, settings.part, fingerprint)
         previous = PreviousRun(
             folder,
-            fingerprint=settings_fingerprint(settings),
+            fingerprint=fingerprint,
             by_content=settings.name_by is NameBy.SHA256 and not settings.force,
         )
         usage = usage or Usage()
@@ -198,12 +205,12 @@ def iter_results(
             finally:
                 records.close()
                 items.close()
-            summary = tally.summary(
-                interrupted=cancel.is_set(), worker_cpu_s=usage.worker_cpu_s
-            )
-            tell_note(
-                events, "summary", summary_json(summary, out_dir=str(settings.out))
-            )
+        if not cancel.is_set():  # reached the end of its list: ready to be merged
+            finish_part(folder, settings.part, fingerprint)
+        summary = tally.summary(
+            interrupted=cancel.is_set(), worker_cpu_s=usage.worker_cpu_s
+        )
+        tell_note(events, "summary", summary_json(summary, out_dir=str(settings.out)))
 
 
 def run(

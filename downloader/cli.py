@@ -23,13 +23,14 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from downloader.api import iter_results
 from downloader.config import parse_args
 from downloader.errors import DownloaderError, InputError, OutputError
+from downloader.manifest import FAILED_NAME, RecordFiles
 from downloader.progress import Bars, BarsHandler, Events, EventStream, fan_out
-from downloader.records import Status
+from downloader.records import Status, one_line
 from downloader.report import Summary, Tally, print_summary, summary_json
 from downloader.runtime import (
     Cancellation,
@@ -48,6 +49,7 @@ from downloader.settings import (
     Mode,
     NameBy,
     Number,
+    Part,
     ResizeMode,
     Settings,
     Whole,
@@ -60,7 +62,7 @@ from downloader.sources import (
     count_entries,
 )
 
-__all__ = ["load_settings", "main"]
+__all__ = ["USAGE_HINT", "load_settings", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -101,6 +103,31 @@ def _byte_size(text: str) -> int:
             f"not a whole number of bytes: {text!r} (e.g. 500000, 20M, 1G)"
         )
     return int(size)
+
+
+_PART = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
+
+
+def _part(text: str) -> tuple[int, int]:
+    """Parse ``K/N``; ``Part`` checks the range."""
+    match = _PART.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a part: {text!r} (e.g. 2/3)")
+    return int(match.group(1)), int(match.group(2))
+
+
+_RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*(s|min|h))?\s*")
+_PER_SECOND = {None: 1, "s": 1, "min": 60, "h": 3600}
+
+
+def _rate(text: str) -> float:
+    """``2/s``, ``30/min``, ``100/h`` or ``2`` (per second): requests per second."""
+    match = _RATE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"not a rate: {text!r} (e.g. 2/s, 30/min, 100/h)"
+        )
+    return float(match.group(1)) / _PER_SECOND[match.group(2)]
 
 
 def _mode_list(text: str) -> tuple[Mode, ...]:
@@ -146,124 +173,184 @@ def _header(text: str) -> tuple[str, str]:
     return name, value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are raised, to be printed as one line.
+
+    argparse prints its whole usage block before the message, and words it
+    ``downloader: error:``; the command line's other refusals (a value out of range,
+    flags that do not go together) are one ``error:`` line. Raising here makes every
+    usage error the same one line (see ``_print_error``).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(message.removeprefix("argument "))
+
+
+EXAMPLES = """\
+examples:
+  downloader urls.txt --threads 8 --procs 4      download and make 1024 px JPEGs
+  downloader photos.csv --out imgs --sizes 256,1024 --format webp
+  cat list.jsonl | downloader - --input-format jsonl --out imgs
+  downloader --input-dir 'shots/**/*.jpg' --out thumbs --max-size 256
+  downloader urls.txt --dry-run                  what would be fetched, and where
+  downloader urls.txt -q || echo "some failed"   errors only; exit 1 if any failed
+  downloader --demo --compare                    every mode on a local demo corpus
+
+exit codes: 0 all ok or skipped, 1 some failed, 2 usage error, 3 local fault (disk
+full, output folder unusable), 130 interrupted, 141 the reader of stdout left."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Show each option's default after its help, unless the help says it already.
+
+    A switch (``store_true``) is off unless given, and an option without a value
+    (None) says in its help what happens then; neither gets ``(default: …)``.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default:" in text
+            or not action.option_strings
+            or default in (None, False, [], argparse.SUPPRESS)
+        ):
+            return text
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        return f"{text} (default: {shown})"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The command line, its options grouped as the README groups them.
+
+    Each group is a ``(title, adder)`` row of ``_GROUPS``; an option belongs in its
+    group's ``_add_*_options`` function.
+    """
+    parser = _Parser(
         prog="downloader",
-        description="Download a list of image URLs concurrently and process them "
-        "in parallel (resize, re-encode) into an output folder.",
-        epilog="Exit codes: 0 all ok or skipped, 1 some failed, 2 usage error, "
-        "3 local fault (disk full, output folder unusable), 130 interrupted.",
+        description="Download a list of image URLs concurrently and process them in\n"
+        "parallel (resize, re-encode) into an output folder, with a manifest\n"
+        "(OUT/manifest.jsonl) that a rerun of the same command resumes from.",
+        epilog=EXAMPLES,
+        formatter_class=_HelpFormatter,
     )
-    parser.add_argument(
+    parser.add_argument("--version", action="version", version=f"downloader {VERSION}")
+    defaults = Settings()  # the defaults are the library's
+    for title, add_options in _GROUPS:
+        add_options(parser.add_argument_group(title), defaults)
+    return parser
+
+
+def _add_input_options(inputs: argparse._ArgumentGroup, defaults: Settings) -> None:
+    inputs.add_argument(
         "urls",
         nargs="?",
         help="list of URLs: .txt (one per line), .csv/.tsv (header with a 'url' "
         "column, optional 'name'), .jsonl/.ndjson; '-' reads stdin",
     )
-    parser.add_argument(
+    inputs.add_argument(
         "--input-format",
         choices=[f.value for f in InputFormat],
         default=None,
         help="format of the list (default: from its extension; txt for stdin)",
     )
-    parser.add_argument(
+    inputs.add_argument(
         "--input-dir",
         metavar="DIR_OR_GLOB",
         default=None,
         help="process local image files instead of downloading: a folder (its "
         "image files) or a quoted glob such as 'photos/**/*.jpg'",
     )
-    parser.add_argument("--version", action="version", version=f"downloader {VERSION}")
-    parser.add_argument(
-        "--demo",
-        action="store_true",
-        help="serve a generated sample corpus on 127.0.0.1 and run on it (offline)",
-    )
-    defaults = Settings()  # the defaults are the library's
+
+
+def _add_run_options(run: argparse._ArgumentGroup, defaults: Settings) -> None:
     # Text: Settings makes the Path (and refuses '', which Path would make '.').
-    parser.add_argument("--out", default=defaults.out, help="output folder")
-    parser.add_argument(
-        "--mode", choices=[m.value for m in Mode], default=defaults.mode.value
+    run.add_argument(
+        "--out",
+        default=str(defaults.out),
+        help="output folder: images, manifest.jsonl, failed.txt",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=defaults.threads,
-        help=f"download threads (default {defaults.threads})",
+    run.add_argument(
+        "--mode",
+        choices=[m.value for m in Mode],
+        default=defaults.mode.value,
+        metavar="MODE",
+        help="how downloads and processing are scheduled: "
+        + ", ".join(m.value for m in Mode)
+        + f" (default: {defaults.mode.value}; see the README's Modes)",
     )
-    parser.add_argument(
-        "--procs",
-        type=int,
-        default=None,
-        help="worker processes (default: cores)",
-    )
-    parser.add_argument(
-        "--download-procs",
-        type=int,
-        default=None,
-        help="processes to run the download threads in (pipeline mode; default: 1, "
-        "or one per 8 worker processes); --per-host applies to each",
-    )
-    parser.add_argument(
+    run.add_argument(
         "--shard-size",
         type=int,
         default=defaults.shard_size,
-        help="--mode ray: consecutive list entries per Ray task "
-        f"(default {defaults.shard_size}); --per-host applies per task",
+        help="--mode ray: consecutive list entries per Ray task; --per-host "
+        "applies per task",
     )
-    parser.add_argument(
+    run.add_argument(
         "--ray-address",
         metavar="auto|HOST:PORT",
         default=None,
         help="--mode ray: the Ray cluster to join (default: start a local Ray on "
         "127.0.0.1 for the run, stopped after it)",
     )
-    parser.add_argument("--force", action="store_true", help="redo URLs already ok")
-    parser.add_argument(
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=defaults.threads,
+        help="download threads",
+    )
+    run.add_argument(
+        "--procs",
+        type=int,
+        default=None,
+        help="worker processes (default: the number of cores)",
+    )
+    run.add_argument(
+        "--download-procs",
+        type=int,
+        default=None,
+        help="processes to run the download threads in (pipeline mode; default: 1, "
+        "or one per 8 worker processes); --per-host applies to each",
+    )
+    run.add_argument(
+        "--item-timeout",
+        type=float,
+        default=defaults.item_timeout,
+        help="seconds one image may take in a worker, in pipeline mode",
+    )
+    run.add_argument(
+        "--part",
+        type=_part,
+        default=None,
+        metavar="K/N",
+        help="handle only part K of N of the list (K counts from 1: 1/3, 2/3, 3/3): "
+        "the URLs that hash to it; run the N parts with the same list, settings and "
+        "--out (one shared folder, any machines), then --merge-parts "
+        "(default: the whole list)",
+    )
+    run.add_argument(
+        "--merge-parts",
+        action="store_true",
+        help="merge the parts in --out (after every --part K/N has finished) into "
+        "manifest.jsonl and failed.txt; takes no list; safe to rerun",
+    )
+    run.add_argument("--force", action="store_true", help="redo URLs already ok")
+    run.add_argument(
         "--name-by",
         choices=[n.value for n in NameBy],
         default=defaults.name_by.value,
         help="name outputs after the URL, or after the body's SHA-256 (which also "
         "transforms identical bodies only once)",
     )
-    parser.add_argument(
+    run.add_argument(
         "--keep-originals",
         action="store_true",
         help="keep the downloads in OUT/originals/; a rerun with other image "
         "settings then redoes only the changed items, without downloading",
     )
-    _add_reporting_options(parser)
-    _add_download_options(parser.add_argument_group("download"), defaults.http)
-    _add_image_options(parser.add_argument_group("images"), defaults)
-    _add_demo_options(parser.add_argument_group("demo"))
-    return parser
 
 
-def _add_reporting_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--compare",
-        action="store_true",
-        help="run several modes on the same list into OUT/<mode>/ and compare them "
-        "(table, OUT/comparison.json, OUT/comparison.png)",
-    )
-    parser.add_argument(
-        "--modes",
-        type=_mode_list,
-        default=None,
-        help="with --compare: modes to run, comma-separated (default: all but ray)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        default=None,
-        help="TOML file of defaults, keys named like the long options "
-        '(threads = 8, max-bytes = "20M", headers = ["K: V"]); flags win '
-        "(default: ./downloader.toml if present)",
-    )
-    parser.add_argument(
-        "--no-config", action="store_true", help="ignore ./downloader.toml"
-    )
+def _add_scripting_options(parser: argparse._ArgumentGroup, defaults: Settings) -> None:
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -287,7 +374,7 @@ def _add_reporting_options(parser: argparse.ArgumentParser) -> None:
         "-q",
         "--quiet",
         action="store_true",
-        help="errors only: no bars, no summary",
+        help="errors only: no bars, no summary; one line if URLs failed",
     )
     chatter.add_argument(
         "-v",
@@ -295,42 +382,99 @@ def _add_reporting_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also the settings at the start and one line per failed URL",
     )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="TOML file of defaults, keys named like the long options "
+        '(threads = 8, max-bytes = "20M", headers = ["K: V"]); flags win '
+        "(default: ./downloader.toml if present)",
+    )
+    parser.add_argument(
+        "--no-config", action="store_true", help="ignore ./downloader.toml"
+    )
 
 
-def _add_download_options(
-    http: argparse._ArgumentGroup, defaults: HttpSettings
-) -> None:
+def _add_compare_options(parser: argparse._ArgumentGroup, defaults: Settings) -> None:
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="run several modes on the same list into OUT/<mode>/ and compare them "
+        "(table, OUT/comparison.json, OUT/comparison.png)",
+    )
+    parser.add_argument(
+        "--modes",
+        type=_mode_list,
+        default=None,
+        help="with --compare: modes to run, comma-separated (default: all but ray)",
+    )
+
+
+def _add_download_options(http: argparse._ArgumentGroup, settings: Settings) -> None:
+    defaults = settings.http
     http.add_argument(
         "--timeout",
         type=float,
         default=defaults.timeout,
-        help=f"seconds for connecting and for each read (default {defaults.timeout:g})",
+        help=(
+            "seconds for connecting and for each read; a body slower than "
+            f"{defaults.min_speed} bytes/s for this long is cut too; a stall is "
+            "retried once"
+        ),
     )
     http.add_argument(
         "--deadline",
         type=float,
         default=defaults.deadline,
-        help=f"seconds for a whole download (default {defaults.deadline:g})",
+        help="seconds for one attempt at a download, from connecting to the last byte",
     )
     http.add_argument(
         "--retries",
         type=int,
         default=defaults.retries,
-        help=f"extra attempts on transient errors (default {defaults.retries})",
+        help="extra attempts on transient errors",
     )
     http.add_argument(
         "--max-bytes",
         type=_byte_size,
         default=defaults.max_bytes,
-        help="largest download accepted, e.g. 20M "
-        f"(default {defaults.max_bytes / _MULTIPLIER['m']:g}M)",
+        help="largest download accepted, e.g. 500000, 20M, 1G "
+        f"(default: {defaults.max_bytes / _MULTIPLIER['m']:g}M)",
     )
     http.add_argument(
         "--per-host",
         type=int,
         default=None,
-        help=f"concurrent connections per host (default {defaults.per_host}; "
+        help=f"concurrent connections per host (default: {defaults.per_host}; "
         "demo: threads)",
+    )
+    http.add_argument(
+        "--rate-per-host",
+        type=_rate,
+        default=None,
+        metavar="RATE",
+        help="most requests to one host, e.g. 2/s, 30/min, 100/h, for the whole run "
+        "in every mode (default: no limit but --per-host)",
+    )
+    http.add_argument(
+        "--user-agent",
+        default=defaults.user_agent,
+        metavar="TEXT",
+        help="the User-Agent header (default: this tool's name and version)",
+    )
+    http.add_argument(
+        "--proxy",
+        default=None,
+        metavar="URL",
+        help="send every request through this http(s) proxy (default: the "
+        "environment's HTTPS_PROXY/HTTP_PROXY/NO_PROXY)",
+    )
+    http.add_argument(
+        "--ignore-noai",
+        action="store_true",
+        help="download even what the server marks X-Robots-Tag: noai or noimageai "
+        "(default: such URLs fail, nothing kept)",
     )
     http.add_argument(
         "--header",
@@ -361,7 +505,7 @@ def _add_image_options(image: argparse._ArgumentGroup, defaults: Settings) -> No
         type=int,
         default=None,
         metavar="PX",
-        help=f"box of PX x PX (default {spec.max_size})",
+        help=f"box of PX x PX (default: {spec.max_size})",
     )
     boxes.add_argument(
         "--size", type=_box, default=None, metavar="WxH", help="box of W x H pixels"
@@ -378,7 +522,7 @@ def _add_image_options(image: argparse._ArgumentGroup, defaults: Settings) -> No
         "--resize",
         choices=[m.value for m in ResizeMode],
         default=spec.resize.value,
-        help="fit inside the box (default), fill it and crop the centre, "
+        help="fit inside the box, fill it and crop the centre, "
         "exact (stretch), or none (keep the pixel size)",
     )
     image.add_argument(
@@ -395,7 +539,7 @@ def _add_image_options(image: argparse._ArgumentGroup, defaults: Settings) -> No
         "--quality",
         type=int,
         default=spec.quality,
-        help=f"JPEG/WebP/AVIF quality 1-100 ({spec.quality})",
+        help="JPEG/WebP/AVIF quality, 1-100",
     )
     image.add_argument(
         "--progressive", action="store_true", help="write progressive JPEGs"
@@ -423,27 +567,46 @@ def _add_image_options(image: argparse._ArgumentGroup, defaults: Settings) -> No
         "from the current folder or sys.path",
     )
     image.add_argument(
-        "--item-timeout",
-        type=float,
-        default=defaults.item_timeout,
-        help="seconds one image may take in a worker "
-        f"(default {defaults.item_timeout:g})",
+        "--max-pixels",
+        type=int,
+        default=spec.max_pixels,
+        metavar="N",
+        help="refuse images with more pixels than this, before decoding them "
+        f"(decompression bombs; default: {spec.max_pixels:_}, 200 MP)",
     )
 
 
-def _add_demo_options(demo: argparse._ArgumentGroup) -> None:
+def _add_demo_options(demo: argparse._ArgumentGroup, defaults: Settings) -> None:
+    demo.add_argument(
+        "--demo",
+        action="store_true",
+        help="serve a generated sample corpus on 127.0.0.1 and run on it (offline)",
+    )
     demo.add_argument(
         "--demo-count",
         type=int,
         default=DEMO_COUNT,
-        help=f"images in the demo corpus (default {DEMO_COUNT})",
+        help=f"with --demo: images in the demo corpus (default: {DEMO_COUNT})",
     )
     demo.add_argument(
         "--demo-latency",
         type=float,
         default=DEMO_LATENCY_S,
-        help="seconds of simulated network latency per request",
+        help="with --demo: seconds of simulated network latency per request "
+        f"(default: {DEMO_LATENCY_S:g})",
     )
+
+
+_GROUPS: tuple[tuple[str, Callable[[argparse._ArgumentGroup, Settings], None]], ...] = (
+    ("inputs (see the README's Inputs)", _add_input_options),
+    ("run", _add_run_options),
+    ("download", _add_download_options),
+    ("transforms (see the README's Transforms)", _add_image_options),
+    ("scripting: dry runs, events, JSON, logging, config", _add_scripting_options),
+    ("comparing the modes", _add_compare_options),
+    ("demo", _add_demo_options),
+)
+"""The --help groups, in the README's order: (title, function adding its options)."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -463,6 +626,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         "retries": args.retries,
         "max_bytes": args.max_bytes,
         "per_host": per_host,
+        "rate_per_host": args.rate_per_host,
+        "user_agent": args.user_agent,
+        "proxy": args.proxy,
+        "honour_noai": not args.ignore_noai,
         "headers": _last_of_each_name(args.header),
         "verify": not args.insecure,
         "block_private": args.block_private,
@@ -484,6 +651,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         keep_metadata=args.keep_metadata,
         grayscale=args.grayscale,
         transform=args.transform,
+        max_pixels=args.max_pixels,
         **box,
     )
     extra = {} if args.procs is None else {"procs": args.procs}
@@ -500,6 +668,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         ray_address=args.ray_address,
         http=HttpSettings(**http_kwargs),
         image=image,
+        part=None if args.part is None else Part(*args.part),
         **extra,
     )
 
@@ -608,11 +777,18 @@ def _describe(settings: Settings) -> str:
     )
 
 
-def _open_events(args: argparse.Namespace) -> EventStream | None:
+EVENTS_READER_LEFT = "the reader of the events left (a closed pipe)"
+"""The stop reason when ``--events -``'s reader goes (``| head``)."""
+
+
+def _open_events(args: argparse.Namespace, cancel: Cancellation) -> EventStream | None:
+    """Open ``--events``; when its reader leaves, stop the run as a signal would."""
     if args.events is None:
         return None
     try:
-        return EventStream.open(args.events)
+        return EventStream.open(
+            args.events, reader_left=lambda: cancel.set(EVENTS_READER_LEFT)
+        )
     except OSError as exc:
         raise OutputError(
             f"cannot write events to {args.events}: {exc.strerror or exc}"
@@ -634,7 +810,20 @@ def _finish(
     if args.json:
         _print_json(figures)
     elif not args.quiet:
-        print_summary(summary, out_dir=str(settings.out), file=stderr)
+        part = settings.part
+        records = None if part is None else RecordFiles.for_part(part).manifest
+        print_summary(summary, out_dir=str(settings.out), file=stderr, records=records)
+    failed = summary.counts[Status.FAILED]
+    if args.quiet and failed:  # errors only: failed URLs are the run's errors
+        listed = settings.out / (
+            FAILED_NAME
+            if settings.part is None
+            else RecordFiles.for_part(settings.part).manifest
+        )
+        print(
+            f"failed: {failed} of {summary.total} URLs (listed in {listed})",
+            file=stderr,
+        )
 
 
 def _run(
@@ -645,13 +834,18 @@ def _run(
 ) -> int:
     cancel = Cancellation()
     with contextlib.ExitStack() as stack:
-        stream = _open_events(args)
+        stream = _open_events(args, cancel)
         if stream is not None:
             stack.enter_context(stream)
         summary = _run_with_bars(args, settings, log, stream, cancel, stderr)
         _finish(args, summary, settings, stream, stderr)
     if summary.interrupted:
         _log.warning("%s; rerun the same command to finish the job", cancel.reason)
+    if stream is not None and stream.reader_gone:
+        # As ``| head`` expects of a writer; the run has stopped in order, the
+        # manifest says how far it got, and a rerun finishes the job.
+        raise BrokenPipeError(EVENTS_READER_LEFT)
+    if summary.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILED if summary.counts[Status.FAILED] else EXIT_OK
 
@@ -669,7 +863,7 @@ def _run_with_bars(
     disable = True if args.no_progress or args.quiet else None
     with (
         _url_list(args, _sayer(args, stderr)) as source,
-        Bars(file=stderr, disable=disable, total=count_entries(source)) as bars,
+        Bars(file=stderr, disable=disable, total=_total(source, settings)) as bars,
         _events_to(log, bars.write),
     ):
         # Counted from here: the demo corpus, if any, is ready and being served.
@@ -687,6 +881,11 @@ def _run_with_bars(
                 if outcome.status is Status.FAILED:
                     _log.info("failed %s: %s", outcome.url, outcome.error)
     return tally.summary(interrupted=cancel.is_set(), worker_cpu_s=usage.worker_cpu_s)
+
+
+def _total(source: Source, settings: Settings) -> int | None:
+    """The bars' total: the list's entries; unknown for a part (a share of them)."""
+    return count_entries(source) if settings.part is None else None
 
 
 def _sayer(args: argparse.Namespace, stderr: IO[str]) -> Callable[[str], None]:
@@ -738,8 +937,91 @@ def _run_dry(args: argparse.Namespace, settings: Settings, stderr: IO[str]) -> i
     return EXIT_OK if plan.ok else EXIT_FAILED
 
 
+def _run_merge(args: argparse.Namespace, stderr: IO[str]) -> int:
+    from downloader.parts import merge_parts  # only --merge-parts needs it
+
+    merged = merge_parts(Path(args.out))
+    counts = {status.value: n for status, n in merged.counts.items()}
+    if args.json:
+        _print_json({"parts": merged.parts, "manifest": str(merged.manifest), **counts})
+    _sayer(args, stderr)(
+        f"merged {merged.parts} part(s) into {merged.manifest}: {merged.records} "
+        "URLs (" + ", ".join(f"{n} {name}" for name, n in counts.items()) + ")"
+    )
+    return EXIT_FAILED if merged.counts[Status.FAILED] else EXIT_OK
+
+
+def _check_merge(args: argparse.Namespace) -> None:
+    """Refuse what does not go with --merge-parts (which takes no list)."""
+    given = [
+        flag
+        for flag, value in (
+            ("URL list", args.urls),
+            ("--input-dir", args.input_dir),
+            ("--demo", args.demo or None),
+            ("--part", args.part),
+            ("--dry-run", args.dry_run or None),
+            ("--compare", args.compare or None),
+            ("--events", args.events),
+        )
+        if value is not None
+    ]
+    if given:
+        raise InputError(
+            f"--merge-parts merges the parts in --out; it takes no {given[0]}"
+        )
+
+
+def _runs_ray(args: argparse.Namespace) -> bool:
+    """Whether the command runs ``--mode ray`` (alone, or among --compare's modes)."""
+    if args.compare:
+        return Mode.RAY in (args.modes or ())
+    return bool(args.mode == Mode.RAY.value)
+
+
+_IGNORED_UNLESS: dict[str, tuple[Callable[[argparse.Namespace], bool], str]] = {
+    "demo_count": (lambda args: args.demo, "--demo-count goes with --demo"),
+    "demo_latency": (lambda args: args.demo, "--demo-latency goes with --demo"),
+    "mode": (
+        lambda args: not args.compare,
+        "--compare runs --modes (default: all but ray), not --mode",
+    ),
+    "shard_size": (
+        _runs_ray,
+        "--shard-size goes with --mode ray (or ray in --compare's --modes)",
+    ),
+    "ray_address": (
+        _runs_ray,
+        "--ray-address goes with --mode ray (or ray in --compare's --modes)",
+    ),
+}
+"""Options that a run would ignore unless the condition holds: refused when typed
+on the command line (a config file's value is only a default, never refused)."""
+_NOT_GIVEN = object()
+
+
+def _typed(argv: Sequence[str] | None) -> set[str]:
+    """The options of ``_IGNORED_UNLESS`` given on the command line itself."""
+    parser = _parser()
+    parser.set_defaults(**dict.fromkeys(_IGNORED_UNLESS, _NOT_GIVEN))
+    plain = parser.parse_args(argv)
+    return {dest for dest in _IGNORED_UNLESS if getattr(plain, dest) is not _NOT_GIVEN}
+
+
+def _check_typed(args: argparse.Namespace, typed: set[str]) -> None:
+    """Refuse an option typed where it would be ignored (a usage error, exit 2)."""
+    for dest, (applies, refusal) in _IGNORED_UNLESS.items():
+        if dest in typed and not applies(args):
+            raise InputError(refusal)
+
+
 def _check_combinations(args: argparse.Namespace) -> None:
     """Refuse flags that cannot go together (a usage error, exit 2)."""
+    if args.merge_parts:
+        _check_merge(args)
+    if args.part is not None and (args.compare or args.demo):
+        other = "--compare" if args.compare else "--demo"
+        raise InputError(f"--part splits your list; it does not go with {other}")
     if args.modes is not None and not args.compare:
         raise InputError("--modes goes with --compare (use --mode for one run)")
     if args.events is not None and (args.compare or args.dry_run):
@@ -753,6 +1035,8 @@ def _check_combinations(args: argparse.Namespace) -> None:
 
 def _dispatch(args: argparse.Namespace, log: BarsHandler) -> int:
     _check_combinations(args)
+    if args.merge_parts:
+        return _run_merge(args, sys.stderr)
     settings = _settings(args)
     if args.dry_run:
         return _run_dry(args, settings, sys.stderr)
@@ -812,14 +1096,26 @@ def _main(argv: Sequence[str] | None) -> int:
     """Parse, run and map errors to exit codes (``main`` handles interruptions)."""
     try:
         args = parse_args(_parser(), argv, checks=_CHECKS)
-    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+    except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    except InputError as exc:  # the config file
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except InputError as exc:  # the command line or the config file
+        return _print_error(exc)
     try:
+        _check_typed(args, _typed(argv))
         with _console_log(_log_level(args), sys.stderr) as log:
+            if args.config is not None:
+                _log.info("defaults from %s (flags win)", args.config)
             return _dispatch(args, log)
     except DownloaderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _print_error(exc)
+
+
+USAGE_HINT = "; see --help"
+"""Ends a usage error's line (exit 2): where the options and their syntax are."""
+
+
+def _print_error(exc: DownloaderError) -> int:
+    """Print ``exc`` as the one ``error:`` line; return its exit code."""
+    hint = USAGE_HINT if exc.exit_code == EXIT_USAGE else ""
+    print(f"error: {one_line(str(exc))}{hint}", file=sys.stderr)
+    return exc.exit_code

@@ -38,8 +38,11 @@ __all__ = ["DEFAULT_CONFIG", "parse_args", "read_config"]
 
 DEFAULT_CONFIG = Path("downloader.toml")
 """Read from the current folder when no ``--config`` is given."""
-# Options that make no sense as defaults in a file.
-_NOT_IN_FILE = frozenset({"help", "version", "config", "no-config"})
+# Options that make no sense as defaults in a file (a part or a merge is one run's,
+# and a file shared by the machines of a split would give them all the same part).
+_NOT_IN_FILE = frozenset(
+    {"help", "version", "config", "no-config", "part", "merge-parts"}
+)
 # Keys accepted besides the option names: the plural reads better for a list.
 _ALIASES = {"headers": "header"}
 # Flag types that only parse a number: their TOML value must already be one.

@@ -49,6 +49,7 @@ from downloader.children import ChildFault, child_process
 from downloader.feed import RetryHeap
 from downloader.fetch import HostLimiter, make_client
 from downloader.lifecycle import Lifecycle
+from downloader.politeness import process_rate
 from downloader.progress import EventKind, ProgressEvent
 from downloader.records import Fetched, Job, Outcome, Stage
 from downloader.runtime import Cancellation, RunContext
@@ -227,7 +228,10 @@ def download_main(
             context = RunContext(Path(out), Path(tmp), link.event, cancel)
             lifecycle = Lifecycle(settings, context)
             with make_client(settings.http, threads) as client:
-                hosts = HostLimiter(settings.http.per_host)
+                hosts = HostLimiter(
+                    settings.http.per_host,
+                    process_rate(settings.http, settings.download_processes),
+                )
                 waiting = _Waiting()
                 crew = [
                     threading.Thread(

@@ -42,6 +42,7 @@ from downloader.errors import OutputError, WorkerCrashed
 from downloader.feed import Feed
 from downloader.fetch import HostLimiter, make_client
 from downloader.lifecycle import Lifecycle
+from downloader.politeness import process_rate
 from downloader.progress import EventKind
 from downloader.records import Fetched, Job, Outcome, Stage
 from downloader.runtime import Wakeup
@@ -140,7 +141,9 @@ class ThreadDownloads:
         self._wakeup = wakeup
         settings = lifecycle.settings
         self._client = make_client(settings.http, settings.threads)
-        self._hosts = HostLimiter(settings.http.per_host)
+        self._hosts = HostLimiter(
+            settings.http.per_host, process_rate(settings.http, 1)
+        )
         self._outbox: queue.SimpleQueue[_ThreadMessage] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._running = 0

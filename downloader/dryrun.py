@@ -9,6 +9,10 @@
                                                       invalid / duplicate
     OUT/manifest.jsonl (read only, if there) ──► which URLs would be skipped
 
+With ``--part K/N`` the plan holds only the part's lines (a duplicate goes with the
+URL it repeats); ``other_parts`` counts the lines left to the other parts, and the
+part's own record file is read as well as the manifest.
+
 Nothing is fetched and no name is looked up in DNS; the output folder is neither
 created nor locked, and the manifest is only read. The whole plan is kept in memory,
 so this is for checking lists, not for streaming huge ones.
@@ -26,11 +30,12 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from downloader.fetch import blocked_address_kind
-from downloader.manifest import MANIFEST_NAME, OutputFolder, PreviousRun
-from downloader.records import Job, Outcome
+from downloader.manifest import OutputFolder, PreviousRun
+from downloader.parts import part_of
+from downloader.records import Job, Outcome, aside
+from downloader.resolve import BlockPolicy, blocked_address_kind
 from downloader.reuse import settings_fingerprint
-from downloader.settings import ImageFormat, NameBy, Settings
+from downloader.settings import ImageFormat, NameBy, Part, Settings
 from downloader.sources import (
     Line,
     LocalFiles,
@@ -89,6 +94,9 @@ class DryRun:
     hosts: dict[str, int]
     """host[:port] → URLs that would be fetched there, most first."""
     out: Path
+    part: Part | None = None
+    other_parts: int = 0
+    """With a part: the lines of the list that belong to the other parts."""
 
     @property
     def counts(self) -> dict[Action, int]:
@@ -111,24 +119,36 @@ def dry_run(source: Source, settings: Settings) -> DryRun:
     """
     previous = _previous_run(settings)
     items = []
+    other_parts = 0
     for item in _planned(source, settings):
-        if isinstance(item, Job):
+        part = settings.part
+        if part is not None and part_of(item.url, part.count) != part.number:
+            other_parts += 1
+        elif isinstance(item, Job):
             items.append(_plan_job(item, settings, previous))
         else:
             items.append(item)
     hosts = Counter(
         _host(item.url) for item in items if item.action is Action.FETCH
     ) + Counter(LOCAL_HOST for item in items if item.action is Action.PROCESS)
-    return DryRun(tuple(items), dict(hosts.most_common()), settings.out)
+    return DryRun(
+        tuple(items),
+        dict(hosts.most_common()),
+        settings.out,
+        settings.part,
+        other_parts,
+    )
 
 
 def _previous_run(settings: Settings) -> PreviousRun | None:
-    if settings.force or not (settings.out / MANIFEST_NAME).is_file():
-        return None
     # An OutputFolder that is never entered: nothing is created or locked.
-    return PreviousRun(
-        OutputFolder(settings.out), fingerprint=settings_fingerprint(settings)
-    )
+    folder = OutputFolder.for_settings(settings)
+    names = (folder.files.manifest, folder.files.base)
+    if settings.force or not any(
+        name and (settings.out / name).is_file() for name in names
+    ):
+        return None
+    return PreviousRun(folder, fingerprint=settings_fingerprint(settings))
 
 
 def _planned(source: Source, settings: Settings) -> Iterator[Job | PlannedItem]:
@@ -212,7 +232,9 @@ def _plan_job(
                 tuple(others),
                 reason="settings changed: redone from the kept original",
             )
-    blocked = _blocked_literal(job.key) if settings.http.block_private else None
+    http = settings.http
+    policy = http.block_policy or blocked_address_kind
+    blocked = _blocked_literal(job.key, policy) if http.block_private else None
     if blocked is not None:
         return PlannedItem(Action.INVALID, job.url, job.line, reason=blocked)
     path, *others = _output_names(job.stem, settings)
@@ -230,10 +252,11 @@ def _output_names(stem: str, settings: Settings) -> list[str]:
 
 
 def _host(url: str) -> str:
-    return urlsplit(url).netloc.rpartition("@")[2].lower()
+    """``url``'s host and port as the key writes them (IDNA, lowercased)."""
+    return urlsplit(normalize_url(url)).netloc.rpartition("@")[2]
 
 
-def _blocked_literal(key: str) -> str | None:
+def _blocked_literal(key: str, policy: BlockPolicy) -> str | None:
     """Why ``--block-private`` would refuse a URL whose host is an IP address.
 
     Only numeric hosts are judged (``inet_aton`` reads ``127.1`` or ``0x7f.1`` as
@@ -247,7 +270,7 @@ def _blocked_literal(key: str) -> str | None:
             address = ipaddress.IPv4Address(socket.inet_aton(host))
         except OSError:
             return None
-    kind = blocked_address_kind(address)
+    kind = policy(str(address))
     if kind is None:
         return None
     return f"blocked address {address} ({kind}, --block-private)"
@@ -258,6 +281,11 @@ def dry_run_json(plan: DryRun) -> dict[str, Any]:
     return {
         "ok": plan.ok,
         "out": str(plan.out),
+        **(
+            {}
+            if plan.part is None
+            else {"part": str(plan.part), "other_parts": plan.other_parts}
+        ),
         "counts": {action.value: n for action, n in plan.counts.items()},
         "hosts": plan.hosts,
         "items": [
@@ -283,10 +311,16 @@ def print_plan(plan: DryRun, *, file: IO[str]) -> None:
     for item in plan.items:
         file.write(_describe(item, plan.out) + "\n")
     counts = plan.counts
+    part = "" if plan.part is None else f" (part {plan.part})"
+    others = (
+        ""
+        if plan.part is None
+        else f"; {plan.other_parts} entries of the other parts not shown"
+    )
     file.write(
-        f"dry run: {len(plan.items)} entries: "
+        f"dry run{part}: {len(plan.items)} entries: "
         + ", ".join(f"{n} {action.value}" for action, n in counts.items() if n)
-        + "; nothing was downloaded or written\n"
+        + f"{others}; nothing was downloaded or written\n"
     )
     if plan.hosts:
         per_host = ", ".join(f"{host} {n}" for host, n in plan.hosts.items())
@@ -302,6 +336,6 @@ def _describe(item: PlannedItem, out: Path) -> str:
             if name
         ]
         target = f" -> {', '.join(paths)}" if paths else ""
-        note = f" ({item.reason})" if item.reason else ""
-        return f"{where}{item.action.value} {item.url}{target}{note}"
+        line = f"{where}{item.action.value} {item.url}{target}"
+        return aside(line, item.reason) if item.reason else line
     return f"{where}{item.action.value} {item.url} -- {item.reason}"

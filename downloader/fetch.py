@@ -8,9 +8,12 @@ left behind.
 
 Redirects (followed by hand, each hop checked), retries with jittered backoff,
 ``Retry-After``, size caps on raw and decoded bytes, the per-attempt deadline and the
-minimum-speed check all live here, so every scheduler gets the same behaviour. This
-module never starts a thread or a process: callers run ``fetch()`` from as many threads
-as they like, sharing one client (``make_client``) and one ``HostLimiter``.
+minimum-speed check (over ``--timeout`` seconds) all live here, so every scheduler
+gets the same behaviour. What is judged mid-body (a body that is not an image is
+refused after its first bytes, a stall is retried once, a cut body continues with a
+range request) follows the rules of ``transfer.py``. This module never starts a
+thread or a process: callers run ``fetch()`` from as many threads as they like,
+sharing one client (``make_client``) and one ``HostLimiter``.
 
 ``fetch_async()`` is the same download for asyncio (``make_async_client``,
 ``AsyncHostLimiter``, the body written with aiofiles). Both drive one sans-IO core,
@@ -18,9 +21,10 @@ as they like, sharing one client (``make_client``) and one ``HostLimiter``.
 ``_BodyReader`` (size caps, decoding, hashing, truncation); only the I/O differs.
 
 ``fetch(..., defer_retries=True)`` does not sleep between attempts: it raises
-``RetryLater`` (the wait, the attempts made) so that a scheduler can serve other URLs
-meanwhile, then calls ``fetch(..., attempts_done=n)`` when the wait is over; the retry
-budget and the final reason are the same as with the sleep.
+``RetryLater`` (the wait, the attempts made, an ``AttemptState``) so that a scheduler
+can serve other URLs meanwhile, then calls ``fetch(..., attempts_done=n, state=s)``
+when the wait is over; the retry budget, the stalls, the partial body to continue and
+the final reason are the same as with the sleep.
 
 ``--deadline`` bounds each attempt from connecting to the last byte: the clients are
 built with a network backend (``_DeadlineBackend``) that cuts every connect, read and
@@ -29,14 +33,11 @@ single reads. Credential headers given by the user go only to the listed URL's o
 (``_Attempts.request``). Every exception a request raises is translated in one place
 (``_translate``, which lists each one's fate), so no server can stop a run.
 
-With ``HttpSettings.block_private`` every request, first hop, redirect hop and retry
-alike, is preceded by a lookup of its host (``socket.getaddrinfo``, or the event loop's
-in asyncio), and refused if any address it resolves to is internal (see
-``blocked_address_kind``). Limits of that check: httpx resolves the name again when it
-connects, so a DNS server that answers differently the second time (DNS rebinding)
-can still steer a connection to an internal address; with a proxy from the
-environment the proxy connects, and only the URL's own host is checked. It guards
-against lists and redirects that name internal hosts, not against a hostile resolver.
+Every connection, first hop, redirect hop and retry alike, is looked up once and made
+to the very address looked up (``resolve.pin_backend``, over the deadline backend);
+with ``HttpSettings.block_private`` that address is judged first, so the check is the
+connection (no DNS-rebinding gap). A name that does not resolve is retried at most
+once (``resolve.UNRESOLVED_ATTEMPTS``).
 """
 
 from __future__ import annotations
@@ -45,11 +46,10 @@ import asyncio
 import contextvars
 import email.utils
 import hashlib
-import ipaddress
 import logging
 import os
 import random
-import socket
+import re
 import threading
 import time
 import zlib
@@ -68,8 +68,24 @@ import httpx
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 from downloader.errors import FetchError, OutputError
+from downloader.politeness import RequestRate, refused_use
 from downloader.records import Fetched, Job
+from downloader.resolve import (
+    UNRESOLVED_ATTEMPTS,
+    ProxiedCheck,
+    Resolve,
+    Unresolvable,
+    blocked_address_kind,
+    pin_backend,
+)
 from downloader.settings import HttpSettings
+from downloader.transfer import (
+    STALL_RETRIES,
+    AttemptState,
+    Continuation,
+    Sniff,
+    partial_for,
+)
 
 __all__ = [
     "CHUNK",
@@ -95,6 +111,7 @@ _SLOT_WAIT_SLICE = 0.25
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _RATE_LIMIT_STATUSES = frozenset({429, 503})
+_PARTIAL_CONTENT, _RANGE_NOT_SATISFIABLE = 206, 416
 _TRANSIENT_CLIENT_STATUSES = frozenset({408, 429})
 _ALLOWED_SCHEMES = frozenset({"http", "https"})
 _TIMEOUT_KINDS: dict[type[httpx.TimeoutException], str] = {
@@ -110,6 +127,8 @@ redirect leads to, as curl and browsers do."""
 _log = logging.getLogger("downloader")
 # O_EXCL|O_NOFOLLOW: never write through a file or link someone else put there.
 _PART_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+# A partial body is continued in the file this download made, never through a link.
+_PARTIAL_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW
 
 
 def _client_options(http: HttpSettings, threads: int) -> dict[str, Any]:
@@ -133,6 +152,8 @@ def _client_options(http: HttpSettings, threads: int) -> dict[str, Any]:
         # Redirects are followed by hand so that every hop is checked.
         "follow_redirects": False,
         "verify": http.verify,
+        # --proxy wins; without it httpx reads HTTPS_PROXY, NO_PROXY, ...
+        "proxy": http.proxy,
         "trust_env": True,
         # No cookie jar: a cookie one server sets must not follow this run to other
         # URLs (another port is another origin, but not another cookie domain).
@@ -145,7 +166,9 @@ def make_client(http: HttpSettings, threads: int) -> httpx.Client:
     """Build the one client a run shares between all its download threads."""
     client = httpx.Client(**_client_options(http, threads))
     for pool in _pools(client):
-        pool._network_backend = _DeadlineBackend(pool._network_backend)
+        pool._network_backend = pin_backend(
+            pool, http, _DeadlineBackend(pool._network_backend)
+        )
     return client
 
 
@@ -153,7 +176,9 @@ def make_async_client(http: HttpSettings, tasks: int) -> httpx.AsyncClient:
     """Build the one async client an event loop shares between its download tasks."""
     client = httpx.AsyncClient(**_client_options(http, tasks))
     for pool in _pools(client):
-        pool._network_backend = _AsyncDeadlineBackend(pool._network_backend)
+        pool._network_backend = pin_backend(
+            pool, http, _AsyncDeadlineBackend(pool._network_backend)
+        )
     return client
 
 
@@ -346,14 +371,16 @@ class StopFlag(Protocol):
 
 
 class _HostBackoff:
-    """The per-host "not before" times that rate-limited hosts asked for."""
+    """The per-host "not before" times that rate-limited hosts asked for, and the
+    request rate per host (``--rate-per-host``, this process's share)."""
 
-    def __init__(self, per_host: int) -> None:
+    def __init__(self, per_host: int, rate: float | None = None) -> None:
         if per_host <= 0:
             raise ValueError("per_host must be greater than 0")
         self._per_host = per_host
         self._lock = threading.Lock()
         self._not_before: dict[str, float] = {}
+        self.rate = RequestRate(rate)
 
     def slow_down(self, host: str, delay: float) -> None:
         """Make every download wait ``delay`` seconds before its next request there."""
@@ -371,8 +398,8 @@ class _HostBackoff:
 class HostLimiter(_HostBackoff):
     """Cap concurrent requests per host:port; hold back hosts that asked us to wait."""
 
-    def __init__(self, per_host: int) -> None:
-        super().__init__(per_host)
+    def __init__(self, per_host: int, rate: float | None = None) -> None:
+        super().__init__(per_host, rate)
         self._slots: dict[str, threading.BoundedSemaphore] = {}
 
     @contextmanager
@@ -388,6 +415,9 @@ class HostLimiter(_HostBackoff):
                 raise FetchError("interrupted")
         try:
             self._wait_until_allowed(host, cancel)
+            turn = self.rate.reserve(host)
+            if turn > 0 and cancel.wait(turn):
+                raise FetchError("interrupted")
             yield
         finally:
             semaphore.release()
@@ -413,8 +443,8 @@ class HostLimiter(_HostBackoff):
 class AsyncHostLimiter(_HostBackoff):
     """``HostLimiter`` for one event loop: asyncio semaphores, stop by an Event."""
 
-    def __init__(self, per_host: int) -> None:
-        super().__init__(per_host)
+    def __init__(self, per_host: int, rate: float | None = None) -> None:
+        super().__init__(per_host, rate)
         self._slots: dict[str, asyncio.Semaphore] = {}
 
     @asynccontextmanager
@@ -430,6 +460,9 @@ class AsyncHostLimiter(_HostBackoff):
             while (remaining := self._remaining(host)) > 0 or stop.is_set():
                 if await _stopped_within(stop, remaining):
                     raise FetchError("interrupted")
+            turn = self.rate.reserve(host)
+            if turn > 0 and await _stopped_within(stop, turn):
+                raise FetchError("interrupted")
             yield
         finally:
             semaphore.release()
@@ -456,12 +489,22 @@ async def _acquire_unless_stopped(semaphore: asyncio.Semaphore, stop: StopFlag) 
 class RetryLater(FetchError):
     """Not a failure: try ``fetch`` again in ``delay`` seconds (``defer_retries``).
 
-    ``attempts`` is the number made so far: pass it back as ``attempts_done``.
+    ``attempts`` is the number made so far: pass it back as ``attempts_done``, and
+    ``state`` as ``state`` (its partial body stays on disk until then, or until the
+    run removes its scratch folder).
     """
 
-    def __init__(self, reason: str, *, delay: float, attempts: int) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        delay: float,
+        attempts: int,
+        state: AttemptState | None = None,
+    ) -> None:
         super().__init__(f"retry later: {reason}", attempts=attempts)
         self.delay = delay
+        self.state = state or AttemptState()
 
 
 def fetch(
@@ -474,25 +517,27 @@ def fetch(
     hosts: HostLimiter,
     on_bytes: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
-    resolve: Resolve | None = None,
     defer_retries: bool = False,
     attempts_done: int = 0,
+    state: AttemptState | None = None,
 ) -> Fetched:
     """Download ``job.url`` to ``tmp_dir/<stem>.part``, retrying transient failures.
 
-    ``resolve`` replaces ``socket.getaddrinfo`` for the ``block_private`` check (a
-    test knob, like ``clock``). With ``defer_retries`` a wait before the next attempt
-    is raised as ``RetryLater`` instead of slept; ``attempts_done`` continues the retry
-    budget of the calls before.
+    With ``defer_retries`` a wait before the next attempt is raised as ``RetryLater``
+    instead of slept; ``attempts_done`` and ``state`` (both from that ``RetryLater``)
+    continue the retry budget of the calls before.
 
     Raises:
-        RetryLater: only with ``defer_retries``; nothing is left on disk.
+        RetryLater: only with ``defer_retries``; nothing is left on disk but the
+            partial body its ``state`` continues (the run's scratch folder goes at
+            the end of the run, with it).
         FetchError: the URL failed (``reason`` says why); nothing is left on disk.
         OutputError: the ``.part`` file could not be written; the run should stop.
     """
-    guard = _AddressGuard(http.block_private, resolve)
+    guard = ProxiedCheck(http)
     attempts = _Attempts(job, http, tmp_dir, cancel, hosts, on_bytes, clock, guard)
     attempts.count = attempts_done
+    attempts.carry(state or AttemptState())
     download = _Download(attempts, client, hosts, cancel, defer_retries=defer_retries)
     with attempts.cleanup():
         return download.run()
@@ -508,7 +553,6 @@ async def fetch_async(
     hosts: AsyncHostLimiter,
     on_bytes: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
-    resolve: Resolve | None = None,
 ) -> Fetched:
     """``fetch`` for asyncio: the same rules, the body written with aiofiles.
 
@@ -516,138 +560,20 @@ async def fetch_async(
         FetchError: the URL failed (``reason`` says why); nothing is left on disk.
         OutputError: the ``.part`` file could not be written; the run should stop.
     """
-    guard = _AddressGuard(http.block_private, resolve)
+    guard = ProxiedCheck(http)
     attempts = _Attempts(job, http, tmp_dir, stop, hosts, on_bytes, clock, guard)
     download = _AsyncDownload(attempts, client, hosts, stop)
     with attempts.cleanup():
         return await download.run()
 
 
-Resolve = Callable[[str, int], list[str]]
-"""Host and port → every address a connection to them could use."""
-
-_BLOCKED_V4 = tuple(
-    (ipaddress.IPv4Network(network), kind)
-    for network, kind in (
-        # Most specific first: the first match names the kind.
-        ("169.254.169.254/32", "cloud metadata"),
-        ("0.0.0.0/8", "unspecified"),
-        ("127.0.0.0/8", "loopback"),
-        ("10.0.0.0/8", "private"),
-        ("172.16.0.0/12", "private"),
-        ("192.168.0.0/16", "private"),
-        ("100.64.0.0/10", "carrier-grade NAT"),
-        ("169.254.0.0/16", "link-local"),
-        ("192.0.0.0/24", "IETF protocol assignments"),
-        ("198.18.0.0/15", "benchmarking"),
-        ("224.0.0.0/4", "multicast"),
-        ("240.0.0.0/4", "reserved"),
-    )
-)
-_BLOCKED_V6 = tuple(
-    (ipaddress.IPv6Network(network), kind)
-    for network, kind in (
-        ("fd00:ec2::254/128", "cloud metadata"),
-        ("::/128", "unspecified"),
-        ("::1/128", "loopback"),
-        ("::/96", "IPv4-compatible"),
-        ("fc00::/7", "private"),
-        ("fe80::/10", "link-local"),
-        ("fec0::/10", "site-local"),
-        ("ff00::/8", "multicast"),
-    )
-)
-# NAT64 (RFC 6052): the last 32 bits are the IPv4 address a gateway connects to.
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-
-
-def blocked_address_kind(
-    address: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
-) -> str | None:
-    """Return why ``--block-private`` refuses ``address`` (e.g. "loopback"), or None.
-
-    Refused: loopback, private (RFC 1918, ULA ``fc00::/7``), link-local, carrier-grade
-    NAT (``100.64.0.0/10``), unspecified, multicast, reserved, and cloud metadata
-    addresses (``169.254.169.254``, ``fd00:ec2::254``); an IPv4 address inside IPv6
-    (``::ffff:127.0.0.1``, NAT64, 6to4) is judged by its IPv4 part.
-
-    Raises:
-        ValueError: ``address`` is not an IP address.
-    """
-    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None:
-            return blocked_address_kind(embedded)
-        return next((kind for net, kind in _BLOCKED_V6 if ip in net), None)
-    return next((kind for net, kind in _BLOCKED_V4 if ip in net), None)
-
-
-def _getaddrinfo(host: str, port: int) -> list[str]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [str(info[4][0]) for info in infos]
-
-
-class _AddressGuard:
-    """The ``block_private`` check: look a URL's host up and refuse internal addresses.
-
-    The address the OS resolves a host to is judged, so numeric spellings such as
-    ``2130706433`` or ``0x7f.1`` are caught as the 127.0.0.1 they connect to.
-    """
-
-    def __init__(self, enabled: bool, resolve: Resolve | None) -> None:
-        self.enabled = enabled
-        self._resolve = resolve
-
-    def check(self, url: httpx.URL, host_key: str) -> None:
-        """Raise ``FetchError`` if ``url``'s host resolves to a refused address."""
-        if not self.enabled:
-            return
-        host, port = _lookup_target(url)
-        try:
-            addresses = (self._resolve or _getaddrinfo)(host, port)
-        except (OSError, UnicodeError) as exc:
-            raise _unresolvable(host, host_key, exc) from exc
-        _refuse_blocked(addresses)
-
-    async def check_async(self, url: httpx.URL, host_key: str) -> None:
-        """``check`` for asyncio: the lookup runs in the event loop's resolver."""
-        if not self.enabled:
-            return
-        if self._resolve is not None:
-            self.check(url, host_key)
-            return
-        host, port = _lookup_target(url)
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
-            raise _unresolvable(host, host_key, exc) from exc
-        _refuse_blocked([str(info[4][0]) for info in infos])
-
-
-def _lookup_target(url: httpx.URL) -> tuple[str, int]:
-    """The host (IDNA-encoded, as httpx connects to it) and port of ``url``."""
-    port = url.port or (443 if url.scheme == "https" else 80)
-    return url.raw_host.decode("ascii"), port
-
-
-def _refuse_blocked(addresses: list[str]) -> None:
-    for address in addresses:
-        kind = blocked_address_kind(address)
-        if kind is not None:
-            raise FetchError(f"blocked address {address} ({kind}, --block-private)")
-
-
-def _unresolvable(host: str, host_key: str, exc: Exception) -> _Transient:
-    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-    return _Transient(f"cannot connect: cannot resolve {host}: {detail}", host=host_key)
-
-
 class _Transient(FetchError):
-    """A failure worth another attempt; ``retry_after`` is the server's own wait."""
+    """A failure worth another attempt; ``retry_after`` is the server's own wait.
+
+    ``stall``: the server sent nothing for ``--timeout`` seconds, or its body crawled
+    below the minimum speed that long; a download gets ``STALL_RETRIES`` more
+    attempts after one.
+    """
 
     def __init__(
         self,
@@ -656,10 +582,15 @@ class _Transient(FetchError):
         host: str,
         http_status: int | None = None,
         retry_after: float | None = None,
+        stall: bool = False,
+        most_attempts: int | None = None,
     ) -> None:
         super().__init__(reason, http_status=http_status)
         self.host = host
         self.retry_after = retry_after
+        self.stall = stall
+        self.most_attempts = most_attempts
+        """Attempts this kind of failure deserves at most, below ``--retries``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -672,7 +603,8 @@ class _Body:
 
 
 class _Received:
-    """Raw bytes seen so far on one response, for the truncation message."""
+    """Raw bytes of the body so far (a continued body's earlier ones included), for
+    the truncation message."""
 
     __slots__ = ("expected", "raw")
 
@@ -697,7 +629,7 @@ class _Attempts:
         hosts: _HostBackoff,
         on_bytes: Callable[[int], None] | None,
         clock: Callable[[], float],
-        guard: _AddressGuard,
+        guard: ProxiedCheck,
     ) -> None:
         self.job, self.http, self.stop, self.hosts = job, http, stop, hosts
         self.guard = guard
@@ -708,20 +640,34 @@ class _Attempts:
         self.deadline: float | None = None
         self._deadline_at: float | None = None
         self.origin: tuple[str, str, int] | None = None
+        self.stalls = 0
+        self.continuation = Continuation(self.path)
+
+    def carry(self, state: AttemptState) -> None:
+        """Continue from what earlier calls left (``RetryLater.state``)."""
+        self.stalls, self.continuation.partial = state.stalls, state.partial
+
+    def state(self) -> AttemptState:
+        """What the next call needs to continue this download."""
+        return AttemptState(self.stalls, self.continuation.partial)
 
     @contextmanager
     def cleanup(self) -> Iterator[None]:
-        """Leave no ``.part`` behind unless the download succeeds; count attempts."""
-        succeeded = False
+        """Leave no ``.part`` behind unless the download succeeds or continues later
+        (a ``RetryLater`` with a partial body); count attempts."""
+        keep = False
         try:
             yield
-            succeeded = True
+            keep = True
+        except RetryLater:
+            keep = self.continuation.partial is not None
+            raise
         except FetchError as exc:
             exc.attempts = self.count
             exc.final_url = _without_userinfo(exc.final_url)
             raise
         finally:
-            if not succeeded:
+            if not keep:
                 _remove(self.path)
 
     def begin(self) -> _Hops:
@@ -735,9 +681,18 @@ class _Attempts:
         return hops
 
     def retry_delay(self, exc: _Transient) -> float:
-        """Return the wait before the next attempt, or raise if this was the last."""
-        _remove(self.path)
-        if self.count > self.http.retries:
+        """Return the wait before the next attempt, or raise if this was the last.
+
+        A partial body that the next attempt may continue stays on disk.
+        """
+        if self.continuation.partial is None:
+            _remove(self.path)
+        if exc.stall:
+            self.stalls += 1
+        last = self.http.retries + 1
+        if exc.most_attempts is not None:
+            last = min(last, exc.most_attempts)
+        if self.count >= last or self.stalls > STALL_RETRIES:
             reason = exc.reason
             if self.count > 1:
                 reason = f"{reason} after {self.count} attempts"
@@ -788,11 +743,33 @@ class _Attempts:
         if _origin(url) != self.origin:
             for name in _CREDENTIAL_HEADERS:
                 request.headers.pop(name, None)
+        request.headers.update(self.continuation.range_headers(str(url)))
         return request
 
+    def check_status(self, response: httpx.Response, host: str) -> str | None:
+        """``_check_status``, and the answers to a range request: a 206 is the rest
+        of the body; a 416 drops the partial body for a whole new attempt."""
+        if self.continuation.asked_from > 0:
+            if response.status_code == _PARTIAL_CONTENT:
+                return None
+            if response.status_code == _RANGE_NOT_SATISFIABLE:
+                self.continuation.drop()
+                reason = "HTTP 416 to a range request"
+                raise _Transient(reason, host=host, http_status=416)
+        return _check_status(response, host, self.http.max_backoff)
+
     def body_reader(self, response: httpx.Response, received: _Received) -> _BodyReader:
-        """Check a 200 response's headers and return the reader for its body."""
-        return _BodyReader(self, response, received)
+        """Check a 200 (or 206) response's headers and return the reader for its body.
+
+        A 206 that does not continue the partial body where it ends is retried as a
+        whole download (``Continuation.body_start``).
+        """
+        refused_use(response.headers, self.http)
+        try:
+            offset, total = self.continuation.body_start(response)
+        except ValueError as exc:
+            raise _Transient(str(exc), host=host_key(response.url)) from exc
+        return _BodyReader(self, response, received, offset, total)
 
     def fetched(self, body: _Body) -> Fetched:
         """The record of the successful attempt."""
@@ -829,25 +806,39 @@ class _Hops:
 
 
 class _BodyReader:
-    """Turn raw reads of one 200 response into checked, decoded pieces to write."""
+    """Turn raw reads of one 200 response into checked, decoded pieces to write.
+
+    A 206 continues a partial body from ``offset`` (its bytes are already in the
+    file; the caller seeds ``digest`` with them); ``total`` is its Content-Range size.
+    """
 
     def __init__(
-        self, attempts: _Attempts, response: httpx.Response, received: _Received
+        self,
+        attempts: _Attempts,
+        response: httpx.Response,
+        received: _Received,
+        offset: int = 0,
+        total: int | None = None,
     ) -> None:
         self._attempts = attempts
         self._host = host_key(response.url)
         self._max_bytes = max_bytes = attempts.http.max_bytes
         self._received = received
-        received.expected = expected = _content_length(response)
+        length = _content_length(response)
+        expected = total if length is None else offset + length
+        received.raw, received.expected = offset, expected
         if expected is not None and expected > max_bytes:
             limit = f"larger than --max-bytes ({max_bytes} bytes)"
             raise FetchError(f"{limit}: Content-Length {expected}")
         if expected == 0:
             raise FetchError("empty body")
         self._decoder = _decoder_for(response.headers.get("Content-Encoding", ""))
-        self._speed = _SpeedCheck(attempts.http, attempts.clock, self._host)
-        self._digest = hashlib.sha256()
-        self.nbytes = 0
+        self._speed = _SpeedCheck(attempts.http, attempts.clock, self._host, offset)
+        content_type = response.headers.get("Content-Type")
+        self._sniff = Sniff(content_type, decided=offset > 0)
+        self._partial = None if offset else partial_for(response)
+        self.digest = hashlib.sha256()
+        self.nbytes = self.offset = offset
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """Yield the decoded pieces of one raw read, then check deadline and speed."""
@@ -859,8 +850,9 @@ class _BodyReader:
         self._speed.update(self._received.raw)
 
     def finish(self) -> Iterator[bytes]:
-        """Yield what the decoder still holds."""
+        """Yield what the decoder still holds; judge a body too short to judge yet."""
         yield from self._counted(self._decoder.finish())
+        self._judge(self._sniff.finish())
 
     def body(self, url: str) -> _Body:
         """Check that the body is complete and not empty; return its description."""
@@ -871,13 +863,23 @@ class _BodyReader:
             )
         if self.nbytes == 0:
             raise FetchError("empty body")
-        return _Body(url, self.nbytes, self._digest.hexdigest())
+        return _Body(url, self.nbytes, self.digest.hexdigest())
+
+    def _judge(self, refusal: str | None) -> None:
+        """Refuse a body that is not an image (never retried); once it is let
+        through, a cut may be continued (``partial_for``)."""
+        if refusal is not None:
+            raise FetchError(refusal)
+        if self._sniff.decided and not self.offset:
+            self._attempts.continuation.partial = self._partial
 
     def _counted(self, pieces: Iterator[bytes]) -> Iterator[bytes]:
         for piece in pieces:
+            if not self._sniff.decided:
+                self._judge(self._sniff.feed(piece))
             if self.nbytes + len(piece) > self._max_bytes:
                 raise FetchError(f"larger than --max-bytes ({self._max_bytes} bytes)")
-            self._digest.update(piece)
+            self.digest.update(piece)
             self.nbytes += len(piece)
             yield piece
             if self._attempts.on_bytes is not None:
@@ -934,8 +936,10 @@ class _Download:
             except _Transient as exc:
                 delay = self.attempts.retry_delay(exc)
                 if self.defer_retries and delay > 0:
-                    count = self.attempts.count
-                    raise RetryLater(exc.reason, delay=delay, attempts=count) from exc
+                    count, state = self.attempts.count, self.attempts.state()
+                    raise RetryLater(
+                        exc.reason, delay=delay, attempts=count, state=state
+                    ) from exc
                 if self.cancel.wait(delay):
                     raise FetchError("interrupted") from exc
             else:
@@ -945,7 +949,7 @@ class _Download:
         """Send one GET; return the saved body, or the ``Location`` of a redirect."""
         host = host_key(url)
         with _translated(url, host, self.attempts) as received:
-            self.attempts.guard.check(url, host)
+            self.attempts.guard.check(self.client, url)
             with self.hosts.slot(host, self.cancel):
                 return self._send(url, host, received)
 
@@ -956,7 +960,7 @@ class _Download:
         with self.attempts.network_deadline():
             response = self.client.send(request, stream=True)
             try:
-                location = _check_status(response, host, self.attempts.http.max_backoff)
+                location = self.attempts.check_status(response, host)
                 if location is not None:
                     return location
                 return self._save(response, str(url), received)
@@ -965,7 +969,9 @@ class _Download:
 
     def _save(self, response: httpx.Response, url: str, received: _Received) -> _Body:
         reader = self.attempts.body_reader(response, received)
-        with _PartFile(self.attempts.path) as part:
+        if reader.offset:
+            reader.digest = _digest_of(self.attempts.path, reader.offset)
+        with _PartFile(self.attempts.path, append=reader.offset > 0) as part:
             # No chunk_size: httpx would buffer reads up to it, so a slow drip would
             # never reach the deadline check. httpcore already reads 64 KiB at a time.
             for data in response.iter_raw():
@@ -1010,16 +1016,14 @@ class _AsyncDownload:
         """Send one GET; return the saved body, or the ``Location`` of a redirect."""
         host = host_key(url)
         with _translated(url, host, self.attempts) as received:
-            await self.attempts.guard.check_async(url, host)
+            await self.attempts.guard.check_async(self.client, url)
             async with self.hosts.slot(host, self.stop):
                 self.attempts.check_running(host)
                 request = self.attempts.request(self.client, url)
                 with self.attempts.network_deadline():
                     response = await self.client.send(request, stream=True)
                     try:
-                        location = _check_status(
-                            response, host, self.attempts.http.max_backoff
-                        )
+                        location = self.attempts.check_status(response, host)
                         if location is not None:
                             return location
                         return await self._save(response, str(url), received)
@@ -1030,8 +1034,12 @@ class _AsyncDownload:
         self, response: httpx.Response, url: str, received: _Received
     ) -> _Body:
         reader = self.attempts.body_reader(response, received)
+        path, offset = self.attempts.path, reader.offset
+        opener = _open_partial if offset else _open_part
+        if offset:
+            reader.digest = await asyncio.to_thread(_digest_of, path, offset)
         try:
-            part = await aiofiles.open(self.attempts.path, "wb", opener=_open_part)
+            part = await aiofiles.open(path, "ab" if offset else "wb", opener=opener)
         except OSError as exc:
             raise _output_error(self.attempts.path, exc) from exc
         try:
@@ -1055,6 +1063,37 @@ def _open_part(path: str, flags: int) -> int:
     return os.open(path, _PART_FLAGS | (flags & os.O_CLOEXEC), 0o600)
 
 
+def _open_partial(path: str, flags: int) -> int:
+    """The opener of a ``.part`` file being continued: appended to, never a link."""
+    return os.open(path, _PARTIAL_FLAGS | (flags & os.O_CLOEXEC))
+
+
+def _digest_of(path: Path, size: int) -> hashlib._Hash:
+    """The SHA-256 state of the first ``size`` bytes of a partial body (all of it).
+
+    Read back from the file rather than kept from the cut attempt, so that what is
+    hashed is exactly what is on disk, however the attempt ended.
+
+    Raises:
+        OutputError: the file cannot be read, or holds fewer bytes than ``size``.
+    """
+    digest, left = hashlib.sha256(), size
+    try:
+        with open(path, "rb", opener=_open_read) as file:
+            while left > 0 and (block := file.read(min(left, CHUNK))):
+                digest.update(block)
+                left -= len(block)
+    except OSError as exc:
+        raise _output_error(path, exc) from exc
+    if left:
+        raise OutputError(f"cannot continue {path}: {left} bytes missing")
+    return digest
+
+
+def _open_read(path: str, flags: int) -> int:
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | (flags & os.O_CLOEXEC))
+
+
 async def _close_part(part: AsyncBufferedIOBase, path: Path) -> None:
     try:
         await part.close()
@@ -1065,12 +1104,18 @@ async def _close_part(part: AsyncBufferedIOBase, path: Path) -> None:
 
 
 class _SpeedCheck:
-    """Fail a body whose average rate over each window falls below the minimum."""
+    """Fail a body whose average rate over each window falls below the minimum.
 
-    def __init__(self, http: HttpSettings, clock: Callable[[], float], host: str):
-        self._window, self._min_speed = http.speed_window, http.min_speed
+    The window is ``--timeout``: a body slower than ``min_speed`` for that long is a
+    stall, as is one that sends nothing for that long (the read timeout).
+    """
+
+    def __init__(
+        self, http: HttpSettings, clock: Callable[[], float], host: str, start: int
+    ) -> None:
+        self._window, self._min_speed = http.timeout, http.min_speed
         self._clock, self._host = clock, host
-        self._mark_time, self._mark_bytes = clock(), 0
+        self._mark_time, self._mark_bytes = clock(), start
 
     def update(self, total: int) -> None:
         """Record ``total`` bytes received so far; raise if the last window was slow."""
@@ -1080,22 +1125,27 @@ class _SpeedCheck:
             return
         rate = (total - self._mark_bytes) / elapsed
         if rate < self._min_speed:
-            raise _Transient(
-                f"too slow: {rate:.0f} B/s for {self._window:g}s", host=self._host
-            )
+            reason = f"too slow: {rate:.0f} B/s for {self._window:g}s"
+            raise _Transient(reason, host=self._host, stall=True)
         self._mark_time, self._mark_bytes = now, total
 
 
 class _PartFile:
-    """The ``.part`` being written with ``os.write``; local faults → OutputError."""
+    """The ``.part`` being written with ``os.write``; local faults → OutputError.
 
-    def __init__(self, path: Path) -> None:
+    A new file, or with ``append`` the partial body this download is continuing. A
+    failed transfer leaves the file to ``_Attempts``, which keeps it only to continue.
+    """
+
+    def __init__(self, path: Path, *, append: bool = False) -> None:
         self.path = path
+        self._append = append
         self._fd = -1
 
     def __enter__(self) -> _PartFile:
+        opener = _open_partial if self._append else _open_part
         try:
-            self._fd = _open_part(str(self.path), os.O_WRONLY)
+            self._fd = opener(str(self.path), os.O_WRONLY)
         except OSError as exc:
             raise _output_error(self.path, exc) from exc
         return self
@@ -1123,8 +1173,6 @@ class _PartFile:
             _remove(self.path)
             if exc_type is None:
                 raise _output_error(self.path, close_exc) from close_exc
-        if exc_type is not None:
-            _remove(self.path)
 
 
 class _Identity:
@@ -1263,8 +1311,10 @@ def _parse_url(url: str) -> httpx.URL:
 def host_key(url: str | httpx.URL) -> str:
     """Return "host:port", the unit that per-host limits apply to (the one key).
 
-    The port is always a number (80, 443 by default), an IPv6 host in brackets. A
-    string httpx cannot parse is its own key: it fails at its first request anyway.
+    The port is always a number (80, 443 by default), an IPv6 host in brackets, an
+    international name in its ASCII (IDNA) form, as it is connected to, so that
+    ``BÜCHER.example`` and ``xn--bcher-kva.example`` are one host. A string httpx
+    cannot parse is its own key: it fails at its first request anyway.
     """
     if isinstance(url, str):
         try:
@@ -1272,7 +1322,8 @@ def host_key(url: str | httpx.URL) -> str:
         except httpx.InvalidURL:
             return url
     port = url.port or (443 if url.scheme == "https" else 80)
-    host = f"[{url.host}]" if ":" in url.host else url.host
+    name = url.raw_host.decode("ascii")
+    host = f"[{name}]" if ":" in name else name
     return f"{host}:{port}"
 
 
@@ -1317,7 +1368,10 @@ def _translate(
     Every exception a request can raise ends here, with its fate:
 
     - timeouts (connect, read, write, the pool, ``--deadline``), connection errors,
-      resets, a connection closed before or during the reply: ``_Transient``;
+      resets, a connection closed before or during the reply: ``_Transient`` (a read
+      timeout is a stall);
+    - a host that does not resolve (``resolve.Unresolvable``): ``_Transient``, but
+      tried at most ``UNRESOLVED_ATTEMPTS`` times;
     - a reply that is not valid HTTP (an illegal status line, conflicting
       Content-Length, a bad chunk): final, ``bad HTTP response: …``;
     - a ``Location`` httpx cannot represent (``httpx.InvalidURL``, raised while it
@@ -1335,7 +1389,8 @@ def _translate(
             return _Transient(f"timed out after {http.deadline:g}s", host=host)
         kind = _TIMEOUT_KINDS.get(type(exc), "network")
         seconds = http.deadline if kind == "pool" else http.timeout
-        return _Transient(f"timed out after {seconds:g}s ({kind})", host=host)
+        reason = f"timed out after {seconds:g}s ({kind})"
+        return _Transient(reason, host=host, stall=kind == "read")
     if attempts.stop.is_set():
         return FetchError("interrupted")
     lowered = message.lower()
@@ -1349,6 +1404,10 @@ def _translate(
         if lowered.startswith(_DISCONNECTED):
             return _Transient(message, host=host)
         return FetchError(f"bad HTTP response: {_readable_protocol_error(message)}")
+    if isinstance(exc, Unresolvable):
+        return _Transient(
+            f"cannot connect: {message}", host=host, most_attempts=UNRESOLVED_ATTEMPTS
+        )
     if isinstance(exc, httpx.ConnectError):
         return _Transient(f"cannot connect: {message}", host=host)
     if isinstance(exc, httpx.NetworkError | httpx.ProxyError):
@@ -1371,9 +1430,18 @@ def _message(exc: BaseException) -> str:
         if seen is None:
             break
         if str(seen).strip():
-            return str(seen).strip().splitlines()[0]
+            return _plain(str(seen).strip().splitlines()[0])
         seen = seen.__cause__ or seen.__context__
     return type(exc).__name__
+
+
+_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)$")
+
+
+def _plain(message: str) -> str:
+    """A library's sentence as part of a reason: no final full stop (the reason may
+    go on: ``… after 3 attempts``), no ``(_ssl.c:1006)`` source line."""
+    return _SSL_SOURCE.sub("", message).rstrip(".") or message
 
 
 def _readable_protocol_error(message: str) -> str:

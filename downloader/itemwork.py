@@ -32,6 +32,7 @@ import httpx
 from downloader.children import enter_child
 from downloader.fetch import HostLimiter, make_client
 from downloader.lifecycle import Lifecycle
+from downloader.politeness import process_rate
 from downloader.progress import EventKind, ProgressEvent
 from downloader.records import Fetched, Job, Outcome, Stage
 from downloader.runtime import Cancellation, RunContext
@@ -145,7 +146,13 @@ def init_worker(settings: Settings, out: str, tmp: str, stop: Connection) -> Non
     util.Finalize(client, client.close, exitpriority=_CLIENT_EXIT_PRIORITY)
     context = RunContext(Path(out), Path(tmp), _Recorder(), cancel)
     _state = _WorkerState(
-        settings, context, client, HostLimiter(settings.http.per_host)
+        settings,
+        context,
+        client,
+        # One limiter per pool process: each keeps to its share of the rate.
+        HostLimiter(
+            settings.http.per_host, process_rate(settings.http, settings.procs)
+        ),
     )
 
 

@@ -44,10 +44,19 @@ from downloader.fetch import (
     fetch_async,
 )
 from downloader.progress import EventKind
-from downloader.records import Fetched, Job, Outcome, Stage, Status, Transformed
+from downloader.records import (
+    Fetched,
+    Job,
+    Outcome,
+    Stage,
+    Status,
+    Transformed,
+    aside,
+)
 from downloader.reuse import Claim
 from downloader.runtime import RunContext
 from downloader.settings import NameBy, Settings
+from downloader.sources import earlier_stems
 from downloader.steps import (
     ORIGINALS_NAME,
     Retry,
@@ -136,12 +145,16 @@ class Lifecycle:
         its first attempt and ``finished`` with its last, so progress counts each
         download once however often it waited.
         """
-        job, attempts = (
-            (item.job, item.attempts) if isinstance(item, Retry) else (item, 0)
+        job, attempts, state = (
+            (item.job, item.attempts, item.state)
+            if isinstance(item, Retry)
+            else (item, 0, None)
         )
         events = self.context.events
         if attempts == 0:
-            emit(events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane)
+            emit(
+                events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane, url=job.url
+            )
         started = time.perf_counter()
         waits = False
         try:
@@ -157,17 +170,26 @@ class Lifecycle:
                 on_bytes=byte_counter(events, job.index, lane),
                 defer_retries=defer or attempts > 0,
                 attempts_done=attempts,
+                state=state,
             )
         except RetryLater as later:
             waits = True
-            return Retry(job, later.attempts, time.monotonic() + later.delay)
+            due = time.monotonic() + later.delay
+            return Retry(job, later.attempts, due, later.state)
         except FetchError as exc:
             return self.fetch_failed(job, exc, started)
         except OutputError as exc:
             return self.local_fault(job, Stage.DOWNLOAD, exc)
         finally:
             if not waits:
-                emit(events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane)
+                emit(
+                    events,
+                    Stage.DOWNLOAD,
+                    EventKind.FINISHED,
+                    job.index,
+                    lane,
+                    url=job.url,
+                )
 
     async def fetch_async(
         self,
@@ -179,7 +201,7 @@ class Lifecycle:
     ) -> Fetched | Outcome:
         """``fetch`` for asyncio: the same events and records, the I/O of a loop."""
         events = self.context.events
-        emit(events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane)
+        emit(events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane, url=job.url)
         started = time.perf_counter()
         try:
             if job.local_path is not None:
@@ -198,7 +220,9 @@ class Lifecycle:
         except OutputError as exc:
             return self.local_fault(job, Stage.DOWNLOAD, exc)
         finally:
-            emit(events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane)
+            emit(
+                events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane, url=job.url
+            )
 
     def stage_local(self, job: Job, lane: str) -> Fetched:
         """Put a local file where its download would land; report its bytes.
@@ -257,7 +281,7 @@ class Lifecycle:
         """Transform a download in this process, with its events; the download goes."""
         job = fetched.job
         events = self.context.events
-        emit(events, Stage.TRANSFORM, EventKind.STARTED, job.index, lane)
+        emit(events, Stage.TRANSFORM, EventKind.STARTED, job.index, lane, url=job.url)
         started = time.perf_counter()
         try:
             result = transform_file(
@@ -275,7 +299,14 @@ class Lifecycle:
             discard(fetched)
             raise
         finally:
-            emit(events, Stage.TRANSFORM, EventKind.FINISHED, job.index, lane)
+            emit(
+                events,
+                Stage.TRANSFORM,
+                EventKind.FINISHED,
+                job.index,
+                lane,
+                url=job.url,
+            )
         return self.finish(fetched, result)
 
     def fetch_now(
@@ -304,6 +335,7 @@ class Lifecycle:
             job.index,
             lane,
             at=at,
+            url=job.url,
         )
 
     def transformed(
@@ -328,6 +360,7 @@ class Lifecycle:
             job.index,
             lane,
             at=message.time,
+            url=job.url,
         )
         if isinstance(message, TaskDone):
             return self.finish(fetched, message.result)
@@ -359,7 +392,8 @@ class Lifecycle:
         if outcome.status is Status.OK and self.settings.name_by is NameBy.URL:
             kept = {outcome.path, *(outcome.outputs or ()), outcome.original}
             superseded = [name for name in fetched.job.owned if name not in kept]
-            remove_superseded(self.context.out, superseded, fetched.job.stem)
+            stems = earlier_stems(fetched.job)
+            remove_superseded(self.context.out, superseded, stems)
         return outcome
 
     # -------------------------------------------------------------- other ends
@@ -416,7 +450,7 @@ class Lifecycle:
     def not_started(self, job: Job, reason: str | None = None) -> Outcome:
         """The record of a job the run never reached before it was stopped."""
         why = reason or self.context.cancel.reason or "interrupted"
-        return Outcome.failure(job, None, f"not started ({why})")
+        return Outcome.failure(job, None, aside("not started", why))
 
     def local_fault(
         self,
@@ -432,13 +466,13 @@ class Lifecycle:
         return Outcome.failure(job, stage, str(error), fetched=fetched)
 
 
-def remove_superseded(out: Path, names: list[str], stem: str) -> None:
+def remove_superseded(out: Path, names: list[str], stems: tuple[str, ...]) -> None:
     """Remove earlier outputs of a URL, named relative to ``out`` by its old record.
 
     The names come from a manifest, which anyone may have edited: only a regular
-    file inside ``out`` named as this URL's outputs are (``<stem>.<ext>``, at the top
-    or in one size folder; never a kept original) goes. A user's own file, whatever a
-    record says of it, stays.
+    file inside ``out`` named as this URL's outputs are (``<stem>.<ext>`` for one of
+    ``stems``, at the top or in one size folder; never a kept original) goes. A
+    user's own file, whatever a record says of it, stays.
     """
     for name in names:
         relative = PurePosixPath(name)
@@ -446,7 +480,7 @@ def remove_superseded(out: Path, names: list[str], stem: str) -> None:
             continue
         if relative.parts[:1] == (ORIGINALS_NAME,):
             continue  # a kept download is an input, not an output
-        if relative.stem != stem or not relative.suffix:
+        if relative.stem not in stems or not relative.suffix:
             continue  # not a name this tool gives this URL's outputs
         path = out / relative
         with contextlib.suppress(OSError):

@@ -14,6 +14,14 @@ Layout of an output folder::
     DIR/.tmp/                    partial downloads and outputs; emptied at start and end
     DIR/.lock                    held (flock) while a run uses the folder
 
+A run with ``--part K/N`` (``RecordFiles.for_part``) owns other names instead, so that
+the N parts share the folder: ``manifest.part-K-of-N.jsonl`` (and its updates and
+rejected files) in place of the manifest, which it only reads, as the earlier runs'
+records; ``.tmp/part-K-of-N/`` as its scratch folder (``.tmp`` itself is left alone);
+``.lock`` held shared (parts run together, a run without ``--part`` waits for none
+and is refused while one runs) plus ``.lock.part-K-of-N`` held alone. It writes no
+``failed.txt``: ``downloader.parts`` merges the parts into the manifest.
+
 **One line per URL at every moment.** ``manifest.jsonl`` changes in two ways only:
 
 - a record of a URL that has no line in it is appended, in one ``write`` (so a reader
@@ -73,12 +81,13 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from downloader.errors import OutputError
 from downloader.records import Outcome, Status
-from downloader.settings import Settings, box_label
+from downloader.settings import Part, Settings, box_label
 from downloader.sources import check_url, normalize_url
 from downloader.steps import ORIGINALS_NAME
 
@@ -89,7 +98,9 @@ __all__ = [
     "ManifestWriter",
     "OutputFolder",
     "PreviousRun",
+    "RecordFiles",
     "parse_record",
+    "read_outcomes",
     "record_key",
     "record_line",
     "refuse_link",
@@ -114,9 +125,15 @@ _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _FILE_MODE = 0o644
 # How much of a line one read takes when a record is read again by its offset.
 _READ_CHUNK = 4096
-# Where a resume entry's line is: (offset << 1) | which file; or not an ok record.
+# Where a resume entry's line is: (offset << _WHICH_BITS) | which file; or, for a
+# record that is not ok, _NOT_DONE (in the writer's own files) or _NOT_DONE_IN_BASE.
+_IN_MANIFEST = 0
 _IN_UPDATES = 1
+_IN_BASE = 2
+_WHICH_BITS = 2
+_WHICH_MASK = (1 << _WHICH_BITS) - 1
 _NOT_DONE = -1
+_NOT_DONE_IN_BASE = -2
 
 
 def record_key(url: str) -> bytes:
@@ -128,6 +145,41 @@ def record_key(url: str) -> bytes:
     return hashlib.blake2b(
         key.encode("utf-8", "surrogatepass"), digest_size=16
     ).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFiles:
+    """The names one writer of records owns in an output folder (see the docstring).
+
+    A run without ``--part`` owns the folder's manifest; a part owns files of its own
+    and reads the manifest (``base``) as earlier runs' records.
+    """
+
+    manifest: str = MANIFEST_NAME
+    updates: str = UPDATES_NAME
+    rejected: str = REJECTED_NAME
+    failed: str | None = FAILED_NAME
+    """None: no failed list (a part's failures are listed when parts are merged)."""
+    base: str | None = None
+    """A manifest read, never written, before ``manifest``."""
+    scratch: str = TMP_NAME
+    lock: str | None = None
+    """A lock held alone; ``LOCK_NAME`` is then held shared. None: ``LOCK_NAME``
+    held alone."""
+
+    @classmethod
+    def for_part(cls, part: Part) -> RecordFiles:
+        """The files of ``part``: ``manifest.part-K-of-N.jsonl`` and the others."""
+        label = part.label
+        return cls(
+            manifest=f"manifest.{label}.jsonl",
+            updates=f".manifest.{label}-updates.jsonl",
+            rejected=f"manifest.{label}.rejected.txt",
+            failed=None,
+            base=MANIFEST_NAME,
+            scratch=f"{TMP_NAME}/{label}",
+            lock=f"{LOCK_NAME}.{label}",
+        )
 
 
 def _output_error(action: str, path: Path, exc: OSError) -> OutputError:
@@ -251,21 +303,32 @@ class OutputFolder:
     ``.tmp``. An OutputFolder that is never entered only reads (a dry run).
     """
 
-    def __init__(self, path: Path, *, subfolders: Iterable[str] = ()) -> None:
-        """``subfolders``: folders the run writes into besides ``originals``."""
+    def __init__(
+        self,
+        path: Path,
+        *,
+        subfolders: Iterable[str] = (),
+        files: RecordFiles | None = None,
+    ) -> None:
+        """``subfolders``: folders the run writes into besides ``originals``.
+
+        ``files``: the names this writer owns (default: the whole folder's).
+        """
         self.path = path
-        self.tmp = path / TMP_NAME
-        self.manifest = path / MANIFEST_NAME
-        self.updates = path / UPDATES_NAME
+        self.files = files or RecordFiles()
+        self.tmp = path / self.files.scratch
+        self.manifest = path / self.files.manifest
+        self.updates = path / self.files.updates
         self.subfolders = (ORIGINALS_NAME, *subfolders)
         self._fd: int | None = None
-        self._lock_fd: int | None = None
+        self._lock_fds: list[int] = []
 
     @classmethod
     def for_settings(cls, settings: Settings) -> OutputFolder:
         """The output folder of ``settings``, with the ``--sizes`` folders it writes."""
         labels = (box_label(box) for box in settings.image.boxes[1:])
-        return cls(settings.out, subfolders=labels)
+        files = None if settings.part is None else RecordFiles.for_part(settings.part)
+        return cls(settings.out, subfolders=labels, files=files)
 
     def __enter__(self) -> OutputFolder:
         try:
@@ -276,8 +339,9 @@ class OutputFolder:
         try:
             self._lock()
             self._refuse_links()
-            self._remove(_new_name(MANIFEST_NAME))
-            self._remove(_new_name(FAILED_NAME))
+            self._remove(_new_name(self.files.manifest))
+            if self.files.failed is not None:
+                self._remove(_new_name(self.files.failed))
             if self._left_by_a_crash():
                 self.merge_manifest()
             self._reset_scratch()
@@ -290,14 +354,15 @@ class OutputFolder:
     def __exit__(self, *exc_info: object) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
-                shutil.rmtree(TMP_NAME, dir_fd=self._fd)
+                shutil.rmtree(self.files.scratch, dir_fd=self._fd)
         self._close()
 
     def _close(self) -> None:
-        for fd in (self._lock_fd, self._fd):
+        for fd in (*reversed(self._lock_fds), self._fd):
             if fd is not None:
                 os.close(fd)  # closing the lock file releases the flock
-        self._lock_fd = self._fd = None
+        self._lock_fds = []
+        self._fd = None
 
     def open_file(self, name: str, flags: int) -> int:
         """Open the regular file ``name`` of the folder, never through a link.
@@ -330,13 +395,22 @@ class OutputFolder:
 
         The merged manifest is renamed over the old one before the updates file is
         removed, so a crash at any point leaves files that the next run merges again.
-        A line that is not a record is appended to ``manifest.rejected.txt`` first,
-        with a warning (``_Rejects``). Memory: a digest and a line number per URL.
+        """
+        self.merge_files(self.files.manifest, (self.files.manifest, self.files.updates))
+        self._remove(self.files.updates)
+
+    def merge_files(self, target: str, sources: Sequence[str]) -> None:
+        """Make ``target`` one line per URL, the latest, from the files ``sources``.
+
+        Later files' lines win; ``target`` may be one of ``sources`` (it is replaced
+        whole, by a rename). A line that is not a record is appended to the rejected
+        file first, with a warning (``_Rejects``). Memory: a digest and a line number
+        per URL.
         """
         last_line: dict[bytes, int] = {}
         with _Rejects(self) as rejects:
             number = 0
-            for line, outcome in _all_lines(self):
+            for line, outcome in _all_lines(self, sources):
                 if outcome is None:
                     rejects.add(line)
                 else:
@@ -345,14 +419,24 @@ class OutputFolder:
             # On disk before the manifest without them replaces the old one.
             rejects.report()
         self.replace_file(
-            MANIFEST_NAME,
+            target,
             (
                 line if line.endswith(b"\n") else line + b"\n"
-                for number, (line, outcome) in enumerate(_all_records(self))
+                for number, (line, outcome) in enumerate(_all_records(self, sources))
                 if last_line[record_key(outcome.url)] == number
             ),
         )
-        self._remove(UPDATES_NAME)
+
+    def write_failed_list(self) -> None:
+        """Write the failed URLs of the manifest to the failed list, if it has one."""
+        if self.files.failed is None:
+            return
+        failed = (
+            outcome.url.encode("utf-8", "backslashreplace") + b"\n"
+            for _, _, outcome in _read_records(self, self.files.manifest)
+            if outcome is not None and outcome.status is Status.FAILED
+        )
+        self.replace_file(self.files.failed, failed)
 
     def replace_file(self, name: str, lines: Iterable[bytes]) -> None:
         """Write ``lines`` as the new content of ``name``: beside it, then rename.
@@ -376,20 +460,39 @@ class OutputFolder:
             raise _output_error("remove", self.path / name, exc) from exc
 
     def _lock(self) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-        self._lock_fd = self.open_file(LOCK_NAME, flags)
+        """Hold ``.lock`` alone; a part holds it shared, and its own lock alone."""
+        own = self.files.lock
+        self._take_lock(
+            LOCK_NAME,
+            exclusive=own is None,
+            held_by="another run" if own is None else "a run without --part",
+        )
+        if own is not None:
+            self._take_lock(own, exclusive=True, held_by="this same part")
+
+    def _take_lock(self, name: str, *, exclusive: bool, held_by: str) -> None:
+        # Read and write: where flock is emulated by fcntl locks (NFS), a shared
+        # lock needs a file open for reading, an exclusive one for writing.
+        fd = self.open_file(name, os.O_RDWR | os.O_CREAT)
+        self._lock_fds.append(fd)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(
+                fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+            )
         except BlockingIOError:
             raise OutputError(
-                f"another run is using {self.path} (it holds {self.path / LOCK_NAME}); "
+                f"{held_by} is using {self.path} (it holds {self.path / name}); "
                 "wait for it to finish or choose another --out"
             ) from None
 
     def _refuse_links(self) -> None:
         """Refuse a link, or the wrong kind of entry, at a name this run writes."""
-        for name in (MANIFEST_NAME, UPDATES_NAME, FAILED_NAME, REJECTED_NAME):
-            refuse_link(self.path / name, dir_fd=self._dir())
+        files = self.files
+        for name in (files.manifest, files.updates, files.failed, files.rejected):
+            if name is not None:
+                refuse_link(self.path / name, dir_fd=self._dir())
+        if files.base is not None:
+            refuse_link(self.path / files.base, dir_fd=self._dir())
         # What is in .tmp is scratch, but a file at .tmp itself is not ours.
         for name in (TMP_NAME, *self.subfolders):
             refuse_link(self.path / name, kind="folder", dir_fd=self._dir())
@@ -414,10 +517,10 @@ class OutputFolder:
 
     def _left_by_a_crash(self) -> bool:
         """Tell whether a killed run left updates or a torn last manifest line."""
-        if self._mode(UPDATES_NAME) is not None:
+        if self._mode(self.files.updates) is not None:
             return True
         try:
-            fd = self.open_file(MANIFEST_NAME, os.O_RDONLY)
+            fd = self.open_file(self.files.manifest, os.O_RDONLY)
         except FileNotFoundError:
             return False
         try:
@@ -428,20 +531,29 @@ class OutputFolder:
     def _reset_scratch(self) -> None:
         # Anything in the scratch folder was left by a run that crashed or was
         # killed: no record points at it, so it is safe to remove. (That .tmp is a
-        # folder, not a link nor a file, was checked by _refuse_links.)
+        # folder, not a link nor a file, was checked by _refuse_links.) A part's
+        # scratch is inside .tmp, which other parts use at the same time.
+        scratch = self.files.scratch
         try:
-            shutil.rmtree(TMP_NAME, dir_fd=self._dir())
+            if scratch != TMP_NAME:
+                os.mkdir(TMP_NAME, mode=0o700, dir_fd=self._dir())
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _output_error("prepare scratch folder", self.tmp, exc) from exc
+        try:
+            shutil.rmtree(scratch, dir_fd=self._dir())
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise _output_error("prepare scratch folder", self.tmp, exc) from exc
         try:
-            os.mkdir(TMP_NAME, mode=0o700, dir_fd=self._dir())
+            os.mkdir(scratch, mode=0o700, dir_fd=self._dir())
         except OSError as exc:
             raise _output_error("prepare scratch folder", self.tmp, exc) from exc
 
     def _probe_writable(self) -> None:
-        probe = f"{TMP_NAME}/probe"
+        probe = f"{self.files.scratch}/probe"
         try:
             fd = self.open_file(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             try:
@@ -483,6 +595,13 @@ def _read_records(
             offset += len(line)
 
 
+def read_outcomes(folder: OutputFolder) -> Iterator[Outcome]:
+    """Yield the records of the folder's (or part's) manifest; skip other lines."""
+    for _, _, outcome in _read_records(folder, folder.files.manifest):
+        if outcome is not None:
+            yield outcome
+
+
 def parse_record(line: bytes) -> Outcome | None:
     """The record a manifest line holds; None for a line that is not one."""
     try:
@@ -502,16 +621,20 @@ def _torn(line: bytes) -> bool:
     )
 
 
-def _all_lines(folder: OutputFolder) -> Iterator[tuple[bytes, Outcome | None]]:
-    """The lines of the manifest, then of the updates file, each with its record."""
-    for name in (MANIFEST_NAME, UPDATES_NAME):
+def _all_lines(
+    folder: OutputFolder, names: Sequence[str]
+) -> Iterator[tuple[bytes, Outcome | None]]:
+    """The lines of the files ``names`` in order, each with its record."""
+    for name in names:
         for _, line, outcome in _read_records(folder, name):
             yield line, outcome
 
 
-def _all_records(folder: OutputFolder) -> Iterator[tuple[bytes, Outcome]]:
-    """The records of the manifest, then of the updates file (later lines win)."""
-    for line, outcome in _all_lines(folder):
+def _all_records(
+    folder: OutputFolder, names: Sequence[str]
+) -> Iterator[tuple[bytes, Outcome]]:
+    """The records of the files ``names`` in order (later lines win)."""
+    for line, outcome in _all_lines(folder, names):
         if outcome is not None:
             yield line, outcome
 
@@ -545,7 +668,7 @@ class _Rejects:
         if not line.strip() or _torn(line):
             return
         if self._file is None:
-            self._file = _Appender(self._folder, REJECTED_NAME)
+            self._file = _Appender(self._folder, self._folder.files.rejected)
         self._file.append(line if line.endswith(b"\n") else line + b"\n")
         self.kept += 1
 
@@ -559,7 +682,7 @@ class _Rejects:
             "(the manifest keeps one record per line)",
             self._folder.manifest,
             self.kept,
-            self._folder.path / REJECTED_NAME,
+            self._folder.path / self._folder.files.rejected,
         )
 
 
@@ -569,7 +692,8 @@ class PreviousRun:
     ``fingerprint`` is the current settings' (``reuse.settings_fingerprint``); with
     ``by_content`` the current ok records are also indexed by their body's SHA-256.
     Records are read again from the files when asked for, so use it while the run
-    that made it has its folder (a dry run: at any time).
+    that made it has its folder (a dry run: at any time). A part reads the folder's
+    manifest first (``RecordFiles.base``), then its own files, whose lines win.
     """
 
     def __init__(
@@ -582,19 +706,17 @@ class PreviousRun:
         self._folder = folder
         self._fingerprint = fingerprint
         self._latest: dict[bytes, int] = {}
-        """URL digest → where its latest line is if it is ok, else ``_NOT_DONE``."""
+        """URL digest → where its latest line is if it is ok, else ``_NOT_DONE``
+        (or ``_NOT_DONE_IN_BASE``)."""
         self._by_content: dict[bytes, int] = {}
         """Content digest → where an ok line with that body is (checked when read)."""
         self.lines = 0
-        """Records read (lines that are one)."""
+        """Records read in the writer's own files (lines that are one)."""
         self.torn = 0
-        """Lines that are not a record (a crash cut them short, or not ours)."""
+        """Lines of its own files that are not a record (cut short, or not ours)."""
+        self.unique = 0
+        """The number of distinct URLs with a record in the writer's own files."""
         self._load(by_content)
-
-    @property
-    def unique(self) -> int:
-        """The number of distinct URLs with a record."""
-        return len(self._latest)
 
     @property
     def untidy(self) -> bool:
@@ -602,32 +724,51 @@ class PreviousRun:
         return self.torn > 0 or self.lines > self.unique
 
     def has_line(self, key: bytes) -> bool:
-        """Tell whether the URL with this ``record_key`` has a record already."""
-        return key in self._latest
+        """Tell whether the URL with this ``record_key`` has a record already in the
+        writer's own manifest (a part's record file, not the base)."""
+        where = self._latest.get(key)
+        return where is not None and _own(where)
 
     def _load(self, by_content: bool) -> None:
-        for which, name in ((0, MANIFEST_NAME), (_IN_UPDATES, UPDATES_NAME)):
+        for which in (_IN_BASE, _IN_MANIFEST, _IN_UPDATES):
+            name = self._name(which)
+            if name is None:
+                continue
             for offset, _, outcome in _read_records(self._folder, name):
+                own = which != _IN_BASE
                 if outcome is None:
-                    self.torn += 1
+                    self.torn += own
                     continue
-                self.lines += 1
-                where = _NOT_DONE
+                key = record_key(outcome.url)
+                if own:
+                    self.lines += 1
+                    self.unique += not _own(self._latest.get(key, _NOT_DONE_IN_BASE))
+                where = _NOT_DONE if own else _NOT_DONE_IN_BASE
                 if outcome.ok and outcome.path:
-                    where = offset << 1 | which
+                    where = offset << _WHICH_BITS | which
                     if by_content and outcome.sha256:
                         self._by_content[_content_key(outcome.sha256)] = where
-                self._latest[record_key(outcome.url)] = where
+                self._latest[key] = where
+
+    def _name(self, which: int) -> str | None:
+        files = self._folder.files
+        return {
+            _IN_MANIFEST: files.manifest,
+            _IN_UPDATES: files.updates,
+            _IN_BASE: files.base,
+        }[which]
 
     def _read(self, where: int) -> Outcome | None:
         """The record whose line is at ``where``, if it is still there."""
-        name = UPDATES_NAME if where & _IN_UPDATES else MANIFEST_NAME
+        name = self._name(where & _WHICH_MASK)
+        if name is None:
+            return None
         try:
             fd = self._folder.open_file(name, os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
-            line = _line_at(fd, where >> 1)
+            line = _line_at(fd, where >> _WHICH_BITS)
         finally:
             os.close(fd)
         outcome = parse_record(line)
@@ -638,7 +779,7 @@ class PreviousRun:
     def earlier(self, url: str) -> Outcome | None:
         """Return the latest record of ``url`` if it is ok (its files unchecked)."""
         where = self._latest.get(record_key(url), _NOT_DONE)
-        return None if where == _NOT_DONE else self._read(where)
+        return None if where < 0 else self._read(where)
 
     def current(self, outcome: Outcome) -> bool:
         """Tell whether an ok record still stands: same settings, image still there."""
@@ -662,6 +803,13 @@ class PreviousRun:
         if outcome is None or outcome.sha256 != sha256 or not self.current(outcome):
             return None
         return outcome
+
+
+def _own(where: int) -> bool:
+    """Tell whether a resume entry is a line of the writer's own files."""
+    if where < 0:
+        return where == _NOT_DONE
+    return where & _WHICH_MASK != _IN_BASE
 
 
 def _line_at(fd: int, offset: int) -> bytes:
@@ -747,7 +895,7 @@ class ManifestWriter:
     def __init__(self, folder: OutputFolder, previous: PreviousRun) -> None:
         self._folder = folder
         self._previous = previous
-        self._manifest: _Appender | None = _Appender(folder, MANIFEST_NAME)
+        self._manifest: _Appender | None = _Appender(folder, folder.files.manifest)
         self._updates: _Appender | None = None
 
     def write(self, outcome: Outcome) -> None:
@@ -759,7 +907,7 @@ class ManifestWriter:
         # only the earlier runs' URLs need looking up.
         if self._previous.has_line(record_key(outcome.url)):
             if self._updates is None:
-                self._updates = _Appender(self._folder, UPDATES_NAME)
+                self._updates = _Appender(self._folder, self._folder.files.updates)
             self._updates.append(data)
         else:
             self._manifest.append(data)
@@ -774,18 +922,10 @@ class ManifestWriter:
             self._updates.close()
         if self._updates is not None or self._previous.untidy:
             self._folder.merge_manifest()
-        self._write_failed_list()
+        self._folder.write_failed_list()
 
     def __enter__(self) -> ManifestWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _write_failed_list(self) -> None:
-        failed = (
-            outcome.url.encode("utf-8", "backslashreplace") + b"\n"
-            for _, _, outcome in _read_records(self._folder, MANIFEST_NAME)
-            if outcome is not None and outcome.status is Status.FAILED
-        )
-        self._folder.replace_file(FAILED_NAME, failed)

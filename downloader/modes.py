@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from downloader.fetch import HostLimiter, make_client
 from downloader.lifecycle import Lifecycle
 from downloader.pipeline import run_pipeline
+from downloader.politeness import process_rate
 from downloader.process_modes import run_async, run_processes
 from downloader.records import Job, Outcome
 from downloader.scheduling import (
@@ -52,7 +53,7 @@ def run_sequential(
     """Download then transform each item in turn, in this thread."""
     settings = lifecycle.settings
     configure_pillow(settings.image)
-    hosts = HostLimiter(settings.http.per_host)
+    hosts = HostLimiter(settings.http.per_host, process_rate(settings.http, 1))
     feed = iter(items)
     with make_client(settings.http, 1) as client:
         # Check before taking an item: what is left of the feed is the caller's.
@@ -75,7 +76,7 @@ def run_threads(
     settings = lifecycle.settings
     configure_pillow(settings.image)
     lanes = Lanes("thread")
-    hosts = HostLimiter(settings.http.per_host)
+    hosts = HostLimiter(settings.http.per_host, process_rate(settings.http, 1))
     client = make_client(settings.http, settings.threads)
     pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="downloader")
 

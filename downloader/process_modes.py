@@ -44,6 +44,7 @@ from downloader.itemwork import (
     transform_task,
 )
 from downloader.lifecycle import Lifecycle
+from downloader.politeness import process_rate
 from downloader.records import Fetched, Job, Outcome, Stage
 from downloader.runtime import Wakeup
 from downloader.scheduling import (
@@ -322,7 +323,9 @@ class _AsyncRun:
         self.download_slots = asyncio.Semaphore(settings.threads)
         self.transform_slots = asyncio.Semaphore(settings.procs * (1 + IN_FLIGHT_SLACK))
         self.free_lanes = list(reversed(range(settings.threads)))
-        self.hosts = AsyncHostLimiter(settings.http.per_host)
+        self.hosts = AsyncHostLimiter(
+            settings.http.per_host, process_rate(settings.http, 1)
+        )
         self.proc_lanes = Lanes("proc")
         self.cpu = WorkerCpu()
 

@@ -60,6 +60,8 @@ class ProgressEvent:
     time: float
     """``time.perf_counter()`` (CLOCK_MONOTONIC, comparable across processes)."""
     nbytes: int = 0
+    url: str = ""
+    """The item's URL as in its record, on ``started`` and ``finished`` events."""
 
 
 class Events(Protocol):
@@ -245,15 +247,18 @@ class EventStream:
 
     - ``started`` / ``finished``: one item entering or leaving a stage, with
       ``stage`` (download, transform), ``index`` (the item's position among the
-      list's unique URLs, from 0) and ``lane`` (thread-N, task-N, proc-N); a download's
-      ``finished`` line has ``bytes``, the bytes received;
+      list's unique URLs, from 0), ``url`` and ``lane`` (thread-N, task-N, proc-N);
+      a download's ``finished`` line has ``bytes``, the bytes received;
     - ``result``: one per input, as its manifest record (``url``, ``status``,
-      ``error``, ``path``, ...), written by ``outcome()``;
+      ``error``, ``path``, ...) plus the ``index`` its ``started`` lines had (null
+      for an input that reached no stage: a skip, a bad line, one not started),
+      written by ``outcome()``;
     - anything a caller adds with ``note()`` (the CLI adds ``start`` and ``summary``).
 
-    A sink for ``events=`` (safe from any thread). If writing fails (a closed pipe, a
-    full disk) the stream stops writing, logs one warning and keeps the reason in
-    ``error``; the run goes on.
+    A sink for ``events=`` (safe from any thread). If writing fails (a full disk)
+    the stream stops writing, logs one warning and keeps the reason in ``error``; the
+    run goes on. A closed pipe (``| head``: the reader left) calls ``reader_left``
+    instead of the warning, when given: the command line then stops the run.
     """
 
     def __init__(
@@ -263,29 +268,37 @@ class EventStream:
         close_file: bool = False,
         clock: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], float] = time.time,
+        reader_left: Callable[[], None] | None = None,
     ) -> None:
         self._file: IO[str] | None = file
         self._close_file = close_file
+        self._reader_left = reader_left
         # Event times are perf_counter readings (comparable across processes);
         # this offset turns them into Unix time for readers.
         self._offset = wall_clock() - clock()
         self._clock = clock
         self._lock = threading.Lock()
         self._bytes: dict[int, int] = {}
+        # URL -> index of the items that started and have no result yet.
+        self._indexes: dict[str, int] = {}
         self.error: str | None = None
+        self.reader_gone = False
+        """True once writing failed because the reader of the pipe left."""
 
     @classmethod
-    def open(cls, target: str | Path) -> EventStream:
+    def open(
+        cls, target: str | Path, *, reader_left: Callable[[], None] | None = None
+    ) -> EventStream:
         """Open ``target`` for writing (replacing it); ``"-"`` means standard output.
 
         Raises:
             OSError: the file cannot be created.
         """
         if str(target) == "-":
-            return cls(sys.stdout)
+            return cls(sys.stdout, reader_left=reader_left)
         # Line buffered: each event reaches the file as soon as it is written.
         file = open(target, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
-        return cls(file, close_file=True)
+        return cls(file, close_file=True, reader_left=reader_left)
 
     def __call__(self, event: ProgressEvent, /) -> None:
         """Write a started/finished event; add up byte counts for the finished one."""
@@ -300,8 +313,12 @@ class EventStream:
             "time": self._unix(event.time),
             "stage": event.stage.value,
             "index": event.index,
+            "url": event.url,
             "lane": event.lane,
         }
+        if event.kind is EventKind.STARTED:
+            with self._lock:
+                self._indexes[event.url] = event.index
         if event.kind is EventKind.FINISHED and event.stage is Stage.DOWNLOAD:
             with self._lock:
                 line["bytes"] = self._bytes.pop(event.index, 0)
@@ -309,8 +326,11 @@ class EventStream:
 
     def outcome(self, outcome: Outcome) -> None:
         """Write the ``result`` line of one finished input."""
+        with self._lock:
+            index = self._indexes.pop(outcome.url, None)
+        time_now = self._unix(self._clock())
         self._write(
-            {"type": "result", "time": self._unix(self._clock()), **outcome.to_json()}
+            {"type": "result", "time": time_now, "index": index, **outcome.to_json()}
         )
 
     def note(self, kind: str, fields: Mapping[str, Any]) -> None:
@@ -353,6 +373,11 @@ class EventStream:
                 self._failed(exc)
 
     def _failed(self, exc: Exception) -> None:
-        if self.error is None:
-            self.error = f"cannot write events: {exc}"
+        if self.error is not None:
+            return
+        self.error = f"cannot write events: {exc}"
+        self.reader_gone = isinstance(exc, BrokenPipeError)
+        if self.reader_gone and self._reader_left is not None:
+            self._reader_left()
+        else:
             _log.warning("%s; no more events are written", self.error)

@@ -12,11 +12,27 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Fetched", "Job", "Outcome", "Stage", "Status", "Transformed", "one_line"]
+__all__ = [
+    "Extra",
+    "Fetched",
+    "Job",
+    "Outcome",
+    "Stage",
+    "Status",
+    "Transformed",
+    "aside",
+    "one_line",
+]
 
 REASON_MAX_CHARS = 500
 """Longest reason or note a record keeps: enough for any message of ours plus a URL,
 short enough that a hostile server cannot fill the manifest through one."""
+
+
+Extra = tuple[tuple[str, Any], ...]
+"""An input row's other fields, in order, with their values as given: text from
+CSV and TSV, any JSON value (number, list, object, ...) from JSON Lines, so that the
+manifest writes ``[1, 2]`` back as ``[1, 2]``, not as the text ``"[1, 2]"``."""
 
 
 def _escaped(char: str) -> str:
@@ -42,6 +58,17 @@ def one_line(text: str) -> str:
     if len(text) > REASON_MAX_CHARS:
         text = text[: REASON_MAX_CHARS - 1] + "…"
     return text
+
+
+def aside(text: str, detail: str) -> str:
+    """``text (detail)``, or ``text: detail`` when ``detail`` has parentheses itself.
+
+    A reason often wraps another (``not started (<why the run stopped>)``); nested
+    parentheses, ``(already ok (use --force))``, read badly.
+    """
+    if "(" in detail or ")" in detail:
+        return f"{text}: {detail}"
+    return f"{text} ({detail})"
 
 
 class Status(enum.Enum):
@@ -73,7 +100,7 @@ class Job:
     """Normalised URL used to recognise duplicates and earlier results."""
     stem: str
     """Safe output file name without extension, unique per key."""
-    extra: tuple[tuple[str, str], ...] = ()
+    extra: Extra = ()
     """Other columns of the input row (CSV, TSV, JSON Lines), for the manifest."""
     local_path: str | None = None
     """A local file to process instead of downloading ``url`` (``--input-dir``)."""
@@ -140,7 +167,7 @@ class Outcome:
     transform_s: float | None = None
     outputs: tuple[str, ...] | None = None
     """Outputs besides ``path`` (one per extra size), relative to the output folder."""
-    extra: tuple[tuple[str, str], ...] | None = None
+    extra: Extra | None = None
     """The input row's other columns; the manifest writes them as an object."""
     insecure: bool | None = None
     """True when the body was fetched with TLS verification off (``--insecure``)."""

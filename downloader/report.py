@@ -3,12 +3,14 @@
 ``Tally`` counts outcomes as they come and freezes them into a ``Summary``;
 ``print_summary`` prints it. ``Comparison`` holds one ``ModeResult`` per mode run on
 the same list: ``print_comparison`` prints the table, ``comparison_json`` gives the
-raw figures, ``draw_comparison`` draws ``comparison.png`` (a bar chart of wall time,
-then one timeline per mode with a lane per thread, task or process).
+raw figures, ``comparison_png`` draws ``comparison.png`` (a bar chart of wall time,
+then one timeline per mode with a lane per thread, task or process, all on one time
+axis).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -16,7 +18,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any
 
 from PIL import Image, ImageDraw, ImageFont
@@ -33,7 +34,7 @@ __all__ = [
     "Summary",
     "Tally",
     "comparison_json",
-    "draw_comparison",
+    "comparison_png",
     "print_comparison",
     "print_summary",
     "summary_json",
@@ -54,7 +55,7 @@ class Summary:
     """Images written in this run."""
     wall_s: float
     cpu_s: float
-    """CPU seconds of this process and its finished children."""
+    """CPU seconds of this process, plus those its worker processes reported."""
     interrupted: bool
     failure_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -83,8 +84,14 @@ class RunReport:
 
 
 def _cpu_seconds() -> float:
+    """This process's own CPU seconds, never its children's counters.
+
+    Workers report their own CPU time (``worker_cpu_s``); the forkserver reaps them,
+    and once a run has reaped the forkserver their time is in this process's
+    children counters too: counting both would count every worker twice.
+    """
     times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
+    return times.user + times.system
 
 
 class Tally:
@@ -126,8 +133,14 @@ class Tally:
         )
 
 
-def print_summary(summary: Summary, *, out_dir: str, file: IO[str]) -> None:
-    """Print the short end-of-run report a person reads."""
+def print_summary(
+    summary: Summary, *, out_dir: str, file: IO[str], records: str | None = None
+) -> None:
+    """Print the short end-of-run report a person reads.
+
+    ``records``: the file the records went to when it is not the manifest (a
+    part's, which has no failed list of its own).
+    """
     counts = ", ".join(f"{n} {status.value}" for status, n in summary.counts.items())
     heading = "interrupted" if summary.interrupted else "done"
     print(f"{heading}: {summary.total} URLs ({counts})", file=file)
@@ -143,6 +156,9 @@ def print_summary(summary: Summary, *, out_dir: str, file: IO[str]) -> None:
         print(f"  failed x{count}: {reason}", file=file)
     if len(reasons) > TOP_REASONS:
         print(f"  ... and {len(reasons) - TOP_REASONS} other reasons", file=file)
+    if records is not None:
+        print(f"  results in {out_dir} ({records}; then --merge-parts)", file=file)
+        return
     print(f"  results in {out_dir} (manifest.jsonl", end="", file=file)
     failed = summary.counts.get(Status.FAILED, 0)
     print(", failed.txt)" if failed else ")", file=file)
@@ -183,11 +199,13 @@ class MemoryPeak:
     """Peak resident memory of one run, in MB (None where it could not be read)."""
 
     main_mb: float
-    """The main process: its high-water mark, reset before the run."""
+    """The mode's own process (a fresh one per mode): its high-water mark."""
     worker_mb: float | None
     """The largest high-water mark of any one worker process."""
     total_mb: float | None
-    """Main process plus workers, summed at each sample (every 0.1 s)."""
+    """The mode's process and all its descendants, their RSS summed at each sample
+    (every 0.1 s); never below ``main_mb`` or ``worker_mb`` (each is a lower bound of
+    the sum's peak that a sample may miss)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,6 +224,8 @@ class ModeResult:
     spans: tuple[Span, ...] = ()
     error: str | None = None
     """Why the run stopped, if it raised instead of finishing."""
+    pid: int | None = None
+    """The process the mode ran in: a new one for each mode, never the caller."""
 
     @property
     def ok(self) -> bool:
@@ -397,7 +417,17 @@ class _Chart:
     def __init__(self, comparison: Comparison) -> None:
         self.comparison = comparison
         self.results = comparison.results
-        self.scale_s = max((r.summary.wall_s for r in self.results), default=1.0) or 1.0
+        # One time axis for the bars and every timeline: the longest run sets it.
+        self.scale_s = (
+            max(
+                (
+                    max([r.summary.wall_s, *(s.end for s in r.spans)])
+                    for r in self.results
+                ),
+                default=1.0,
+            )
+            or 1.0
+        )
         self.plot_x = _MARGIN + _LABEL_W
         self.plot_w = _WIDTH - self.plot_x - _MARGIN - 90
         self.font = _font(14)
@@ -412,12 +442,11 @@ class _Chart:
         )
         return 70 + bars + 40 + lanes + 50
 
-    def x(self, seconds: float, scale_s: float | None = None) -> int:
-        """The x of ``seconds`` on an axis ``scale_s`` long (default: longest run)."""
-        scale = scale_s or self.scale_s
-        return self.plot_x + round(self.plot_w * seconds / scale)
+    def x(self, seconds: float) -> int:
+        """The x of ``seconds`` on the one time axis (the longest run's)."""
+        return self.plot_x + round(self.plot_w * seconds / self.scale_s)
 
-    def draw(self, path: Path) -> None:
+    def draw(self) -> Image.Image:
         image = Image.new("RGB", (_WIDTH, self.height()), _WHITE)
         draw = ImageDraw.Draw(image)
         y = self._header(draw)
@@ -425,7 +454,7 @@ class _Chart:
         for result in self.results:
             y = self._timeline(draw, result, y)
         self._legend(draw, y + 6)
-        image.save(path, optimize=True)
+        return image
 
     def _header(self, draw: ImageDraw.ImageDraw) -> int:
         first = self.results[0].summary if self.results else None
@@ -441,7 +470,7 @@ class _Chart:
         draw.text(
             (_MARGIN, 38),
             f"{self.comparison.cores} cores, GIL {gil}. Shorter bar = faster; "
-            "speed-up is relative to sequential. Each timeline has its own time axis.",
+            "speed-up is relative to sequential. All timelines share one time axis.",
             fill=_INK,
             font=self.font,
         )
@@ -463,13 +492,11 @@ class _Chart:
             y += _BAR_H + 6
         return y + 10
 
-    def _axis(
-        self, draw: ImageDraw.ImageDraw, top: int, bottom: int, scale_s: float
-    ) -> None:
-        step = _nice_step(scale_s)
+    def _axis(self, draw: ImageDraw.ImageDraw, top: int, bottom: int) -> None:
+        step = _nice_step(self.scale_s)
         tick = 0.0
-        while tick <= scale_s + 1e-9:
-            x = self.x(tick, scale_s)
+        while tick <= self.scale_s + 1e-9:
+            x = self.x(tick)
             draw.line((x, top, x, bottom), fill=_GRID)
             draw.text((x - 8, bottom + 2), f"{tick:g}s", fill=_INK, font=self.small)
             tick += step
@@ -477,13 +504,10 @@ class _Chart:
     def _timeline(self, draw: ImageDraw.ImageDraw, result: ModeResult, y: int) -> int:
         lanes = sorted({s.lane for s in result.spans}, key=_lane_key)
         summary = result.summary
-        # Each timeline spans its own run, so that overlap shows even in fast modes;
-        # the bars above compare the runs' lengths.
-        scale = max([summary.wall_s, *(s.end for s in result.spans)]) or 1.0
         draw.text(
             (_MARGIN, y + 6),
             f"{result.mode.value}: {_who(result)}, "
-            f"{summary.wall_s:.2f} s (own time scale), "
+            f"{summary.wall_s:.2f} s, "
             f"{summary.images_per_s:.1f} images/s, "
             f"CPU {result.cpu_percent:.0f}% of all cores",
             fill=_INK,
@@ -495,22 +519,22 @@ class _Chart:
         for lane, lane_y in row.items():
             draw.text((_MARGIN + 20, lane_y - 2), lane, fill=_INK, font=self.small)
             draw.rectangle(
-                (self.plot_x, lane_y, self.x(summary.wall_s, scale), lane_y + _LANE_H),
+                (self.plot_x, lane_y, self.x(summary.wall_s), lane_y + _LANE_H),
                 fill=_IDLE,
             )
         for span in result.spans:
             lane_y = row[span.lane]
             draw.rectangle(
                 (
-                    self.x(span.start, scale),
+                    self.x(span.start),
                     lane_y,
                     # One pixel short, so that back-to-back items stay apart.
-                    max(self.x(span.start, scale) + 1, self.x(span.end, scale) - 1),
+                    max(self.x(span.start) + 1, self.x(span.end) - 1),
                     lane_y + _LANE_H,
                 ),
                 fill=_STAGE_COLOURS[span.stage],
             )
-        self._axis(draw, top - 2, bottom, scale)
+        self._axis(draw, top - 2, bottom)
         return bottom + 18
 
     def _legend(self, draw: ImageDraw.ImageDraw, y: int) -> None:
@@ -538,6 +562,11 @@ def _who(result: ModeResult) -> str:
     return " + ".join(parts)
 
 
-def draw_comparison(comparison: Comparison, path: Path) -> None:
-    """Draw the bar chart and the per-mode timelines into the PNG ``path``."""
-    _Chart(comparison).draw(path)
+def comparison_png(comparison: Comparison) -> bytes:
+    """Draw the bar chart and the per-mode timelines; return the PNG's bytes.
+
+    Drawn in memory: no file is made on the way, so none can be left behind.
+    """
+    buffer = io.BytesIO()
+    _Chart(comparison).draw().save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()

@@ -23,6 +23,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
+
+import httpx
 
 from downloader.errors import InputError
 
@@ -37,6 +40,7 @@ __all__ = [
     "Mode",
     "NameBy",
     "Number",
+    "Part",
     "ResizeMode",
     "Settings",
     "Whole",
@@ -45,7 +49,9 @@ __all__ = [
 ]
 
 VERSION = "0.1.0"
-USER_AGENT = f"downloader/{VERSION} (+https://github.com/downloader/downloader)"
+USER_AGENT = f"downloader/{VERSION} (+python-httpx/{httpx.__version__})"
+"""What the tool is, in the product/version form servers log: no address, since
+this project has none of its own to give (``--user-agent`` gives yours)."""
 MEGABYTE = 1024 * 1024
 
 # Upper bounds, each far above what a demanding run uses and low enough that a typo
@@ -65,6 +71,9 @@ SECONDS_LIMIT = 86_400
 """Any timeout, deadline or wait: a day; no single step here sensibly waits longer."""
 BYTES_LIMIT = 1024**4
 """``max_bytes``: 1 TiB, far above any image file (a 65535-pixel-square PNG)."""
+RATE_LIMIT = 10_000
+"""``rate_per_host``: requests per second to one host; far above what any server
+that needs a limit accepts."""
 SPEED_LIMIT = 1024**3
 """``min_speed``: 1 GiB/s; a higher floor would fail every download as stalled."""
 BOX_SIDE_LIMIT = 65_535
@@ -74,7 +83,16 @@ BOXES_LIMIT = 64
 sets use a handful."""
 PIXELS_LIMIT = BOX_SIDE_LIMIT**2
 """``max_pixels``: the largest JPEG; decoding one takes ~13 GB per worker already."""
+MAX_PIXELS_DEFAULT = 200_000_000
+"""``max_pixels`` by default: 200 MP, just above the largest photos cameras make today
+(a 200 MP phone sensor's 16320x12240 = 199.8 MP; medium format 150 MP, 14204x10652),
+while a bomb (a small file declaring 65535x65535 pixels) is still refused. Pillow's own
+guard stops at 2 x 89,478,485 = 179.0 MP, which refuses those phones' photos. Decoding
+one such image in full takes ~600 MB (RGB) in a worker; a JPEG shrunk to a small box is
+decoded at 1/8 scale (``draft``), far less."""
 TASKS_LIMIT = 10**9
+# Parts of one list (--part K/N): far more machines than any job array gives one job.
+PARTS_LIMIT = 100_000
 """``max_tasks_per_worker``: beyond any run's length, i.e. never recycle."""
 SHARD_SIZE_LIMIT = 1_000_000
 """``--shard-size``: entries per Ray task; the driver holds the jobs of the shards in
@@ -283,9 +301,13 @@ class Number:
     high: float
     unit: str = ""
     above: bool = False
+    optional: bool = False
+    """None is allowed too (it means "no limit")."""
 
     def __call__(self, value: object, label: str | None = None) -> object:
         """Return ``value`` as a ``float``; NaN and infinities fail the range."""
+        if value is None and self.optional:
+            return None
         kind = f"a number of {self.unit}" if self.unit else "a number"
         if self.above:
             expected = f"{kind} greater than {self.low:g} and at most {self.high:g}"
@@ -382,8 +404,12 @@ class _Instance:
 
     label: str
     kind: type
+    optional: bool = False
+    """None is allowed too (the group is not used)."""
 
     def __call__(self, value: object, label: str | None = None) -> object:
+        if value is None and self.optional:
+            return None
         if not isinstance(value, self.kind):
             expected = f"an instance of {self.kind.__name__}"
             raise _refusal(label or self.label, expected, value, wrong_type=True)
@@ -455,6 +481,44 @@ class _Boxes:
 
 
 @dataclass(frozen=True, slots=True)
+class _Hook:
+    """A callable, or None (the built-in behaviour); for library callers only."""
+
+    label: str
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        if value is not None and not callable(value):
+            raise _refusal(
+                label or self.label, "a callable or None", value, wrong_type=True
+            )
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class _ProxyUrl:
+    """None, or an ``http://`` or ``https://`` proxy URL with a host."""
+
+    label: str
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        label = label or self.label
+        expected = "an http:// or https:// URL"
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise _refusal(label, expected, value, wrong_type=True)
+        try:
+            parts = urlsplit(value)
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+            usable = usable and parts.port != 0
+        except ValueError:
+            usable = False
+        if not usable or _HEADER_VALUE_FORBIDDEN.search(value):
+            raise _refusal(label, expected, value, wrong_type=False)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
 class _Headers:
     """(name, value) pairs of ``str`` (or a mapping); a tuple of tuples."""
 
@@ -499,6 +563,31 @@ def _seconds(label: str, *, zero: bool = False) -> Number:
     return Number(label, 0, SECONDS_LIMIT, unit="seconds", above=not zero)
 
 
+@dataclass(frozen=True, slots=True)
+class Part:
+    """Part ``number`` of ``count`` (``--part K/N``; numbered from 1, like job arrays).
+
+    A run with a part handles only the inputs whose URL identity hashes to it
+    (``downloader.parts.part_of``), so N runs of one list, on any machines sharing
+    the output folder, split it without talking to each other.
+    """
+
+    number: int
+    count: int
+
+    def __post_init__(self) -> None:
+        Whole("--part N", 1, PARTS_LIMIT)(self.count)
+        Whole("--part K", 1, int(self.count))(self.number)
+
+    @property
+    def label(self) -> str:
+        """The part in file names: ``part-2-of-3``."""
+        return f"part-{self.number}-of-{self.count}"
+
+    def __str__(self) -> str:
+        return f"{self.number}/{self.count}"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HttpSettings:
     """How one URL is fetched: timeouts, retries, limits.
@@ -523,10 +612,12 @@ class HttpSettings:
     max_redirects: int = 5
     per_host: int = 4
     """Concurrent connections to one host:port."""
+    rate_per_host: float | None = None
+    """Most requests per second to one host:port (every hop and retry counts), for
+    the whole run in every mode; None: no limit but ``per_host``."""
     min_speed: int = 1024
-    """Bytes per second below which a download counts as stalled ..."""
-    speed_window: float = 30.0
-    """... when measured over this many seconds."""
+    """Bytes per second below which a body counts as stalled when measured over
+    ``timeout`` seconds (0: no minimum)."""
     user_agent: str = USER_AGENT
     headers: tuple[tuple[str, str], ...] = ()
     """Extra request headers (name, value); they replace defaults of the same name."""
@@ -534,7 +625,20 @@ class HttpSettings:
     """Verify TLS certificates; False (``--insecure``) is recorded in the manifest."""
     block_private: bool = False
     """Refuse hosts that resolve to loopback, private, link-local or metadata
-    addresses, on every redirect hop too (``--block-private``)."""
+    addresses, on every redirect hop too (``--block-private``); the connection is made
+    to the address checked."""
+    proxy: str | None = None
+    """Send every request through this http(s) proxy (``--proxy``); None: the
+    environment's (``HTTPS_PROXY``, ``NO_PROXY``, ...), as httpx reads them."""
+    honour_noai: bool = True
+    """Fail a URL whose response says ``X-Robots-Tag: noai`` or ``noimageai`` (for
+    every agent, or for ours), keeping nothing (``--ignore-noai`` turns it off)."""
+    resolver: Callable[[str, int], list[str]] | None = None
+    """Host and port → addresses, instead of the system's resolver (library only:
+    a test, or your own DNS). Must be picklable for the modes with processes."""
+    block_policy: Callable[[str], str | None] | None = None
+    """An address → why ``block_private`` refuses it, or None; default: loopback,
+    private, link-local and the like (``blocked_address_kind``). Library only."""
 
     def __post_init__(self) -> None:
         _check_fields(self, _HTTP_CHECKS)
@@ -549,12 +653,23 @@ _HTTP_CHECKS: Mapping[str, Check] = {
     "max_bytes": Whole("--max-bytes", 1, BYTES_LIMIT, unit="bytes"),
     "max_redirects": Whole("max_redirects", 0, REDIRECTS_LIMIT),
     "per_host": Whole("--per-host", 1, THREADS_LIMIT),
+    "rate_per_host": Number(
+        "--rate-per-host",
+        0,
+        RATE_LIMIT,
+        unit="requests per second",
+        above=True,
+        optional=True,
+    ),
     "min_speed": Whole("min_speed", 0, SPEED_LIMIT, unit="bytes per second"),
-    "speed_window": _seconds("speed_window"),
-    "user_agent": _Text("user_agent", one_line=True),
+    "user_agent": _Text("--user-agent", one_line=True),
     "headers": _Headers("--header"),
     "verify": _Switch("verify"),
     "block_private": _Switch("--block-private"),
+    "proxy": _ProxyUrl("--proxy"),
+    "honour_noai": _Switch("honour_noai"),
+    "resolver": _Hook("resolver"),
+    "block_policy": _Hook("block_policy"),
 }
 
 
@@ -593,8 +708,9 @@ class ImageSpec:
     grayscale: bool = False
     transform: str | None = None
     """``module:function`` applied to each output image after the built-in steps."""
-    max_pixels: int = 90_000_000
-    """Images with more pixels than this are refused as decompression bombs."""
+    max_pixels: int = MAX_PIXELS_DEFAULT
+    """Images with more pixels than this are refused as decompression bombs
+    (``--max-pixels``), before any pixel is decoded."""
 
     def __post_init__(self) -> None:
         _check_fields(self, _IMAGE_CHECKS)
@@ -635,7 +751,7 @@ _IMAGE_CHECKS: Mapping[str, Check] = {
     "keep_metadata": _Switch("--keep-metadata"),
     "grayscale": _Switch("--grayscale"),
     "transform": _Text("--transform", optional=True),
-    "max_pixels": Whole("max_pixels", 1, PIXELS_LIMIT),
+    "max_pixels": Whole("--max-pixels", 1, PIXELS_LIMIT),
 }
 
 
@@ -686,14 +802,31 @@ class Settings:
     local Ray for the run, on 127.0.0.1 only (``--ray-address``)."""
     http: HttpSettings = field(default_factory=HttpSettings)
     image: ImageSpec = field(default_factory=ImageSpec)
+    part: Part | None = None
+    """Handle only this part of the list (``--part K/N``); None: all of it."""
 
     def __post_init__(self) -> None:
         _check_fields(self, _SETTINGS_CHECKS)
+        # Content names are shared by every URL with that body, whichever part has
+        # it: two parts could write, or a redo remove, the same file.
+        _require(
+            self.part is None or self.name_by is not NameBy.SHA256,
+            "--name-by sha256 does not go with --part: outputs named by content are "
+            "shared between URLs of different parts, which would write and remove "
+            "the same files",
+        )
         if self.mode is Mode.RAY:
             _require(
                 self.name_by is NameBy.URL,
                 "--name-by sha256 does not go with --mode ray (identical bodies "
                 "would be found only within one task): use --name-by url",
+            )
+            # Ray already splits the list (shards over the cluster's nodes), and its
+            # leftover shards are merged into the folder's manifest, not a part's.
+            _require(
+                self.part is None,
+                "--part does not go with --mode ray (Ray already splits the list "
+                "over the cluster): run --mode ray once, or --part K/N in a local mode",
             )
             _require(
                 importlib.util.find_spec("ray") is not None,
@@ -729,6 +862,7 @@ _SETTINGS_CHECKS: Mapping[str, Check] = {
     "ray_address": _Text("--ray-address", optional=True, one_line=True),
     "http": _Instance("http", HttpSettings),
     "image": _Instance("image", ImageSpec),
+    "part": _Instance("--part", Part, optional=True),
 }
 
 OPTION_CHECKS: Mapping[str, Check] = {

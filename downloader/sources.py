@@ -26,12 +26,14 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import enum
 import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import queue
 import re
@@ -45,11 +47,14 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, TextIO, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
+import idna
+
 from downloader.errors import InputError
-from downloader.records import Job, Outcome, Status
+from downloader.records import Extra, Job, Outcome, Status
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "JSON_LINE_HINT",
     "MAX_URL_LENGTH",
     "InputFormat",
     "Line",
@@ -57,9 +62,11 @@ __all__ = [
     "Prefetched",
     "Source",
     "UrlList",
+    "ascii_host",
     "can_reread",
     "check_url",
     "count_entries",
+    "earlier_stems",
     "local_jobs",
     "normalize_url",
     "open_source",
@@ -75,6 +82,10 @@ __all__ = [
 # could not be fetched anyway; the cap also bounds the memory one line can take.
 MAX_URL_LENGTH = 8192
 
+_log = logging.getLogger("downloader")
+JSON_LINE_HINT = "a JSON object, not a URL (for JSON Lines: --input-format jsonl)"
+"""The reason of a line of a plain list that starts with ``{``: most likely the
+list is JSON Lines read as text (from stdin, or a ``.txt``)."""
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"})
 """File name suffixes taken from an ``--input-dir`` folder: what the transform reads."""
 
@@ -181,7 +192,7 @@ class Line:
     """Why the line cannot be used whatever it says, e.g. it is not valid UTF-8."""
     name: str | None = None
     """The ``name`` column: the output file stem it asks for (before sanitising)."""
-    extra: tuple[tuple[str, str], ...] = ()
+    extra: Extra = ()
     """The other columns of a CSV, TSV or JSON Lines row, in order."""
 
 
@@ -192,11 +203,53 @@ _Physical = tuple[int, str, str | None]
 def normalize_url(url: str) -> str:
     """Return the key that recognises duplicates of a URL that passed ``check_url``.
 
-    Scheme and host are lowercased, a default port and any fragment are dropped, and an
-    empty path becomes ``/``; the rest (credentials, path and query) is kept exactly.
+    Scheme and host are lowercased, an international host is written in its ASCII
+    (IDNA) form, as httpx connects to it, a default port and any fragment are dropped,
+    and an empty path becomes ``/``; the rest (credentials, path and query) is kept
+    exactly. So ``http://BÜCHER.example/x`` and ``http://xn--bcher-kva.example/x`` are
+    one URL. (Keys made before the IDNA step kept such a host as written, lowercased:
+    the manifest recomputes every record's key from its URL, so old records are
+    found; ``earlier_stems`` names their outputs.)
     """
     parts = urlsplit(url)
+    host = ascii_host(parts.hostname or "")
+    return _join_key(parts, host)
+
+
+def earlier_stems(job: Job) -> tuple[str, ...]:
+    """The stems ``job``'s outputs may have on disk: its own, and for an
+    international host the one an earlier key rule gave it (the host in Unicode), so
+    that a rerun that redoes the URL removes outputs made under either name."""
+    digest = _key_digest(job.key)
+    parts = urlsplit(job.key)
     host = parts.hostname or ""
+    if not job.stem.endswith(digest) or "xn--" not in host:
+        return (job.stem,)
+    try:
+        unicode_host = idna.decode(host)
+    except idna.IDNAError:
+        return (job.stem,)
+    earlier = _key_digest(_join_key(parts, unicode_host))
+    return (job.stem, job.stem.removesuffix(digest) + earlier)
+
+
+def ascii_host(host: str) -> str:
+    """``host`` lowercased, in IDNA (``xn--…``) form if it has non-ASCII letters.
+
+    The encoding is httpx's (the ``idna`` package, IDNA 2008, of the lowercased
+    name), so that the key names the host a request connects to. A name that
+    encoding refuses is kept as it is: its request fails with the reason anyway.
+    """
+    host = host.lower()
+    if host.isascii():
+        return host
+    try:
+        return idna.encode(host).decode("ascii")
+    except idna.IDNAError:
+        return host
+
+
+def _join_key(parts: SplitResult, host: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     userinfo, at, _ = parts.netloc.rpartition("@")
@@ -242,9 +295,14 @@ def safe_stem(key: str, readable_from: str | None = None) -> str:
     else:
         readable = safe_name(readable_from)
     readable = readable[:_STEM_READABLE_CHARS] or "image"
+    return f"{readable}-{_key_digest(key)}"
+
+
+def _key_digest(key: str) -> str:
+    """The hash part of a stem: the first hex digits of the key's SHA-256."""
     # surrogatepass: keep the function total for any str a library caller passes.
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-    return f"{readable}-{digest[:_STEM_HASH_DIGITS]}"
+    return digest[:_STEM_HASH_DIGITS]
 
 
 def safe_name(name: str) -> str:
@@ -564,17 +622,32 @@ def _expand(pattern: str) -> list[Path]:
             entries = list(path.iterdir())
         except OSError as exc:
             raise InputError(f"cannot list {pattern}: {exc.strerror or exc}") from exc
-        return sorted(
-            entry
-            for entry in entries
-            if entry.suffix.lower() in IMAGE_SUFFIXES and entry.is_file()
+        files = [entry for entry in entries if entry.is_file()]
+        _say_left_out(
+            pattern, [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
         )
+        return sorted(f for f in files if f.suffix.lower() in IMAGE_SUFFIXES)
     if _GLOB_MAGIC.search(pattern):
         matches = glob.glob(pattern, recursive=True)
         return sorted(Path(match) for match in matches if Path(match).is_file())
     if path.is_file():
         return [path]
     raise InputError(f"no such folder or file: {pattern}")
+
+
+def _say_left_out(folder: str, files: list[Path]) -> None:
+    """Log, as one warning, the files of an ``--input-dir`` folder not processed."""
+    if not files:
+        return
+    kinds = collections.Counter(f.suffix.lower() or "no suffix" for f in files)
+    listed = ", ".join(f"{suffix} {n}" for suffix, n in sorted(kinds.items()))
+    _log.warning(
+        "%s: %d file(s) left out, not named as images (%s); processed are %s",
+        folder,
+        len(files),
+        listed,
+        ", ".join(sorted(IMAGE_SUFFIXES)),
+    )
 
 
 def _check_authority(parts: SplitResult) -> str | None:
@@ -767,6 +840,8 @@ def _make_line(number: int, text: str, error: str | None) -> Line | None:
         return None
     if error is None and "\x00" in text:
         error = "NUL byte in line"
+    if error is None and text.startswith("{"):
+        error = JSON_LINE_HINT
     return Line(number, text, error)
 
 
@@ -797,13 +872,14 @@ def _json_lines(physical: Iterator[_Physical]) -> Iterator[Line]:
 def _json_line(number: int, text: str) -> Line:
     """Return the entry of one JSON line; a bad line becomes an entry with an error."""
     try:
-        record = json.loads(text)
+        # NaN and Infinity are not JSON: kept as their text, so the manifest stays JSON.
+        record = json.loads(text, parse_constant=str)
     except (ValueError, RecursionError) as exc:
         return Line(number, _preview(text), f"line is not valid JSON: {exc}")
     if not isinstance(record, dict):
         return Line(number, _preview(text), "line is not a JSON object")
     extra = tuple(
-        (str(key), _as_text(value))
+        (str(key), value)  # JSON values keep their types (records.Extra)
         for key, value in record.items()
         if key not in (_URL_FIELD, _NAME_FIELD)
     )

@@ -22,7 +22,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,6 +30,7 @@ from downloader.errors import FetchError, OutputError, TransformError
 from downloader.progress import EventKind, Events, ProgressEvent
 from downloader.records import Fetched, Job, Outcome, Stage, Transformed
 from downloader.settings import Settings
+from downloader.transfer import AttemptState
 from downloader.transform import place_file, remove_outputs
 
 __all__ = [
@@ -68,10 +69,11 @@ def emit(
     *,
     nbytes: int = 0,
     at: float | None = None,
+    url: str = "",
 ) -> None:
     """Send one progress event, stamped now unless ``at`` is given."""
     moment = time.perf_counter() if at is None else at
-    events(ProgressEvent(stage, kind, index, lane, moment, nbytes))
+    events(ProgressEvent(stage, kind, index, lane, moment, nbytes, url))
 
 
 def byte_counter(events: Events, index: int, lane: str) -> Callable[[int], None]:
@@ -85,11 +87,13 @@ def byte_counter(events: Events, index: int, lane: str) -> Callable[[int], None]
 
 @dataclass(frozen=True, slots=True)
 class Retry:
-    """Fetch ``job`` again at ``due`` (monotonic); ``attempts`` were made so far."""
+    """Fetch ``job`` again at ``due`` (monotonic); ``attempts`` were made so far, and
+    ``state`` (stalls, a partial body) continues with the next one."""
 
     job: Job
     attempts: int
     due: float
+    state: AttemptState = field(default_factory=AttemptState)
 
 
 def finish_success(

@@ -121,6 +121,32 @@ _TEMP_DIR = ".tmp"
 _LABEL_SEPARATOR = "~"
 _SNIFF_BYTES = 64
 _HINT_CHARS = 20
+# How much of a file the format sniffing reads (an SVG may start with a long prolog).
+_MAGIC_BYTES = 512
+_UNSUPPORTED = "unsupported image format: "
+# Files Pillow does not identify here, by how they start: named in the reason, so a
+# HEIC photo is not described as 'starts with bytes 00 00 00 18 66 74 79 70'.
+_MAGIC_REASONS = (
+    (b"%PDF-", "not an image: a PDF document"),
+    (b"\xff\x0a", _UNSUPPORTED + "JPEG XL"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", _UNSUPPORTED + "JPEG XL"),
+    (b"II*\x00", _UNSUPPORTED + "TIFF"),
+    (b"MM\x00*", _UNSUPPORTED + "TIFF"),
+    (b"8BPS", _UNSUPPORTED + "PSD"),
+    # The formats the transform decodes: a file that starts as one but is cut short.
+    (b"\xff\xd8\xff", "damaged JPEG image: its header cannot be read"),
+    (b"\x89PNG\r\n\x1a\n", "damaged PNG image: its header cannot be read"),
+    (b"GIF8", "damaged GIF image: its header cannot be read"),
+)
+# ISO media files (``....ftyp<brand>``): the brand says which kind.
+_FTYP_REASONS = {
+    **dict.fromkeys(
+        (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx"), _UNSUPPORTED + "HEIC"
+    ),
+    **dict.fromkeys((b"mif1", b"msf1"), _UNSUPPORTED + "HEIF"),
+    **dict.fromkeys((b"avif", b"avis"), _UNSUPPORTED + "AVIF"),
+}
+_FTYP_OTHER = "not an image: a video or other ISO media file"
 _CUSTOM_CACHE_SIZE = 4
 # os.link errors of file systems (or mounts) that have no hard links: FAT, some FUSE
 # and network ones. Their outputs are placed by a look, then a rename.
@@ -543,8 +569,26 @@ def _unidentified_reason(src: Path) -> str:
     """Explain why Pillow found no allowed image format in ``src``."""
     other_format = _identify_any_format(src)
     if other_format is not None:
-        return f"unsupported image format: {other_format}"
-    return f"not an image ({_describe_start(src)})"
+        return _UNSUPPORTED + other_format
+    return _reason_by_magic(src) or f"not an image ({_describe_start(src)})"
+
+
+def _reason_by_magic(src: Path) -> str | None:
+    """Name what ``src`` is from how it starts (HEIC, AVIF, PDF, SVG, ...), or None."""
+    try:
+        with src.open("rb") as file:
+            head = file.read(_MAGIC_BYTES)
+    except OSError:
+        return None
+    if head[4:8] == b"ftyp":
+        return _FTYP_REASONS.get(head[8:12], _FTYP_OTHER)
+    text = head.lstrip().lower()
+    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in text):
+        return _UNSUPPORTED + "SVG (a vector drawing)"
+    for magic, reason in _MAGIC_REASONS:
+        if head.startswith(magic):
+            return reason
+    return None
 
 
 def _identify_any_format(src: Path) -> str | None:
@@ -582,9 +626,14 @@ def _decode_failure_reason(exc: OSError | ValueError) -> str:
     """Explain a decoding failure of an identified image."""
     if isinstance(exc, OSError) and exc.errno is not None:
         return f"cannot read downloaded file: {exc.strerror}"
-    if "truncated" in str(exc).lower():
-        return f"truncated image ({exc})"
-    return f"cannot decode image: {exc}"
+    message = str(exc)
+    if "truncated" in message.lower():
+        # Pillow's "image file is truncated (71 bytes not processed)": its detail only.
+        detail = message.lower().removeprefix("image file is truncated").strip(" ()")
+        if detail == "truncated file read":
+            detail = ""
+        return f"truncated image ({detail})" if detail else "truncated image"
+    return f"cannot decode image: {message}"
 
 
 def place_file(src: Path, out_dir: Path, name: str, owned: Collection[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import fcntl
 import functools
 import gzip
 import json
@@ -38,6 +39,8 @@ DRIP_S = 0.05
 BIG_BODY = 1_000_000
 # Zeros that the gzip bomb inflates to (about 20 KB on the wire).
 BOMB_BYTES = 20_000_000
+# The body of /noise: no image format's signature, and not text.
+NOISE = bytes(range(256)) * 4
 # Seconds a 429 asks the client to wait (tests cap the wait with max_backoff).
 RETRY_AFTER_S = 2
 
@@ -51,7 +54,9 @@ def gzip_bomb() -> bytes:
 class LocalHandler(CorpusHandler):
     """The corpus server plus misbehaving routes, each bounded in time.
 
-    ``/status/NNN``, ``/html``; ``/flaky/N/NAME`` (503 N times, then NAME);
+    ``/status/NNN``, ``/html``; ``/noise/...`` (binary bytes that are no image,
+    labelled image/jpeg: they pass the download and fail in a worker);
+    ``/flaky/N/NAME`` (503 N times, then NAME);
     ``/retry-after/seconds|date/NAME`` (one 429, then NAME); ``/reset`` (RST mid-body);
     ``/short`` (Content-Length 1000, 100 bytes); ``/silent`` (headers, then nothing);
     ``/drip`` (a byte every ``DRIP_S``); ``/chunked-cut``; ``/big`` and
@@ -86,6 +91,9 @@ class LocalHandler(CorpusHandler):
 
     def _html(self, rest: str) -> None:
         self.send_bytes(200, b"<html><body>404</body></html>", "text/html")
+
+    def _noise(self, rest: str) -> None:
+        self.send_bytes(200, NOISE, "image/jpeg")
 
     def _corpus_file(self, name: str) -> None:
         path = self.server.corpus / name
@@ -230,9 +238,23 @@ class LocalHandler(CorpusHandler):
     def _empty(self, rest: str) -> None:
         self.send_bytes(200, b"", "image/jpeg")
 
+    def _robots(self, rest: str) -> None:
+        # /robots/VALUE/NAME: NAME with "X-Robots-Tag: VALUE" (VALUE percent-encoded
+        # in the path; "|" separates several headers).
+        value, _, name = rest.rpartition("/")
+        data = (self.server.corpus / name).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(data)))
+        for one in value.split("|"):
+            self.send_header("X-Robots-Tag", one)
+        self.end_headers()
+        self.wfile.write(data)
+
     ROUTES: ClassVar[dict[str, Callable[[LocalHandler, str], None]]] = {
         "status": _status,
         "html": _html,
+        "noise": _noise,
         "flaky": _flaky,
         "retry-after": _retry_after,
         "reset": _reset,
@@ -252,6 +274,7 @@ class LocalHandler(CorpusHandler):
         "disposition": _disposition,
         "named": _named,
         "empty": _empty,
+        "robots": _robots,
     }
 
     def count_request(self) -> None:
@@ -318,6 +341,48 @@ def write_list(path: Path, urls: list[str]) -> Path:
     """Write a URL list file."""
     path.write_text("".join(url + "\n" for url in urls), encoding="utf-8")
     return path
+
+
+class LoggedResolver:
+    """A resolver for ``HttpSettings.resolver`` that answers from a table, never DNS.
+
+    ``answers`` maps a name to the answers of its successive lookups (the last one
+    repeats); a name with no answers does not resolve. Every lookup is appended to
+    ``log`` (a file, under a lock), so lookups are counted, and numbered, across the
+    processes of a run: picklable, it travels to them with the settings.
+    """
+
+    def __init__(self, log: Path, answers: dict[str, list[list[str]]]) -> None:
+        self.log = log
+        self.answers = answers
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        with open(self.log, "a+", encoding="utf-8") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)
+            file.seek(0)
+            earlier = file.read().splitlines().count(host)
+            file.write(host + "\n")
+        answers = self.answers.get(host)
+        if not answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return answers[min(earlier, len(answers) - 1)]
+
+    def lookups(self) -> list[str]:
+        """Every name looked up so far, in order."""
+        if not self.log.exists():
+            return []
+        return self.log.read_text(encoding="utf-8").splitlines()
+
+
+def block_127_0_0_2(address: str) -> str | None:
+    """A ``block_policy`` for tests: refuse 127.0.0.2 only, so 127.0.0.1 (where the
+    test servers listen) stays reachable."""
+    return "test-internal" if address == "127.0.0.2" else None
+
+
+def block_127_0_0_1(address: str) -> str | None:
+    """A ``block_policy`` that refuses 127.0.0.1 only (a test proxy's address)."""
+    return "test-internal" if address == "127.0.0.1" else None
 
 
 def fast_settings(out: Path, **overrides: object) -> Settings:

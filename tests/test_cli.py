@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from downloader import __version__
-from downloader.cli import main
+from downloader.cli import USAGE_HINT, load_settings, main
+from downloader.errors import InputError
+from downloader.settings import ImageSpec, Mode
 from tests.helpers import WAIT_S, LocalServer, corpus_urls, read_manifest, write_list
 
 FAST = ["--no-progress", "--threads", "2", "--procs", "1", "--retries", "0"]
@@ -205,6 +209,43 @@ def test_usage_errors_exit_2_with_one_clear_line(
     assert not (tmp_path / "out" / "manifest.jsonl").exists()
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--threads", "0"],
+        ["--procs", "-1"],
+        ["--max-size", "abc"],
+        ["--max-bytes", "12Q"],
+        ["--mode", "turbo"],
+        ["--header", "bad"],
+        ["--no-such-option"],
+        ["--threads"],
+        ["-q", "-v"],
+        ["--modes", "threads"],
+    ],
+)
+def test_a_usage_error_is_one_line_with_a_hint(
+    argv: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Whatever is wrong on the command line: exit 2 and one line, one prefix, a
+    pointer to --help; never argparse's usage block first."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/x.jpg\n")
+
+    code = main(["urls.txt", "--no-config", "--dry-run", *argv])
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("error: ")
+    assert captured.err.endswith(f"{USAGE_HINT}\n")
+    assert "usage:" not in captured.err
+
+
 def test_an_unusable_output_folder_exits_3(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -217,6 +258,51 @@ def test_an_unusable_output_folder_exits_3(
 
     assert code == 3
     assert "error: cannot create output folder" in capsys.readouterr().err
+
+
+def _help_blocks(text: str) -> dict[str, tuple[str, str]]:
+    """--help's options that take a value: option -> (group title, its help)."""
+    blocks: dict[str, tuple[str, str]] = {}
+    title = option = ""
+    for line in text.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            title, option = line[:-1], ""
+        elif found := re.match(r"  (?:-\w, )?(--[a-z-]+) [A-Z{']", line):
+            option = found.group(1)
+            blocks[option] = (title, line)
+        elif line.startswith("  -") or not line.strip():
+            option = ""
+        elif option:
+            blocks[option] = (title, blocks[option][1] + " " + line.strip())
+    return blocks
+
+
+# Options with no default value: nothing is done unless they are given.
+NO_DEFAULT = {"--input-dir", "--events", "--header", "--size", "--sizes", "--transform"}
+
+
+def test_help_groups_the_options_shows_defaults_and_ends_with_examples(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--help: options grouped as the README groups them (--item-timeout with the
+    run, not the images), every default shown, --mode explained, examples last
+    (it was one group of ~20 options, few defaults, no examples)."""
+    monkeypatch.setenv("COLUMNS", "100")
+
+    code = main(["--help"])
+
+    text = capsys.readouterr().out
+    blocks = _help_blocks(text)
+    assert code == 0
+    assert blocks["--item-timeout"][0] == "run"
+    assert blocks["--timeout"][0] == "download"
+    assert blocks["--max-pixels"][0].startswith("transforms")
+    assert blocks["--demo-count"][0] == "demo"
+    assert "scheduled: sequential, threads" in blocks["--mode"][1]
+    for option, (_, block) in blocks.items():
+        assert ("default: " in block) is (option not in NO_DEFAULT), block
+    assert text.index("examples:") > text.index("--demo-latency")
+    assert "downloader urls.txt --dry-run" in text[text.index("examples:") :]
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -289,3 +375,86 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
 
     assert "Traceback" not in err
     assert child.returncode == 141
+
+
+@pytest.mark.parametrize("output", [["--json"], ["--events", "-"]])
+def test_a_reader_gone_before_the_run_writes_ends_it_quietly(
+    output: list[str], tmp_path: Path
+) -> None:
+    """``… --json | head`` and ``… --events - | head`` with the reader gone before the
+    first write: exit 141 without a traceback or an 'Errno 32' line, and every input
+    still has its one record (a stopped run, which a rerun finishes)."""
+    lines = [f"not a url {n}" for n in range(50)] + ["http://127.0.0.1:9/x.jpg"]
+    listing = write_list(tmp_path / "urls.txt", lines)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will ever read: the first write fails
+    try:
+        child = subprocess.run(
+            [sys.executable, str(CLI), str(listing), "--no-config", *output, *FAST],
+            cwd=tmp_path,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+    assert "Traceback" not in child.stderr
+    assert "Errno 32" not in child.stderr
+    assert child.returncode == 141, child.stderr
+    assert len(read_manifest(tmp_path / "output")) == len(lines)
+
+
+@pytest.fixture(scope="module")
+def camera_photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with one 10000x9500 JPEG (95 MP, as a large camera's): one grey, so
+    it is ~1 MB on disk and, shrunk to a small box, decoded at 1/8 scale."""
+    folder = tmp_path_factory.mktemp("photo")
+    Image.new("L", (10_000, 9_500), 128).save(folder / "photo.jpg", quality=50)
+    return folder
+
+
+@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+def test_a_large_camera_photo_is_not_a_bomb(
+    mode: Mode, camera_photo: Path, tmp_path: Path
+) -> None:
+    """95 MP passes the default pixel limit (it failed as a bomb over 90 MP) in every
+    mode; --max-pixels lowers the limit, and the image then fails with the reason."""
+    base = ["--input-dir", str(camera_photo), "--mode", mode.value, *FAST]
+    base += ["--no-config", "--max-size", "64"]
+
+    default = main([*base, "--out", str(tmp_path / "default")])
+    lowered = main([*base, "--out", str(tmp_path / "low"), "--max-pixels", "90000000"])
+
+    assert default == 0
+    (accepted,) = read_manifest(tmp_path / "default")
+    assert (accepted["status"], accepted["width"]) == ("ok", 64)
+    assert lowered == 1
+    (refused,) = read_manifest(tmp_path / "low")
+    assert refused["error"] == "decompression bomb: 95000000 pixels (limit 90000000)"
+
+
+def test_max_pixels_is_checked_from_flag_config_and_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--max-pixels, the config's max-pixels and ImageSpec(max_pixels=) are one
+    setting, refused out of range in the same words."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/x.jpg\n")
+    (tmp_path / "c.toml").write_text("max-pixels = 0\n")
+    (tmp_path / "ok.toml").write_text("max-pixels = 1_000\n")
+
+    flag = main(["urls.txt", "--dry-run", "--no-config", "--max-pixels", "0"])
+    flag_err = capsys.readouterr().err
+    config = main(["urls.txt", "--dry-run", "--config", "c.toml"])
+    config_err = capsys.readouterr().err
+
+    assert (flag, config) == (2, 2)
+    assert flag_err.startswith("error: --max-pixels must be an integer from 1 to ")
+    assert config_err.startswith("error: config c.toml: max-pixels must be an integer")
+    with pytest.raises(InputError, match=r"^--max-pixels must be an integer from 1 "):
+        ImageSpec(max_pixels=0)
+    assert load_settings("ok.toml").image.max_pixels == 1_000
+    assert ImageSpec().max_pixels >= 16_320 * 12_240  # a 200 MP phone's photo

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import resource
 import shutil
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,8 +21,38 @@ from PIL import Image
 from downloader.cli import main
 from downloader.compare import compare, gil_enabled
 from downloader.errors import OutputError
-from downloader.settings import Mode
-from tests.helpers import LocalServer, corpus_urls, fast_settings, write_list
+from downloader.records import Stage
+from downloader.report import (
+    Comparison,
+    MemoryPeak,
+    ModeResult,
+    Span,
+    Tally,
+    comparison_png,
+)
+from downloader.settings import ImageSpec, Mode
+from tests.helpers import (
+    WAIT_S,
+    LocalServer,
+    corpus_urls,
+    fast_settings,
+    leftovers,
+    read_manifest,
+    session_pids,
+    wait_gone,
+    write_list,
+)
+from tests.test_signals import (  # the signal tests' subprocess and tmpfs helpers
+    STOP_S,
+    _command,
+    _finish,
+    _start,
+    _tmpfs,
+    slow_server,
+)
+from tests.user_transforms import KILLS_ENV
+
+__all__ = ["slow_server"]  # a fixture, used by name
 
 
 def test_compare_prints_the_table_and_writes_json_and_png(
@@ -280,3 +316,223 @@ def test_quiet_compare_prints_nothing_and_still_writes_its_files(
     assert json.loads((out / "comparison.json").read_text())["ok"] is False
     with Image.open(out / "comparison.png") as chart:
         assert chart.format == "PNG"
+
+
+# --- every mode measured alike, in a fresh process of its own -------------------------
+
+# Touched memory the caller holds while the modes run: far above any mode's own peak
+# here (a fresh interpreter with the package imported is ~40-110 MB).
+BALLAST_MB = 400
+
+
+def test_every_mode_runs_in_a_fresh_process_and_total_is_never_below_main(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Each mode runs in its own new process, never the caller: so no mode's figures
+    hold what the caller or an earlier mode left (the caller's ballast here), and the
+    order of the modes cannot change them. Total (the mode's process and all its
+    descendants) is never below main, nor below the largest worker."""
+    ballast = b"\x01" * (BALLAST_MB * 1_000_000)  # touched: resident in the caller
+    settings = fast_settings(tmp_path / "out", threads=2, procs=1)
+
+    comparison = compare(corpus_urls(server, corpus)[:3], settings, list(Mode))
+
+    assert len(ballast) == BALLAST_MB * 1_000_000
+    results = comparison.results
+    assert [r.mode for r in results] == list(Mode)
+    assert comparison.ok
+    for result in results:
+        memory = result.memory
+        assert memory.total_mb is not None
+        assert 0 < memory.main_mb <= memory.total_mb, result.mode
+        assert memory.main_mb < BALLAST_MB / 2, result.mode  # the caller's is not in it
+        if result.procs:
+            assert memory.worker_mb is not None
+            assert 0 < memory.worker_mb <= memory.total_mb, result.mode
+        else:
+            assert memory.worker_mb is None, result.mode
+    pids = [r.pid for r in results]
+    assert None not in pids
+    assert os.getpid() not in pids
+    assert len(set(pids)) == len(pids)  # one new process per mode
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]  # all reaped
+
+
+def test_a_mode_whose_process_dies_gets_an_error_and_the_next_mode_runs(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """sequential runs the transform in the mode's own process: a transform that
+    SIGKILLs it leaves that mode without a result; its row says so, the next mode
+    runs, the comparison is written and is not ok."""
+    kills = tmp_path / "kills"
+    kills.mkdir()
+    monkeypatch.setenv(KILLS_ENV, str(kills))
+    image = ImageSpec(max_size=64, transform="tests.user_transforms:kill_worker")
+    out = tmp_path / "out"
+    settings = fast_settings(out, threads=2, procs=1, image=image)
+
+    comparison = compare(
+        corpus_urls(server, corpus)[:2], settings, [Mode.SEQUENTIAL, Mode.PIPELINE]
+    )
+
+    dead, pipeline = comparison.results
+    assert dead.error == "its process ended without a result (exit code -9)"
+    assert dead.pid is not None
+    assert str(dead.pid) in os.listdir(kills)
+    assert pipeline.mode is Mode.PIPELINE
+    assert pipeline.pid != dead.pid
+    assert not comparison.ok
+    assert json.loads((out / "comparison.json").read_text())["ok"] is False
+    assert not [p for p in out.iterdir() if p.name.startswith(".comparison-")]
+
+
+def test_scratch_folders_an_older_version_left_are_swept_links_are_not_followed(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """``.comparison-*`` folders (left by a kill -9 while an older version drew the
+    picture in one) are removed; a link of that name is left, its target untouched."""
+    outside, precious = _outside(tmp_path)
+    out = tmp_path / "out"
+    (out / ".comparison-abc123").mkdir(parents=True)
+    (out / ".comparison-abc123" / "comparison.png").write_bytes(b"half a picture")
+    (out / ".comparison-link").symlink_to(outside)
+    before = _snapshot(outside)
+
+    compare(
+        corpus_urls(server, corpus)[:1],
+        fast_settings(out, threads=1, procs=1),
+        [Mode.SEQUENTIAL],
+    )
+
+    assert not (out / ".comparison-abc123").exists()
+    assert (out / ".comparison-link").is_symlink()
+    assert _snapshot(outside) == before
+    assert precious.exists()
+
+
+# --- the picture: one time axis for every mode ----------------------------------------
+
+
+def _mode_result(mode: Mode, wall_s: float) -> ModeResult:
+    """A mode that was downloading on one lane from its start to its end."""
+    summary = replace(Tally().summary(), wall_s=wall_s)
+    return ModeResult(
+        mode=mode,
+        threads=1,
+        procs=0,
+        summary=summary,
+        memory=MemoryPeak(1.0, None, 1.0),
+        outputs={},
+        spans=(Span("thread-0", Stage.DOWNLOAD, 0.0, wall_s),),
+    )
+
+
+def test_the_timelines_share_one_time_axis() -> None:
+    """A mode that took 1 s is drawn half as long as one that took 2 s."""
+    comparison = Comparison(
+        results=(_mode_result(Mode.THREADS, 1.0), _mode_result(Mode.SEQUENTIAL, 2.0)),
+        gil_enabled=True,
+        cores=2,
+    )
+    download_colour = (52, 120, 198)
+
+    with Image.open(io.BytesIO(comparison_png(comparison))) as chart:
+        rgb = chart.convert("RGB")
+        widths = []  # the width of the download colour in each row that has a bar
+        for y in range(rgb.height):
+            xs = [
+                x for x in range(rgb.width) if rgb.getpixel((x, y)) == download_colour
+            ]
+            if xs and xs[-1] - xs[0] > 100:  # not the legend's small box
+                widths.append(xs[-1] - xs[0] + 1)
+
+    first, last = widths[0], widths[-1]  # the threads lane, then sequential's
+    assert 0.48 < first / last < 0.52
+
+
+# --- Ctrl-C, SIGTERM and local faults during a comparison -----------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_a_signal_during_compare_stops_it_cleanly_with_130(
+    slow_server: LocalServer, corpus: Path, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """Ctrl-C (to the whole process group, as a terminal sends it) or SIGTERM (to the
+    main process only) while the first mode runs: that mode stops in order and is
+    kept, the next does not run, exit 130; no process, no temporary file is left."""
+    url_list = write_list(tmp_path / "urls.txt", corpus_urls(slow_server, corpus))
+    out = tmp_path / "out"
+    command = _command(url_list, out, "--compare", "--modes", "pipeline,threads")
+    process = _start(command, tmp_path / "system-tmp")
+    try:
+        slow_server.wait_for_requests(3)
+        if signum is signal.SIGINT:
+            os.killpg(process.pid, signum)
+        else:
+            os.kill(process.pid, signum)
+        code, err = _finish(process, STOP_S * 4)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    assert code == 130, err
+    assert "Traceback" not in err
+    assert wait_gone(session_pids(process.pid)) == []
+    modes = json.loads((out / "comparison.json").read_text())["modes"]
+    assert [(m["mode"], m["ok"]) for m in modes] == [("pipeline", False)]  # stopped
+    assert modes[0]["error"] is None  # stopped in order: not "ended without a result"
+    assert len(read_manifest(out / "pipeline")) == len(corpus_urls(slow_server, corpus))
+    assert not (out / "threads" / "manifest.jsonl").exists()
+    assert leftovers(out) == []
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert os.listdir(tmp_path / "system-tmp") == []
+
+
+def test_a_full_disk_during_compare_exits_3_and_stops_the_comparison(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A local fault in a mode's run is the run's exit 3, not an interruption (130):
+    one line, the later modes are not run."""
+    urls = [*corpus_urls(server, corpus)[:2], f"{server.base_url}/big-unsized"]
+    url_list = write_list(tmp_path / "urls.txt", urls)
+
+    with _tmpfs(tmp_path / "disk", "size=256k") as disk:
+        out = disk / "out"
+        code = main(
+            [
+                *(str(url_list), "--compare", "--modes", "sequential,threads"),
+                *("--out", str(out), "--procs", "1", "--max-size", "64", "-q"),
+            ]
+        )
+        err = capsys.readouterr().err
+        threads_ran = (out / "threads" / "manifest.jsonl").exists()
+        left = leftovers(out)
+
+    assert code == 3
+    assert len(err.splitlines()) == 1
+    assert "No space left on device" in err
+    assert not threads_ran
+    assert left == []
+
+
+def test_the_cpu_of_reaped_children_is_not_counted_again() -> None:
+    """Workers report their own CPU time; the forkserver that reaps them is reaped by
+    the run, which would put their time in this process's children counters too. The
+    summary counts this process's own time and what workers reported, nothing else."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    tally = Tally()
+    subprocess.run(
+        [sys.executable, "-c", "sum(range(30_000_000))"], check=True, timeout=WAIT_S
+    )
+    summary = tally.summary(worker_cpu_s=0.5)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    child_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert child_cpu > 0.1  # it did burn CPU, and was reaped here
+    assert 0.5 <= summary.cpu_s < 0.5 + child_cpu

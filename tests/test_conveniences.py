@@ -19,6 +19,7 @@ from downloader import (
     EventStream,
     HttpSettings,
     InputError,
+    Mode,
     Settings,
     Status,
     dry_run,
@@ -95,6 +96,31 @@ def test_events_file_has_steps_results_and_summary(
     assert all(isinstance(line["time"], float) for line in lines)
     assert all("lane" in line for line in lines if line["type"] == "started")
     assert lines[-1]["counts"] == {"ok": 2, "failed": 1, "skipped": 0}
+
+
+@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+def test_events_name_each_item_the_same_way_in_every_kind(
+    mode: Mode, two_good_one_404: Path, tmp_path: Path
+) -> None:
+    """started, finished and result lines all carry index and url, and they agree
+    (started/finished had no url, result no index); a line that reached no stage
+    has index null."""
+    with two_good_one_404.open("a") as listing:
+        listing.write("not a url\n")
+    events = tmp_path / "events.jsonl"
+    argv = [str(two_good_one_404), "--out", str(tmp_path / "o"), "--mode", mode.value]
+
+    main([*argv, "--events", str(events), *FAST])
+
+    lines = [
+        line for line in _lines(events) if line["type"] not in ("start", "summary")
+    ]
+    assert {line["type"] for line in lines} == {"started", "finished", "result"}
+    assert all({"index", "url"} <= line.keys() for line in lines)
+    pairs = {(line["index"], line["url"]) for line in lines}
+    assert pairs == {(None, "not a url")} | {
+        (n, url) for n, url in enumerate(two_good_one_404.read_text().split()[:3])
+    }
 
 
 def test_events_dash_goes_to_stdout(
@@ -251,7 +277,8 @@ def test_dry_run_json_exits_0_for_a_clean_list(
 def test_quiet_prints_nothing_and_verbose_names_each_failure(
     two_good_one_404: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--quiet: nothing; default: the summary; --verbose: settings and each failure."""
+    """--quiet: one line saying how many failed and where they are listed; default:
+    the summary; --verbose: settings and each failure."""
     base = [str(two_good_one_404), *FAST]
 
     quiet = main([*base, "--out", str(tmp_path / "q"), "--quiet"])
@@ -262,7 +289,14 @@ def test_quiet_prints_nothing_and_verbose_names_each_failure(
     verbose_err = capsys.readouterr().err
 
     assert (quiet, default, verbose) == (1, 1, 1)
-    assert quiet_err == ""
+    assert (
+        quiet_err
+        == f"failed: 1 of 3 URLs (listed in {tmp_path / 'q' / 'failed.txt'})\n"
+    )
+    assert (tmp_path / "q" / "failed.txt").read_text().count("\n") == 1
+    again = main([*base, "--out", str(tmp_path / "q"), "--quiet"])
+    assert again == 1
+    assert capsys.readouterr().err == quiet_err  # the rerun still has one failure
     assert "done: 3 URLs" in default_err
     assert "/status/404: HTTP 404" not in default_err
     assert "mode pipeline: 2 threads in 1 download process(es), 1 worker" in verbose_err
@@ -394,6 +428,57 @@ def test_headers_are_checked_from_python() -> None:
 
 
 # ------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--demo-count", "5"], "error: --demo-count goes with --demo"),
+        (["--demo-latency", "0"], "error: --demo-latency goes with --demo"),
+        (["--compare", "--mode", "threads"], "error: --compare runs --modes"),
+        (["--compare", "--mode=pipeline"], "error: --compare runs --modes"),
+    ],
+)
+def test_a_flag_that_would_be_ignored_is_refused(
+    flags: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--demo-count without --demo, --mode with --compare: exit 2 instead of being
+    silently ignored. The same values from a config file are defaults: no error."""
+    monkeypatch.chdir(tmp_path)
+    write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/a.jpg"])
+    (tmp_path / "c.toml").write_text('demo-count = 5\nmode = "threads"\n')
+
+    typed = main(["urls.txt", "--dry-run", "--no-config", *flags])
+    typed_err = capsys.readouterr().err
+    from_file = main(["urls.txt", "--dry-run", "--config", "c.toml"])
+
+    assert typed == 2
+    assert typed_err.startswith(message)
+    assert from_file == 0
+
+
+def test_verbose_names_the_config_file_and_header_is_a_key(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """./downloader.toml applied: -v says so (it was applied without a word); its
+    headers key also takes the flag's own name, header."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "downloader.toml").write_text('header = ["X-From: config"]\n')
+    url_list = write_list(tmp_path / "urls.txt", corpus_urls(server, corpus)[:1])
+
+    code = main([str(url_list), "--out", "o", "-v", *QUICK[:-1]])
+
+    assert code == 0
+    assert "defaults from downloader.toml (flags win)" in capsys.readouterr().err
+    assert server.request_headers[-1]["x-from"] == "config"
 
 
 def test_config_file_sets_defaults_and_flags_win(

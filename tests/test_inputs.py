@@ -95,7 +95,7 @@ def test_json_lines_with_bad_lines_run_on(
     statuses = sorted(o.status.value for o in report.results)
     assert statuses == ["failed", "failed", "ok", "ok"]
     records = records_by_url(out)
-    assert records[good[0]]["extra"] == {"id": "1"}
+    assert records[good[0]]["extra"] == {"id": 1}
     assert records[good[1]]["path"] == "second.jpg"
     errors = sorted(str(o.error) for o in report.results if o.error)
     assert errors[0].startswith("line is not valid JSON")
@@ -406,3 +406,70 @@ def test_every_mode_gives_the_same_bytes_with_rich_options(tmp_path: Path) -> No
         (tmp_path / "pipeline" / "manifest.jsonl").read_text().split("\n")[0]
     )
     assert manifest["outputs"][0].startswith("20/")
+
+
+def test_files_an_input_dir_leaves_out_are_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder's files not named as images get one counted line (they were
+    counted nowhere: 30 of 34 files appeared in the manifest, silently)."""
+    write_photos(tmp_path / "in", 2)
+    for name in ("a.heic", "b.HEIC", "notes.txt", "README"):
+        (tmp_path / "in" / name).write_bytes(b"x")
+
+    code = main(["--input-dir", str(tmp_path / "in"), "--out", str(tmp_path / "o")])
+
+    err = capsys.readouterr().err
+    assert code == 0
+    assert len(read_manifest(tmp_path / "o")) == 2
+    assert (
+        f"{tmp_path / 'in'}: 4 file(s) left out, not named as images "
+        "(.heic 2, .txt 1, no suffix 1); processed are .bmp, .gif, .jpeg, .jpg, "
+        ".png, .webp"
+    ) in err
+
+
+def test_json_lines_read_as_text_get_a_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """JSON Lines on stdin without --input-format jsonl: each such line fails with a
+    reason that says how to read it (it was only 'whitespace … in URL')."""
+    lines = [json.dumps({"url": f"http://127.0.0.1:9/{n}.jpg", "n": n}) for n in (1, 2)]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+
+    code = main(["-", "--out", str(tmp_path / "o"), "--no-config", *FAST])
+
+    assert code == 1
+    records = read_manifest(tmp_path / "o")
+    assert [r["error"] for r in records] == [
+        "a JSON object, not a URL (for JSON Lines: --input-format jsonl)"
+    ] * 2
+    assert "--input-format jsonl" in capsys.readouterr().err  # in the summary too
+
+
+def test_json_lines_extras_keep_their_types_and_csv_stays_text(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Numbers, lists and objects from JSON Lines reach the manifest, the events and
+    the records as they were given (they were stored as text: "[1, 2]"); a CSV
+    column is text, and stays text even when it looks like a number."""
+    url = corpus_urls(server, corpus)[0]
+    given = {"id": 7, "tags": [1, 2], "geo": {"lat": 1.5}, "ok": True, "none": None}
+    jsonl = tmp_path / "list.jsonl"
+    jsonl.write_text(json.dumps({"url": url, **given}) + "\n", encoding="utf-8")
+    csv_list = tmp_path / "list.csv"
+    csv_list.write_text(f"url,id\n{url},7\n", encoding="utf-8")
+    events = tmp_path / "events.jsonl"
+
+    code = main(
+        [str(jsonl), "--out", str(tmp_path / "j"), "--events", str(events), *FAST]
+    )
+    main([str(csv_list), "--out", str(tmp_path / "c"), "--no-config", *FAST])
+
+    assert code == 0
+    (record,) = read_manifest(tmp_path / "j")
+    assert record["extra"] == given
+    results = list(map(json.loads, events.read_text().splitlines()))
+    assert [e["extra"] for e in results if e["type"] == "result"] == [given]
+    (from_csv,) = read_manifest(tmp_path / "c")
+    assert from_csv["extra"] == {"id": "7"}

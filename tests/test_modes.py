@@ -93,7 +93,7 @@ def test_failures_and_passed_through_records_in_every_mode(
         *good,
         "not a url",
         f"{server.base_url}/status/404",
-        f"{server.base_url}/html",
+        f"{server.base_url}/noise",
     ]
 
     report = run(lines, fast_settings(out, mode=mode))
@@ -103,9 +103,9 @@ def test_failures_and_passed_through_records_in_every_mode(
     assert all(by_url[url].status is Status.SKIPPED for url in good)
     assert by_url["not a url"].status is Status.FAILED
     assert by_url[f"{server.base_url}/status/404"].error == "HTTP 404"
-    html = by_url[f"{server.base_url}/html"]
-    assert html.stage is Stage.TRANSFORM
-    assert str(html.error).startswith("not an image")
+    noise = by_url[f"{server.base_url}/noise"]
+    assert noise.stage is Stage.TRANSFORM
+    assert str(noise.error).startswith("not an image (starts with bytes 00 01")
     assert leftovers(out) == []
 
 

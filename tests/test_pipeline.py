@@ -76,7 +76,7 @@ def test_failures_are_records_and_the_run_goes_on(
         "not a url",
         "not a url",
         f"{server.base_url}/status/404",
-        f"{server.base_url}/html",
+        f"{server.base_url}/noise",
     ]
     out = tmp_path / "out"
 
@@ -88,9 +88,9 @@ def test_failures_are_records_and_the_run_goes_on(
     assert "unsupported scheme" in str(by_url["ftp://example.invalid/x.jpg"].error)
     assert by_url["not a url"].status is Status.FAILED
     assert by_url[f"{server.base_url}/status/404"].error == "HTTP 404"
-    html = by_url[f"{server.base_url}/html"]
-    assert html.stage is Stage.TRANSFORM
-    assert str(html.error).startswith("not an image")
+    noise = by_url[f"{server.base_url}/noise"]
+    assert noise.stage is Stage.TRANSFORM
+    assert str(noise.error).startswith("not an image (starts with bytes 00 01")
     assert (out / "failed.txt").read_text().splitlines() == sorted(
         (o.url for o in report.results if o.status is Status.FAILED),
         key=[o.url for o in report.results].index,

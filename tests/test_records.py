@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from downloader.records import REASON_MAX_CHARS, Job, Outcome, Stage, one_line
+from downloader.records import REASON_MAX_CHARS, Job, Outcome, Stage, aside, one_line
 
 JOB = Job(index=0, line=1, url="http://127.0.0.1/a.jpg", key="k", stem="a")
 TRACEBACK = """download thread thread-1 crashed:
@@ -55,3 +55,12 @@ def test_one_line_is_one_printable_line_and_stable(text: str) -> None:
     assert len(line) <= REASON_MAX_CHARS
     assert line.isprintable()
     assert one_line(line) == line
+
+
+def test_an_aside_never_nests_parentheses() -> None:
+    """``not started (why)``, but a ``why`` with parentheses of its own follows a
+    colon instead: never ``(already ok in the manifest (use --force to redo))``."""
+    assert aside("not started", "interrupted") == "not started (interrupted)"
+    assert aside("skip x", "already ok (use --force to redo)") == (
+        "skip x: already ok (use --force to redo)"
+    )

@@ -22,6 +22,7 @@ from downloader.demo import serve_in_thread
 from downloader.records import Outcome
 from downloader.report import RunReport
 from downloader.settings import LOCAL_MODES, HttpSettings, ImageSpec, Mode
+from downloader.transfer import STALL_RETRIES
 from tests.helpers import (
     SLOW_IMAGE,
     LocalServer,
@@ -36,8 +37,12 @@ MAX_BYTES = 100_000
 MAX_PIXELS = 10_000
 RETRIES = 2
 ATTEMPTS = RETRIES + 1
+STALL_ATTEMPTS = STALL_RETRIES + 1
 READ_TIMEOUT_S = 0.5
-DEADLINE_S = 0.6
+# Well past the read timeout, so that /silent's attempts end by the read timeout (a
+# stall: retried once) and not by the deadline (retried like any timeout), even when
+# connecting is slow on a busy machine.
+DEADLINE_S = 1.5
 MAX_BACKOFF_S = 0.5
 LONG_NAME = "x" * 3000 + ".jpg"
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -154,7 +159,7 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Batch]:
             max_backoff=MAX_BACKOFF_S,
             max_bytes=MAX_BYTES,
             per_host=16,
-            speed_window=60,
+            min_speed=0,  # /drip is for the deadline
         ),
         image=ImageSpec(max_size=64, max_pixels=MAX_PIXELS),
     )
@@ -178,8 +183,9 @@ FAILURES = [
     ("/status/503", Stage.DOWNLOAD, f"HTTP 503 after {ATTEMPTS} attempts", ATTEMPTS),
     (
         "/html",
-        Stage.TRANSFORM,
-        "not an image (starts with '<html><body>404</bod')",
+        Stage.DOWNLOAD,
+        "not an image: server sent text/html "
+        "(starts with '<html><body>404</body></html>')",
         1,
     ),
     (
@@ -191,8 +197,9 @@ FAILURES = [
     (
         "/silent",
         Stage.DOWNLOAD,
-        f"timed out after {READ_TIMEOUT_S:g}s (read) after {ATTEMPTS} attempts",
-        ATTEMPTS,
+        # Headers, then nothing: a stall, retried once only.
+        f"timed out after {READ_TIMEOUT_S:g}s (read) after {STALL_ATTEMPTS} attempts",
+        STALL_ATTEMPTS,
     ),
     (
         "/drip",
@@ -219,7 +226,13 @@ FAILURES = [
     ("/loop", Stage.DOWNLOAD, "redirect loop", 1),
     ("/to-file", Stage.DOWNLOAD, "redirect to unsupported scheme 'file'", 1),
     ("/to-ftp", Stage.DOWNLOAD, "redirect to unsupported scheme 'ftp'", 1),
-    ("/fake.jpg", Stage.TRANSFORM, "not an image (starts with '<html>oops</html>')", 1),
+    (
+        "/fake.jpg",
+        Stage.DOWNLOAD,
+        "not an image: the body is text (starts with '<html>oops</html>'; "
+        "sent as image/jpeg)",
+        1,
+    ),
     ("/empty.jpg", Stage.DOWNLOAD, "empty body", 1),
     ("/empty", Stage.DOWNLOAD, "empty body", 1),
 ]
@@ -241,6 +254,25 @@ def test_a_hostile_route_fails_with_a_plain_reason(
     assert outcome.error == reason
     assert outcome.path is None
     assert batch.requests(path) == requests
+
+
+def _nesting(text: str) -> int:
+    """How deep parentheses go in ``text``."""
+    depth = deepest = 0
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def test_every_reason_reads_as_plain_words(batch: Batch) -> None:
+    """No Python repr, no full stop before the reason goes on, no (… (…))."""
+    reasons = [o.error or o.note or "" for o in batch.report.results]
+
+    assert len([r for r in reasons if r]) >= len(FAILURES)
+    for reason in reasons:
+        assert not re.search(r"bytearray|b'|b\"|\.\s+after|\.\)|\.;", reason), reason
+        assert _nesting(reason) <= 1, reason
 
 
 def test_a_connection_reset_mid_body_is_retried_then_failed(batch: Batch) -> None:
@@ -355,7 +387,9 @@ def test_a_truncated_jpeg_fails_as_truncated(batch: Batch) -> None:
 
     assert outcome.status is Status.FAILED
     assert outcome.stage is Stage.TRANSFORM
-    assert str(outcome.error).startswith("truncated image (image file is truncated")
+    assert re.fullmatch(
+        r"truncated image \(\d+ bytes not processed\)", str(outcome.error)
+    )
     assert batch.requests("/truncated.jpg") == 1
 
 

@@ -115,8 +115,9 @@ def test_sha256_outputs_are_byte_identical_in_every_mode(
 def test_a_duplicate_of_a_body_that_fails_fails_the_same_way(
     mode: Mode, server: LocalServer, tmp_path: Path
 ) -> None:
-    """Two URLs with the same HTML body: one transform, two failed records."""
-    urls = [f"{server.base_url}/html/{n}" for n in range(3)]
+    """Three URLs with the same body that is no image: one transform, three failed
+    records."""
+    urls = [f"{server.base_url}/noise/{n}" for n in range(3)]
     out = tmp_path / "out"
     log = EventLog()
 

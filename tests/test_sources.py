@@ -550,10 +550,11 @@ def test_csv_header_problems_fail_at_call_time(
 
 
 def test_json_lines_give_url_name_and_extra(tmp_path: Path) -> None:
-    """JSON Lines: strings stay, other values become JSON text; bad lines fail."""
+    """JSON Lines: every value keeps its JSON type (NaN, not JSON, stays text); bad
+    lines fail."""
     path = tmp_path / "list.jsonl"
     path.write_text(
-        '{"url": "http://a/1.jpg", "name": "one", "tags": ["x"], "n": 2}\n'
+        '{"url": "http://a/1.jpg", "name": "one", "tags": ["x"], "n": 2, "f": NaN}\n'
         "\n"
         "{not json\n"
         '["http://a/2.jpg"]\n'
@@ -565,14 +566,14 @@ def test_json_lines_give_url_name_and_extra(tmp_path: Path) -> None:
     lines = list(read_lines(path))
 
     assert lines[0] == Line(
-        1, "http://a/1.jpg", None, "one", (("tags", '["x"]'), ("n", "2"))
+        1, "http://a/1.jpg", None, "one", (("tags", ["x"]), ("n", 2), ("f", "NaN"))
     )
     assert lines[1].number == 3
     assert lines[1].error is not None
     assert lines[1].error.startswith("line is not valid JSON")
     assert lines[2] == Line(4, '["http://a/2.jpg"]', "line is not a JSON object")
     assert lines[3].error == 'object has no "url" string'
-    assert lines[3].extra == (("link", "http://a/3.jpg"), ("id", "3"))
+    assert lines[3].extra == (("link", "http://a/3.jpg"), ("id", 3))
     assert lines[4] == Line(6, "http://a/4.jpg", None, "4")
     assert lines[5].error is not None
     assert len(lines[5].text) < 300
