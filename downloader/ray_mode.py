@@ -45,6 +45,7 @@ from typing import Any
 from downloader.errors import InputError, OutputError
 from downloader.lifecycle import Lifecycle
 from downloader.manifest import record_key
+from downloader.politeness import process_rate
 from downloader.progress import ProgressEvent
 from downloader.ray_shards import (
     PartFile,
@@ -350,8 +351,14 @@ class _RayRun:
         self.lanes = Lanes("ray")
         self.clock_offset = time.time() - time.perf_counter()
         self.stop_deadline: float | None = None
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.limit = max(1, SHARDS_PER_CPU * cpus)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.limit = SHARDS_PER_CPU * cpus
+        # --rate-per-host holds for the whole run: each task that may run at once
+        # (one per cluster CPU) keeps to its share, as a local download process does.
+        http = replace(
+            self.settings.http, rate_per_host=process_rate(self.settings.http, cpus)
+        )
+        self.task_settings = replace(self.settings, http=http)
         # SPREAD: shards go to every node, not first to fill the driver's (a
         # download tool spreads its network load too).
         self.task = ray.remote(
@@ -404,7 +411,7 @@ class _RayRun:
         )
         shard = _Shard(spec, {record_key(job.url): job for job in jobs})
         ref = self.task.remote(
-            spec, self.settings, str(self.out), self.inbox, self.run_name
+            spec, self.task_settings, str(self.out), self.inbox, self.run_name
         )
         self.in_flight[ref] = shard
         self.by_number[number] = shard

@@ -14,11 +14,13 @@ has not heard of (the task may have died between the two), then removes the part
 **Retries.** Ray runs a task again when its worker process dies. The new attempt
 reads the part and skips every URL recorded there, so no URL gets two lines and the
 work done is kept; a torn last line (the attempt died inside its ``write``) is not a
-record, and the next record starts on a fresh line.
+record, and is cut off before the next record is appended.
 
 **A killed driver.** Parts it had not merged stay in ``OUT/.parts``; the next run on
 that folder, whatever its mode, merges them into the manifest before it plans
-(``merge_leftover_parts``), so their work counts and is not redone.
+(``merge_leftover_parts``, the merge of ``--merge-parts``), so their work counts and
+is not redone. A ``--part`` run is refused there until then: it writes a part's
+records, not the manifest. ``--part`` itself does not go with ``--mode ray``.
 
 This module needs no Ray: the task's Ray side (sending news, the stop flag) is in
 ``ray_mode``. Part files are read and written here only.
@@ -40,14 +42,14 @@ from pathlib import Path
 from downloader.errors import OutputError
 from downloader.lifecycle import Lifecycle
 from downloader.manifest import (
-    ManifestWriter,
     OutputFolder,
-    PreviousRun,
+    RecordFiles,
     parse_record,
     record_key,
     record_line,
     refuse_link,
 )
+from downloader.parts import refuse_parts
 from downloader.progress import EventKind, ProgressEvent
 from downloader.records import Job, Outcome, Stage
 from downloader.runtime import Cancellation, RunContext
@@ -122,7 +124,8 @@ class PartFile:
 
     @contextlib.contextmanager
     def appending(self) -> Iterator[_Appender]:
-        """Open for appending; a torn last line is ended first."""
+        """Open for appending; a torn last line (an attempt killed in its ``write``)
+        is cut off first, so that every line of the part is a record."""
         flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | _OPEN_FLAGS
         try:
             fd = os.open(self.path, flags, _FILE_MODE)
@@ -133,7 +136,8 @@ class PartFile:
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
-                _write_all(fd, self.path, b"\n")
+                # A shard's part is small (--shard-size lines): read it whole.
+                os.ftruncate(fd, os.pread(fd, size, 0).rfind(b"\n") + 1)
             yield _Appender(fd, self.path)
         finally:
             os.close(fd)
@@ -162,41 +166,44 @@ def _write_all(fd: int, path: Path, data: bytes) -> None:
         raise OutputError(f"cannot write {path}: {exc}") from exc
 
 
-def merge_leftover_parts(folder: OutputFolder) -> int:
+def merge_leftover_parts(folder: OutputFolder) -> None:
     """Merge the parts a killed ``--mode ray`` run left into the manifest.
 
     Called by every run when it has taken its output folder, before it reads the
-    manifest to plan. Returns the number of records merged. Each URL gets one line:
-    the ``ManifestWriter`` sends a record of a URL the manifest has already (a part
-    merged but not yet removed when the driver died) to the updates, which it merges.
+    manifest to plan. The merge is the one ``--merge-parts`` makes of ``--part``
+    files (``OutputFolder.merge_files``): the manifest's lines, then the parts',
+    the later line of each URL winning, renamed over the manifest before the parts
+    are removed (killed in between, the next run merges the same lines again).
 
     Raises:
-        OutputError: ``.parts`` is a link or not a folder, or a part cannot be read.
+        OutputError: ``.parts`` is a link or not a folder, or a part cannot be
+            read; or this is a ``--part`` run, whose records go to a part's file:
+            the leftovers, of any URL of the list, would mix into that part; or
+            the folder holds the files of ``--part`` runs (``refuse_parts``).
     """
     path = folder.path / PARTS_NAME
     refuse_link(path, kind="folder")
     try:
-        names = sorted(entry.name for entry in path.iterdir())
-        parts = [PartFile(path / name) for name in names if name.endswith(_PART_SUFFIX)]
+        names = sorted(e.name for e in path.iterdir() if e.name.endswith(_PART_SUFFIX))
     except FileNotFoundError:
-        return 0
+        return
     except OSError as exc:
         raise OutputError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    merged = 0
-    seen: set[bytes] = set()
-    if parts:
-        with ManifestWriter(folder, PreviousRun(folder)) as writer:
-            for part in parts:
-                for outcome in part.records():
-                    if record_key(outcome.url) not in seen:
-                        seen.add(record_key(outcome.url))
-                        writer.write(outcome)
-                        merged += 1
-        for part in parts:
-            part.remove()
+    if names and folder.files != RecordFiles():
+        raise OutputError(
+            f"{path} holds the shards of a --mode ray run that was stopped by force: "
+            "run once without --part (any mode merges them into manifest.jsonl), "
+            "then the parts"
+        )
+    if names:
+        refuse_parts(folder.path)  # while they are there, only their merge writes
+        manifest = folder.files.manifest
+        shards = [f"{PARTS_NAME}/{name}" for name in names]
+        folder.merge_files(manifest, [manifest, *shards])
+        for name in names:
+            PartFile(path / name).remove()
     with contextlib.suppress(OSError):
         path.rmdir()  # only if empty
-    return merged
 
 
 # ------------------------------------------------------------------ in the task

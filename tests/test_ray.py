@@ -8,6 +8,7 @@ alone. Ray's worker processes are really killed (by the killing transforms of
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -15,7 +16,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -25,11 +28,12 @@ from downloader.cli import main
 from downloader.compare import compare
 from downloader.demo import serve_in_thread
 from downloader.errors import InputError
+from downloader.manifest import record_line
 from downloader.progress import EventKind, EventLog
 from downloader.ray_mode import SHARD_RETRIES
-from downloader.ray_shards import PARTS_NAME
+from downloader.ray_shards import PARTS_NAME, PartFile
 from downloader.records import Stage
-from downloader.settings import NameBy
+from downloader.settings import NameBy, Part
 from tests.conftest import RayCluster, second_node
 from tests.helpers import (
     FLAT_IMAGE,
@@ -193,9 +197,128 @@ def test_without_ray_installed_one_line_and_exit_2(
     assert code == 2
     assert capsys.readouterr().err == (
         "error: --mode ray needs Ray, which is not installed: "
-        "pip install 'downloader[ray]'\n"
+        "pip install 'downloader[ray]'; see --help\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_shard_options_are_refused_where_no_ray_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--shard-size and --ray-address without --mode ray (or ray in --compare's
+    --modes) would be ignored: one line, exit 2, nothing written."""
+    url_list = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/a.jpg"])
+    out = ["--out", str(tmp_path / "out"), "--no-config"]
+    cases = {
+        ("--shard-size", "5"): "--shard-size goes with --mode ray",
+        ("--ray-address", "auto"): "--ray-address goes with --mode ray",
+        ("--shard-size", "5", "--compare", "--modes", "threads"): "--shard-size",
+    }
+    for flags, message in cases.items():
+        assert main([str(url_list), *out, *flags]) == 2, flags
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: {message}"), line
+        assert line.endswith("; see --help")
+    assert not (tmp_path / "out").exists()
+
+
+def test_part_with_ray_mode_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ray already splits the list, and its leftover shards go to the folder's
+    manifest: ``--part K/N --mode ray`` is a usage error (exit 2), before any Ray."""
+    url_list = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/a.jpg"])
+    out = tmp_path / "out"
+
+    code = main([str(url_list), "--out", str(out), "--mode", "ray", "--part", "1/2"])
+
+    assert code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: --part does not go with --mode ray")
+    assert not out.exists()
+    with pytest.raises(InputError, match="--part does not go with --mode ray"):
+        Settings(out=out, mode=Mode.RAY, part=Part(1, 2))
+
+
+def test_ray_leftovers_and_part_files_never_mix(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Shards a killed ray driver left are refused by a --part run (they hold URLs
+    of every part; exit 3, kept), merged by the next run without --part; and a ray
+    run on a folder of part files is refused as any run without --part is, before
+    Ray starts."""
+    urls = corpus_urls(server, corpus)[:4]
+    run(urls[:2], fast_settings(tmp_path))
+    (tmp_path / PARTS_NAME).mkdir()
+    shard = tmp_path / PARTS_NAME / "run-shard-00000.jsonl"
+    (tmp_path / "manifest.jsonl").rename(shard)
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    common = ["--out", str(tmp_path), "--no-config", "--max-size", "64"]
+
+    refused = main([str(url_list), *common, "--part", "1/2"])
+
+    assert refused == 3
+    assert shard.exists()
+    assert not list(tmp_path.glob("manifest.part-*"))
+    assert sum(server.requests.values()) == 2  # the first run's only
+
+    assert main([str(url_list), *common]) == 0
+    assert not (tmp_path / PARTS_NAME).exists()
+    assert sorted(by_url(tmp_path)) == sorted(urls)
+    assert sum(server.requests.values()) == 4  # the leftovers' URLs not again
+
+    assert main([str(url_list), *common, "--force", "--part", "2/2"]) == 0
+    assert main([str(url_list), *common, "--mode", "ray"]) == 3
+    assert not (tmp_path / PARTS_NAME).exists()
+
+
+def test_a_retry_cuts_a_torn_line_so_the_merge_keeps_only_records(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A task killed in its ``write`` leaves half a line; the retry cuts it off
+    before it appends, so the part merged after a driver's kill holds only records:
+    nothing moves to manifest.rejected.txt."""
+    urls = corpus_urls(server, corpus)[:3]
+    report = run(urls, fast_settings(tmp_path))
+    (tmp_path / "manifest.jsonl").unlink()
+    (tmp_path / PARTS_NAME).mkdir()
+    part = PartFile(tmp_path / PARTS_NAME / "run-shard-00000.jsonl")
+    first, second, third = report.results
+    part.path.write_bytes(record_line(first) + record_line(second)[:20])
+    with part.appending() as appender:  # the retry
+        appender.append(third)
+
+    assert [o.url for o in part.records()] == [first.url, third.url]
+    again = run(urls, fast_settings(tmp_path))
+
+    assert sorted(o.status.value for o in again.results) == ["ok", "skipped", "skipped"]
+    assert not (tmp_path / "manifest.rejected.txt").exists()
+    assert sorted(by_url(tmp_path)) == sorted(urls)
+
+
+RATE = 4.0
+
+
+def test_the_rate_per_host_holds_for_the_whole_run(
+    ray_cluster: RayCluster, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """--rate-per-host in ray mode: each task that may run at once (one per
+    cluster CPU) keeps to its share, so the N requests of one shard's task span at
+    least (N - 1) x CPUs / RATE seconds (at the full rate each: half that here)."""
+    ray: Any = importlib.import_module("ray")
+    cpus = int(ray.cluster_resources()["CPU"])
+    urls = corpus_urls(server, corpus)[:6]
+    http = replace(fast_settings(tmp_path).http, rate_per_host=RATE)
+    started = time.monotonic()
+
+    report = run(urls, ray_settings(tmp_path, shard_size=len(urls), http=http))
+
+    assert [o.status for o in report.results] == [Status.OK] * len(urls)
+    with server.lock:
+        arrivals = sorted(at for _, at in server.log if at >= started)
+    assert len(arrivals) == len(urls)
+    assert cpus > 1
+    assert arrivals[-1] - arrivals[0] >= (len(urls) - 1) * cpus / RATE * 0.99
 
 
 # ------------------------------------------------- the driver: Ctrl-C and kill -9
