@@ -283,6 +283,7 @@ def _add_run_options(run: argparse._ArgumentGroup, defaults: Settings) -> None:
         "--shard-size",
         type=int,
         default=defaults.shard_size,
+        metavar="N",
         help="--mode ray: consecutive list entries per Ray task; --per-host "
         "applies per task",
     )
