@@ -10,7 +10,7 @@ from downloader.errors import DownloaderError, InputError, OutputError
 from downloader.lifecycle import Lifecycle
 from downloader.manifest import ManifestWriter, OutputFolder, PreviousRun
 from downloader.modes import RUNNERS
-from downloader.parts import finish_part, only_part, start_part
+from downloader.parts import ListDigest, finish_part, only_part, start_part
 from downloader.progress import Events, ignore_events, tell_note, tell_outcome
 from downloader.ray_shards import merge_leftover_parts
 from downloader.records import Job, Outcome, Status
@@ -23,8 +23,8 @@ from downloader.runtime import (
     cancel_on_signals,
     helper_processes,
 )
-from downloader.settings import VERSION, NameBy, Settings
-from downloader.sources import Prefetched, Source, open_source
+from downloader.settings import VERSION, NameBy, Settings, check_environment_proxies
+from downloader.sources import LocalFiles, Prefetched, Source, open_source
 
 __all__ = ["Source", "iter_results", "run"]
 
@@ -141,13 +141,16 @@ def iter_results(
     # First: a reader of the events knows the run is up before the list is opened
     # (a FIFO's open waits for its writer).
     tell_note(events, "start", start_fields(settings))
+    if not isinstance(source, LocalFiles):
+        check_environment_proxies(settings.http)
     if isinstance(source, str | Path) and str(source) != "-" and Path(source).is_dir():
         raise InputError(f"cannot read URL list {source}: it is a directory")
     cancel = cancel or Cancellation()
     # Read in a thread of its own: a list that waits (a silent pipe) never blocks a
     # stop; the rest of a list that is there still gets its records after one.
+    digest = ListDigest()
     items = Prefetched(
-        only_part(open_source(source, exclude=settings.out), settings.part),
+        only_part(open_source(source, exclude=settings.out), settings.part, digest),
         cancel.is_set,
     )
     runner = RUNNERS[settings.mode]  # every Mode has its scheduler
@@ -206,7 +209,7 @@ def iter_results(
                 records.close()
                 items.close()
         if not cancel.is_set():  # reached the end of its list: ready to be merged
-            finish_part(folder, settings.part, fingerprint)
+            finish_part(folder, settings.part, fingerprint, digest)
         summary = tally.summary(
             interrupted=cancel.is_set(), worker_cpu_s=usage.worker_cpu_s
         )

@@ -814,17 +814,20 @@ def _finish(
         part = settings.part
         records = None if part is None else RecordFiles.for_part(part).manifest
         print_summary(summary, out_dir=str(settings.out), file=stderr, records=records)
-    failed = summary.counts[Status.FAILED]
-    if args.quiet and failed:  # errors only: failed URLs are the run's errors
-        listed = settings.out / (
-            FAILED_NAME
-            if settings.part is None
-            else RecordFiles.for_part(settings.part).manifest
-        )
-        print(
-            f"failed: {failed} of {summary.total} URLs (listed in {listed})",
-            file=stderr,
-        )
+    listed = settings.out / (
+        FAILED_NAME
+        if settings.part is None
+        else RecordFiles.for_part(settings.part).manifest
+    )
+    _say_failed(args, stderr, summary.counts[Status.FAILED], summary.total, listed)
+
+
+def _say_failed(
+    args: argparse.Namespace, stderr: IO[str], failed: int, total: int, listed: Path
+) -> None:
+    """With -q (errors only), still one line when URLs failed: they are its errors."""
+    if args.quiet and failed:
+        print(f"failed: {failed} of {total} URLs (listed in {listed})", file=stderr)
 
 
 def _run(
@@ -919,6 +922,10 @@ def _run_compare(args: argparse.Namespace, settings: Settings, stderr: IO[str]) 
     _sayer(args, stderr)(
         f"comparison written to {settings.out}/comparison.json and .png"
     )
+    for result in comparison.results:
+        failed = result.summary.counts.get(Status.FAILED, 0)
+        listed = settings.out / result.mode.value / FAILED_NAME
+        _say_failed(args, stderr, failed, result.summary.total, listed)
     if cancel.is_set():
         return EXIT_INTERRUPTED
     return EXIT_OK if comparison.ok else EXIT_FAILED
@@ -949,7 +956,10 @@ def _run_merge(args: argparse.Namespace, stderr: IO[str]) -> int:
         f"merged {merged.parts} part(s) into {merged.manifest}: {merged.records} "
         "URLs (" + ", ".join(f"{n} {name}" for name, n in counts.items()) + ")"
     )
-    return EXIT_FAILED if merged.counts[Status.FAILED] else EXIT_OK
+    failed = merged.counts[Status.FAILED]
+    listed = merged.manifest.parent / FAILED_NAME
+    _say_failed(args, stderr, failed, merged.records, listed)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _check_merge(args: argparse.Namespace) -> None:
@@ -1032,6 +1042,25 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise InputError("--dry-run and --compare do not go together")
     if args.events == "-" and args.json:
         raise InputError("--events - and --json both write to stdout; name a file")
+    if args.events is not None:
+        _check_events_path(args)
+
+
+def _check_events_path(args: argparse.Namespace) -> None:
+    """Refuse an ``--events`` file that opening would wipe: the list, or any file
+    in the output folder (the manifest, an output); an empty name is no file."""
+    if args.events == "":
+        raise InputError("--events needs a file name ('-': stdout)")
+    if args.events == "-":
+        return
+    events = Path(args.events).resolve()
+    if args.urls not in (None, "-") and events == Path(args.urls).resolve():
+        raise InputError(f"--events {args.events} is the URL list; name another file")
+    if events.is_relative_to(Path(args.out).resolve()):
+        raise InputError(
+            f"--events {args.events} is inside the output folder {args.out}; "
+            "name a file outside it"
+        )
 
 
 def _dispatch(args: argparse.Namespace, log: BarsHandler) -> int:

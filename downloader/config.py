@@ -63,6 +63,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise InputError(f"cannot read config {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"config {path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib lets this through
+        raise InputError(
+            f"config {path}: not valid TOML: not UTF-8 (byte {exc.start})"
+        ) from exc
     for key, value in table.items():
         if isinstance(value, dict):
             raise InputError(

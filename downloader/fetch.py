@@ -65,6 +65,7 @@ from typing import Any, Protocol
 import aiofiles
 import httpcore
 import httpx
+import idna
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 from downloader.errors import FetchError, OutputError
@@ -1396,6 +1397,10 @@ def _translate(
     lowered = message.lower()
     if isinstance(exc, httpx.InvalidURL) or lowered.startswith(_REDIRECT_BUILD_ERRORS):
         return FetchError(f"bad redirect: {message}")
+    if isinstance(exc, idna.IDNAError):
+        # httpx decodes the Location's host as it builds the next request (redirects
+        # off too); listed URLs with such a host were refused by sources.check_url.
+        return FetchError(f"bad redirect: host is not a valid name ({message})")
     if isinstance(exc, httpx.RemoteProtocolError):
         expected = received.expected
         if expected is not None and 0 < received.raw < expected:
@@ -1436,12 +1441,14 @@ def _message(exc: BaseException) -> str:
 
 
 _SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)$")
+_ERRNO = re.compile(r"^\[Errno -?\d+\] ")
 
 
 def _plain(message: str) -> str:
     """A library's sentence as part of a reason: no final full stop (the reason may
-    go on: ``… after 3 attempts``), no ``(_ssl.c:1006)`` source line."""
-    return _SSL_SOURCE.sub("", message).rstrip(".") or message
+    go on: ``… after 3 attempts``), no ``(_ssl.c:1006)`` source line, no ``[Errno
+    111]`` before ``Connection refused``."""
+    return _ERRNO.sub("", _SSL_SOURCE.sub("", message)).rstrip(".") or message
 
 
 def _readable_protocol_error(message: str) -> str:

@@ -21,8 +21,12 @@
   a killed part's leftovers merged when it starts again. It resumes from its own file
   and from the folder's manifest (a merged one, or an earlier run's).
 - The header says whether the part finished: ``complete`` is written false when it
-  starts and true only when it reached the end of its list. ``merge_parts`` refuses a
-  folder whose parts are missing, unfinished, or made with another N or settings.
+  starts and true only when it reached the end of its list, with a digest of the whole
+  list it read (``ListDigest``) and the size of its record file then. ``merge_parts``
+  refuses a folder whose parts are missing, unfinished, made with another N or
+  settings, made from different lists (a list that grew between two array tasks), or
+  whose record files changed since they finished (cut or emptied by hand): each of
+  those would lose records without a word.
 - The merge is the single writer's (``OutputFolder.merge_files``): the old manifest's
   lines, then the parts' (later lines win, so a redone URL's new record replaces its
   old one). Part files are kept, so merging again gives the same manifest; while they
@@ -38,6 +42,7 @@ there (``ray_shards.merge_leftover_parts``), and ``--part`` does not go with ray
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -58,6 +63,7 @@ from downloader.records import Job, Outcome, Status
 from downloader.settings import VERSION, Part
 
 __all__ = [
+    "ListDigest",
     "Merged",
     "finish_part",
     "merge_parts",
@@ -84,17 +90,48 @@ def part_of(url: str, count: int) -> int:
     return int.from_bytes(record_key(url)[:_KEY_BYTES], "big") % count + 1
 
 
+class ListDigest:
+    """A digest of every entry of the list, in order, as a part reads it.
+
+    Every part reads the whole list, so parts of one list have one digest; the merge
+    refuses parts whose digests differ (a list that grew, or another copy of it).
+    """
+
+    def __init__(self) -> None:
+        self._hash = hashlib.blake2b(digest_size=16)
+        self._entries = 0
+
+    def add(self, url: str) -> None:
+        """Count one entry (a job or an unusable line's record)."""
+        self._hash.update(record_key(url))
+        self._entries += 1
+
+    def value(self) -> str:
+        """``ENTRIES:DIGEST``: the count tells a person what differs."""
+        return f"{self._entries}:{self._hash.hexdigest()}"
+
+
 def only_part(
-    items: Iterator[Job | Outcome], part: Part | None
+    items: Iterator[Job | Outcome], part: Part | None, digest: ListDigest | None = None
 ) -> Iterator[Job | Outcome]:
     """Keep the jobs and records of unusable lines that belong to ``part``.
 
     Applied after the whole list is planned, so that names (and the stems of a
     ``name`` column, which depend on the lines before) are those of a single run.
+    ``digest`` sees every entry, this part's or not.
     """
     if part is None:
         return items
-    return (item for item in items if part_of(item.url, part.count) == part.number)
+    return _only_part(items, part, digest or ListDigest())
+
+
+def _only_part(
+    items: Iterator[Job | Outcome], part: Part, digest: ListDigest
+) -> Iterator[Job | Outcome]:
+    for item in items:
+        digest.add(item.url)
+        if part_of(item.url, part.count) == part.number:
+            yield item
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +142,10 @@ class _Header:
     settings: str
     """The settings fingerprint (``reuse.settings_fingerprint``) it ran with."""
     complete: bool
+    list_digest: str | None = None
+    """``ListDigest.value()`` of the list it read to the end (None: not finished)."""
+    record_bytes: int | None = None
+    """The size of its record file when it finished (None: not finished)."""
 
     def to_bytes(self) -> bytes:
         facts = {
@@ -112,6 +153,8 @@ class _Header:
             "parts": self.part.count,
             "settings": self.settings,
             "complete": self.complete,
+            "list": self.list_digest,
+            "record_bytes": self.record_bytes,
             "version": VERSION,
         }
         return json.dumps(facts).encode("utf-8") + b"\n"
@@ -145,11 +188,24 @@ def start_part(folder: OutputFolder, part: Part | None, fingerprint: str) -> Non
     )
 
 
-def finish_part(folder: OutputFolder, part: Part | None, fingerprint: str) -> None:
-    """Mark ``part`` complete: it reached the end of its list (None: nothing to do)."""
+def finish_part(
+    folder: OutputFolder, part: Part | None, fingerprint: str, digest: ListDigest
+) -> None:
+    """Mark ``part`` complete: it reached the end of its list (None: nothing to do).
+
+    Called once its records are all written: the header keeps their file's size.
+    """
     if part is not None:
-        header = _Header(part, fingerprint, True)
+        size = _size(folder, RecordFiles.for_part(part).manifest)
+        header = _Header(part, fingerprint, True, digest.value(), size)
         folder.replace_file(_header_name(part), [header.to_bytes()])
+
+
+def _size(folder: OutputFolder, name: str) -> int:
+    try:
+        return (folder.path / name).lstat().st_size
+    except OSError as exc:
+        raise OutputError(f"cannot read {folder.path / name}: {exc.strerror}") from exc
 
 
 def refuse_parts(out: Path) -> None:
@@ -241,6 +297,7 @@ def _finished_parts(folder: OutputFolder) -> list[Part]:
             f"{_numbers(unfinished)} of {count} did not finish (stopped or killed): "
             f"rerun --part {unfinished[0]} with the same list and settings"
         )
+    _refuse_changed(folder, headers)
     if len({header.settings for header in headers}) > 1:
         shown = ", ".join(f"{h.part.number}: {h.settings}" for h in headers[:_SHOWN])
         raise OutputError(
@@ -249,6 +306,29 @@ def _finished_parts(folder: OutputFolder) -> list[Part]:
             "settings"
         )
     return parts
+
+
+def _refuse_changed(folder: OutputFolder, headers: list[_Header]) -> None:
+    """Refuse parts of different lists, or whose records changed since they ended."""
+    lists = {header.list_digest for header in headers}
+    if len(lists) > 1:
+        shown = ", ".join(
+            f"{h.part.number}: {str(h.list_digest).partition(':')[0]} entries"
+            for h in headers[:_SHOWN]
+        )
+        raise OutputError(
+            f"the parts in {folder.path} read different lists (parts {shown}, or "
+            "the same count with other lines): rerun every part on one list"
+        )
+    for header in headers:
+        name = RecordFiles.for_part(header.part).manifest
+        size = _size(folder, name)
+        if size != header.record_bytes:
+            raise OutputError(
+                f"{name} changed after part {header.part} finished ({size} bytes, "
+                f"{header.record_bytes} then): rerun --part {header.part} to "
+                "complete its records"
+            )
 
 
 def _part_files(out: Path) -> list[tuple[int, int, str]]:
@@ -274,7 +354,11 @@ def _read_header(folder: OutputFolder, part: Part) -> _Header:
         with os.fdopen(fd, "rb") as handle:
             facts = json.loads(handle.read())
         header = _Header(
-            Part(facts["part"], facts["parts"]), facts["settings"], facts["complete"]
+            Part(facts["part"], facts["parts"]),
+            facts["settings"],
+            facts["complete"],
+            facts.get("list"),
+            facts.get("record_bytes"),
         )
     except (OSError, ValueError, KeyError, TypeError, InputError) as exc:
         raise OutputError(f"cannot read {folder.path / name}: {exc}") from exc

@@ -166,6 +166,10 @@ class ResizeMode(enum.Enum):
 # break the header block.
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEADER_VALUE_FORBIDDEN = re.compile(r"[\r\n\x00]")
+# A header value httpx can send: printable ASCII (it encodes values as ASCII, and h11
+# refuses spaces at either end), or nothing.
+_HEADER_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?")
+_HEADER_VALUE_WORDS = "printable ASCII, without spaces at either end"
 # module:function, where function may be a dotted path (a class's static method).
 _CALLABLE_REF = re.compile(r"([A-Za-z_][\w.]*):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
 
@@ -381,19 +385,20 @@ class _Location:
 
 @dataclass(frozen=True, slots=True)
 class _Text:
-    """A ``str``; with ``one_line``, one that cannot break an HTTP header block."""
+    """A ``str``; with ``header``, one that an HTTP header can carry (``_HEADER_VALUE``:
+    anything else failed every request, or crashed the client as it was made)."""
 
     label: str
     optional: bool = False
-    one_line: bool = False
+    header: bool = False
 
     def __call__(self, value: object, label: str | None = None) -> object:
         if value is None and self.optional:
             return None
-        expected = "a str without line breaks or NUL" if self.one_line else "a str"
+        expected = f"a str of {_HEADER_VALUE_WORDS}" if self.header else "a str"
         if not isinstance(value, str):
             raise _refusal(label or self.label, expected, value, wrong_type=True)
-        if self.one_line and _HEADER_VALUE_FORBIDDEN.search(value):
+        if self.header and not _HEADER_VALUE.fullmatch(value):
             raise _refusal(label or self.label, expected, value, wrong_type=False)
         return value
 
@@ -514,8 +519,31 @@ class _ProxyUrl:
         except ValueError:
             usable = False
         if not usable or _HEADER_VALUE_FORBIDDEN.search(value):
-            raise _refusal(label, expected, value, wrong_type=False)
+            # Never echo a password: the line goes to terminals and logs.
+            shown = _USERINFO.sub("//***@", value)
+            raise _refusal(label, expected, shown, wrong_type=False)
         return value
+
+
+_USERINFO = re.compile(r"//[^/@]*@")
+_PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+
+
+def check_environment_proxies(http: HttpSettings) -> None:
+    """Refuse, before a run starts, a proxy from the environment that httpx would
+    refuse as it makes each client (``socks5://`` without its extra, an unknown
+    scheme): that crashed every download thread or worker. ``--proxy`` replaces them.
+
+    Raises:
+        InputError: naming the variable, its value without a password.
+    """
+    if http.proxy is not None:
+        return
+    for name in _PROXY_VARIABLES:
+        for variable in (name, name.lower()):
+            value = os.environ.get(variable)
+            if value:
+                _ProxyUrl(f"{variable} (in the environment; or give --proxy)")(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -544,6 +572,11 @@ class _Headers:
             _require(
                 _HEADER_VALUE_FORBIDDEN.search(text) is None,
                 f"{label} {name!r} has a line break or NUL in its value",
+            )
+            _require(
+                _HEADER_VALUE.fullmatch(text) is not None,
+                f"{label} {name!r} must have a value of {_HEADER_VALUE_WORDS}, "
+                f"got {text[:_SHOWN_CHARS]!r}",
             )
             pairs.append((name, text))
         return tuple(pairs)
@@ -662,7 +695,7 @@ _HTTP_CHECKS: Mapping[str, Check] = {
         optional=True,
     ),
     "min_speed": Whole("min_speed", 0, SPEED_LIMIT, unit="bytes per second"),
-    "user_agent": _Text("--user-agent", one_line=True),
+    "user_agent": _Text("--user-agent", header=True),
     "headers": _Headers("--header"),
     "verify": _Switch("verify"),
     "block_private": _Switch("--block-private"),

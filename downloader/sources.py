@@ -666,6 +666,14 @@ def _check_authority(parts: SplitResult) -> str | None:
         return f"host is not a valid name: {host!r} ({exc.__cause__ or exc})"
     if not _HOST_NAME.fullmatch(ascii_host):
         return f"host is not a valid name: {host!r}"
+    if "xn--" in ascii_host:
+        # httpx decodes an IDNA name to give the request its host: one that does not
+        # decode (xn--n3h is a snowman, which IDNA 2008 refuses) must fail here, as
+        # this URL's reason, not raise in a download thread.
+        try:
+            idna.decode(ascii_host)
+        except (idna.IDNAError, UnicodeError) as exc:
+            return f"host is not a valid name: {host!r} ({exc})"
     return None
 
 

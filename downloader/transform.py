@@ -260,6 +260,15 @@ def _render(src: Path, spec: ImageSpec) -> tuple[ImageFormat, list[_Rendered]]:
         raise TransformError(_bomb_reason(exc, spec.max_pixels)) from exc
     except (OSError, ValueError) as exc:
         raise TransformError(_decode_failure_reason(exc)) from exc
+    except TransformError:
+        raise
+    # A hostile file can make a decoder raise anything (OverflowError for a PNG of
+    # 1 x 4,000,000,000 pixels, struct.error, EOFError, MemoryError…): it is this
+    # image's failure, never the worker's or the run's.
+    except Exception as exc:
+        raise TransformError(
+            f"cannot decode image: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _bomb_reason(exc: Exception, limit: int) -> str:

@@ -17,6 +17,7 @@ from downloader.cli import USAGE_HINT, load_settings, main
 from downloader.errors import InputError
 from downloader.settings import LOCAL_MODES, ImageSpec, Mode
 from tests.helpers import WAIT_S, LocalServer, corpus_urls, read_manifest, write_list
+from tests.test_transform import png_header
 
 FAST = ["--no-progress", "--threads", "2", "--procs", "1", "--retries", "0"]
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
@@ -436,6 +437,29 @@ def test_a_large_camera_photo_is_not_a_bomb(
     assert refused["error"] == "decompression bomb: 95000000 pixels (limit 90000000)"
 
 
+@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+def test_an_image_a_decoder_chokes_on_fails_alone(mode: Mode, tmp_path: Path) -> None:
+    """A PNG declaring 1 x 4,000,000,000 pixels under the largest --max-pixels makes
+    Pillow raise OverflowError: that file fails with the reason, its neighbour is ok,
+    and the run ends 1 with a record each (it ended the run, every rerun again)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a-hostile.png").write_bytes(png_header(1, 4_000_000_000))
+    Image.new("RGB", (80, 60), "red").save(folder / "b-fine.png")
+    out = tmp_path / "out"
+    args = ["--input-dir", str(folder), "--out", str(out), "--mode", mode.value]
+    args += [*FAST, "--no-config", "--max-size", "64", "--max-pixels", "4294836225"]
+
+    code = main(args)
+
+    assert code == 1
+    records = {Path(str(r["url"])).name: r for r in read_manifest(out)}
+    assert records["b-fine.png"]["status"] == "ok"
+    hostile = records["a-hostile.png"]
+    assert hostile["status"] == "failed"
+    assert str(hostile["error"]).startswith("cannot decode image: OverflowError: ")
+
+
 def test_max_pixels_is_checked_from_flag_config_and_library(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -458,3 +482,33 @@ def test_max_pixels_is_checked_from_flag_config_and_library(
         ImageSpec(max_pixels=0)
     assert load_settings("ok.toml").image.max_pixels == 1_000
     assert ImageSpec().max_pixels >= 16_320 * 12_240  # a 200 MP phone's photo
+
+
+def test_events_never_overwrite_the_list_or_the_output_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--events naming the list, the manifest or any file in --out is refused before
+    anything is opened (opening it for writing wiped the list or the records); an
+    empty name is a usage error, not a local fault."""
+    urls = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/a.jpg"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.jsonl").write_text('{"url": "http://127.0.0.1:9/a.jpg"}\n')
+    before = urls.read_text(), (out / "manifest.jsonl").read_text()
+    base = [str(urls), "--out", str(out), "--no-config", "--no-progress"]
+
+    codes = [
+        main([*base, "--events", str(urls)]),
+        main([*base, "--events", str(out / "manifest.jsonl")]),
+        main([*base, "--events", str(out / "new" / "events.jsonl")]),
+        main([*base, "--events", ""]),
+    ]
+    err = capsys.readouterr().err.splitlines()
+
+    assert codes == [2, 2, 2, 2]
+    assert (urls.read_text(), (out / "manifest.jsonl").read_text()) == before
+    assert not (out / "new").exists()
+    assert len(err) == 4
+    assert all(line.startswith("error: --events ") for line in err), err
+    assert "is the URL list" in err[0]
+    assert "inside the output folder" in err[1]

@@ -299,7 +299,8 @@ def test_quiet_compare_prints_nothing_and_still_writes_its_files(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """-q is errors only: no table, no notes; comparison.json and .png are written."""
+    """-q is errors only: no table, no notes, one line per mode whose URLs failed;
+    comparison.json and .png are written."""
     urls = [*corpus_urls(server, corpus)[:2], f"{server.base_url}/status/404"]
     url_list = write_list(tmp_path / "urls.txt", urls)
     out = tmp_path / "out"
@@ -311,7 +312,13 @@ def test_quiet_compare_prints_nothing_and_still_writes_its_files(
         ]
     )
 
-    assert capsys.readouterr() == ("", "")
+    assert capsys.readouterr() == (
+        "",
+        "".join(
+            f"failed: 1 of 3 URLs (listed in {out / mode / 'failed.txt'})\n"
+            for mode in ("sequential", "threads")
+        ),
+    )
     assert code == 1  # a URL failed: told by the exit code, as in a run with -q
     assert json.loads((out / "comparison.json").read_text())["ok"] is False
     with Image.open(out / "comparison.png") as chart:

@@ -541,10 +541,11 @@ def test_load_settings_from_python(tmp_path: Path) -> None:
         ("[download]\nretries = 1\n", "[download] is a table"),
         ("threads = \n", "not valid TOML"),
         ("size = 10\nmax-size = 20\n", "exclude each other"),
+        (b"threads = 4 # caf\xe9\n", "not valid TOML: not UTF-8 (byte 17)"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(
-    text: str,
+    text: str | bytes,
     message: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -552,7 +553,8 @@ def test_bad_config_exits_2_naming_the_key(
 ) -> None:
     """An unknown key, a bad value or a table: exit 2 with the file and key named."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "downloader.toml").write_text(text)
+    config = tmp_path / "downloader.toml"
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
 
     code = main(["urls.txt", "--dry-run"])
 

@@ -585,7 +585,7 @@ def test_refused_connection_is_retried(tmp_path: Path) -> None:
         port = probe.getsockname()[1]
     error = failure(f"http://127.0.0.1:{port}/x", tmp_path)
 
-    assert error.reason.startswith("cannot connect:")
+    assert error.reason == "cannot connect: Connection refused after 3 attempts"
     assert error.attempts == 3
 
 

@@ -473,3 +473,26 @@ def test_json_lines_extras_keep_their_types_and_csv_stays_text(
     assert [e["extra"] for e in results if e["type"] == "result"] == [given]
     (from_csv,) = read_manifest(tmp_path / "c")
     assert from_csv["extra"] == {"id": "7"}
+
+
+@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+def test_an_idna_name_that_does_not_decode_fails_alone(
+    mode: Mode, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """``xn--n3h`` (a snowman), ``xn--a`` and ``xn--zz-`` are ASCII names that httpx
+    cannot decode: each is that URL's failure with the reason, listed or reached by a
+    redirect, and the rest of the run goes on (they crashed it, every rerun again)."""
+    good = corpus_urls(server, corpus)[0]
+    bad = [f"http://xn--{label}.invalid/x.jpg" for label in ("n3h", "a", "zz-")]
+    hop = f"{server.base_url}/location/http%3A%2F%2Fxn--n3h.invalid%2Fy.jpg"
+
+    report = run([*bad, hop, good], fast_settings(tmp_path, mode=mode))
+    outcomes = {o.url: o for o in report.results}
+
+    assert outcomes[good].status is Status.OK
+    for url in bad:
+        assert outcomes[url].status is Status.FAILED
+        assert str(outcomes[url].error).startswith("host is not a valid name: "), url
+    assert outcomes[hop].status is Status.FAILED
+    assert str(outcomes[hop].error).startswith("bad redirect: host is not a valid name")
+    assert len(read_manifest(tmp_path)) == 5

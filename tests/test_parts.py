@@ -156,12 +156,18 @@ def test_three_parts_at_once_then_merge_equal_a_single_run(
         codes = _codes(processes)
     scratch = list((out / ".tmp").iterdir())
     merged = _merge(out)
+    quiet = _run([sys.executable, str(CLI), "--merge-parts", "--out", str(out), "-q"])
     alone = _run(_command(url_list, single, "--mode", single_mode.value))
 
     assert set(codes) <= {0, 1}, codes
     assert merged.returncode == 1, merged.stderr  # the 404 and the unusable line
     assert merged.stderr.count("\n") == 1
     assert "merged 3 part(s)" in merged.stderr
+    assert quiet.returncode == 1  # -q: only the failures' line, as a run's
+    assert (
+        quiet.stderr
+        == f"failed: 2 of {len(_by_url(out))} URLs (listed in {out / 'failed.txt'})\n"
+    )
     assert alone.returncode == 1, alone.stderr
     parts_records, single_records = _by_url(out), _by_url(single)
     assert sorted(parts_records) == sorted(single_records)
@@ -345,6 +351,68 @@ def test_parts_with_other_settings_are_refused_by_the_merge(
     assert code == 3
     assert err.count("\n") == 1
     assert "different image settings" in err
+
+
+def test_parts_of_different_lists_are_refused_by_the_merge(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Part 1 ran on the first half of the list, part 2 on all of it (a list that grew
+    between two array tasks): merging would leave URLs with no record, so it refuses
+    in one line; rerunning part 1 on the full list then merges every URL once."""
+    urls = corpus_urls(server, corpus)
+    url_list = write_list(tmp_path / "urls.txt", urls[: len(urls) // 2])
+    out = tmp_path / "out"
+    first = _run_parts(url_list, out, 2, [1])
+    write_list(url_list, urls)
+    second = _run_parts(url_list, out, 2, [2])
+    capsys.readouterr()
+
+    refused = main(["--merge-parts", "--out", str(out)])
+    err = capsys.readouterr().err
+    again = _run_parts(url_list, out, 2, [1])
+    merged = main(["--merge-parts", "--out", str(out)])
+
+    assert (first, second, again) == ([0], [0], [0])
+    assert refused == 3
+    assert err.count("\n") == 1
+    assert "read different lists" in err
+    assert merged == 0
+    assert sorted(str(r["url"]) for r in read_manifest(out)) == sorted(urls)
+
+
+def test_a_part_file_cut_after_it_finished_is_refused_by_the_merge(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A finished part's record file cut short (or emptied) by hand: the merge would
+    drop its records without a word, so it refuses and names the part to rerun; the
+    rerun completes it."""
+    urls = corpus_urls(server, corpus)
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+    codes = _run_parts(url_list, out, 2, [1, 2])
+    records = out / RecordFiles.for_part(Part(1, 2)).manifest
+    lines = records.read_bytes().splitlines(keepends=True)
+    records.write_bytes(b"".join(lines[:-1]) + lines[-1][:10])
+    capsys.readouterr()
+
+    refused = main(["--merge-parts", "--out", str(out)])
+    err = capsys.readouterr().err
+    again = _run_parts(url_list, out, 2, [1])
+    merged = main(["--merge-parts", "--out", str(out)])
+
+    assert codes == [0, 0]
+    assert refused == 3
+    assert err.count("\n") == 1
+    assert "changed after part 1/2 finished" in err
+    assert again == [0]
+    assert merged == 0
+    assert sorted(str(r["url"]) for r in read_manifest(out)) == sorted(urls)
 
 
 def test_merging_again_changes_nothing_and_a_part_resumes_from_it(

@@ -28,6 +28,7 @@ from downloader.settings import (
     NameBy,
     ResizeMode,
     Settings,
+    check_environment_proxies,
 )
 
 SETTINGS_CLASSES = (Settings, HttpSettings, ImageSpec)
@@ -117,7 +118,17 @@ BAD_VALUES: list[tuple[type, dict[str, Any], str]] = [
     (HttpSettings, {"min_speed": -1}, "min_speed must be a whole number of bytes"),
     (HttpSettings, {"min_speed": True}, r"min_speed .* \(bool\)$"),
     (HttpSettings, {"user_agent": 5}, r"--user-agent must be a str.* \(int\)$"),
-    (HttpSettings, {"user_agent": "a\r\nX: b"}, "--user-agent .* line breaks or NUL"),
+    (HttpSettings, {"user_agent": "a\r\nX: b"}, "--user-agent .* printable ASCII"),
+    # httpx sends header values as ASCII (this crashed the client as it was made) and
+    # h11 refuses spaces at either end (every request failed).
+    (HttpSettings, {"user_agent": "bot \u00fc"}, "--user-agent .* got 'bot \u00fc'$"),
+    (HttpSettings, {"user_agent": " bot"}, "--user-agent .* without spaces at either"),
+    (
+        HttpSettings,
+        {"headers": [("X-A", "\u00fc")]},
+        "--header 'X-A' .* printable ASCII",
+    ),
+    (HttpSettings, {"headers": [("X-A", "a ")]}, "--header 'X-A' .* got 'a '$"),
     (HttpSettings, {"headers": "X: y"}, r"--header must be .*pairs.* \(str\)$"),
     (HttpSettings, {"headers": [("X",)]}, r"--header must be .*pairs.*\(tuple\)$"),
     (HttpSettings, {"headers": [("X", 1)]}, r"--header must be .*pairs.*\(tuple"),
@@ -485,3 +496,32 @@ def test_a_fraction_with_a_unit_is_a_whole_number_of_bytes(tmp_path: Path) -> No
     config.write_text('max-bytes = "1.5M"\n')
 
     assert load_settings(config).http.max_bytes == 1_572_864
+
+
+def test_a_proxy_is_refused_without_showing_its_password(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--proxy with a scheme httpx cannot use, and the same in HTTPS_PROXY (which
+    crashed every download thread or worker as it made its client): one line, exit 2,
+    nothing written, and the password never shown; --proxy replaces the variable."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    base = ["urls.txt", "--no-config", "--out", "out"]
+
+    flag = main([*base, "--proxy", "socks5://me:s3cret@127.0.0.1:1"])
+    flag_err = capsys.readouterr().err
+    monkeypatch.setenv("HTTPS_PROXY", "garbage://me:s3cret@127.0.0.1:1")
+    env = main(base)
+    env_err = capsys.readouterr().err
+
+    assert (flag, env) == (2, 2)
+    assert flag_err == (
+        "error: --proxy must be an http:// or https:// URL, got "
+        f"'socks5://***@127.0.0.1:1'{USAGE_HINT}\n"
+    )
+    assert env_err.startswith("error: HTTPS_PROXY (in the environment; or give")
+    assert "s3cret" not in flag_err + env_err
+    assert not (tmp_path / "out").exists()
+    check_environment_proxies(HttpSettings(proxy="http://127.0.0.1:3128"))  # no error

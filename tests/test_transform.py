@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -310,6 +312,30 @@ def test_truncated_image_fails(tmp_path: Path, image_format: str) -> None:
 
     # Pillow's own words, without its doubled "image file is truncated (…)".
     assert re.fullmatch(r"truncated image( \(\d+ bytes not processed\))?", reason)
+    assert leftovers(tmp_path / "out") == []
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels and holds one empty row."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data).to_bytes(4, "big")
+        return len(data).to_bytes(4, "big") + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    signature = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+    return signature + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def test_whatever_a_decoder_raises_fails_the_image_only(tmp_path: Path) -> None:
+    """1 x 4,000,000,000 pixels passes a raised --max-pixels, and Pillow then raises
+    OverflowError (not OSError or ValueError): still this image's failure, in words."""
+    src = tmp_path / "in"
+    src.write_bytes(png_header(1, 4_000_000_000))
+
+    reason = fail(src, tmp_path / "out", max_pixels=4_294_836_225)
+
+    assert reason.startswith("cannot decode image: OverflowError: "), reason
     assert leftovers(tmp_path / "out") == []
 
 
