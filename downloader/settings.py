@@ -892,7 +892,8 @@ _SETTINGS_CHECKS: Mapping[str, Check] = {
     "max_tasks_per_worker": Whole("max_tasks_per_worker", 1, TASKS_LIMIT),
     "stall_report": _seconds("stall_report"),
     "shard_size": Whole("--shard-size", 1, SHARD_SIZE_LIMIT),
-    "ray_address": _Text("--ray-address", optional=True, one_line=True),
+    # An address: printable ASCII, no spaces at either end (as a header value).
+    "ray_address": _Text("--ray-address", optional=True, header=True),
     "http": _Instance("http", HttpSettings),
     "image": _Instance("image", ImageSpec),
     "part": _Instance("--part", Part, optional=True),

@@ -475,7 +475,7 @@ def test_json_lines_extras_keep_their_types_and_csv_stays_text(
     assert from_csv["extra"] == {"id": "7"}
 
 
-@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+@pytest.mark.parametrize("mode", list(LOCAL_MODES), ids=lambda m: m.value)
 def test_an_idna_name_that_does_not_decode_fails_alone(
     mode: Mode, server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
