@@ -12,6 +12,7 @@ from downloader.manifest import ManifestWriter, OutputFolder, PreviousRun
 from downloader.modes import RUNNERS
 from downloader.parts import ListDigest, finish_part, only_part, start_part
 from downloader.progress import Events, ignore_events, tell_note, tell_outcome
+from downloader.ray_shards import merge_leftover_parts
 from downloader.records import Job, Outcome, Status
 from downloader.report import RunReport, Tally, summary_json
 from downloader.reuse import ContentIndex, settings_fingerprint
@@ -158,6 +159,7 @@ def iter_results(
         OutputFolder.for_settings(settings) as folder,
         helper_processes(folder.tmp),
     ):
+        merge_leftover_parts(folder)  # what a killed --mode ray run left
         fingerprint = settings_fingerprint(settings)
         start_part(folder, settings.part, fingerprint)
         previous = PreviousRun(

@@ -280,6 +280,21 @@ def _add_run_options(run: argparse._ArgumentGroup, defaults: Settings) -> None:
         + f" (default: {defaults.mode.value}; see the README's Modes)",
     )
     run.add_argument(
+        "--shard-size",
+        type=int,
+        default=defaults.shard_size,
+        metavar="N",
+        help="--mode ray: consecutive list entries per Ray task; --per-host "
+        "applies per task",
+    )
+    run.add_argument(
+        "--ray-address",
+        metavar="auto|HOST:PORT",
+        default=None,
+        help="--mode ray: the Ray cluster to join (default: start a local Ray on "
+        "127.0.0.1 for the run, stopped after it)",
+    )
+    run.add_argument(
         "--threads",
         type=int,
         default=defaults.threads,
@@ -393,7 +408,7 @@ def _add_compare_options(parser: argparse._ArgumentGroup, defaults: Settings) ->
         "--modes",
         type=_mode_list,
         default=None,
-        help="with --compare: modes to run, comma-separated (default: all)",
+        help="with --compare: modes to run, comma-separated (default: all but ray)",
     )
 
 
@@ -650,6 +665,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         name_by=NameBy(args.name_by),
         keep_originals=args.keep_originals,
         item_timeout=args.item_timeout,
+        shard_size=args.shard_size,
+        ray_address=args.ray_address,
         http=HttpSettings(**http_kwargs),
         image=image,
         part=None if args.part is None else Part(*args.part),
@@ -975,12 +992,29 @@ def _downloads(args: argparse.Namespace) -> bool:
 
 
 _LOCAL_FILES = "--input-dir reads local files, nothing is downloaded"
+
+
+def _runs_ray(args: argparse.Namespace) -> bool:
+    """Whether the command runs ``--mode ray`` (alone, or among --compare's modes)."""
+    if args.compare:
+        return Mode.RAY in (args.modes or ())
+    return bool(args.mode == Mode.RAY.value)
+
+
 _IGNORED_UNLESS: dict[str, tuple[Callable[[argparse.Namespace], bool], str]] = {
     "demo_count": (lambda args: args.demo, "--demo-count goes with --demo"),
     "demo_latency": (lambda args: args.demo, "--demo-latency goes with --demo"),
     "mode": (
         lambda args: not args.compare,
-        "--compare runs --modes (default: all), not --mode",
+        "--compare runs --modes (default: all but ray), not --mode",
+    ),
+    "shard_size": (
+        _runs_ray,
+        "--shard-size goes with --mode ray (or ray in --compare's --modes)",
+    ),
+    "ray_address": (
+        _runs_ray,
+        "--ray-address goes with --mode ray (or ray in --compare's --modes)",
     ),
     "download_procs": (_pipeline, "--download-procs applies to --mode pipeline"),
     "item_timeout": (_pipeline, "--item-timeout applies to --mode pipeline"),

@@ -69,13 +69,14 @@ from downloader.report import (
     comparison_png,
 )
 from downloader.runtime import Cancellation, Usage, Wakeup, cancel_on_signals
-from downloader.settings import Mode, Settings
+from downloader.settings import LOCAL_MODES, Mode, Settings
 from downloader.sources import InputFormat, LocalFiles, UrlList, reads_once
 
 __all__ = ["DEFAULT_MODES", "compare", "gil_enabled", "run_mode"]
 
-DEFAULT_MODES: tuple[Mode, ...] = tuple(Mode)
-"""Every mode, sequential first (it is the speed-up baseline)."""
+DEFAULT_MODES: tuple[Mode, ...] = LOCAL_MODES
+"""Every mode but ``ray`` (an optional extra that starts a cluster; ask for it with
+``--modes``), sequential first (it is the speed-up baseline)."""
 # Often enough to catch a worker's peak between two images, rarely enough to cost
 # nothing measurable (one /proc read per process per sample).
 SAMPLE_INTERVAL_S = 0.1
@@ -131,13 +132,13 @@ def compare(
     replayable = _replayable(source)
     cancel = cancel or Cancellation()
     results = []
-    with cancel_on_signals(cancel):
+    with cancel_on_signals(cancel), _ray_if_asked(settings, modes, log) as joining:
         for mode in modes:
             if cancel.is_set():
                 break
             if log is not None:
                 log.write(f"compare: running {mode.value}...\n")
-            results.append(run_mode(replayable, settings, mode, cancel=cancel))
+            results.append(run_mode(replayable, joining, mode, cancel=cancel))
     comparison = Comparison(
         results=tuple(results), gil_enabled=gil_enabled(), cores=os.cpu_count() or 1
     )
@@ -151,6 +152,30 @@ def compare(
     if results:
         write_file(settings.out, PNG_NAME, [comparison_png(comparison)])
     return comparison
+
+
+@contextlib.contextmanager
+def _ray_if_asked(
+    settings: Settings, modes: Sequence[Mode], log: IO[str] | None = None
+) -> Iterator[Settings]:
+    """With ``ray`` among ``modes``, start (or join) Ray for the block, before any
+    mode runs, so that its start-up is in no row (it is said on ``log``); yield the
+    settings that join it (``ray_address``: its address), else ``settings``.
+
+    A mode's process joins before its clock starts (``_mode_process``), so the ray
+    row holds neither the start nor the joining, as a warm cluster would.
+    """
+    if Mode.RAY not in modes:
+        yield settings
+        return
+    from downloader.ray_mode import connected  # the optional extra
+
+    started = time.perf_counter()
+    with connected(settings) as ray:
+        if log is not None:
+            seconds = time.perf_counter() - started
+            log.write(f"compare: Ray ready in {seconds:.1f} s (not timed below)\n")
+        yield replace(settings, ray_address=ray.get_runtime_context().gcs_address)
 
 
 def _sweep_old_scratch(out: Path) -> None:
@@ -298,6 +323,7 @@ def _mode_process(
         contextlib.suppress(KeyboardInterrupt),
         contextlib.closing(results),
         child_process(stop, cancel.set, results.send),
+        _ray_if_asked(settings, (settings.mode,)),  # joined before the clock starts
     ):
         results.send(_run_here(source, settings, cancel))
 
@@ -390,6 +416,7 @@ def _concurrency(mode: Mode, settings: Settings) -> tuple[int, int]:
         Mode.PROCESSES: (0, settings.procs),
         Mode.PIPELINE: (settings.threads, settings.procs),
         Mode.ASYNC: (settings.threads, settings.procs),
+        Mode.RAY: (settings.threads, 0),  # per task; a task per cluster CPU
     }[mode]
 
 

@@ -99,8 +99,10 @@ __all__ = [
     "OutputFolder",
     "PreviousRun",
     "RecordFiles",
+    "parse_record",
     "read_outcomes",
     "record_key",
+    "record_line",
     "refuse_link",
     "write_file",
 ]
@@ -589,7 +591,7 @@ def _read_records(
     offset = 0
     with os.fdopen(fd, "rb") as handle:
         for line in handle:
-            yield offset, line, _parse(line)
+            yield offset, line, parse_record(line)
             offset += len(line)
 
 
@@ -600,7 +602,8 @@ def read_outcomes(folder: OutputFolder) -> Iterator[Outcome]:
             yield outcome
 
 
-def _parse(line: bytes) -> Outcome | None:
+def parse_record(line: bytes) -> Outcome | None:
+    """The record a manifest line holds; None for a line that is not one."""
     try:
         return Outcome.from_json(json.loads(line))
     except (ValueError, KeyError, TypeError):
@@ -768,7 +771,7 @@ class PreviousRun:
             line = _line_at(fd, where >> _WHICH_BITS)
         finally:
             os.close(fd)
-        outcome = _parse(line)
+        outcome = parse_record(line)
         if outcome is None or self._latest.get(record_key(outcome.url)) != where:
             return None  # the file changed under us: treat the URL as not done
         return outcome
@@ -875,6 +878,13 @@ class _Appender:
             os.close(fd)
 
 
+def record_line(outcome: Outcome) -> bytes:
+    """The manifest line of ``outcome``: one JSON object and a newline, UTF-8."""
+    # backslashreplace: a lone surrogate becomes its JSON escape, still valid JSON.
+    line = json.dumps(outcome.to_json(), ensure_ascii=False) + "\n"
+    return line.encode("utf-8", "backslashreplace")
+
+
 class ManifestWriter:
     """Write each record as it is decided; the only writer (see the module docstring).
 
@@ -892,9 +902,7 @@ class ManifestWriter:
         """Write ``outcome`` (flushed to the OS: one ``write`` call)."""
         if self._manifest is None:
             raise RuntimeError("the manifest is closed")
-        # backslashreplace: a lone surrogate becomes its JSON escape, still valid JSON.
-        line = json.dumps(outcome.to_json(), ensure_ascii=False) + "\n"
-        data = line.encode("utf-8", "backslashreplace")
+        data = record_line(outcome)
         # One record per unique input (sources dedupe by the same normalised URL):
         # only the earlier runs' URLs need looking up.
         if self._previous.has_line(record_key(outcome.url)):

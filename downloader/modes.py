@@ -13,6 +13,8 @@ comes from the lifecycle::
     pipeline    threads fetch, worker processes transform (pipeline.run_pipeline)
     async       an event loop: download tasks, transforms in a process pool
                 (process_modes.run_async)
+    ray         shards of the list as Ray tasks, each running ``threads`` over
+                its jobs on a node of the cluster (ray_mode.run_ray; the extra)
 
 Each scheduler owns its pools in one function and releases them in ``finally``; a
 stop request (Ctrl-C, a fault, the caller closing the generator) stops feeding,
@@ -107,10 +109,18 @@ def run_threads(
         client.close()
 
 
+def run_ray(items: Iterable[Job | Outcome], lifecycle: Lifecycle) -> Iterator[Outcome]:
+    """Run the jobs in shards on a Ray cluster (imported only when asked for)."""
+    from downloader.ray_mode import run_ray as run_on_ray  # Ray is an optional extra
+
+    yield from run_on_ray(items, lifecycle)
+
+
 RUNNERS: dict[Mode, Runner] = {
     Mode.SEQUENTIAL: run_sequential,
     Mode.THREADS: run_threads,
     Mode.PROCESSES: run_processes,
     Mode.PIPELINE: run_pipeline,
     Mode.ASYNC: run_async,
+    Mode.RAY: run_ray,
 }

@@ -33,9 +33,11 @@
   are there a run without ``--part`` is refused (``refuse_parts``), so that only the
   merge writes the manifest.
 
-An engine that runs slices of a list (shards) can use the same pieces: each shard is a
-``Part`` whose records go to its own ``RecordFiles.for_part`` file, and the driver
-calls ``merge_parts``.
+``--mode ray``'s shards (``ray_shards``) share the merge, not the files: a shard's
+task appends to ``OUT/.parts/`` under its driver's lock, the driver writes the
+manifest, and only what a killed driver left is merged (``OutputFolder.merge_files``)
+by the next run without ``--part``; a part run is refused while such leftovers are
+there (``ray_shards.merge_leftover_parts``), and ``--part`` does not go with ray.
 """
 
 from __future__ import annotations

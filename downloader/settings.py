@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import importlib.util
 import math
 import numbers
 import os
@@ -30,6 +31,7 @@ from downloader.errors import InputError
 
 __all__ = [
     "HEADER_NAME",
+    "LOCAL_MODES",
     "OPTION_CHECKS",
     "Check",
     "HttpSettings",
@@ -92,6 +94,11 @@ TASKS_LIMIT = 10**9
 # Parts of one list (--part K/N): far more machines than any job array gives one job.
 PARTS_LIMIT = 100_000
 """``max_tasks_per_worker``: beyond any run's length, i.e. never recycle."""
+SHARD_SIZE_LIMIT = 1_000_000
+"""``--shard-size``: entries per Ray task; the driver holds the jobs of the shards in
+flight (two per cluster CPU), so a million each is already gigabytes there."""
+RAY_EXTRA_HINT = "pip install 'downloader[ray]'"
+"""How to get Ray, for the one-line error of ``--mode ray`` without it."""
 
 
 class Mode(enum.Enum):
@@ -102,6 +109,12 @@ class Mode(enum.Enum):
     PROCESSES = "processes"
     PIPELINE = "pipeline"
     ASYNC = "async"
+    RAY = "ray"
+    """Shards of the list as tasks on a Ray cluster (``ray_mode``; the extra)."""
+
+
+LOCAL_MODES: tuple[Mode, ...] = tuple(mode for mode in Mode if mode is not Mode.RAY)
+"""The modes that need nothing but this machine (``--compare``'s default)."""
 
 
 class ImageFormat(enum.Enum):
@@ -815,6 +828,11 @@ class Settings:
     stall_report: float = 60.0
     """Seconds without any item finishing after which the URLs in progress are logged
     (logger ``downloader``, warning); the run goes on."""
+    shard_size: int = 1000
+    """``--mode ray``: consecutive list entries per Ray task (``--shard-size``)."""
+    ray_address: str | None = None
+    """``--mode ray``: the cluster to join (``auto`` or an address); None starts a
+    local Ray for the run, on 127.0.0.1 only (``--ray-address``)."""
     http: HttpSettings = field(default_factory=HttpSettings)
     image: ImageSpec = field(default_factory=ImageSpec)
     part: Part | None = None
@@ -830,6 +848,23 @@ class Settings:
             "shared between URLs of different parts, which would write and remove "
             "the same files",
         )
+        if self.mode is Mode.RAY:
+            _require(
+                self.name_by is NameBy.URL,
+                "--name-by sha256 does not go with --mode ray (identical bodies "
+                "would be found only within one task): use --name-by url",
+            )
+            # Ray already splits the list (shards over the cluster's nodes), and its
+            # leftover shards are merged into the folder's manifest, not a part's.
+            _require(
+                self.part is None,
+                "--part does not go with --mode ray (Ray already splits the list "
+                "over the cluster): run --mode ray once, or --part K/N in a local mode",
+            )
+            _require(
+                importlib.util.find_spec("ray") is not None,
+                f"--mode ray needs Ray, which is not installed: {RAY_EXTRA_HINT}",
+            )
 
     @property
     def download_processes(self) -> int:
@@ -856,6 +891,9 @@ _SETTINGS_CHECKS: Mapping[str, Check] = {
     "item_timeout": _seconds("--item-timeout"),
     "max_tasks_per_worker": Whole("max_tasks_per_worker", 1, TASKS_LIMIT),
     "stall_report": _seconds("stall_report"),
+    "shard_size": Whole("--shard-size", 1, SHARD_SIZE_LIMIT),
+    # An address: printable ASCII, no spaces at either end (as a header value).
+    "ray_address": _Text("--ray-address", optional=True, header=True),
     "http": _Instance("http", HttpSettings),
     "image": _Instance("image", ImageSpec),
     "part": _Instance("--part", Part, optional=True),

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -51,3 +63,143 @@ def worker_kills(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # test (started outside any run) predates the variable, so stop it first.
     stop_helper_processes()
     return folder
+
+
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "token",
+}
+"""What downloader.ray_mode sets for a local Ray: no usage statistics, and every
+address Ray picks is 127.0.0.1 (Ray reads them when it is imported or started);
+and token authentication for the nodes and every driver, as ``ray.init`` turns on
+for a Ray it starts (the token is in ``~/.ray/auth_token``)."""
+RAY_STOP_S = 2.0
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """The tests' one local Ray: where to join it, where its kills are noted."""
+
+    address: str
+    kills: Path
+    """``KILLS_ENV`` of its workers (set when the cluster starts: they are not the
+    test process's children and do not see a variable set later)."""
+
+
+@contextlib.contextmanager
+def ray_node(*args: str, env: dict[str, str]) -> Iterator[None]:
+    """``ray start ARGS`` on 127.0.0.1 in a session of its own; its processes are
+    ended (the whole group: never ``ray stop``, which ends every Ray of the user)."""
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", *args]
+    starter = subprocess.Popen(
+        [*command, "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+        env={**os.environ, **RAY_ENV, **env},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Ray's processes outlive a test process that is killed (they are not its
+    # children): this one ends them then.
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", _WATCH, str(os.getpid()), str(starter.pid)],
+        start_new_session=True,
+    )
+    try:
+        _, stderr = starter.communicate(timeout=120)
+        assert starter.returncode == 0, stderr
+        yield
+    finally:
+        _end_group(starter.pid)
+        watcher.kill()
+        watcher.wait()
+
+
+_WATCH = """
+import os, select, signal, sys
+select.select([os.pidfd_open(int(sys.argv[1]))], [], [])
+os.killpg(int(sys.argv[2]), signal.SIGKILL)
+"""
+"""Wait for the test process (argv 1) to end, then kill a process group (argv 2)."""
+
+
+def _end_group(group: int) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after a while."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + RAY_STOP_S
+        while time.monotonic() < deadline:
+            os.killpg(group, 0)  # raises once the group is gone
+            time.sleep(0.1)
+        os.killpg(group, signal.SIGKILL)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """One local Ray for the whole session (starting one takes seconds): 2 CPUs,
+    bound to 127.0.0.1, no dashboard, no usage statistics.
+
+    Started by ``ray start``, so that its processes are not this process's children
+    (tests look for worker processes among those). Library runs in this process use
+    it (``ray.is_initialized()``); command-line runs join it with ``--ray-address``.
+    """
+    kills = tmp_path_factory.mktemp("ray-kills")
+    address = f"127.0.0.1:{free_port()}"
+    head = (f"--port={address.rpartition(':')[2]}", "--num-cpus=2")
+    with ray_node(
+        "--head", *head, "--include-dashboard=false", env={KILLS_ENV: str(kills)}
+    ):
+        os.environ.update(RAY_ENV)
+        import ray
+
+        handler = signal.getsignal(signal.SIGTERM)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+        signal.signal(signal.SIGTERM, handler)  # ray.init sets its own
+        try:
+            yield RayCluster(address, kills)
+        finally:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def second_node(cluster: RayCluster, cpus: int = 2) -> Iterator[None]:
+    """One more node of ``cluster`` on this machine (127.0.0.1), for the block;
+    ready when the cluster's scheduler sees its CPUs free."""
+    ray: Any = importlib.import_module("ray")
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
+
+    before = ray.available_resources().get("CPU", 0)
+    params = RayParams(
+        gcs_address=cluster.address,
+        num_cpus=cpus,
+        node_manager_port=0,
+        min_worker_port=0,
+        max_worker_port=0,
+    )
+    node = Node(params, head=False, shutdown_at_exit=True, spawn_reaper=False)
+    try:
+        deadline = time.monotonic() + 60
+        while ray.available_resources().get("CPU", 0) < before + cpus:
+            assert time.monotonic() < deadline, "the second node did not join"
+            time.sleep(0.2)
+        yield
+    finally:
+        node.kill_all_processes(check_alive=False, allow_graceful=True)
+
+
+@pytest.fixture
+def ray_kills(ray_cluster: RayCluster) -> Path:
+    """The Ray workers' kills folder, emptied for this test."""
+    for entry in ray_cluster.kills.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return ray_cluster.kills

@@ -19,7 +19,7 @@ from downloader import Mode, Status, run
 from downloader.cli import main
 from downloader.errors import TransformError
 from downloader.records import Outcome
-from downloader.settings import ImageSpec, NameBy, Settings
+from downloader.settings import LOCAL_MODES, ImageSpec, NameBy, Settings
 from downloader.sources import normalize_url, safe_stem
 from downloader.transform import place_file, transform_file
 from tests.helpers import (
@@ -31,7 +31,7 @@ from tests.helpers import (
     write_list,
 )
 
-MODES = list(Mode)
+MODES = list(LOCAL_MODES)
 USER_BYTES = b"the user's own notes, not an image\n"
 # URLs per run: the blocked one and two that must still end ok.
 URLS_PER_RUN = 3

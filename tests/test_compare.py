@@ -30,7 +30,7 @@ from downloader.report import (
     Tally,
     comparison_png,
 )
-from downloader.settings import ImageSpec, Mode
+from downloader.settings import LOCAL_MODES, ImageSpec, Mode
 from tests.helpers import (
     WAIT_S,
     LocalServer,
@@ -342,11 +342,11 @@ def test_every_mode_runs_in_a_fresh_process_and_total_is_never_below_main(
     ballast = b"\x01" * (BALLAST_MB * 1_000_000)  # touched: resident in the caller
     settings = fast_settings(tmp_path / "out", threads=2, procs=1)
 
-    comparison = compare(corpus_urls(server, corpus)[:3], settings, list(Mode))
+    comparison = compare(corpus_urls(server, corpus)[:3], settings, LOCAL_MODES)
 
     assert len(ballast) == BALLAST_MB * 1_000_000
     results = comparison.results
-    assert [r.mode for r in results] == list(Mode)
+    assert [r.mode for r in results] == list(LOCAL_MODES)
     assert comparison.ok
     for result in results:
         memory = result.memory

@@ -30,6 +30,7 @@ from downloader.demo import serve_in_thread
 from downloader.dryrun import Action
 from downloader.progress import Bars, BarsHandler, EventKind, ProgressEvent
 from downloader.records import Outcome, Stage
+from downloader.settings import LOCAL_MODES
 from tests.helpers import (
     LocalServer,
     corpus_urls,
@@ -98,7 +99,7 @@ def test_events_file_has_steps_results_and_summary(
     assert lines[-1]["counts"] == {"ok": 2, "failed": 1, "skipped": 0}
 
 
-@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+@pytest.mark.parametrize("mode", list(LOCAL_MODES), ids=lambda m: m.value)
 def test_events_name_each_item_the_same_way_in_every_kind(
     mode: Mode, two_good_one_404: Path, tmp_path: Path
 ) -> None:

@@ -17,7 +17,7 @@ from downloader import Mode, Status, run
 from downloader.cli import main
 from downloader.errors import FetchError
 from downloader.records import Job
-from downloader.settings import ImageFormat, ImageSpec, ResizeMode
+from downloader.settings import LOCAL_MODES, ImageFormat, ImageSpec, ResizeMode
 from downloader.sources import InputFormat, LocalFiles, UrlList, safe_stem
 from downloader.steps import stage_local
 from tests import user_transforms
@@ -152,7 +152,7 @@ def test_url_list_can_force_a_format_from_python(
 # ---------------------------------------------------------------- local files
 
 
-@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("mode", list(LOCAL_MODES))
 def test_local_files_are_processed_in_every_mode_and_left_alone(
     tmp_path: Path, mode: Mode
 ) -> None:
@@ -475,7 +475,7 @@ def test_json_lines_extras_keep_their_types_and_csv_stays_text(
     assert from_csv["extra"] == {"id": "7"}
 
 
-@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+@pytest.mark.parametrize("mode", list(LOCAL_MODES), ids=lambda m: m.value)
 def test_an_idna_name_that_does_not_decode_fails_alone(
     mode: Mode, server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:

@@ -41,6 +41,7 @@ from downloader.cli import main
 from downloader.demo import serve_in_thread
 from downloader.report import RunReport
 from downloader.runtime import Cancellation
+from downloader.settings import LOCAL_MODES
 from tests.helpers import (
     WAIT_S,
     LocalServer,
@@ -130,8 +131,10 @@ def shared(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> SharedRun:
     """Run the list once through ``run(..., events=EventStream)`` and once through
-    ``main([... --events FILE])`` in one mode."""
+    ``main([... --events FILE])`` in one mode (ray: on the session's Ray)."""
     mode: Mode = request.param
+    if mode is Mode.RAY:
+        request.getfixturevalue("ray_cluster")
     folder = tmp_path_factory.mktemp(f"shared-{mode.value}")
     with serve_in_thread(LocalServer(corpus)) as server:
         assert isinstance(server, LocalServer)
@@ -379,7 +382,7 @@ def test_download_processes_that_keep_dying_end_the_run_with_worker_crashed(
     assert leftovers(out) == []
 
 
-@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+@pytest.mark.parametrize("mode", list(LOCAL_MODES), ids=lambda m: m.value)
 def test_urls_never_requested_are_not_started(
     corpus: Path, tmp_path: Path, mode: Mode
 ) -> None:

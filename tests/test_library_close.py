@@ -20,7 +20,7 @@ import pytest
 from downloader import Mode, iter_results
 from downloader.children import mp_context
 from downloader.demo import serve_in_thread
-from downloader.settings import Settings
+from downloader.settings import LOCAL_MODES, Settings
 from tests.helpers import (
     WAIT_S,
     LocalServer,
@@ -104,7 +104,7 @@ def _images(out: Path) -> set[str]:
 
 @pytest.mark.usefixtures("helpers_running")
 @pytest.mark.parametrize("leave", WAYS_TO_LEAVE)
-@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+@pytest.mark.parametrize("mode", list(LOCAL_MODES), ids=lambda m: m.value)
 def test_leaving_early_records_every_input_and_stops_everything(
     mode: Mode, leave: str, slow_server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from downloader import Cancellation, Mode, Stage, Status, iter_results, run
 from downloader.progress import EventLog
+from downloader.settings import LOCAL_MODES
 from tests.helpers import (
     SLOW_IMAGE,
     WAIT_S,
@@ -26,7 +27,7 @@ from tests.helpers import (
     worker_pids,
 )
 
-ALL_MODES = list(Mode)
+ALL_MODES = list(LOCAL_MODES)
 NEW_MODES = [Mode.SEQUENTIAL, Mode.THREADS, Mode.PROCESSES, Mode.ASYNC]
 
 

@@ -42,6 +42,7 @@ from downloader.fetch import (
 from downloader.politeness import WINDOW, Pace, RequestRate
 from downloader.records import Fetched, Job
 from downloader.settings import (
+    LOCAL_MODES,
     USER_AGENT,
     HttpSettings,
     ImageFormat,
@@ -60,7 +61,7 @@ from tests.helpers import (
     write_list,
 )
 
-MODES = list(Mode)
+MODES = list(LOCAL_MODES)
 DRIVERS = ["sync", "async"]
 WAIT = 20.0
 HTTP = HttpSettings(timeout=5, deadline=20, retries=3, backoff=0, per_host=8)

@@ -21,7 +21,7 @@ from downloader import Stage, Status, run
 from downloader.demo import serve_in_thread
 from downloader.records import Outcome
 from downloader.report import RunReport
-from downloader.settings import HttpSettings, ImageSpec, Mode
+from downloader.settings import LOCAL_MODES, HttpSettings, ImageSpec, Mode
 from downloader.transfer import STALL_RETRIES
 from tests.helpers import (
     SLOW_IMAGE,
@@ -545,7 +545,7 @@ def test_per_host_caps_one_host_while_another_proceeds(
 HOSTILE_LOCATIONS = ("javascript:alert(1)", "http://[::1", "http://127.0.0.1:99999/")
 
 
-@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("mode", list(LOCAL_MODES))
 def test_bad_redirects_fail_their_urls_in_every_mode(
     server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode
 ) -> None:

@@ -15,7 +15,7 @@ from downloader.cli import main
 from downloader.progress import EventKind, EventLog
 from downloader.records import Fetched, Job, Outcome, Transformed
 from downloader.reuse import FINGERPRINT_FIELDS, ContentIndex, settings_fingerprint
-from downloader.settings import ImageFormat, ImageSpec, NameBy, Settings
+from downloader.settings import LOCAL_MODES, ImageFormat, ImageSpec, NameBy, Settings
 from tests.helpers import (
     LocalServer,
     corpus_urls,
@@ -28,7 +28,7 @@ from tests.helpers import (
 # The modes whose scheduling differs: the claim happens in a download thread
 # (pipeline), a pool thread (threads), the parent between two pool calls
 # (processes), the event loop (async) or in turn (sequential).
-ALL_MODES = list(Mode)
+ALL_MODES = list(LOCAL_MODES)
 SMALL = ImageSpec(max_size=64)
 SMALLER = ImageSpec(max_size=32)
 # ImageSpec fields that never change an output's bytes or name.
@@ -365,7 +365,7 @@ def test_a_duplicate_whose_leader_never_ends_gets_a_failed_record(
     assert str(relayed[0].error).startswith("interrupted")
 
 
-@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+@pytest.mark.parametrize("mode", list(LOCAL_MODES), ids=lambda m: m.value)
 def test_outputs_of_old_settings_are_removed_once_replaced(
     server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode
 ) -> None:

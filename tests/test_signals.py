@@ -28,7 +28,7 @@ from PIL import Image
 from downloader.cli import main
 from downloader.demo import serve_in_thread
 from downloader.runtime import FALLBACK_PREFIX, MAX_SOCKET_PATH_BYTES
-from downloader.settings import Mode
+from downloader.settings import LOCAL_MODES, Mode
 from tests.helpers import (
     WAIT_S,
     LocalServer,
@@ -113,7 +113,7 @@ def _ok_paths(out: Path) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+@pytest.mark.parametrize("mode", list(LOCAL_MODES), ids=lambda m: m.value)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 def test_a_signal_stops_the_run_cleanly_and_a_rerun_finishes_it(
     slow_server: LocalServer,
@@ -383,7 +383,7 @@ def _records_in(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in manifest.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+@pytest.mark.parametrize("mode", list(LOCAL_MODES), ids=lambda m: m.value)
 def test_a_full_disk_stops_the_run_with_exit_3_and_a_true_manifest(
     server: LocalServer,
     corpus: Path,
@@ -442,7 +442,7 @@ def test_a_full_disk_stops_the_run_with_exit_3_and_a_true_manifest(
     assert left == []
 
 
-@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.value)
+@pytest.mark.parametrize("mode", list(LOCAL_MODES), ids=lambda m: m.value)
 def test_a_read_only_output_folder_is_exit_3(
     server: LocalServer,
     corpus: Path,

@@ -104,6 +104,14 @@ def kills(folder: Path) -> list[int]:
     return sorted(int(entry.name) for entry in folder.iterdir() if entry.name.isdigit())
 
 
+def note_worker(image: Image.Image) -> Image.Image:
+    """Note the process that ran it (``seen-<pid>`` in ``KILLS_ENV``); pass the image.
+
+    For the test of a second Ray node, started with a folder of its own."""
+    (Path(os.environ[KILLS_ENV]) / f"seen-{os.getpid()}").touch()
+    return image
+
+
 def hang(image: Image.Image) -> Image.Image:
     """Hang (bounded: 60 s) on every image, for --item-timeout tests."""
     time.sleep(60)

@@ -1,0 +1,469 @@
+"""``--mode ray`` against a real local Ray: one per session (``conftest.ray_cluster``).
+
+Library runs in this process use that Ray; command-line runs are subprocesses that
+join it with ``--ray-address``, so that a signal or a ``kill -9`` hits the driver
+alone. Ray's worker processes are really killed (by the killing transforms of
+``tests.user_transforms``), never simulated.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from downloader import ImageSpec, Mode, Settings, Status, run
+from downloader.cli import main
+from downloader.compare import compare
+from downloader.demo import serve_in_thread
+from downloader.errors import InputError
+from downloader.manifest import record_line
+from downloader.progress import EventKind, EventLog
+from downloader.ray_mode import SHARD_RETRIES
+from downloader.ray_shards import PARTS_NAME, PartFile
+from downloader.records import Stage
+from downloader.settings import NameBy, Part
+from tests.conftest import RayCluster, second_node
+from tests.helpers import (
+    FLAT_IMAGE,
+    WAIT_S,
+    LocalServer,
+    corpus_urls,
+    fast_settings,
+    leftovers,
+    read_manifest,
+    write_list,
+)
+from tests.test_modes import output_hashes
+from tests.user_transforms import KILLS_ENV, kills
+
+CLI = Path(__file__).resolve().parents[1] / "cli.py"
+
+
+def ray_settings(out: Path, **overrides: object) -> Settings:
+    """The tests' settings in ray mode, with shards small enough to have several."""
+    values: dict[str, object] = {"mode": Mode.RAY, "shard_size": 3}
+    values.update(overrides)
+    return fast_settings(out, **values)
+
+
+def by_url(out: Path) -> dict[str, dict[str, object]]:
+    """The manifest's records by URL; fails if a URL has two lines."""
+    records = read_manifest(out)
+    urls = [str(record["url"]) for record in records]
+    assert len(urls) == len(set(urls)), "a URL has two lines in the manifest"
+    return {str(record["url"]): record for record in records}
+
+
+def assert_tidy(out: Path) -> None:
+    """No part file, no temporary file, every output image whole."""
+    assert not (out / PARTS_NAME).exists()
+    assert leftovers(out) == []
+    for record in read_manifest(out):
+        if record["status"] == "ok":
+            with Image.open(out / str(record["path"])) as image:
+                image.load()
+
+
+def test_statuses_and_bytes_equal_a_pipeline_run(
+    ray_cluster: RayCluster, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """The same list in ray mode: same records, same output files, byte for byte;
+    progress events for every item; a rerun skips what is ok."""
+    base = server.base_url
+    urls = [*corpus_urls(server, corpus), f"{base}/status/404", f"{base}/html"]
+    run(urls, fast_settings(tmp_path / "pipeline"))
+    log = EventLog()
+
+    report = run(urls, ray_settings(tmp_path / "ray"), events=log)
+
+    local, remote = by_url(tmp_path / "pipeline"), by_url(tmp_path / "ray")
+    assert sorted(remote) == sorted(urls)
+    fields = ("status", "error", "path", "bytes", "width", "height", "sha256")
+    for url in urls:
+        assert [remote[url].get(f) for f in fields] == [
+            local[url].get(f) for f in fields
+        ], url
+    assert output_hashes(tmp_path / "ray") == output_hashes(tmp_path / "pipeline")
+    assert [o.status for o in report.results].count(Status.OK) == len(urls) - 2
+    finished = {
+        e.index
+        for e in log.events
+        if e.stage is Stage.DOWNLOAD and e.kind is EventKind.FINISHED
+    }
+    assert len(finished) == len(urls)
+    assert all(e.lane.startswith("ray-") for e in log.events)
+    assert_tidy(tmp_path / "ray")
+
+    again = run(urls, ray_settings(tmp_path / "ray"))
+
+    statuses = sorted(o.status.value for o in again.results)
+    assert statuses == ["failed"] * 2 + ["skipped"] * (len(urls) - 2)
+    assert len(read_manifest(tmp_path / "ray")) == len(urls)
+
+
+def test_a_ray_worker_killed_mid_shard_costs_nothing(
+    ray_kills: Path, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """kill -9 of the worker running a shard, late in it: Ray runs the task again,
+    which skips what the part file records. One ok record per URL, none twice."""
+    urls = [*corpus_urls(server, corpus), server.url_for(FLAT_IMAGE)]
+    spec = ImageSpec(
+        max_size=64, transform="tests.user_transforms:kill_worker_on_flat_once"
+    )
+    settings = ray_settings(tmp_path, shard_size=len(urls), threads=2, image=spec)
+
+    report = run(urls, settings)
+
+    assert len(kills(ray_kills)) == 1
+    assert os.getpid() not in kills(ray_kills)
+    assert [o.status for o in report.results] == [Status.OK] * len(urls)
+    assert sorted(by_url(tmp_path)) == sorted(urls)
+    # The flat image (last in the list) killed the worker: the retry redid it and at
+    # most the one other URL in flight, not the shard's URLs already recorded.
+    assert server.requests["/" + FLAT_IMAGE] == 2
+    assert sum(server.requests.values()) <= len(urls) + settings.threads
+    assert_tidy(tmp_path)
+
+
+def test_a_shard_that_keeps_failing_fails_its_urls_with_the_reason(
+    ray_kills: Path, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A shard whose worker dies at every attempt: its URLs end failed, with why;
+    the other shards' URLs are ok."""
+    urls = [*corpus_urls(server, corpus)[:3], server.url_for(FLAT_IMAGE)]
+    spec = ImageSpec(max_size=64, transform="tests.user_transforms:kill_worker_on_flat")
+
+    run(urls, ray_settings(tmp_path, shard_size=2, image=spec))
+
+    records = by_url(tmp_path)
+    assert sorted(records) == sorted(urls)
+    assert [records[url]["status"] for url in urls[:2]] == ["ok", "ok"]
+    flat = records[urls[3]]
+    assert flat["status"] == "failed"
+    assert flat["error"] == (
+        f"ray task failed: its worker process died {SHARD_RETRIES + 1} times "
+        "while running this shard"
+    )
+    assert len(kills(ray_kills)) == SHARD_RETRIES + 1
+    assert (tmp_path / "failed.txt").read_text().splitlines() == [
+        url for url in urls[2:] if records[url]["status"] == "failed"
+    ]
+    assert_tidy(tmp_path)
+
+
+def test_compare_runs_ray_beside_a_local_mode(
+    ray_cluster: RayCluster, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """``--compare --modes pipeline,ray``: both rows, the same output bytes."""
+    urls = corpus_urls(server, corpus)[:6]
+
+    comparison = compare(urls, fast_settings(tmp_path), (Mode.PIPELINE, Mode.RAY))
+
+    assert [r.mode for r in comparison.results] == [Mode.PIPELINE, Mode.RAY]
+    assert all(r.ok for r in comparison.results)
+    pipeline, ray = comparison.results
+    assert ray.outputs == pipeline.outputs
+    assert len(ray.outputs) == len(urls)
+    assert {span.lane.split("-")[0] for span in ray.spans} == {"ray"}
+
+
+def test_ray_mode_refuses_sha256_names_in_one_line(tmp_path: Path) -> None:
+    """Content names would dedupe within one task only: refused up front."""
+    with pytest.raises(InputError, match="--name-by sha256 does not go with"):
+        Settings(out=tmp_path, mode=Mode.RAY, name_by=NameBy.SHA256)
+
+
+def test_without_ray_installed_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No Ray: exit 2 with the line that says how to install it; nothing written."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails
+    url_list = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/a.jpg"])
+
+    code = main([str(url_list), "--mode", "ray", "--out", str(tmp_path / "out")])
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "error: --mode ray needs Ray, which is not installed: "
+        "pip install 'downloader[ray]'; see --help\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_shard_options_are_refused_where_no_ray_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--shard-size and --ray-address without --mode ray (or ray in --compare's
+    --modes) would be ignored: one line, exit 2, nothing written."""
+    url_list = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/a.jpg"])
+    out = ["--out", str(tmp_path / "out"), "--no-config"]
+    cases = {
+        ("--shard-size", "5"): "--shard-size goes with --mode ray",
+        ("--ray-address", "auto"): "--ray-address goes with --mode ray",
+        ("--shard-size", "5", "--compare", "--modes", "threads"): "--shard-size",
+    }
+    for flags, message in cases.items():
+        assert main([str(url_list), *out, *flags]) == 2, flags
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: {message}"), line
+        assert line.endswith("; see --help")
+    assert not (tmp_path / "out").exists()
+
+
+def test_part_with_ray_mode_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ray already splits the list, and its leftover shards go to the folder's
+    manifest: ``--part K/N --mode ray`` is a usage error (exit 2), before any Ray."""
+    url_list = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/a.jpg"])
+    out = tmp_path / "out"
+
+    code = main([str(url_list), "--out", str(out), "--mode", "ray", "--part", "1/2"])
+
+    assert code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: --part does not go with --mode ray")
+    assert not out.exists()
+    with pytest.raises(InputError, match="--part does not go with --mode ray"):
+        Settings(out=out, mode=Mode.RAY, part=Part(1, 2))
+
+
+def test_ray_leftovers_and_part_files_never_mix(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Shards a killed ray driver left are refused by a --part run (they hold URLs
+    of every part; exit 3, kept), merged by the next run without --part; and a ray
+    run on a folder of part files is refused as any run without --part is, before
+    Ray starts."""
+    urls = corpus_urls(server, corpus)[:4]
+    run(urls[:2], fast_settings(tmp_path))
+    (tmp_path / PARTS_NAME).mkdir()
+    shard = tmp_path / PARTS_NAME / "run-shard-00000.jsonl"
+    (tmp_path / "manifest.jsonl").rename(shard)
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    common = ["--out", str(tmp_path), "--no-config", "--max-size", "64"]
+
+    refused = main([str(url_list), *common, "--part", "1/2"])
+
+    assert refused == 3
+    assert shard.exists()
+    assert not list(tmp_path.glob("manifest.part-*"))
+    assert sum(server.requests.values()) == 2  # the first run's only
+
+    assert main([str(url_list), *common]) == 0
+    assert not (tmp_path / PARTS_NAME).exists()
+    assert sorted(by_url(tmp_path)) == sorted(urls)
+    assert sum(server.requests.values()) == 4  # the leftovers' URLs not again
+
+    assert main([str(url_list), *common, "--force", "--part", "2/2"]) == 0
+    assert main([str(url_list), *common, "--mode", "ray"]) == 3
+    assert not (tmp_path / PARTS_NAME).exists()
+
+
+def test_a_retry_cuts_a_torn_line_so_the_merge_keeps_only_records(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A task killed in its ``write`` leaves half a line; the retry cuts it off
+    before it appends, so the part merged after a driver's kill holds only records:
+    nothing moves to manifest.rejected.txt."""
+    urls = corpus_urls(server, corpus)[:3]
+    report = run(urls, fast_settings(tmp_path))
+    (tmp_path / "manifest.jsonl").unlink()
+    (tmp_path / PARTS_NAME).mkdir()
+    part = PartFile(tmp_path / PARTS_NAME / "run-shard-00000.jsonl")
+    first, second, third = report.results
+    part.path.write_bytes(record_line(first) + record_line(second)[:20])
+    with part.appending() as appender:  # the retry
+        appender.append(third)
+
+    assert [o.url for o in part.records()] == [first.url, third.url]
+    again = run(urls, fast_settings(tmp_path))
+
+    assert sorted(o.status.value for o in again.results) == ["ok", "skipped", "skipped"]
+    assert not (tmp_path / "manifest.rejected.txt").exists()
+    assert sorted(by_url(tmp_path)) == sorted(urls)
+
+
+RATE = 4.0
+
+
+def test_the_rate_per_host_holds_for_the_whole_run(
+    ray_cluster: RayCluster, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """--rate-per-host in ray mode: each task that may run at once (one per
+    cluster CPU) keeps to its share, so the N requests of one shard's task span at
+    least (N - 1) x CPUs / RATE seconds (at the full rate each: half that here)."""
+    ray: Any = importlib.import_module("ray")
+    cpus = int(ray.cluster_resources()["CPU"])
+    urls = corpus_urls(server, corpus)[:6]
+    http = replace(fast_settings(tmp_path).http, rate_per_host=RATE)
+    started = time.monotonic()
+
+    report = run(urls, ray_settings(tmp_path, shard_size=len(urls), http=http))
+
+    assert [o.status for o in report.results] == [Status.OK] * len(urls)
+    with server.lock:
+        arrivals = sorted(at for _, at in server.log if at >= started)
+    assert len(arrivals) == len(urls)
+    assert cpus > 1
+    assert arrivals[-1] - arrivals[0] >= (len(urls) - 1) * cpus / RATE * 0.99
+
+
+# ------------------------------------------------- the driver: Ctrl-C and kill -9
+
+
+@pytest.fixture
+def slow_server(corpus: Path) -> Iterator[LocalServer]:
+    """The corpus server with latency, so that a run is mid-flight for a while."""
+    with serve_in_thread(LocalServer(corpus, latency=0.3)) as running:
+        assert isinstance(running, LocalServer)
+        yield running
+
+
+def _many_urls(server: LocalServer, corpus: Path, count: int) -> list[str]:
+    """``count`` distinct URLs of the corpus's images (query strings)."""
+    names = corpus_urls(server, corpus)
+    return [f"{names[i % len(names)]}?n={i}" for i in range(count)]
+
+
+def _driver(url_list: Path, out: Path, address: str) -> subprocess.Popen[str]:
+    """The command line in ray mode, in ``out``'s parent, ``--out`` relative to it
+    (the tasks' working folder is not the driver's)."""
+    command = [
+        sys.executable,
+        str(CLI),
+        str(url_list),
+        *("--out", out.name, "--mode", "ray", "--ray-address", address),
+        *("--shard-size", "4", "--threads", "2", "--max-size", "64", "--json"),
+        *("--retries", "0", "--no-progress"),
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=out.parent,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_records(out: Path, count: int, name: str = "manifest.jsonl") -> None:
+    """Wait (bounded) until ``out/name`` has ``count`` complete lines."""
+    manifest = out / name
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if manifest.exists() and manifest.read_bytes().count(b"\n") >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} records within {WAIT_S} s")
+
+
+def test_driver_ctrl_c_then_kill_9_then_a_rerun_completes(
+    ray_cluster: RayCluster, slow_server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """SIGINT to the driver: tasks stop, every URL has its one record, exit 130.
+    Then kill -9 of the driver of the rerun, mid-run. The next run merges the part
+    files the killed one left and finishes: one line per URL, all ok."""
+    urls = _many_urls(slow_server, corpus, 32)
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+    process = _driver(url_list, out, ray_cluster.address)
+    _wait_for_records(out, 2)
+
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr
+    records = by_url(out)
+    assert sorted(records) == sorted(urls)
+    stopped = [r for r in records.values() if r["status"] == "failed"]
+    assert stopped, "the run ended before the signal"
+    assert all(
+        r["error"] == "interrupted" or str(r["error"]).startswith("not started (")
+        for r in stopped
+    )
+    assert_tidy(out)
+    ok_before = sum(r["status"] == "ok" for r in records.values())
+
+    process = _driver(url_list, out, ray_cluster.address)
+    # Records of URLs the manifest has go to the updates file until the run ends.
+    _wait_for_records(out, ok_before + 2, ".manifest-updates.jsonl")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate(timeout=WAIT_S)
+    assert list((out / PARTS_NAME).iterdir()), "no part left to merge"
+
+    process = _driver(url_list, out, ray_cluster.address)
+    stdout, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["counts"]["failed"] == 0
+    assert summary["counts"]["skipped"] > ok_before  # the killed run's work counts
+    records = by_url(out)
+    assert sorted(records) == sorted(urls)
+    assert {r["status"] for r in records.values()} <= {"ok", "skipped"}
+    assert_tidy(out)
+
+
+def test_parts_a_killed_driver_left_are_merged_by_the_next_run(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Part files in OUT/.parts (torn last line included) are merged before the
+    next run plans, whatever its mode: their URLs are not fetched again."""
+    urls = corpus_urls(server, corpus)[:5]
+    run(urls[:3], fast_settings(tmp_path))
+    (tmp_path / PARTS_NAME).mkdir()
+    part = tmp_path / PARTS_NAME / "run-shard-00000.jsonl"
+    (tmp_path / "manifest.jsonl").rename(part)
+    with part.open("ab") as handle:
+        handle.write(b'{"url": "' + urls[3].encode())  # torn by a kill -9
+
+    report = run(urls, fast_settings(tmp_path))
+
+    statuses = {o.url: o.status for o in report.results}
+    assert statuses == {
+        **dict.fromkeys(urls[:3], Status.SKIPPED),
+        **dict.fromkeys(urls[3:], Status.OK),
+    }
+    assert all(server.requests["/" + url.rpartition("/")[2]] == 1 for url in urls)
+    assert sorted(by_url(tmp_path)) == sorted(urls)
+    assert_tidy(tmp_path)
+
+
+def test_a_second_node_takes_shards(
+    ray_cluster: RayCluster,
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A second node joins the session's Ray (this machine, 127.0.0.1, a folder of
+    its own for notes): shards run on both nodes, one manifest, every URL ok once.
+
+    Started as Ray's own test helper starts one (``ray.cluster_utils.Cluster``):
+    ``ray start --address`` refuses a second node on 127.0.0.1 unless told the
+    machine is in a cluster, and then it binds the machine's routable address."""
+    node_notes = tmp_path / "node-2"
+    node_notes.mkdir()
+    monkeypatch.setenv(KILLS_ENV, str(node_notes))  # the new node's workers see it
+    spec = ImageSpec(max_size=64, transform="tests.user_transforms:note_worker")
+    urls = _many_urls(server, corpus, 24)
+    with second_node(ray_cluster):
+        report = run(urls, ray_settings(tmp_path / "out", shard_size=2, image=spec))
+
+    assert [o.status for o in report.results] == [Status.OK] * len(urls)
+    assert sorted(by_url(tmp_path / "out")) == sorted(urls)
+    assert list(node_notes.iterdir()), "no shard ran on the second node"
+    assert_tidy(tmp_path / "out")
