@@ -7,7 +7,6 @@ range headers it got) and the attempts and reason of the result; none measures t
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import random
@@ -16,7 +15,7 @@ import select
 import socket
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import count
@@ -29,15 +28,12 @@ from PIL import Image
 from downloader import Mode, Stage, Status, run
 from downloader.errors import FetchError
 from downloader.fetch import (
-    AsyncHostLimiter,
     HostLimiter,
     RetryLater,
     fetch,
-    fetch_async,
-    make_async_client,
     make_client,
 )
-from downloader.records import Fetched, Job
+from downloader.records import Fetched
 from downloader.settings import LOCAL_MODES, HttpSettings
 from downloader.transfer import (
     SNIFF_BYTES,
@@ -47,6 +43,9 @@ from downloader.transfer import (
     refusal,
 )
 from tests.helpers import fast_settings, leftovers
+from tests.test_fetch import failure_by as failure_with_driver
+from tests.test_fetch import fetch_by as fetch_with_driver
+from tests.test_fetch import make_job
 
 HTTP = HttpSettings(
     timeout=0.5,
@@ -331,47 +330,36 @@ def server() -> Iterator[Server]:
 DRIVERS = ["sync", "async"]
 
 
-def job_for(url: str) -> Job:
-    return Job(index=0, line=1, url=url, key=url, stem="item")
+def fetch_by(driver: str, url: str, tmp_dir: Path) -> Fetched:
+    """``tests.test_fetch.fetch_by`` with this file's settings."""
+    return fetch_with_driver(driver, url, tmp_dir, HTTP)
 
 
-def fetch_by(
-    driver: str, url: str, tmp_dir: Path, http: HttpSettings = HTTP
-) -> Fetched:
-    """Fetch ``url`` with the blocking driver or the asyncio one."""
-    if driver == "sync":
-        with make_client(http, threads=2) as client:
-            return fetch(
-                job_for(url),
-                client,
-                http,
-                tmp_dir,
-                cancel=threading.Event(),
-                hosts=HostLimiter(http.per_host),
-            )
-
-    async def attempt() -> Fetched:
-        async with make_async_client(http, 2) as client:
-            return await fetch_async(
-                job_for(url),
-                client,
-                http,
-                tmp_dir,
-                stop=asyncio.Event(),
-                hosts=AsyncHostLimiter(http.per_host),
-            )
-
-    return asyncio.run(asyncio.wait_for(attempt(), WAIT))
+def failure_by(driver: str, url: str, tmp_dir: Path) -> FetchError:
+    """``tests.test_fetch.failure_by`` with this file's settings."""
+    return failure_with_driver(driver, url, tmp_dir, HTTP)
 
 
-def failure_by(
-    driver: str, url: str, tmp_dir: Path, http: HttpSettings = HTTP
-) -> FetchError:
-    """The FetchError of fetching ``url``; nothing may be left on disk."""
-    with pytest.raises(FetchError) as info:
-        fetch_by(driver, url, tmp_dir, http)
-    assert list(tmp_dir.iterdir()) == []
-    return info.value
+def deferred(
+    url: str, tmp_dir: Path, client: httpx.Client, http: HttpSettings
+) -> Callable[[int, RetryLater | None], Fetched]:
+    """Fetch as the pipeline does: a retry comes back as RetryLater, and the next
+    call goes on from it (its attempts and its state)."""
+
+    def call(attempts: int, later: RetryLater | None) -> Fetched:
+        return fetch(
+            make_job(url),
+            client,
+            http,
+            tmp_dir,
+            cancel=threading.Event(),
+            hosts=HostLimiter(http.per_host),
+            defer_retries=True,
+            attempts_done=attempts,
+            state=None if later is None else later.state,
+        )
+
+    return call
 
 
 def sha256(data: bytes) -> str:
@@ -431,20 +419,7 @@ def test_a_stall_retry_waiting_in_a_scheduler_keeps_its_budget(
     http = replace(HTTP, backoff=0.05)
     url = server.url("/hush")
     with make_client(http, threads=2) as client:
-
-        def call(attempts: int, later: RetryLater | None) -> Fetched:
-            return fetch(
-                job_for(url),
-                client,
-                http,
-                tmp_path,
-                cancel=threading.Event(),
-                hosts=HostLimiter(http.per_host),
-                defer_retries=True,
-                attempts_done=attempts,
-                state=None if later is None else later.state,
-            )
-
+        call = deferred(url, tmp_path, client, http)
         with pytest.raises(RetryLater) as first:
             call(0, None)
         assert first.value.state.stalls == 1
@@ -694,20 +669,7 @@ def test_a_deferred_retry_continues_the_partial_body(
     http = replace(HTTP, backoff=0.05)
     url = server.url("/cut/etag/noise")
     with make_client(http, threads=2) as client:
-
-        def call(attempts: int, later: RetryLater | None) -> Fetched:
-            return fetch(
-                job_for(url),
-                client,
-                http,
-                tmp_path,
-                cancel=threading.Event(),
-                hosts=HostLimiter(http.per_host),
-                defer_retries=True,
-                attempts_done=attempts,
-                state=None if later is None else later.state,
-            )
-
+        call = deferred(url, tmp_path, client, http)
         with pytest.raises(RetryLater) as first:
             call(0, None)
         assert (tmp_path / "item.part").stat().st_size == len(BODY) // 2
