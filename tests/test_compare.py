@@ -42,6 +42,7 @@ from tests.helpers import (
     wait_gone,
     write_list,
 )
+from tests.test_manifest import _outside, _snapshot
 from tests.test_signals import (  # the signal tests' subprocess and tmpfs helpers
     STOP_S,
     _command,
@@ -164,19 +165,6 @@ def test_the_library_comparison_reads_a_one_shot_iterable_once_per_mode(
 
 
 # --- nothing is written outside OUT ---------------------------------------------------
-
-
-def _outside(tmp_path: Path) -> tuple[Path, Path]:
-    """A folder outside --out holding one precious file; return (folder, file)."""
-    folder = tmp_path / "outside"
-    folder.mkdir()
-    precious = folder / "precious.txt"
-    precious.write_text("keep me\n", encoding="utf-8")
-    return folder, precious
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*")}
 
 
 @pytest.mark.parametrize(
