@@ -87,7 +87,11 @@ def part_of(url: str, count: int) -> int:
     From the manifest's identity of the URL (``record_key``: normalised, then a
     BLAKE2 digest), never ``hash()``, which differs between Python processes.
     """
-    return int.from_bytes(record_key(url)[:_KEY_BYTES], "big") % count + 1
+    return _part_of_key(record_key(url), count)
+
+
+def _part_of_key(key: bytes, count: int) -> int:
+    return int.from_bytes(key[:_KEY_BYTES], "big") % count + 1
 
 
 class ListDigest:
@@ -101,9 +105,9 @@ class ListDigest:
         self._hash = hashlib.blake2b(digest_size=16)
         self._entries = 0
 
-    def add(self, url: str) -> None:
-        """Count one entry (a job or an unusable line's record)."""
-        self._hash.update(record_key(url))
+    def add(self, key: bytes) -> None:
+        """Count one entry (a job or an unusable line's record) by its record key."""
+        self._hash.update(key)
         self._entries += 1
 
     def value(self) -> str:
@@ -129,8 +133,9 @@ def _only_part(
     items: Iterator[Job | Outcome], part: Part, digest: ListDigest
 ) -> Iterator[Job | Outcome]:
     for item in items:
-        digest.add(item.url)
-        if part_of(item.url, part.count) == part.number:
+        key = record_key(item.url)  # once: the digest's and the split's
+        digest.add(key)
+        if _part_of_key(key, part.count) == part.number:
             yield item
 
 
