@@ -30,7 +30,7 @@ from downloader.config import parse_args
 from downloader.errors import DownloaderError, InputError, OutputError
 from downloader.manifest import FAILED_NAME, RecordFiles
 from downloader.progress import Bars, BarsHandler, Events, EventStream, fan_out
-from downloader.records import Status, one_line
+from downloader.records import Status, counted, one_line
 from downloader.report import Summary, Tally, print_summary, summary_json
 from downloader.runtime import (
     Cancellation,
@@ -182,8 +182,32 @@ class _Parser(argparse.ArgumentParser):
     usage error the same one line (see ``_print_error``).
     """
 
+    _argv: Sequence[str] = ()
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
-        raise InputError(message.removeprefix("argument "))
+        raise InputError(_dash_hint(message.removeprefix("argument "), self._argv))
+
+
+def _dash_hint(message: str, argv: Sequence[str]) -> str:
+    """Say how to give a value that starts with ``-`` (``--part -1/2``).
+
+    argparse takes such a value for an option and says only "expected one
+    argument"; written ``--part=-1/2`` it reaches the option's own check, whose
+    message says what is wrong with it.
+    """
+    option, _, what = message.partition(": ")
+    if what != "expected one argument" or option not in argv:
+        return message
+    after = argv.index(option) + 1
+    if after < len(argv) and argv[after].startswith("-") and argv[after] != "-":
+        return f"{message}, got {argv[after]!r} (write {option}={argv[after]})"
+    return message
 
 
 EXAMPLES = """\
@@ -827,7 +851,10 @@ def _say_failed(
 ) -> None:
     """With -q (errors only), still one line when URLs failed: they are its errors."""
     if args.quiet and failed:
-        print(f"failed: {failed} of {total} URLs (listed in {listed})", file=stderr)
+        print(
+            f"failed: {failed} of {counted(total, 'URL')} (listed in {listed})",
+            file=stderr,
+        )
 
 
 def _run(
@@ -953,8 +980,10 @@ def _run_merge(args: argparse.Namespace, stderr: IO[str]) -> int:
     if args.json:
         _print_json({"parts": merged.parts, "manifest": str(merged.manifest), **counts})
     _sayer(args, stderr)(
-        f"merged {merged.parts} part(s) into {merged.manifest}: {merged.records} "
-        "URLs (" + ", ".join(f"{n} {name}" for name, n in counts.items()) + ")"
+        f"merged {merged.parts} part(s) into {merged.manifest}: "
+        f"{counted(merged.records, 'URL')} ("
+        + ", ".join(f"{n} {name}" for name, n in counts.items())
+        + ")"
     )
     failed = merged.counts[Status.FAILED]
     listed = merged.manifest.parent / FAILED_NAME

@@ -79,7 +79,7 @@ from downloader.resolve import (
     blocked_address_kind,
     pin_backend,
 )
-from downloader.settings import HttpSettings
+from downloader.settings import HttpSettings, without_password
 from downloader.transfer import (
     STALL_RETRIES,
     AttemptState,
@@ -720,7 +720,7 @@ class _Attempts:
         if self.stop.is_set():
             raise FetchError("interrupted")
         if self.clock() > self.deadline:
-            raise _Transient(f"timed out after {self.http.deadline:g}s", host=host)
+            raise _Transient(f"past the {self.http.deadline:g}s deadline", host=host)
 
     @contextmanager
     def network_deadline(self) -> Iterator[None]:
@@ -1388,10 +1388,10 @@ def _translate(
     message = _message(exc)
     if isinstance(exc, httpx.TimeoutException):
         if attempts.past_deadline():
-            return _Transient(f"timed out after {http.deadline:g}s", host=host)
+            return _Transient(f"past the {http.deadline:g}s deadline", host=host)
         kind = _TIMEOUT_KINDS.get(type(exc), "network")
         seconds = http.deadline if kind == "pool" else http.timeout
-        reason = f"timed out after {seconds:g}s ({kind})"
+        reason = f"{kind} timeout ({seconds:g}s)"
         return _Transient(reason, host=host, stall=kind == "read")
     if attempts.stop.is_set():
         return FetchError("interrupted")
@@ -1415,6 +1415,11 @@ def _translate(
             f"cannot connect: {message}", host=host, most_attempts=UNRESOLVED_ATTEMPTS
         )
     if isinstance(exc, httpx.ConnectError):
+        # Through --proxy, the connection that failed is the proxy's: say so, or
+        # "Connection refused" reads as the image server's.
+        if http.proxy is not None:
+            proxy = without_password(http.proxy)
+            return _Transient(f"cannot connect to proxy {proxy}: {message}", host=host)
         return _Transient(f"cannot connect: {message}", host=host)
     if isinstance(exc, httpx.NetworkError | httpx.ProxyError):
         return _Transient(f"connection error: {message}", host=host)

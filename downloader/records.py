@@ -71,6 +71,11 @@ def aside(text: str, detail: str) -> str:
     return f"{text} ({detail})"
 
 
+def counted(count: int, noun: str) -> str:
+    """``1 URL``, ``3 URLs``: a count with its noun, in summaries a person reads."""
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
+
+
 class Status(enum.Enum):
     """How a URL ended; ``.value`` is what the manifest writes."""
 

@@ -22,7 +22,7 @@ from typing import IO, Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from downloader.records import Outcome, Stage, Status
+from downloader.records import Outcome, Stage, Status, counted
 from downloader.settings import Mode
 
 __all__ = [
@@ -143,7 +143,7 @@ def print_summary(
     """
     counts = ", ".join(f"{n} {status.value}" for status, n in summary.counts.items())
     heading = "interrupted" if summary.interrupted else "done"
-    print(f"{heading}: {summary.total} URLs ({counts})", file=file)
+    print(f"{heading}: {counted(summary.total, 'URL')} ({counts})", file=file)
     print(
         f"  {summary.bytes_downloaded / 1e6:.1f} MB downloaded, "
         f"{summary.images} images in {summary.wall_s:.2f} s "

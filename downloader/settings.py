@@ -12,6 +12,7 @@ a flag; the command line and the config file use the same checks and messages.
 
 from __future__ import annotations
 
+import datetime
 import enum
 import importlib
 import importlib.util
@@ -239,10 +240,15 @@ def _refusal(
     """Return the one-line error for a refused value: what was expected, what came.
 
     The value is shown by its ``repr`` (newlines escaped), with its type when the
-    type is what is wrong (``got '8' (str)``, ``got True (bool)``).
+    type is what is wrong (``got '8' (str)``, ``got True (bool)``); a date or time
+    by its ISO form (``got 2026-01-01 (date)``).
     """
     try:
-        shown = repr(value)
+        # A date in a config file (TOML has them) is shown as written there.
+        if isinstance(value, datetime.date | datetime.time):
+            shown = value.isoformat()
+        else:
+            shown = repr(value)
     except ValueError:  # an int past Python's limit on digits to print
         shown = f"<{type(value).__name__} too large to show>"
     if len(shown) > _SHOWN_CHARS:
@@ -519,13 +525,21 @@ class _ProxyUrl:
         except ValueError:
             usable = False
         if not usable or _HEADER_VALUE_FORBIDDEN.search(value):
-            # Never echo a password: the line goes to terminals and logs.
-            shown = _USERINFO.sub("//***@", value)
-            raise _refusal(label, expected, shown, wrong_type=False)
+            raise _refusal(label, expected, without_password(value), wrong_type=False)
         return value
 
 
 _USERINFO = re.compile(r"//[^/@]*@")
+
+
+def without_password(url: str) -> str:
+    """``url`` with its user and password hidden (``http://***@host``).
+
+    Never echo a password: the lines that name a proxy go to terminals and logs.
+    """
+    return _USERINFO.sub("//***@", url)
+
+
 _PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
 
 

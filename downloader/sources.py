@@ -882,7 +882,14 @@ def _json_line(number: int, text: str) -> Line:
     try:
         # NaN and Infinity are not JSON: kept as their text, so the manifest stays JSON.
         record = json.loads(text, parse_constant=str)
-    except (ValueError, RecursionError) as exc:
+    except json.JSONDecodeError as exc:
+        # The decoder counts lines and columns within this one line; only the
+        # column means something to the reader (the entry already names its line).
+        reason = f"line is not valid JSON: {exc.msg.lower()} at column {exc.colno}"
+        return Line(number, _preview(text), reason)
+    except RecursionError:
+        return Line(number, _preview(text), "line is not valid JSON: nested too deeply")
+    except ValueError as exc:  # a number too long to convert, for one
         return Line(number, _preview(text), f"line is not valid JSON: {exc}")
     if not isinstance(record, dict):
         return Line(number, _preview(text), "line is not a JSON object")

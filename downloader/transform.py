@@ -280,7 +280,7 @@ def _bomb_reason(exc: Exception, limit: int) -> str:
     found = re.search(r"\((\d+) pixels\)", str(exc))
     if found is None:
         return f"decompression bomb: {exc}"
-    return f"decompression bomb: {found.group(1)} pixels (limit {limit})"
+    return f"decompression bomb: {int(found.group(1)):,} pixels (limit {limit:,})"
 
 
 def _refuse_bomb(size: tuple[int, int], limit: int) -> None:
@@ -289,7 +289,8 @@ def _refuse_bomb(size: tuple[int, int], limit: int) -> None:
     pixels = width * height
     if pixels > limit:
         raise TransformError(
-            f"decompression bomb: {width}x{height} = {pixels} pixels (limit {limit})"
+            f"decompression bomb: {width}x{height} = {pixels:,} pixels "
+            f"(limit {limit:,})"
         )
 
 
@@ -298,7 +299,7 @@ def _refuse_huge_output(size: tuple[int, int], limit: int) -> None:
     width, height = size
     if width * height > limit:
         raise TransformError(
-            f"output of {width}x{height} pixels is over the limit of {limit}"
+            f"output of {width}x{height} pixels is over the limit of {limit:,}"
         )
 
 

@@ -188,6 +188,17 @@ def test_a_named_fifo_is_read_once(
         (["urls.txt", "--max-bytes", "lots"], "--max-bytes: not a size: 'lots'"),
         (["urls.txt", "--quality", "101"], "error: --quality must be an integer "),
         (["urls.txt", "--format", "tiff"], "--format: invalid choice: 'tiff'"),
+        # A value that starts with '-' looks like an option to argparse: say how to
+        # write it; written so, the option's own check says what is wrong with it.
+        (
+            ["urls.txt", "--part", "-1/2"],
+            "error: --part: expected one argument, got '-1/2' (write --part=-1/2)",
+        ),
+        (["urls.txt", "--part=-1/2"], "error: --part: not a part: '-1/2'"),
+        (
+            ["urls.txt", "--rate-per-host", "-1/s"],
+            "got '-1/s' (write --rate-per-host=-1/s)",
+        ),
     ],
 )
 def test_usage_errors_exit_2_with_one_clear_line(
@@ -434,7 +445,9 @@ def test_a_large_camera_photo_is_not_a_bomb(
     assert (accepted["status"], accepted["width"]) == ("ok", 64)
     assert lowered == 1
     (refused,) = read_manifest(tmp_path / "low")
-    assert refused["error"] == "decompression bomb: 95000000 pixels (limit 90000000)"
+    assert (
+        refused["error"] == "decompression bomb: 95,000,000 pixels (limit 90,000,000)"
+    )
 
 
 @pytest.mark.parametrize("mode", list(LOCAL_MODES), ids=lambda m: m.value)

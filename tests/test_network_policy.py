@@ -50,6 +50,7 @@ from downloader.settings import (
     Settings,
 )
 from downloader.sources import normalize_url, safe_stem
+from tests.conftest import free_port
 from tests.helpers import (
     LocalServer,
     LoggedResolver,
@@ -586,6 +587,21 @@ def test_block_private_through_a_proxy(
     assert error.reason == "blocked address 127.0.0.1 (test-internal, --block-private)"
     assert proxy.seen == [url]
     assert (allowed.lookups(), refused.lookups()) == (["images.test"], ["images.test"])
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_proxy_that_refuses_is_named(driver: str, tmp_path: Path) -> None:
+    """A refused connection through --proxy is the proxy's: the reason names it (its
+    password hidden), not only "connection refused", which reads as the server's."""
+    port = free_port()
+    http = replace(HTTP, proxy=f"http://user:secret@127.0.0.1:{port}", retries=0)
+
+    error = fetch_error(driver, "http://images.test/a.jpg", tmp_path, http)
+
+    assert error.reason.startswith(
+        f"cannot connect to proxy http://***@127.0.0.1:{port}: "
+    )
+    assert "secret" not in error.reason
 
 
 def test_proxy_from_the_command_line(

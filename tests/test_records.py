@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from downloader.records import REASON_MAX_CHARS, Job, Outcome, Stage, aside, one_line
+from downloader.records import (
+    REASON_MAX_CHARS,
+    Job,
+    Outcome,
+    Stage,
+    aside,
+    counted,
+    one_line,
+)
 
 JOB = Job(index=0, line=1, url="http://127.0.0.1/a.jpg", key="k", stem="a")
 TRACEBACK = """download thread thread-1 crashed:
@@ -64,3 +73,12 @@ def test_an_aside_never_nests_parentheses() -> None:
     assert aside("skip x", "already ok (use --force to redo)") == (
         "skip x: already ok (use --force to redo)"
     )
+
+
+@pytest.mark.parametrize(
+    ("count", "said"),
+    [(0, "0 URLs"), (1, "1 URL"), (2, "2 URLs"), (12_345, "12,345 URLs")],
+)
+def test_a_count_is_said_with_its_noun(count: int, said: str) -> None:
+    """Summaries say ``done: 1 URL``, not ``1 URLs``, and group long counts."""
+    assert counted(count, "URL") == said

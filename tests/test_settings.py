@@ -426,6 +426,21 @@ def test_a_bad_config_value_gives_the_library_message(
     assert refusal(lambda: load_settings("downloader.toml")) == expected
 
 
+def test_a_config_date_is_shown_as_written(tmp_path: Path) -> None:
+    """TOML has dates: a date where a number goes is shown in its ISO form, as the
+    file wrote it, never as Python's ``datetime.date(2026, 1, 1)``."""
+    path = tmp_path / "downloader.toml"
+    path.write_text("threads = 2026-01-01\ntimeout = 07:30:00\n")
+
+    message = refusal(lambda: load_settings(path))
+
+    assert message.endswith(
+        "threads must be an integer from 1 to 1024, got 2026-01-01 (date)"
+    )
+    path.write_text("timeout = 07:30:00\n")
+    assert refusal(lambda: load_settings(path)).endswith("got 07:30:00 (time)")
+
+
 def test_config_numbers_and_sizes_still_read(tmp_path: Path) -> None:
     """TOML ints for seconds, sizes as text or numbers, and lists still work."""
     config = tmp_path / "c.toml"

@@ -570,12 +570,16 @@ def test_json_lines_give_url_name_and_extra(tmp_path: Path) -> None:
     )
     assert lines[1].number == 3
     assert lines[1].error is not None
-    assert lines[1].error.startswith("line is not valid JSON")
+    # The file's line is the entry's number; the decoder's own "line 1" is not said.
+    assert lines[1].error == (
+        "line is not valid JSON: expecting property name enclosed in double quotes "
+        "at column 2"
+    )
     assert lines[2] == Line(4, '["http://a/2.jpg"]', "line is not a JSON object")
     assert lines[3].error == 'object has no "url" string'
     assert lines[3].extra == (("link", "http://a/3.jpg"), ("id", 3))
     assert lines[4] == Line(6, "http://a/4.jpg", None, "4")
-    assert lines[5].error is not None
+    assert lines[5].error == "line is not valid JSON: nested too deeply"
     assert len(lines[5].text) < 300
 
 

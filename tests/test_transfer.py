@@ -394,7 +394,7 @@ def test_headers_then_silence_is_a_stall(
     url = server.url("/hush")
     error = failure_by(driver, url, tmp_path)
 
-    assert error.reason == "timed out after 0.5s (read) after 2 attempts"
+    assert error.reason == "read timeout (0.5s) after 2 attempts"
     assert error.attempts == 2
     assert server.sent_for(url, 2) == [100, 100]
 
@@ -407,7 +407,7 @@ def test_a_server_that_never_answers_is_a_stall_too(
     url = server.url("/mute")
     error = failure_by(driver, url, tmp_path)
 
-    assert error.reason == "timed out after 0.5s (read) after 2 attempts"
+    assert error.reason == "read timeout (0.5s) after 2 attempts"
     assert len(server.headers_of(url)) == 2
 
 
@@ -426,7 +426,7 @@ def test_a_stall_retry_waiting_in_a_scheduler_keeps_its_budget(
         with pytest.raises(FetchError) as last:
             call(first.value.attempts, first.value)
 
-    assert last.value.reason == "timed out after 0.5s (read) after 2 attempts"
+    assert last.value.reason == "read timeout (0.5s) after 2 attempts"
     assert len(server.headers_of(url)) == 2
     assert list(tmp_path.iterdir()) == []
 
