@@ -24,10 +24,11 @@ from downloader.report import RunReport
 from downloader.settings import LOCAL_MODES, HttpSettings, ImageSpec, Mode
 from downloader.transfer import STALL_RETRIES
 from tests.helpers import (
-    SLOW_IMAGE,
+    FLAT_IMAGE,
     LocalServer,
     corpus_urls,
     fast_settings,
+    gzip_bomb,
     leftovers,
     read_manifest,
 )
@@ -163,6 +164,9 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Batch]:
         ),
         image=ImageSpec(max_size=64, max_pixels=MAX_PIXELS),
     )
+    # Made before the run: inflating 20 MB at level 9 as the request comes can take
+    # longer than the 0.5 s read timeout on a loaded machine.
+    gzip_bomb()
     with serve_in_thread(LocalServer(site)) as server:
         assert isinstance(server, LocalServer)
         urls = [server.base_url + path for path in HOSTILE_PATHS]
@@ -474,17 +478,21 @@ def test_one_record_per_unique_url_and_nothing_else_on_disk(batch: Batch) -> Non
 def test_a_hung_decoder_is_cut_off_and_the_run_goes_on(
     server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
-    """An image stuck in a worker past --item-timeout fails; the next one is ok."""
-    urls = [server.url_for(SLOW_IMAGE), corpus_urls(server, corpus)[0]]
-    out = tmp_path / "out"
+    """An image stuck in a worker past --item-timeout fails; the next one is ok.
 
-    report = run(urls, fast_settings(out, procs=1, item_timeout=0.05))
+    The stuck one hangs in its transform (the flat image); the other passes in
+    milliseconds, well within the timeout on a loaded machine too."""
+    urls = [server.url_for(FLAT_IMAGE), corpus_urls(server, corpus)[0]]
+    out = tmp_path / "out"
+    image = ImageSpec(max_size=64, transform="tests.user_transforms:hang_on_flat")
+
+    report = run(urls, fast_settings(out, procs=1, item_timeout=1.5, image=image))
 
     by_url = {o.url: o for o in report.results}
     stuck = by_url[urls[0]]
     assert stuck.status is Status.FAILED
     assert stuck.stage is Stage.TRANSFORM
-    assert stuck.error == "processing timed out after 0.05s (worker replaced)"
+    assert stuck.error == "processing timed out after 1.5s (worker replaced)"
     assert by_url[urls[1]].status is Status.OK
     assert leftovers(out) == []
 

@@ -116,3 +116,10 @@ def hang(image: Image.Image) -> Image.Image:
     """Hang (bounded: 60 s) on every image, for --item-timeout tests."""
     time.sleep(60)
     return image
+
+
+def hang_on_flat(image: Image.Image) -> Image.Image:
+    """Hang (bounded: 60 s) on a flat image; pass any other at once."""
+    if _is_flat(image):
+        time.sleep(60)
+    return image
