@@ -36,6 +36,7 @@ from downloader.records import Job, Outcome, aside
 from downloader.resolve import BlockPolicy, blocked_address_kind
 from downloader.reuse import settings_fingerprint
 from downloader.settings import ImageFormat, NameBy, Part, Settings
+from downloader.shard_writer import ShardIndex
 from downloader.sources import (
     Line,
     LocalFiles,
@@ -148,7 +149,11 @@ def _previous_run(settings: Settings) -> PreviousRun | None:
         name and (settings.out / name).is_file() for name in names
     ):
         return None
-    return PreviousRun(folder, fingerprint=settings_fingerprint(settings))
+    return PreviousRun(
+        folder,
+        fingerprint=settings_fingerprint(settings),
+        holds=ShardIndex(settings.out).holds,
+    )
 
 
 def _planned(source: Source, settings: Settings) -> Iterator[Job | PlannedItem]:
