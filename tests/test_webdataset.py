@@ -40,12 +40,13 @@ from tests.helpers import (
     leftovers,
     read_manifest,
 )
-from tests.test_signals import (  # the signal tests' subprocess helpers
+from tests.test_signals import (  # the signal tests' subprocess and tmpfs helpers
     STOP_S,
     _command,
     _env,
     _finish,
     _start,
+    _tmpfs,
     slow_server,
 )
 
@@ -271,6 +272,41 @@ def test_kill_9_mid_shard_then_a_rerun_loses_and_duplicates_nothing(
     assert process.returncode == -signal.SIGKILL
     _check_intact(out)
     _rerun_and_check(command, out, system_tmp, urls)
+
+
+@MODES
+def test_a_full_disk_ends_the_shards_in_progress_with_their_records(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    mode: Mode,
+) -> None:
+    """A local fault mid-shard: exit 3, a record per input, every ok record's
+    sample in a whole shard, no scratch left."""
+    small = corpus_urls(server, corpus)[:5]
+    big = f"{server.base_url}/big-unsized"
+    urls = [*small[:3], big, *small[3:]]
+    url_list = _caption_list(tmp_path / "urls.csv", urls)
+
+    with _tmpfs(tmp_path / "disk", "size=256k") as disk:
+        out = disk / "out"
+        options = ["--mode", mode.value, "--threads", "1", "--procs", "1"]
+        options += ["--output-format", "webdataset", "--shard-size", "2"]
+        options += ["--out", str(out), "--no-progress", "--max-size", "64"]
+        code = main([str(url_list), *options])
+        err = capsys.readouterr().err
+        records = _by_url(read_manifest(out))
+        _check_intact(out)
+        samples = len(_all_samples(out))
+        left = leftovers(out)
+
+    assert code == 3
+    assert "No space left on device" in err
+    assert sorted(records) == sorted(urls)
+    assert records[big]["status"] == "failed"
+    assert samples == sum(r["status"] == "ok" for r in records.values()) > 0
+    assert left == []
 
 
 def test_a_deleted_shard_is_redone_into_a_new_shard(
