@@ -48,7 +48,14 @@ from downloader.errors import DownloaderError, OutputError
 from downloader.manifest import record_key, record_line
 from downloader.records import Job, Outcome, Stage, Status
 
-__all__ = ["SHARD_NAME", "ShardIndex", "ShardWriter", "sample_key"]
+__all__ = [
+    "SHARD_NAME",
+    "ShardIndex",
+    "ShardWriter",
+    "first_free_number",
+    "sample_key",
+    "shard_name",
+]
 
 SHARD_NAME = re.compile(r"[0-9]{5,}\.tar")
 """A finished shard's name in the output folder (``00003.tar``)."""
@@ -71,6 +78,16 @@ def sample_key(index: int) -> str:
 def shard_name(number: int) -> str:
     """The file name of shard ``number``: ``00003.tar``."""
     return f"{number:05d}.tar"
+
+
+def first_free_number(out: Path) -> int:
+    """One past the highest shard number in ``out`` (0 if none, or no folder)."""
+    try:
+        names = [entry.name for entry in os.scandir(out)]
+    except FileNotFoundError:
+        return 0
+    numbers = [int(name[:-4]) for name in names if SHARD_NAME.fullmatch(name)]
+    return max(numbers, default=-1) + 1
 
 
 def _failed(outcome: Outcome, reason: str) -> Outcome:
@@ -182,23 +199,22 @@ class ShardWriter:
         self._seen = -1
         self._ended = False
         self._open: dict[int, _Shard] = {}
-        self._first = self._first_number(force)
+        if force:
+            self._remove_shards()
+        self._first = first_free_number(out)
 
-    def _first_number(self, force: bool) -> int:
-        """One past the highest shard in the folder (removed first with ``force``)."""
-        numbers = []
+    def _remove_shards(self) -> None:
+        """Remove the folder's shards (files only: a link there is not ours)."""
         for entry in os.scandir(self._out):
-            if SHARD_NAME.fullmatch(entry.name):
-                if force and entry.is_file(follow_symlinks=False):
-                    try:
-                        os.unlink(entry.path)
-                    except OSError as exc:
-                        raise OutputError(
-                            f"cannot remove {entry.path}: {exc.strerror}"
-                        ) from exc
-                    continue
-                numbers.append(int(entry.name.removesuffix(".tar")))
-        return max(numbers, default=-1) + 1
+            if SHARD_NAME.fullmatch(entry.name) and entry.is_file(
+                follow_symlinks=False
+            ):
+                try:
+                    os.unlink(entry.path)
+                except OSError as exc:
+                    raise OutputError(
+                        f"cannot remove {entry.path}: {exc.strerror}"
+                    ) from exc
 
     def watch(self, items: Iterable[Job | Outcome]) -> Iterator[Job | Outcome]:
         """Pass the plan on, noting each job's index and slice."""

@@ -28,7 +28,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from downloader import InputError, OutputFormat, Settings, Status, run
+from downloader import InputError, OutputFormat, Settings, Status, dry_run, run
 from downloader.cli import main
 from downloader.settings import LOCAL_MODES, ImageSpec, Mode, NameBy, Part
 from downloader.sources import LocalFiles
@@ -492,4 +492,25 @@ def test_the_readme_streams_the_shards_as_written(
     assert loop.returncode == 0, loop.stderr
     assert loop.stdout.splitlines() == [
         f"epoch {epoch}: {len(urls)} images" for epoch in range(2)
+    ]
+
+
+def test_a_dry_run_shows_each_sample_in_its_shard(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Done samples are skips in their shard; new ones go to shards after them."""
+    urls = corpus_urls(server, corpus)[:4]
+    out = tmp_path / "out"
+    settings = fast_settings(
+        out, output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
+    )
+    run(urls[:2], settings)
+
+    plan = dry_run(urls, settings)
+
+    assert [(item.action.value, item.path) for item in plan.items] == [
+        ("skip", "00000.tar:000000000"),
+        ("skip", "00000.tar:000000001"),
+        ("fetch", "00001.tar:000000002.jpg"),
+        ("fetch", "00002.tar:000000003.jpg"),
     ]
