@@ -256,7 +256,10 @@ class ShardWriter:
         with self._lock:
             index = self._index.pop(record_key(outcome.url), None)
             if index is not None:
-                self._waiting[index // self._size] -= 1
+                number = index // self._size
+                self._waiting[number] -= 1
+                if self._waiting[number] == 0 and number not in self._open:
+                    del self._waiting[number]  # one slice after another: none kept
         if index is None or outcome.status is not Status.OK:
             yield outcome  # not this run's sample: its record goes as it is
         else:
@@ -317,7 +320,7 @@ class ShardWriter:
             else:
                 yield from shard.records
             with self._lock:
-                del self._waiting[number]
+                self._waiting.pop(number, None)
 
 
 def _members(

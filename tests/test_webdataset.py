@@ -365,8 +365,8 @@ def test_other_sizes_and_local_files_go_into_the_shards(
     """--input-dir works; --sizes adds <key>.<box>.jpg beside <key>.jpg."""
     out = tmp_path / "out"
     image = ImageSpec(sizes=((64, 64), (32, 32)))
-    settings = fast_settings(
-        out, output_format=OutputFormat.WEBDATASET, shard_size=5, image=image
+    settings = fast_settings(  # a shard per image: each opened by its own sample
+        out, output_format=OutputFormat.WEBDATASET, shard_size=1, image=image
     )
 
     report = run(LocalFiles(str(corpus / "img-*")), settings)
@@ -375,7 +375,7 @@ def test_other_sizes_and_local_files_go_into_the_shards(
     assert oks
     assert not (out / "32").exists() or list((out / "32").iterdir()) == []
     samples = _all_samples(out)
-    assert len(samples) == len(oks)
+    assert len(samples) == len(oks) == len(_shards(out))
     for _, _, members in samples:
         assert {"jpg", "32.jpg", "json"} <= set(members)
         with Image.open(io.BytesIO(members["32.jpg"])) as small:
