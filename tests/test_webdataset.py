@@ -28,7 +28,15 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from downloader import InputError, OutputFormat, Settings, Status, dry_run, run
+from downloader import (
+    InputError,
+    OutputFormat,
+    Settings,
+    Status,
+    dry_run,
+    iter_results,
+    run,
+)
 from downloader.cli import main
 from downloader.settings import LOCAL_MODES, ImageSpec, Mode, NameBy, Part
 from downloader.sources import LocalFiles
@@ -514,3 +522,23 @@ def test_a_dry_run_shows_each_sample_in_its_shard(
         ("fetch", "00001.tar:000000002.jpg"),
         ("fetch", "00002.tar:000000003.jpg"),
     ]
+
+
+def test_leaving_iter_results_early_ends_the_shards_with_their_records(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A caller that stops reading: shards in progress end whole, records follow."""
+    urls = corpus_urls(server, corpus)
+    out = tmp_path / "out"
+    settings = fast_settings(
+        out, output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
+    )
+
+    results = iter_results(urls, settings)
+    first = next(results)
+    results.close()
+
+    assert first.url in urls
+    assert sorted(str(r["url"]) for r in read_manifest(out)) == sorted(urls)
+    _check_intact(out)
+    assert leftovers(out) == []
