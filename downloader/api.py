@@ -23,7 +23,14 @@ from downloader.runtime import (
     cancel_on_signals,
     helper_processes,
 )
-from downloader.settings import VERSION, NameBy, Settings, check_environment_proxies
+from downloader.settings import (
+    VERSION,
+    NameBy,
+    OutputFormat,
+    Settings,
+    check_environment_proxies,
+)
+from downloader.shard_writer import ShardIndex, ShardWriter
 from downloader.sources import LocalFiles, Prefetched, Source, open_source
 
 __all__ = ["Source", "iter_results", "run"]
@@ -106,6 +113,21 @@ def _every_record(
     lifecycle.raise_if_failed()
 
 
+def _shard_writer(
+    settings: Settings, folder: OutputFolder, lifecycle: Lifecycle
+) -> ShardWriter | None:
+    """The run's shard writer with ``--output-format webdataset``, else None."""
+    if settings.output_format is OutputFormat.FILES:
+        return None
+    return ShardWriter(
+        folder.path,
+        folder.tmp,
+        settings.shard_size,
+        lifecycle.fail_run,
+        force=settings.force,
+    )
+
+
 def iter_results(
     source: Source,
     settings: Settings,
@@ -166,15 +188,20 @@ def iter_results(
             folder,
             fingerprint=fingerprint,
             by_content=settings.name_by is NameBy.SHA256 and not settings.force,
+            holds=ShardIndex(folder.path).holds,
         )
         usage = usage or Usage()
         context = RunContext(folder.path, folder.tmp, events, cancel, usage)
         content = ContentIndex(settings, folder.path, previous.same_content)
         lifecycle = Lifecycle(settings, context, content.claim)
+        shards = _shard_writer(settings, folder, lifecycle)
         with ManifestWriter(folder, previous) as manifest:
-            plan = _plan(items, previous, settings.force)
+            watched = items if shards is None else shards.watch(items)
+            plan = _plan(watched, previous, settings.force)
             results = content.relay(runner(plan, lifecycle))
             records = _every_record(results, plan, lifecycle)
+            if shards is not None:
+                records = shards.place(records)
 
             tally = Tally()
 

@@ -49,6 +49,7 @@ from downloader.settings import (
     Mode,
     NameBy,
     Number,
+    OutputFormat,
     Part,
     ResizeMode,
     Settings,
@@ -295,6 +296,14 @@ def _add_run_options(run: argparse._ArgumentGroup, defaults: Settings) -> None:
         help="output folder: images, manifest.jsonl, failed.txt",
     )
     run.add_argument(
+        "--output-format",
+        choices=[f.value for f in OutputFormat],
+        default=defaults.output_format.value,
+        help="files: one image file per URL; webdataset: tar shards OUT/00000.tar, "
+        "... of --shard-size list entries each (<key>.jpg, <key>.json, <key>.txt "
+        "from a caption column)",
+    )
+    run.add_argument(
         "--mode",
         choices=[m.value for m in Mode],
         default=defaults.mode.value,
@@ -308,8 +317,8 @@ def _add_run_options(run: argparse._ArgumentGroup, defaults: Settings) -> None:
         type=int,
         default=defaults.shard_size,
         metavar="N",
-        help="--mode ray: consecutive list entries per Ray task; --per-host "
-        "applies per task",
+        help="consecutive list entries per Ray task (--mode ray; --per-host "
+        "applies per task) and per tar shard (--output-format webdataset)",
     )
     run.add_argument(
         "--ray-address",
@@ -687,6 +696,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         download_procs=args.download_procs,
         force=args.force,
         name_by=NameBy(args.name_by),
+        output_format=OutputFormat(args.output_format),
         keep_originals=args.keep_originals,
         item_timeout=args.item_timeout,
         shard_size=args.shard_size,
@@ -1023,6 +1033,10 @@ def _downloads(args: argparse.Namespace) -> bool:
 _LOCAL_FILES = "--input-dir reads local files, nothing is downloaded"
 
 
+def _writes_shards(args: argparse.Namespace) -> bool:
+    return bool(args.output_format == OutputFormat.WEBDATASET.value)
+
+
 def _runs_ray(args: argparse.Namespace) -> bool:
     """Whether the command runs ``--mode ray`` (alone, or among --compare's modes)."""
     if args.compare:
@@ -1038,8 +1052,9 @@ _IGNORED_UNLESS: dict[str, tuple[Callable[[argparse.Namespace], bool], str]] = {
         "--compare runs --modes (default: all but ray), not --mode",
     ),
     "shard_size": (
-        _runs_ray,
-        "--shard-size goes with --mode ray (or ray in --compare's --modes)",
+        lambda args: _runs_ray(args) or _writes_shards(args),
+        "--shard-size goes with --mode ray (or ray in --compare's --modes) or "
+        "--output-format webdataset",
     ),
     "ray_address": (
         _runs_ray,
@@ -1101,6 +1116,11 @@ def _check_combinations(args: argparse.Namespace) -> None:
     if args.events is not None and (args.compare or args.dry_run):
         other = "--compare" if args.compare else "--dry-run"
         raise InputError(f"--events records one run; it does not go with {other}")
+    if args.compare and _writes_shards(args):
+        raise InputError(
+            "--compare checks output files; it does not go with --output-format "
+            "webdataset"
+        )
     if args.dry_run and args.compare:
         raise InputError("--dry-run and --compare do not go together")
     if args.events == "-" and args.json:

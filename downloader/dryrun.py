@@ -26,7 +26,7 @@ import socket
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import urlsplit
 
@@ -35,7 +35,13 @@ from downloader.parts import part_of
 from downloader.records import Job, Outcome, aside
 from downloader.resolve import BlockPolicy, blocked_address_kind
 from downloader.reuse import settings_fingerprint
-from downloader.settings import ImageFormat, NameBy, Part, Settings
+from downloader.settings import ImageFormat, NameBy, OutputFormat, Part, Settings
+from downloader.shard_writer import (
+    ShardIndex,
+    first_free_number,
+    sample_key,
+    shard_name,
+)
 from downloader.sources import (
     Line,
     LocalFiles,
@@ -118,6 +124,7 @@ def dry_run(source: Source, settings: Settings) -> DryRun:
         OutputError: an existing manifest cannot be read.
     """
     previous = _previous_run(settings)
+    first = 0 if settings.force else first_free_number(settings.out)
     items = []
     other_parts = 0
     for item in _planned(source, settings):
@@ -125,7 +132,7 @@ def dry_run(source: Source, settings: Settings) -> DryRun:
         if part is not None and part_of(item.url, part.count) != part.number:
             other_parts += 1
         elif isinstance(item, Job):
-            items.append(_plan_job(item, settings, previous))
+            items.append(_plan_job(item, settings, previous, first))
         else:
             items.append(item)
     hosts = Counter(
@@ -148,7 +155,11 @@ def _previous_run(settings: Settings) -> PreviousRun | None:
         name and (settings.out / name).is_file() for name in names
     ):
         return None
-    return PreviousRun(folder, fingerprint=settings_fingerprint(settings))
+    return PreviousRun(
+        folder,
+        fingerprint=settings_fingerprint(settings),
+        holds=ShardIndex(settings.out).holds,
+    )
 
 
 def _planned(source: Source, settings: Settings) -> Iterator[Job | PlannedItem]:
@@ -206,10 +217,12 @@ def _invalid(outcome: Outcome) -> PlannedItem:
 
 
 def _plan_job(
-    job: Job, settings: Settings, previous: PreviousRun | None
+    job: Job, settings: Settings, previous: PreviousRun | None, first: int
 ) -> PlannedItem:
+    """``first``: the number of the first new shard (``--output-format
+    webdataset``)."""
     if job.local_path is not None:
-        path, *others = _output_names(job.stem, settings)
+        path, *others = _output_names(job, settings, first)
         return PlannedItem(Action.PROCESS, job.url, job.line, path, tuple(others))
     earlier = previous.earlier(job.url) if previous is not None else None
     if previous is not None and earlier is not None:
@@ -218,12 +231,12 @@ def _plan_job(
                 Action.SKIP,
                 job.url,
                 job.line,
-                earlier.path,
+                earlier.path or _in_shard(earlier.shard, earlier.key),
                 earlier.outputs or (),
                 reason="already ok in the manifest (use --force to redo)",
             )
         if previous.kept_original(earlier) is not None:
-            path, *others = _output_names(job.stem, settings)
+            path, *others = _output_names(job, settings, first)
             return PlannedItem(
                 Action.PROCESS,
                 job.url,
@@ -237,13 +250,27 @@ def _plan_job(
     blocked = _blocked_literal(job.key, policy) if http.block_private else None
     if blocked is not None:
         return PlannedItem(Action.INVALID, job.url, job.line, reason=blocked)
-    path, *others = _output_names(job.stem, settings)
+    path, *others = _output_names(job, settings, first)
     return PlannedItem(Action.FETCH, job.url, job.line, path, tuple(others))
 
 
-def _output_names(stem: str, settings: Settings) -> list[str]:
+def _in_shard(shard: str | None, key: str | None) -> str | None:
+    """How a sample is shown: ``00003.tar:000000123``."""
+    return None if shard is None else f"{shard}:{key}"
+
+
+def _output_names(job: Job, settings: Settings, first: int) -> list[str]:
     if settings.name_by is NameBy.SHA256:
         return [BY_CONTENT]
+    names = _file_names(job.stem, settings)
+    if settings.output_format is OutputFormat.WEBDATASET:
+        shard = shard_name(first + job.index // settings.shard_size)
+        extension = PurePosixPath(names[0]).suffix
+        return [f"{_in_shard(shard, sample_key(job.index))}{extension}"]
+    return names
+
+
+def _file_names(stem: str, settings: Settings) -> list[str]:
     spec = settings.image
     if spec.format is not ImageFormat.KEEP:
         return output_names(stem, spec, spec.format)

@@ -81,7 +81,7 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -702,9 +702,13 @@ class PreviousRun:
         *,
         fingerprint: str | None = None,
         by_content: bool = False,
+        holds: Callable[[Outcome], bool] | None = None,
     ) -> None:
+        """``holds``: whether a record's tar shard holds its sample
+        (``shard_writer.ShardIndex.holds``); None: no record in a shard stands."""
         self._folder = folder
         self._fingerprint = fingerprint
+        self._holds = holds
         self._latest: dict[bytes, int] = {}
         """URL digest → where its latest line is if it is ok, else ``_NOT_DONE``
         (or ``_NOT_DONE_IN_BASE``)."""
@@ -744,7 +748,7 @@ class PreviousRun:
                     self.lines += 1
                     self.unique += not _own(self._latest.get(key, _NOT_DONE_IN_BASE))
                 where = _NOT_DONE if own else _NOT_DONE_IN_BASE
-                if outcome.ok and outcome.path:
+                if outcome.ok and (outcome.path or outcome.shard):
                     where = offset << _WHICH_BITS | which
                     if by_content and outcome.sha256:
                         self._by_content[_content_key(outcome.sha256)] = where
@@ -782,9 +786,12 @@ class PreviousRun:
         return None if where < 0 else self._read(where)
 
     def current(self, outcome: Outcome) -> bool:
-        """Tell whether an ok record still stands: same settings, image still there."""
+        """Tell whether an ok record still stands: same settings, image still there
+        (for a sample: its shard still holds its key)."""
         if outcome.settings is not None and outcome.settings != self._fingerprint:
             return False
+        if outcome.shard is not None:
+            return self._holds is not None and self._holds(outcome)
         return outcome.path is not None and (self._folder.path / outcome.path).is_file()
 
     def kept_original(self, outcome: Outcome) -> Path | None:

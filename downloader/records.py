@@ -180,6 +180,11 @@ class Outcome:
     """The kept download (``--keep-originals``), relative to the output folder."""
     settings: str | None = None
     """Fingerprint of the settings that decide the output files (ok records)."""
+    shard: str | None = None
+    """The tar shard holding the sample (``--output-format webdataset``), relative
+    to the output folder: ``00003.tar``; ``path`` is then None."""
+    key: str | None = None
+    """The sample's key in ``shard`` (its members are ``<key>.<ext>``)."""
 
     def __post_init__(self) -> None:
         # Every record passes here, whoever made it: reasons are one line (see
@@ -193,7 +198,8 @@ class Outcome:
     def ok(self) -> bool:
         """True for a URL whose output exists (ok now, or skipped as already done)."""
         return self.status is Status.OK or (
-            self.status is Status.SKIPPED and self.path is not None
+            self.status is Status.SKIPPED
+            and (self.path is not None or self.shard is not None)
         )
 
     def to_json(self) -> dict[str, Any]:

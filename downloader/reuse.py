@@ -30,7 +30,13 @@ from pathlib import Path
 
 from downloader.errors import TransformError
 from downloader.records import Fetched, Outcome, Stage, Status, Transformed
-from downloader.settings import SHA256_STEM_DIGITS, ImageFormat, NameBy, Settings
+from downloader.settings import (
+    SHA256_STEM_DIGITS,
+    ImageFormat,
+    NameBy,
+    OutputFormat,
+    Settings,
+)
 from downloader.steps import discard, keep_download
 
 __all__ = [
@@ -73,7 +79,9 @@ def settings_fingerprint(settings: Settings) -> str:
 
     Covers the image settings that change output bytes or names (boxes, resize,
     format, quality, …, the custom transform's reference but not its code) and
-    ``name_by``. Records made with another fingerprint are redone on a rerun.
+    ``name_by``, and ``output_format`` when it is not ``files`` (a sample in a shard
+    is not a file, and back). Records made with another fingerprint are redone on
+    a rerun.
     """
     spec = settings.image
     boxes = spec.boxes
@@ -94,6 +102,9 @@ def settings_fingerprint(settings: Settings) -> str:
         "grayscale": spec.grayscale,
         "transform": spec.transform,
     }
+    if settings.output_format is not OutputFormat.FILES:
+        # Only then, so that the fingerprints of files runs stay what they were.
+        facts["output_format"] = settings.output_format.value
     text = json.dumps(facts, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:_FINGERPRINT_DIGITS]
 

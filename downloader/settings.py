@@ -41,6 +41,7 @@ __all__ = [
     "Mode",
     "NameBy",
     "Number",
+    "OutputFormat",
     "Part",
     "ResizeMode",
     "Settings",
@@ -144,6 +145,16 @@ class NameBy(enum.Enum):
     SHA256 = "sha256"
     """The first ``SHA256_STEM_DIGITS`` hex digits of the body's SHA-256; bodies with
     the same content are transformed once."""
+
+
+class OutputFormat(enum.Enum):
+    """How outputs are laid out; ``.value`` is what ``--output-format`` accepts."""
+
+    FILES = "files"
+    """One file per output image in the output folder."""
+    WEBDATASET = "webdataset"
+    """Numbered tar shards (``00000.tar``, ...) of ``shard_size`` list entries each,
+    in the WebDataset layout (``<key>.jpg``, ``<key>.json``, ``<key>.txt``)."""
 
 
 # 16 hex digits = 64 bits: a chance collision needs about 4 billion distinct bodies.
@@ -842,8 +853,11 @@ class Settings:
     stall_report: float = 60.0
     """Seconds without any item finishing after which the URLs in progress are logged
     (logger ``downloader``, warning); the run goes on."""
+    output_format: OutputFormat = OutputFormat.FILES
+    """One file per image, or tar shards (``--output-format``)."""
     shard_size: int = 1000
-    """``--mode ray``: consecutive list entries per Ray task (``--shard-size``)."""
+    """Consecutive list entries per Ray task (``--mode ray``) and per tar shard
+    (``--output-format webdataset``): one flag, one slice (``--shard-size``)."""
     ray_address: str | None = None
     """``--mode ray``: the cluster to join (``auto`` or an address); None starts a
     local Ray for the run, on 127.0.0.1 only (``--ray-address``)."""
@@ -862,6 +876,8 @@ class Settings:
             "shared between URLs of different parts, which would write and remove "
             "the same files",
         )
+        if self.output_format is OutputFormat.WEBDATASET:
+            _check_webdataset(self)
         if self.mode is Mode.RAY:
             _require(
                 self.name_by is NameBy.URL,
@@ -893,6 +909,27 @@ class Settings:
         return max(1, min(self.procs // DOWNLOAD_PROC_PER_WORKERS, self.threads))
 
 
+def _check_webdataset(settings: Settings) -> None:
+    """Refuse what tar shards cannot go with (one line each, exit 2)."""
+    # A sample is one URL's own bytes: outputs shared by content have no one key.
+    _require(
+        settings.name_by is NameBy.URL,
+        "--name-by sha256 does not go with --output-format webdataset (each sample "
+        "holds its own image, so there is nothing to share): use --name-by url",
+    )
+    # Parts would number their shards alike in one folder.
+    _require(
+        settings.part is None,
+        "--part does not go with --output-format webdataset (the parts' shards "
+        "would share numbers): run the list whole, or --output-format files",
+    )
+    _require(
+        settings.mode is not Mode.RAY,
+        "--output-format webdataset does not go with --mode ray yet: use a local "
+        "--mode, or --output-format files",
+    )
+
+
 _SETTINGS_CHECKS: Mapping[str, Check] = {
     "out": _Location("--out"),
     "mode": _Choice("--mode", Mode),
@@ -905,6 +942,7 @@ _SETTINGS_CHECKS: Mapping[str, Check] = {
     "item_timeout": _seconds("--item-timeout"),
     "max_tasks_per_worker": Whole("max_tasks_per_worker", 1, TASKS_LIMIT),
     "stall_report": _seconds("stall_report"),
+    "output_format": _Choice("--output-format", OutputFormat),
     "shard_size": Whole("--shard-size", 1, SHARD_SIZE_LIMIT),
     # An address: printable ASCII, no spaces at either end (as a header value).
     "ray_address": _Text("--ray-address", optional=True, header=True),

@@ -1,0 +1,386 @@
+"""Tar shards in the WebDataset layout (``--output-format webdataset``).
+
+The schedulers make outputs as ever (files in the output folder); the main process,
+the only writer of results, then moves each finished output into its shard, by
+path, and removes the loose file::
+
+    plan ──watch()──► scheduler ──► records ──place()──► manifest
+      (job index by URL)              │ ok: output file ──► OUT/.tmp/00003.tar
+                                      │                     (appended, by path)
+                                      └ slice decided ──► rename to OUT/00003.tar,
+                                                          then its records go out
+
+- **Slices.** Entry ``i`` of the list (``Job.index``) belongs to slice
+  ``i // shard_size`` (the slices ``--mode ray`` hands out) and to shard
+  ``first + slice``, where ``first`` is one more than the highest shard already in
+  the folder (0 in a new one), so a rerun never writes into a finished shard. A slice
+  none of whose entries made a sample has no shard.
+- **Samples.** Key: the entry's index, zero-padded (``000000123``; WebDataset cuts
+  keys at the first dot). Members: ``<key>.<ext>`` (the main output),
+  ``<key>.<box>.<ext>`` (the other ``--sizes``), ``<key>.json`` (the record, naming
+  ``shard`` and ``key``), ``<key>.txt`` (a ``caption`` column).
+- **No half shard, no dangling record.** A shard is written in ``OUT/.tmp`` (emptied
+  by every run's start and end) and renamed into ``OUT`` once each entry of its slice
+  has a record; only then are its samples' records let out to the manifest. A stop
+  (Ctrl-C, a local fault) ends the slices with what they hold the same way; a killed
+  main process leaves only scratch, and no record names it.
+- **Bounded.** A shard is open while an entry of its slice is in flight, so open
+  shards follow the schedulers' in-flight window; a shard's bytes go from file to
+  file, never through memory. Held back are the shards' ok records only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
+
+from downloader.errors import DownloaderError, OutputError
+from downloader.manifest import record_key, record_line
+from downloader.records import Job, Outcome, Stage, Status
+
+__all__ = [
+    "SHARD_NAME",
+    "ShardIndex",
+    "ShardWriter",
+    "first_free_number",
+    "sample_key",
+    "shard_name",
+]
+
+SHARD_NAME = re.compile(r"[0-9]{5,}\.tar")
+"""A finished shard's name in the output folder (``00003.tar``)."""
+KEY_DIGITS = 9
+"""Digits of a sample's key: a billion entries sort right; longer lists still work."""
+CAPTION_COLUMN = "caption"
+_BLOCK = 512  # tar's block: every header and member is padded to it
+_END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
+_COPY_CHUNK = 1024 * 1024
+# Shards whose member names a resume keeps: records of one shard come together in a
+# manifest, so a few cover the order a run wrote them in without holding them all.
+_SHARDS_REMEMBERED = 16
+
+
+def sample_key(index: int) -> str:
+    """The key of list entry ``index``: ``000000123``."""
+    return f"{index:0{KEY_DIGITS}d}"
+
+
+def shard_name(number: int) -> str:
+    """The file name of shard ``number``: ``00003.tar``."""
+    return f"{number:05d}.tar"
+
+
+def first_free_number(out: Path) -> int:
+    """One past the highest shard number in ``out`` (0 if none, or no folder)."""
+    try:
+        names = [entry.name for entry in os.scandir(out)]
+    except FileNotFoundError:
+        return 0
+    numbers = [int(name[:-4]) for name in names if SHARD_NAME.fullmatch(name)]
+    return max(numbers, default=-1) + 1
+
+
+def _failed(outcome: Outcome, reason: str) -> Outcome:
+    """An ok record whose sample could not be written, as a failure."""
+    return replace(
+        outcome,
+        status=Status.FAILED,
+        error=reason,
+        stage=Stage.TRANSFORM,
+        path=None,
+        outputs=None,
+        width=None,
+        height=None,
+        note=None,
+        settings=None,
+        original=None,
+    )
+
+
+class _Shard:
+    """One shard being written: a tar file in scratch, members appended by hand.
+
+    Written without ``tarfile.TarFile`` so that a sample that fails half-way (a full
+    disk) can be cut off again (``truncate`` to where it began), leaving a valid tar.
+    """
+
+    def __init__(self, name: str, scratch: Path) -> None:
+        self.name = name
+        self.path = scratch / name
+        self.records: list[Outcome] = []
+        self._file = self.path.open("xb")
+
+    def add_sample(self, members: list[tuple[str, Path | bytes]]) -> None:
+        """Append one sample's members, all or none.
+
+        Raises:
+            OSError: it could not be written; the shard is as it was.
+        """
+        start = self._file.tell()
+        try:
+            for name, content in members:
+                self._add(name, content)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self._file.truncate(start)
+                self._file.seek(start)
+            raise
+
+    def _add(self, name: str, content: Path | bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.mtime = int(time.time())
+        info.mode = 0o644
+        if isinstance(content, bytes):
+            info.size = len(content)
+            self._file.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict"))
+            self._file.write(content)
+        else:
+            with content.open("rb") as source:
+                info.size = os.fstat(source.fileno()).st_size
+                self._file.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "strict"))
+                shutil.copyfileobj(source, self._file, _COPY_CHUNK)
+        self._file.write(b"\0" * (-info.size % _BLOCK))
+
+    def finish(self, out: Path) -> None:
+        """End the archive, flush it to disk and rename it to ``out/<name>``.
+
+        Raises:
+            OSError: it could not be written or renamed.
+        """
+        try:
+            self._file.write(_END_OF_ARCHIVE)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+        os.replace(self.path, out / self.name)
+
+    def abandon(self) -> None:
+        """Close it where it is (scratch, which the folder empties)."""
+        self._file.close()
+
+
+class ShardWriter:
+    """Move each run's outputs into numbered shards; hold records until renamed.
+
+    ``watch`` sees the plan (from any thread) and ``place`` the records (in the
+    main process's writing loop); see the module docstring.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        scratch: Path,
+        shard_size: int,
+        fail_run: Callable[[BaseException], None],
+        *,
+        force: bool = False,
+    ) -> None:
+        """``force``: remove the folder's shards first (a run that starts over)."""
+        self._out = out
+        self._scratch = scratch
+        self._size = shard_size
+        self._fail_run = fail_run
+        self._lock = threading.Lock()
+        self._index: dict[bytes, int] = {}
+        """URL digest → list index, for jobs whose record has not come yet."""
+        self._waiting: Counter[int] = Counter()
+        """Slice → entries seen in the plan whose record has not come yet."""
+        self._seen = -1
+        self._ended = False
+        self._open: dict[int, _Shard] = {}
+        if force:
+            self._remove_shards()
+        self._first = first_free_number(out)
+
+    def _remove_shards(self) -> None:
+        """Remove the folder's shards (files only: a link there is not ours)."""
+        for entry in os.scandir(self._out):
+            if SHARD_NAME.fullmatch(entry.name) and entry.is_file(
+                follow_symlinks=False
+            ):
+                try:
+                    os.unlink(entry.path)
+                except OSError as exc:
+                    raise OutputError(
+                        f"cannot remove {entry.path}: {exc.strerror}"
+                    ) from exc
+
+    def watch(self, items: Iterable[Job | Outcome]) -> Iterator[Job | Outcome]:
+        """Pass the plan on, noting each job's index and slice."""
+        for item in items:
+            if isinstance(item, Job):
+                with self._lock:
+                    self._index[record_key(item.url)] = item.index
+                    self._waiting[item.index // self._size] += 1
+                    self._seen = max(self._seen, item.index)
+            yield item
+        with self._lock:
+            self._ended = True
+
+    def place(self, records: Iterator[Outcome]) -> Generator[Outcome, None, None]:
+        """Yield the records to write: others at once, samples' once their shard is.
+
+        At the end, or when ``records`` raises (a local fault, after every input's
+        record), the shards still open are finished with what they hold. Closed
+        early (the manifest cannot be written), they are left in scratch: no record
+        names them.
+        """
+        try:
+            try:
+                for outcome in records:
+                    yield from self._take(outcome)
+            except DownloaderError:
+                yield from self._finish(list(self._open))
+                raise
+            yield from self._finish(list(self._open))
+        finally:
+            for shard in self._open.values():
+                shard.abandon()
+            self._open.clear()
+            close = getattr(records, "close", None)
+            if close is not None:
+                close()
+
+    def _take(self, outcome: Outcome) -> Iterator[Outcome]:
+        with self._lock:
+            index = self._index.pop(record_key(outcome.url), None)
+            if index is not None:
+                number = index // self._size
+                self._waiting[number] -= 1
+                if self._waiting[number] == 0 and number not in self._open:
+                    del self._waiting[number]  # one slice after another: none kept
+        if index is None or outcome.status is not Status.OK:
+            yield outcome  # not this run's sample: its record goes as it is
+        else:
+            failure = self._add(index, outcome)
+            if failure is not None:
+                yield failure
+        yield from self._finish(self._decided())
+
+    def _decided(self) -> list[int]:
+        """The open slices every entry of which has its record."""
+        with self._lock:
+            return [
+                number
+                for number in self._open
+                if self._waiting[number] == 0
+                and (self._ended or self._seen >= (number + 1) * self._size - 1)
+            ]
+
+    def _add(self, index: int, outcome: Outcome) -> Outcome | None:
+        """Append ``outcome``'s sample to its shard; a failure record if it cannot."""
+        number = index // self._size
+        names = (outcome.path, *(outcome.outputs or ()))
+        loose = [self._out / name for name in names if name is not None]
+        try:
+            shard = self._open.get(number)
+            if shard is None:
+                shard = _Shard(shard_name(self._first + number), self._scratch)
+                self._open[number] = shard
+            record = replace(
+                outcome,
+                path=None,
+                outputs=None,
+                shard=shard.name,
+                key=sample_key(index),
+            )
+            shard.add_sample(_members(record, outcome, self._out))
+        except OSError as exc:
+            reason = f"cannot write shard: {exc.strerror or exc}"
+            self._fail_run(OutputError(reason))
+            return _failed(outcome, reason)
+        finally:
+            for path in loose:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        shard.records.append(record)
+        return None
+
+    def _finish(self, numbers: list[int]) -> Iterator[Outcome]:
+        """Rename these slices' shards, then yield their records."""
+        for number in numbers:
+            shard = self._open.pop(number)
+            try:
+                shard.finish(self._out)
+            except OSError as exc:
+                reason = f"cannot write shard {shard.name}: {exc.strerror or exc}"
+                self._fail_run(OutputError(reason))
+                yield from (_failed(record, reason) for record in shard.records)
+            else:
+                yield from shard.records
+            with self._lock:
+                self._waiting.pop(number, None)
+
+
+def _members(
+    record: Outcome, made: Outcome, out: Path
+) -> list[tuple[str, Path | bytes]]:
+    """A sample's members: its outputs (by path in ``out``), record, caption."""
+    key = record.key
+    assert made.path is not None  # an ok record of this run
+    assert key is not None
+    out_names = [(made.path, "")]
+    out_names += [
+        (name, f".{PurePosixPath(name).parent.name}") for name in made.outputs or ()
+    ]
+    members: list[tuple[str, Path | bytes]] = [
+        (f"{key}{label}{PurePosixPath(name).suffix}", out / name)
+        for name, label in out_names
+    ]
+    members.append((f"{key}.json", record_line(record)))
+    caption = dict(record.extra or ()).get(CAPTION_COLUMN)
+    if caption is not None:
+        text = caption if isinstance(caption, str) else json.dumps(caption)
+        members.append((f"{key}.txt", text.encode("utf-8", "backslashreplace")))
+    return members
+
+
+class ShardIndex:
+    """Tell whether a record's shard holds its key: member names read once a shard.
+
+    A resume asks it of each ok record in a shard; a shard's names are read on the
+    first question (headers only: tar seeks over the data) and the last few shards'
+    are kept. A shard that is gone or cannot be read holds nothing.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+        self._keys: OrderedDict[str, frozenset[str]] = OrderedDict()
+
+    def holds(self, outcome: Outcome) -> bool:
+        """True if ``outcome.shard`` in the folder has a member ``<key>.*``."""
+        name, key = outcome.shard, outcome.key
+        if name is None or key is None or not SHARD_NAME.fullmatch(name):
+            return False  # a hand-edited record: never read outside the folder
+        with self._lock:
+            keys = self._keys.get(name)
+            if keys is None:
+                keys = self._read(self._out / name)
+                self._keys[name] = keys
+                if len(self._keys) > _SHARDS_REMEMBERED:
+                    self._keys.popitem(last=False)
+            else:
+                self._keys.move_to_end(name)
+        return key in keys
+
+    @staticmethod
+    def _read(path: Path) -> frozenset[str]:
+        if path.is_symlink():
+            return frozenset()  # not a shard this tool wrote
+        try:
+            with tarfile.open(path, "r:") as archive:
+                return frozenset(name.split(".", 1)[0] for name in archive.getnames())
+        except (OSError, tarfile.TarError):
+            return frozenset()

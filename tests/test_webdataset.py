@@ -1,0 +1,544 @@
+"""``--output-format webdataset``: tar shards read back with tarfile and webdataset.
+
+Every local mode, against the real corpus server: each ok URL is one sample in
+one shard, whose JSON agrees with its manifest record; failures have records and no
+sample; Ctrl-C and ``kill -9`` mid-shard, then a rerun, lose and duplicate nothing
+and leave finished shards as they were.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import warnings
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from downloader import (
+    InputError,
+    OutputFormat,
+    Settings,
+    Status,
+    dry_run,
+    iter_results,
+    run,
+)
+from downloader.cli import main
+from downloader.settings import LOCAL_MODES, ImageSpec, Mode, NameBy, Part
+from downloader.sources import LocalFiles
+from tests.helpers import (
+    WAIT_S,
+    LocalServer,
+    corpus_urls,
+    fast_settings,
+    leftovers,
+    read_manifest,
+)
+from tests.test_signals import (  # the signal tests' subprocess and tmpfs helpers
+    STOP_S,
+    _command,
+    _env,
+    _finish,
+    _start,
+    _tmpfs,
+    slow_server,
+)
+
+__all__ = ["slow_server"]  # a fixture, used by name
+
+SHARD_SIZE = 3
+README = Path(__file__).resolve().parents[1] / "README.md"
+MODES = pytest.mark.parametrize("mode", list(LOCAL_MODES), ids=lambda m: m.value)
+
+
+def _caption_list(path: Path, urls: list[str]) -> Path:
+    """A CSV list with a caption per URL (``caption <n>``)."""
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["url", "caption"])
+        writer.writerows([url, f"caption {n}"] for n, url in enumerate(urls))
+    return path
+
+
+def _shards(out: Path) -> list[Path]:
+    return sorted(out.glob("*.tar"))
+
+
+def _read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    """A shard's samples: key → extension → bytes (tarfile, in the order stored)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path, "r:") as archive:
+        for member in archive:
+            key, _, extension = member.name.partition(".")
+            data = archive.extractfile(member)
+            assert data is not None
+            samples.setdefault(key, {})[extension] = data.read()
+    return samples
+
+
+def _all_samples(out: Path) -> list[tuple[str, str, dict[str, bytes]]]:
+    """(shard, key, members) of every sample in every shard of ``out``."""
+    return [
+        (shard.name, key, members)
+        for shard in _shards(out)
+        for key, members in _read_tar(shard).items()
+    ]
+
+
+def _read_with_webdataset(shards: list[Path]) -> list[dict[str, Any]]:
+    """The samples as the webdataset library streams and decodes them."""
+    # webdataset 1.0.2 leaves its open shard files to the garbage collector: collect
+    # here, where their ResourceWarning is expected, not in a later test.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        dataset = wds.WebDataset([str(s) for s in shards], shardshuffle=False)
+        samples = list(dataset.decode("pil"))
+        del dataset
+        gc.collect()
+    return samples
+
+
+def _by_url(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {str(record["url"]): record for record in records}
+
+
+def _check_shards_agree_with_manifest(out: Path) -> dict[str, dict[str, Any]]:
+    """Every ok record's sample is in its shard once, and says what the record says.
+
+    Returns the manifest's records by URL.
+    """
+    records = _by_url(read_manifest(out))
+    samples = _all_samples(out)
+    keys = Counter(key for _, key, _ in samples)
+    urls = Counter(json.loads(m["json"])["url"] for _, _, m in samples)
+    done = {url: r for url, r in records.items() if r["status"] in ("ok", "skipped")}
+
+    assert [key for key, n in keys.items() if n > 1] == []  # no key twice
+    assert sorted(urls) == sorted(done)  # every ok URL, and nothing else
+    assert max(urls.values()) == 1
+    where = {key: (shard, members) for shard, key, members in samples}
+    for url, record in done.items():
+        shard, members = where[record["key"]]
+        sample = json.loads(members["json"])
+        assert record["shard"] == shard
+        assert "path" not in record
+        assert (sample["url"], sample["shard"], sample["key"]) == (
+            url,
+            shard,
+            record["key"],
+        )
+        for field in ("sha256", "width", "height", "bytes"):
+            assert sample[field] == record[field]
+        with Image.open(io.BytesIO(members["jpg"])) as image:
+            image.load()
+            assert image.size == (record["width"], record["height"])
+    return records
+
+
+@MODES
+def test_every_ok_url_is_one_sample_that_matches_its_record(
+    server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode
+) -> None:
+    """Shards hold each ok URL once (image, record, caption); failures: no sample."""
+    good = corpus_urls(server, corpus)
+    bad = [server.url_for("status/404"), server.url_for("noise/x.jpg")]
+    urls = good[:4] + bad + good[4:]
+    url_list = _caption_list(tmp_path / "urls.csv", urls)
+    out = tmp_path / "out"
+    settings = fast_settings(
+        out, mode=mode, output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
+    )
+
+    report = run(url_list, settings)
+
+    records = _check_shards_agree_with_manifest(out)
+    assert [o.status for o in report.results].count(Status.OK) == len(good)
+    for url in bad:
+        assert records[url]["status"] == "failed"
+        assert "shard" not in records[url]
+        assert "key" not in records[url]
+    for number, url in enumerate(urls):
+        record = records[url]
+        if url in good:  # the first run: shard number = list index // shard size
+            assert record["key"] == f"{number:09d}"
+            assert record["shard"] == f"{number // SHARD_SIZE:05d}.tar"
+    names = {p.name for p in out.iterdir()}
+    assert names == {".lock", "manifest.jsonl", "failed.txt"} | {
+        s.name for s in _shards(out)
+    }  # no loose image, no scratch
+    streamed = _read_with_webdataset(_shards(out))
+    assert sorted(s["json"]["url"] for s in streamed) == sorted(good)
+    for sample in streamed:
+        position = urls.index(sample["json"]["url"])
+        assert sample["__key__"] == f"{position:09d}"
+        assert sample["txt"] == f"caption {position}"
+        assert sample["jpg"].size == (sample["json"]["width"], sample["json"]["height"])
+
+
+def _snapshot(shards: list[Path]) -> dict[str, tuple[bytes, int]]:
+    return {s.name: (s.read_bytes(), s.stat().st_mtime_ns) for s in shards}
+
+
+def _check_intact(out: Path) -> None:
+    """After a stop: every shard reads whole; every ok record's shard holds it."""
+    for shard in _shards(out):
+        _read_tar(shard)
+    samples = {(shard, key) for shard, key, _ in _all_samples(out)}
+    for record in read_manifest(out):
+        if record["status"] == "ok":
+            assert (record["shard"], record["key"]) in samples
+
+
+def _rerun_and_check(
+    command: list[str], out: Path, system_tmp: Path, urls: list[str]
+) -> None:
+    """Rerun ``command``: finished shards untouched, every URL once, no scratch."""
+    finished = _snapshot(_shards(out))
+    rerun = subprocess.run(
+        command, capture_output=True, text=True, timeout=WAIT_S, env=_env(system_tmp)
+    )
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert leftovers(out) == []
+    assert not (out / ".tmp").exists()
+    assert {n: v for n, v in _snapshot(_shards(out)).items() if n in finished} == (
+        finished
+    )
+    records = _check_shards_agree_with_manifest(out)
+    assert sorted(records) == sorted(urls)
+    assert {r["status"] for r in records.values()} <= {"ok", "skipped"}
+
+
+def _webdataset_command(url_list: Path, out: Path, mode: Mode) -> list[str]:
+    return _command(
+        url_list,
+        out,
+        "--mode",
+        mode.value,
+        "--output-format",
+        "webdataset",
+        "--shard-size",
+        str(SHARD_SIZE),
+    )
+
+
+@MODES
+def test_ctrl_c_mid_shard_then_a_rerun_loses_and_duplicates_nothing(
+    slow_server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode
+) -> None:
+    """Ctrl-C: shards in progress end with what they hold, records after; rerun
+    fills in the rest in new shards, finished ones untouched."""
+    urls = corpus_urls(slow_server, corpus)
+    url_list = _caption_list(tmp_path / "urls.csv", urls)
+    out = tmp_path / "out"
+    system_tmp = tmp_path / "system-tmp"
+    command = _webdataset_command(url_list, out, mode)
+    process = _start(command, system_tmp)
+    slow_server.wait_for_requests(4)
+
+    os.killpg(process.pid, signal.SIGINT)
+    code, stderr = _finish(process, STOP_S)
+
+    assert code == 130, stderr
+    assert leftovers(out) == []
+    assert len(read_manifest(out)) == len(urls)  # one record per input
+    _check_intact(out)
+    _rerun_and_check(command, out, system_tmp, urls)
+
+
+@MODES
+def test_kill_9_mid_shard_then_a_rerun_loses_and_duplicates_nothing(
+    slow_server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode
+) -> None:
+    """kill -9 of the main process: no shard under a final name is partial, no
+    record names a missing sample; the rerun completes without duplicates."""
+    urls = corpus_urls(slow_server, corpus)
+    url_list = _caption_list(tmp_path / "urls.csv", urls)
+    out = tmp_path / "out"
+    system_tmp = tmp_path / "system-tmp"
+    command = _webdataset_command(url_list, out, mode)
+    process = _start(command, system_tmp)
+    slow_server.wait_for_requests(6)
+
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=WAIT_S)
+
+    assert process.returncode == -signal.SIGKILL
+    _check_intact(out)
+    _rerun_and_check(command, out, system_tmp, urls)
+
+
+@MODES
+def test_a_full_disk_ends_the_shards_in_progress_with_their_records(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    mode: Mode,
+) -> None:
+    """A local fault mid-shard: exit 3, a record per input, every ok record's
+    sample in a whole shard, no scratch left."""
+    small = corpus_urls(server, corpus)[:5]
+    big = f"{server.base_url}/big-unsized"
+    urls = [*small[:3], big, *small[3:]]
+    url_list = _caption_list(tmp_path / "urls.csv", urls)
+
+    with _tmpfs(tmp_path / "disk", "size=256k") as disk:
+        out = disk / "out"
+        options = ["--mode", mode.value, "--threads", "1", "--procs", "1"]
+        options += ["--output-format", "webdataset", "--shard-size", "2"]
+        options += ["--out", str(out), "--no-progress", "--max-size", "64"]
+        code = main([str(url_list), *options])
+        err = capsys.readouterr().err
+        records = _by_url(read_manifest(out))
+        _check_intact(out)
+        samples = len(_all_samples(out))
+        left = leftovers(out)
+
+    assert code == 3
+    assert "No space left on device" in err
+    assert sorted(records) == sorted(urls)
+    assert records[big]["status"] == "failed"
+    assert samples == sum(r["status"] == "ok" for r in records.values()) > 0
+    assert left == []
+
+
+def test_a_deleted_shard_is_redone_into_a_new_shard(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Only the deleted shard's samples are fetched again, into a new number."""
+    urls = corpus_urls(server, corpus)
+    url_list = _caption_list(tmp_path / "urls.csv", urls)
+    out = tmp_path / "out"
+    settings = fast_settings(
+        out, output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
+    )
+    run(url_list, settings)
+    shards = _shards(out)
+    lost = {json.loads(m["json"])["url"] for m in _read_tar(out / "00001.tar").values()}
+    (out / "00001.tar").unlink()
+    kept = _snapshot(_shards(out))
+    requests_before = sum(server.requests.values())
+
+    report = run(url_list, settings)
+
+    redone = {o.url for o in report.results if o.status is Status.OK}
+    assert redone == lost
+    assert sum(server.requests.values()) - requests_before == len(lost)
+    assert _snapshot([out / name for name in kept]) == kept
+    new = sorted(set(_shards(out)) - set(shards))
+    assert len(new) == 1
+    assert int(new[0].stem) > max(int(s.stem) for s in shards)
+    assert {json.loads(m["json"])["url"] for m in _read_tar(new[0]).values()} == lost
+    _check_shards_agree_with_manifest(out)
+
+
+def test_force_starts_over_without_the_old_shards(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """--force removes the folder's shards and writes them again from 00000."""
+    urls = corpus_urls(server, corpus)
+    url_list = _caption_list(tmp_path / "urls.csv", urls)
+    out = tmp_path / "out"
+    settings = fast_settings(
+        out, output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
+    )
+    run(url_list, settings)
+    first = [s.name for s in _shards(out)]
+
+    report = run(url_list, replace(settings, force=True))
+
+    assert {o.status for o in report.results} == {Status.OK}
+    assert [s.name for s in _shards(out)] == first
+    _check_shards_agree_with_manifest(out)
+
+
+def test_other_sizes_and_local_files_go_into_the_shards(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """--input-dir works; --sizes adds <key>.<box>.jpg beside <key>.jpg."""
+    out = tmp_path / "out"
+    image = ImageSpec(sizes=((64, 64), (32, 32)))
+    settings = fast_settings(  # a shard per image: each opened by its own sample
+        out, output_format=OutputFormat.WEBDATASET, shard_size=1, image=image
+    )
+
+    report = run(LocalFiles(str(corpus / "img-*")), settings)
+
+    oks = [o for o in report.results if o.status is Status.OK]
+    assert oks
+    assert not (out / "32").exists() or list((out / "32").iterdir()) == []
+    samples = _all_samples(out)
+    assert len(samples) == len(oks) == len(_shards(out))
+    for _, _, members in samples:
+        assert {"jpg", "32.jpg", "json"} <= set(members)
+        with Image.open(io.BytesIO(members["32.jpg"])) as small:
+            assert max(small.size) == 32
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--mode", "ray"], "does not go with --mode ray"),
+        (["--part", "1/2"], "--part does not go with --output-format webdataset"),
+        (["--name-by", "sha256"], "--name-by sha256 does not go with --output-format"),
+        (["--compare"], "does not go with --output-format webdataset"),
+    ],
+)
+def test_what_shards_do_not_go_with_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], words: str
+) -> None:
+    """Refused before anything starts: exit 2, one error line, nothing written."""
+    url_list = tmp_path / "urls.txt"
+    url_list.write_text("http://127.0.0.1:9/a.jpg\n", encoding="utf-8")
+    out = tmp_path / "out"
+
+    code = main(
+        [str(url_list), "--out", str(out), "--output-format", "webdataset", *flags]
+    )
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert words in err
+    assert not out.exists()
+
+
+def test_shard_size_goes_with_webdataset_and_the_library_checks_the_format(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--shard-size is refused with files only; a bad format is refused by name."""
+    url_list = tmp_path / "urls.txt"
+    url_list.write_text("", encoding="utf-8")
+    out = str(tmp_path / "out")
+
+    refused = main([str(url_list), "--out", out, "--shard-size", "5"])
+    refused_err = capsys.readouterr().err
+    shards = ["--output-format", "webdataset"]
+    accepted = main([str(url_list), "--out", out, "--shard-size", "5", "-q", *shards])
+
+    assert refused == 2
+    assert "--output-format webdataset" in refused_err
+    assert accepted == 0
+    with pytest.raises(InputError, match="--output-format"):
+        Settings(output_format="tar")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="--part"):
+        Settings(output_format=OutputFormat.WEBDATASET, part=Part(1, 2))
+    with pytest.raises(InputError, match="sha256"):
+        Settings(output_format=OutputFormat.WEBDATASET, name_by=NameBy.SHA256)
+    assert Settings(output_format="webdataset").output_format is (  # type: ignore[arg-type]
+        OutputFormat.WEBDATASET
+    )
+
+
+def test_the_config_file_sets_the_output_format(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """output-format = "webdataset" in downloader.toml writes shards."""
+    url_list = _caption_list(tmp_path / "urls.csv", corpus_urls(server, corpus)[:2])
+    config = tmp_path / "downloader.toml"
+    config.write_text('output-format = "webdataset"\nmax-size = 64\n', "utf-8")
+    out = tmp_path / "out"
+
+    code = main([str(url_list), "--out", str(out), "--config", str(config), "-q"])
+
+    assert code == 0
+    assert [s.name for s in _shards(out)] == ["00000.tar"]
+
+
+def _readme_block(marker: str) -> str:
+    """The fenced block of the README that follows the line holding ``marker``."""
+    text = README.read_text(encoding="utf-8")
+    found = re.search(re.escape(marker) + r".*?\n```\w*\n(.*?)```", text, re.S)
+    assert found is not None, f"no block after {marker!r} in the README"
+    return found.group(1)
+
+
+def test_the_readme_streams_the_shards_as_written(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """The README's command and training loop, run as written, see every sample."""
+    urls = corpus_urls(server, corpus)
+    _caption_list(tmp_path / "urls.csv", urls)
+    command = _readme_block("<!-- webdataset command -->").strip()
+    script = tmp_path / "train_loop.py"
+    script.write_text(_readme_block("<!-- webdataset loop -->"), encoding="utf-8")
+    cli = Path(__file__).resolve().parents[1] / "cli.py"
+    argv = command.split()
+    assert argv[:2] == ["python", "cli.py"]
+
+    made = subprocess.run(
+        [sys.executable, str(cli), *argv[2:], "--no-progress", "--max-size", "64"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
+    loop = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
+
+    assert made.returncode == 0, made.stderr
+    assert loop.returncode == 0, loop.stderr
+    assert loop.stdout.splitlines() == [
+        f"epoch {epoch}: {len(urls)} images" for epoch in range(2)
+    ]
+
+
+def test_a_dry_run_shows_each_sample_in_its_shard(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Done samples are skips in their shard; new ones go to shards after them."""
+    urls = corpus_urls(server, corpus)[:4]
+    out = tmp_path / "out"
+    settings = fast_settings(
+        out, output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
+    )
+    run(urls[:2], settings)
+
+    plan = dry_run(urls, settings)
+
+    assert [(item.action.value, item.path) for item in plan.items] == [
+        ("skip", "00000.tar:000000000"),
+        ("skip", "00000.tar:000000001"),
+        ("fetch", "00001.tar:000000002.jpg"),
+        ("fetch", "00002.tar:000000003.jpg"),
+    ]
+
+
+def test_leaving_iter_results_early_ends_the_shards_with_their_records(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A caller that stops reading: shards in progress end whole, records follow."""
+    urls = corpus_urls(server, corpus)
+    out = tmp_path / "out"
+    settings = fast_settings(
+        out, output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
+    )
+
+    results = iter_results(urls, settings)
+    first = next(results)
+    results.close()
+
+    assert first.url in urls
+    assert sorted(str(r["url"]) for r in read_manifest(out)) == sorted(urls)
+    _check_intact(out)
+    assert leftovers(out) == []
