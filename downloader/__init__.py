@@ -32,6 +32,7 @@ from downloader.settings import (
     ImageSpec,
     Mode,
     Part,
+    Resample,
     ResizeMode,
     Settings,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "OutputError",
     "Part",
     "ProgressEvent",
+    "Resample",
     "ResizeMode",
     "RunReport",
     "Settings",

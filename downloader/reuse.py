@@ -30,7 +30,13 @@ from pathlib import Path
 
 from downloader.errors import TransformError
 from downloader.records import Fetched, Outcome, Stage, Status, Transformed
-from downloader.settings import SHA256_STEM_DIGITS, ImageFormat, NameBy, Settings
+from downloader.settings import (
+    SHA256_STEM_DIGITS,
+    ImageFormat,
+    NameBy,
+    Resample,
+    Settings,
+)
 from downloader.steps import discard, keep_download
 
 __all__ = [
@@ -56,6 +62,7 @@ FINGERPRINT_FIELDS = frozenset(
         "optimize",
         "keep_metadata",
         "grayscale",
+        "resample",
         "transform",
     }
 )
@@ -94,6 +101,10 @@ def settings_fingerprint(settings: Settings) -> str:
         "grayscale": spec.grayscale,
         "transform": spec.transform,
     }
+    if spec.resample is not Resample.BALANCED:
+        # Only when not the default, so that outputs made before --resample existed
+        # (all balanced) keep their fingerprint and are not redone.
+        facts["resample"] = spec.resample.value
     text = json.dumps(facts, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:_FINGERPRINT_DIGITS]
 
