@@ -3,7 +3,7 @@
 Usage (from a fresh clone, after ``pip install -e .``)::
 
     python benchmarks/reference.py                 # 320 images, 3 alternated rounds
-    python benchmarks/reference.py --images 48     # a smaller corpus (1-12 MP too)
+    python benchmarks/reference.py --images 96     # the corpus's first 96 images
     python benchmarks/reference.py --sweep         # img2dataset's threads/shard sizes
 
 img2dataset is installed on first use into its own virtual environment,
@@ -28,6 +28,7 @@ outputs it left unturned is reported). Writes ``results/reference-<images>.json`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -45,7 +46,8 @@ import run as bench  # benchmarks/run.py, beside this file
 from PIL import Image, ImageChops, ImageOps, ImageStat
 
 from downloader.demo import DemoServer
-from downloader.settings import Resample
+from downloader.settings import ImageSpec, Resample
+from downloader.transform import configure_pillow, transform_file
 
 ROOT = bench.HERE.parent
 VENV = bench.WORK / "ref-venv"
@@ -64,11 +66,11 @@ BOX = 512
 QUALITY = 85
 THREADS = 16
 """This tool's download threads (as in ``run.py``)."""
-REFERENCE_THREADS = 32
-REFERENCE_SHARD = 20
+REFERENCE_THREADS = 16
+REFERENCE_SHARD = 24
 """img2dataset's best ``--thread_count`` and ``--number_sample_per_shard`` here (see
-``--sweep`` and ``results/reference-sweep-320.json``)."""
-SWEEP = ((16, 20), (32, 20), (64, 20), (32, 80))
+``--sweep`` and ``results/reference-sweep-96.json``)."""
+SWEEP = ((16, 24), (32, 24), (64, 24), (32, 12), (32, 48))
 RUN_TIMEOUT_S = 900
 # Its import checks for a newer albumentations over the network (not reachable).
 QUIET_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
@@ -244,7 +246,7 @@ def sweep(plan: bench.Plan, listing: Path) -> list[dict[str, Any]]:
                 "load_average": os.getloadavg(),
             }
         )
-    bench.write_json(plan, f"reference-sweep-{plan.images}", rows)
+        bench.write_json(plan, f"reference-sweep-{plan.images}", rows)
     return rows
 
 
@@ -293,6 +295,37 @@ def side_by_side(
     return {"tools": rows, "load_average_1min_at_each_run": loads}
 
 
+def cpu_per_image(plan: bench.Plan, sources: list[Path]) -> dict[str, Any]:
+    """Each --resample choice's CPU seconds per image and fidelity, in this process.
+
+    The tool's ``transform_file`` over the files on disk, one loop per choice: CPU
+    time, unlike wall time, changes little with other work on the machine.
+    """
+    rows: dict[str, Any] = {}
+    outputs: dict[str, dict[str, Path]] = {}
+    for resample in Resample:
+        spec = ImageSpec(max_size=BOX, quality=QUALITY, resample=resample)
+        configure_pillow(spec)
+        out = bench.WORK / "ref-cpu" / resample.value
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        bench.say(f"CPU per image: --resample {resample.value}")
+        begun = time.process_time()
+        made = {
+            src.name: out / transform_file(src, out, src.stem, spec).path
+            for src in sources
+        }
+        cpu = time.process_time() - begun
+        outputs[resample.value] = made
+        rows[resample.value] = {"cpu_s_per_image": cpu / len(sources)}
+    quality = fidelity(sources[0].parent, outputs)
+    for name, row in rows.items():
+        row.update(quality[name])
+    result = {"images": len(sources), "load_average": os.getloadavg(), "rows": rows}
+    bench.write_json(plan, f"resample-cpu-{len(sources)}", result)
+    return result
+
+
 def render(result: dict[str, Any]) -> str:
     """The markdown table of one side-by-side run."""
     meta = result["meta"]
@@ -325,18 +358,25 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=bench.FULL.images)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sweep", action="store_true", help="img2dataset's settings")
-    args = parser.parse_args()
-    plan = bench.Plan(
-        "reference",
-        args.images,
-        bench.FULL.min_megapixels,
-        bench.FULL.max_megapixels,
-        sweep=(),
-        memory_counts=(),
-        results=bench.FULL.results,
-        repeat=args.rounds,
+    parser.add_argument(
+        "--cpu", action="store_true", help="CPU s per image of each --resample"
     )
-    folder = bench.corpus(plan)
+    parser.add_argument(
+        "--table", action="store_true", help="print the table of the saved results"
+    )
+    args = parser.parse_args()
+    if args.table:
+        saved = bench.FULL.results / f"reference-{args.images}.json"
+        print(render(json.loads(saved.read_text(encoding="utf-8"))))
+        return 0
+    plan = dataclasses.replace(bench.FULL, images=args.images, repeat=args.rounds)
+    folder = bench.corpus(bench.FULL)
+    sources = bench.images_of(folder)[: args.images]
+    if args.cpu:
+        found = cpu_per_image(plan, sources)
+        for name, row in found["rows"].items():
+            print(f"{name}: {json.dumps(row)}")
+        return 0
     reference_python()
     meta: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -345,11 +385,11 @@ def main() -> int:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "reference": " ".join(REFERENCE_PINS),
-        "corpus": bench.corpus_facts(bench.images_of(folder)),
+        "corpus": bench.corpus_facts(sources),
         "load_at_start": os.getloadavg(),
     }
     with DemoServer(folder, latency=LATENCY_S) as server:
-        listing = url_list(server.urls())
+        listing = url_list(server.urls()[: args.images])
         if args.sweep:
             rows = sweep(plan, listing)
             for row in rows:
