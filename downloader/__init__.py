@@ -33,6 +33,7 @@ from downloader.settings import (
     Mode,
     OutputFormat,
     Part,
+    Resample,
     ResizeMode,
     Settings,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "OutputFormat",
     "Part",
     "ProgressEvent",
+    "Resample",
     "ResizeMode",
     "RunReport",
     "Settings",

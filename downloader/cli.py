@@ -51,6 +51,7 @@ from downloader.settings import (
     Number,
     OutputFormat,
     Part,
+    Resample,
     ResizeMode,
     Settings,
     Whole,
@@ -593,6 +594,14 @@ def _add_image_options(image: argparse._ArgumentGroup, defaults: Settings) -> No
         "--grayscale", action="store_true", help="convert to shades of grey"
     )
     image.add_argument(
+        "--resample",
+        choices=[r.value for r in Resample],
+        default=spec.resample.value,
+        help="resize speed against fidelity: fast (decode JPEGs at the box's scale), "
+        "balanced (at twice it), best (full size, Lanczos all the way) "
+        f"(default: {spec.resample.value})",
+    )
+    image.add_argument(
         "--transform",
         metavar="MODULE:FUNCTION",
         default=None,
@@ -684,6 +693,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         optimize=args.optimize,
         keep_metadata=args.keep_metadata,
         grayscale=args.grayscale,
+        resample=Resample(args.resample),
         transform=args.transform,
         max_pixels=args.max_pixels,
         **box,

@@ -35,6 +35,7 @@ from downloader.settings import (
     ImageFormat,
     NameBy,
     OutputFormat,
+    Resample,
     Settings,
 )
 from downloader.steps import discard, keep_download
@@ -62,6 +63,7 @@ FINGERPRINT_FIELDS = frozenset(
         "optimize",
         "keep_metadata",
         "grayscale",
+        "resample",
         "transform",
     }
 )
@@ -105,6 +107,10 @@ def settings_fingerprint(settings: Settings) -> str:
     if settings.output_format is not OutputFormat.FILES:
         # Only then, so that the fingerprints of files runs stay what they were.
         facts["output_format"] = settings.output_format.value
+    if spec.resample is not Resample.BALANCED:
+        # Only when not the default, so that outputs made before --resample existed
+        # (all balanced) keep their fingerprint and are not redone.
+        facts["resample"] = spec.resample.value
     text = json.dumps(facts, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:_FINGERPRINT_DIGITS]
 

@@ -43,6 +43,7 @@ __all__ = [
     "Number",
     "OutputFormat",
     "Part",
+    "Resample",
     "ResizeMode",
     "Settings",
     "Whole",
@@ -172,6 +173,20 @@ class ResizeMode(enum.Enum):
     """Scale to the box exactly, changing the aspect ratio if need be."""
     NONE = "none"
     """Keep the pixel size (the image is still oriented and re-encoded)."""
+
+
+class Resample(enum.Enum):
+    """How much CPU resizing spends on fidelity; ``.value`` is what ``--resample``
+    accepts. README.md ("Benchmark") gives each one's images/s and PSNR."""
+
+    FAST = "fast"
+    """JPEGs decoded at the smallest 1/2..1/8 scale that covers the box, then an
+    integer reduce and Lanczos for the last factor of less than 2."""
+    BALANCED = "balanced"
+    """Decoded at no less than twice the box, reduce, then Lanczos over the last
+    factor of 2 or more: Pillow's ``thumbnail`` default."""
+    BEST = "best"
+    """Decoded at full size, Lanczos over the whole factor: slowest, most faithful."""
 
 
 # RFC 9110 token characters (the CLI's --header parser uses it too); a value must not
@@ -764,6 +779,8 @@ class ImageSpec:
     keep_metadata: bool = False
     """Keep EXIF (minus the orientation, which is applied) and the ICC profile."""
     grayscale: bool = False
+    resample: Resample = Resample.BALANCED
+    """Speed against fidelity of the resize (``--resample``)."""
     transform: str | None = None
     """``module:function`` applied to each output image after the built-in steps."""
     max_pixels: int = MAX_PIXELS_DEFAULT
@@ -808,6 +825,7 @@ _IMAGE_CHECKS: Mapping[str, Check] = {
     "optimize": _Switch("--optimize"),
     "keep_metadata": _Switch("--keep-metadata"),
     "grayscale": _Switch("--grayscale"),
+    "resample": _Choice("--resample", Resample),
     "transform": _Text("--transform", optional=True),
     "max_pixels": Whole("--max-pixels", 1, PIXELS_LIMIT),
 }

@@ -63,6 +63,7 @@ from downloader.records import Transformed
 from downloader.settings import (
     ImageFormat,
     ImageSpec,
+    Resample,
     ResizeMode,
     box_label,
     import_callable,
@@ -81,10 +82,17 @@ ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 """Formats that are decoded; never EPS/PDF (Ghostscript) nor the rarely used ones."""
 
 # Resize in two steps: a cheap integer reduce() (for JPEG, a scaled decode) down to
-# about 2x the target, then Lanczos for the rest. 2.0 is Pillow's own default for
-# thumbnail(), "very close to fair resampling"; measured here on the demo corpus it
-# is 1.6x faster than 3.0 at a 512 px box (32.7 vs 20.2 images/s on one core).
-_REDUCING_GAP = 2.0
+# about GAP x the target, then Lanczos for the rest; None: neither, Lanczos from the
+# full size. balanced's 2.0 is Pillow's own default for thumbnail(), "very close to
+# fair resampling"; measured here on the demo corpus it is 1.6x faster than 3.0 at a
+# 512 px box (32.7 vs 20.2 images/s on one core). fast's 1.0 decodes at the smallest
+# JPEG scale that covers the box: README.md ("Benchmark") has each one's images/s
+# and PSNR.
+_REDUCING_GAPS: dict[Resample, float | None] = {
+    Resample.FAST: 1.0,
+    Resample.BALANCED: 2.0,
+    Resample.BEST: None,
+}
 _RESAMPLE = Image.Resampling.LANCZOS
 # libwebp's default speed/size trade-off (0 is fastest, 6 gives the smallest files).
 _WEBP_METHOD = 4
@@ -330,13 +338,14 @@ def _frames(
     ]
     for plan in plans:
         _refuse_huge_output(plan.target, spec.max_pixels)
-    scale = _decode_reduced(image, plans, grayscale=spec.grayscale)
+    gap = _REDUCING_GAPS[spec.resample]
+    scale = _decode_reduced(image, plans, gap, grayscale=spec.grayscale)
     image.load()
     source = _to_output_mode(image, keep_alpha=keep_alpha, grayscale=spec.grayscale)
     transpose = _ORIENTATION_TRANSPOSES.get(orientation)
     frames = []
     for plan in plans:
-        frame = _resize(source, plan, (width, height), scale)
+        frame = _resize(source, plan, (width, height), scale, gap)
         if transpose is not None:
             frame = frame.transpose(transpose)
         # A user's function may change its argument in place: never hand it the
@@ -401,22 +410,29 @@ def _stored(plan: _Plan, swap: bool) -> _Plan:
 
 
 def _decode_reduced(
-    image: ImageFile.ImageFile, plans: list[_Plan], *, grayscale: bool
+    image: ImageFile.ImageFile,
+    plans: list[_Plan],
+    gap: float | None,
+    *,
+    grayscale: bool,
 ) -> float:
     """Ask a JPEG to decode just large enough for every plan; return the scale.
 
     Decoding at 1/2, 1/4 or 1/8 is a no-op for other formats. The scaled decode is
-    kept at least ``_REDUCING_GAP`` times each target, so quality does not suffer.
+    kept at least ``gap`` times each target (None: full size), so that the
+    resize's Lanczos step has that much to work from.
     """
     width, height = image.size
-    request = (1, 1)
-    for plan in plans:
-        crop_width, crop_height = plan.crop or (width, height)
-        needed = (
-            math.ceil(width * plan.target[0] * _REDUCING_GAP / crop_width),
-            math.ceil(height * plan.target[1] * _REDUCING_GAP / crop_height),
-        )
-        request = (max(request[0], needed[0]), max(request[1], needed[1]))
+    request = (width, height)
+    if gap is not None:
+        request = (1, 1)
+        for plan in plans:
+            crop_width, crop_height = plan.crop or (width, height)
+            needed = (
+                math.ceil(width * plan.target[0] * gap / crop_width),
+                math.ceil(height * plan.target[1] * gap / crop_height),
+            )
+            request = (max(request[0], needed[0]), max(request[1], needed[1]))
     shrinking = request[0] < width and request[1] < height
     mode = "L" if grayscale else None  # libjpeg decodes the luma channel only
     if not shrinking and mode is None:
@@ -427,7 +443,11 @@ def _decode_reduced(
 
 
 def _resize(
-    source: Image.Image, plan: _Plan, stored: tuple[int, int], scale: float
+    source: Image.Image,
+    plan: _Plan,
+    stored: tuple[int, int],
+    scale: float,
+    gap: float | None,
 ) -> Image.Image:
     """Make one plan's image from ``source``, decoded from a ``stored``-size image."""
     width, height = stored
@@ -441,7 +461,7 @@ def _resize(
     )
     if plan.target == source.size and box == (0, 0, *source.size):
         return source
-    return source.resize(plan.target, _RESAMPLE, box=box, reducing_gap=_REDUCING_GAP)
+    return source.resize(plan.target, _RESAMPLE, box=box, reducing_gap=gap)
 
 
 def _to_output_mode(

@@ -15,7 +15,14 @@ from downloader.cli import main
 from downloader.progress import EventKind, EventLog
 from downloader.records import Fetched, Job, Outcome, Transformed
 from downloader.reuse import FINGERPRINT_FIELDS, ContentIndex, settings_fingerprint
-from downloader.settings import LOCAL_MODES, ImageFormat, ImageSpec, NameBy, Settings
+from downloader.settings import (
+    LOCAL_MODES,
+    ImageFormat,
+    ImageSpec,
+    NameBy,
+    Resample,
+    Settings,
+)
 from tests.helpers import (
     LocalServer,
     corpus_urls,
@@ -292,6 +299,8 @@ def test_the_fingerprint_covers_exactly_the_output_deciding_fields() -> None:
     assert changed(max_size=512)
     assert changed(quality=50)
     assert not changed(max_pixels=1000)
+    assert changed(resample=Resample.FAST)
+    assert changed(resample=Resample.BEST)
     assert not changed(size=(1024, 1024))  # the same box as max_size 1024
     assert settings_fingerprint(
         dataclasses.replace(base, name_by=NameBy.SHA256)

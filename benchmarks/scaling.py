@@ -1,0 +1,178 @@
+"""Scaling with cores: the pipeline against a bare Pillow loop at 1..N workers.
+
+Usage (from a fresh clone, after ``pip install -e .``; meant for a 16-core machine)::
+
+    python benchmarks/scaling.py --workers 1,2,4,8,16
+    python benchmarks/scaling.py --workers 1,2 --images 48     # a smoke run
+
+For each worker count W, on ``run.py``'s corpus (1-12 MP photo-like JPEGs and PNGs):
+
+- **pipeline**: ``--mode pipeline --procs W`` over loopback, the demo server answering
+  each request after 100 ms; ``--threads`` = max(16, 8 W) so that downloads keep W
+  workers fed; a fresh process of its own (``compare.run_mode``), wall time from the
+  first URL to the last record.
+- **bare loop**: W processes doing the same transform from bytes already in memory
+  (each process reads the corpus before the clock starts): open, ``draft`` to twice
+  the box, ``convert``, ``thumbnail`` (Lanczos, ``reducing_gap`` 2), JPEG q85 into
+  memory. No download, no file written: what W cores can do at best.
+
+It prints images/s of both and their ratio (target: ≥ 0.85 at 16 workers) and writes
+``results/scaling-<cores>cores.json``. Worker counts above the machine's cores are
+run as asked, but say nothing about scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import run as bench  # benchmarks/run.py, beside this file
+from PIL import Image
+
+from downloader.compare import run_mode
+from downloader.demo import DemoServer
+from downloader.runtime import Cancellation
+from downloader.settings import Mode
+
+LATENCY_S = 0.1
+MIN_THREADS = 16
+THREADS_PER_WORKER = 8
+
+_BODIES: list[bytes] = []
+"""The corpus in memory, in each bare-loop process (filled by ``_load``)."""
+
+
+def _load(paths: list[Path]) -> None:
+    """Pool initializer: read every file into this process's memory."""
+    _BODIES[:] = [path.read_bytes() for path in paths]
+
+
+def _ready(_: int) -> int:
+    """A no-op task: returns once the pool's processes have loaded the corpus."""
+    return len(_BODIES)
+
+
+def _transform(index: int) -> int:
+    """The task's transform of one body, from memory to memory; the output bytes."""
+    box = (bench.TASK.max_size, bench.TASK.max_size)
+    with Image.open(io.BytesIO(_BODIES[index])) as image:
+        image.draft("RGB", (bench.TASK.max_size * 2,) * 2)
+        small = image.convert("RGB")
+        small.thumbnail(box, Image.Resampling.LANCZOS, reducing_gap=2.0)
+        out = io.BytesIO()
+        small.save(out, "JPEG", quality=bench.TASK.quality)
+        return out.tell()
+
+
+def bare_loop(paths: list[Path], workers: int) -> dict[str, Any]:
+    """Images/s of ``workers`` processes transforming the corpus from memory."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_load, initargs=(paths,)) as pool:
+        # Every process has loaded the corpus once each answers a ready task.
+        pool.map(_ready, range(workers * 4), chunksize=1)
+        begun = time.perf_counter()
+        made = pool.map(_transform, range(len(paths)), chunksize=1)
+        wall = time.perf_counter() - begun
+    return {"wall_s": wall, "images_per_s": len(made) / wall}
+
+
+def pipeline(urls: list[str], workers: int, out: Path) -> dict[str, Any]:
+    """Images/s of the pipeline with ``workers`` worker processes over loopback."""
+    threads = max(MIN_THREADS, THREADS_PER_WORKER * workers)
+    result = run_mode(
+        urls,
+        bench.settings_for(out, threads, workers),
+        Mode.PIPELINE,
+        cancel=Cancellation(),
+    )
+    row = bench.result_row(result)
+    return {
+        "wall_s": row["wall_s"],
+        "images_per_s": row["images_per_s"],
+        "threads": threads,
+        "cpu_s": row["cpu_s"],
+    }
+
+
+def measure(images: int, workers: list[int]) -> list[dict[str, Any]]:
+    """One row per worker count: bare loop, then pipeline, and their ratio."""
+    plan = bench.Plan(
+        "scaling",
+        images,
+        bench.FULL.min_megapixels,
+        bench.FULL.max_megapixels,
+        sweep=(),
+        memory_counts=(),
+        results=bench.FULL.results,
+        repeat=1,
+    )
+    folder = bench.corpus(plan)
+    paths = bench.images_of(folder)
+    rows = []
+    with DemoServer(folder, latency=LATENCY_S) as server:
+        urls = server.urls()
+        for count in workers:
+            bench.say(f"{count} workers: bare Pillow loop from memory")
+            bare = bare_loop(paths, count)
+            bench.say(f"{count} workers: pipeline over loopback at 100 ms")
+            piped = pipeline(urls, count, bench.WORK / "scaling" / f"w{count}")
+            rows.append(
+                {
+                    "workers": count,
+                    "bare_loop": bare,
+                    "pipeline": piped,
+                    "ratio": piped["images_per_s"] / bare["images_per_s"],
+                    "load_average": os.getloadavg(),
+                }
+            )
+    return rows
+
+
+def main() -> int:
+    """Measure every worker count, write the JSON, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--workers",
+        type=lambda text: [int(part) for part in text.split(",")],
+        default=[1, 2, 4, 8, 16],
+        help="worker counts, comma-separated (default: 1,2,4,8,16)",
+    )
+    parser.add_argument("--images", type=int, default=bench.FULL.images)
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()
+    rows = measure(args.images, args.workers)
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/scaling.py", *sys.argv[1:]]),
+        "cores": cores,
+        "platform": platform.platform(),
+        "images": args.images,
+        "load_average_at_start": load,
+        "rows": rows,
+    }
+    plan_results = bench.FULL.results
+    plan_results.mkdir(parents=True, exist_ok=True)
+    bench.write_json(bench.FULL, f"scaling-{cores}cores", result)
+    print(f"{cores} cores, {args.images} images, load average {load[0]:.2f} at start\n")
+    print("| workers | bare loop images/s | pipeline images/s | ratio | threads |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['workers']} | {row['bare_loop']['images_per_s']:.1f} | "
+            f"{row['pipeline']['images_per_s']:.1f} | {row['ratio']:.2f} | "
+            f"{row['pipeline']['threads']} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
