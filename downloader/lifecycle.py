@@ -157,6 +157,7 @@ class Lifecycle:
             )
         started = time.perf_counter()
         waits = False
+        received = byte_counter(events, job.index, lane)
         try:
             if job.local_path is not None:
                 return self.stage_local(job, lane)
@@ -167,7 +168,7 @@ class Lifecycle:
                 self.context.tmp,
                 cancel=self.context.cancel.event,
                 hosts=hosts,
-                on_bytes=byte_counter(events, job.index, lane),
+                on_bytes=received,
                 defer_retries=defer or attempts > 0,
                 attempts_done=attempts,
                 state=state,
@@ -181,6 +182,7 @@ class Lifecycle:
         except OutputError as exc:
             return self.local_fault(job, Stage.DOWNLOAD, exc)
         finally:
+            received.flush()
             if not waits:
                 emit(
                     events,
@@ -203,6 +205,7 @@ class Lifecycle:
         events = self.context.events
         emit(events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane, url=job.url)
         started = time.perf_counter()
+        received = byte_counter(events, job.index, lane)
         try:
             if job.local_path is not None:
                 return await asyncio.to_thread(self.stage_local, job, lane)
@@ -213,13 +216,14 @@ class Lifecycle:
                 self.context.tmp,
                 stop=stop,
                 hosts=hosts,
-                on_bytes=byte_counter(events, job.index, lane),
+                on_bytes=received,
             )
         except FetchError as exc:
             return self.fetch_failed(job, exc, started)
         except OutputError as exc:
             return self.local_fault(job, Stage.DOWNLOAD, exc)
         finally:
+            received.flush()
             emit(
                 events, Stage.DOWNLOAD, EventKind.FINISHED, job.index, lane, url=job.url
             )

@@ -782,6 +782,8 @@ class PreviousRun:
 
     def earlier(self, url: str) -> Outcome | None:
         """Return the latest record of ``url`` if it is ok (its files unchecked)."""
+        if not self._latest:  # a first run: no URL to look up (nor to hash)
+            return None
         where = self._latest.get(record_key(url), _NOT_DONE)
         return None if where < 0 else self._read(where)
 
@@ -912,7 +914,8 @@ class ManifestWriter:
         data = record_line(outcome)
         # One record per unique input (sources dedupe by the same normalised URL):
         # only the earlier runs' URLs need looking up.
-        if self._previous.has_line(record_key(outcome.url)):
+        # (Without own lines read, no URL has one: its key need not be computed.)
+        if self._previous.lines and self._previous.has_line(record_key(outcome.url)):
             if self._updates is None:
                 self._updates = _Appender(self._folder, self._folder.files.updates)
             self._updates.append(data)

@@ -8,7 +8,7 @@ process boundary carry paths and small numbers, never image bytes.
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +204,9 @@ class Outcome:
 
     def to_json(self) -> dict[str, Any]:
         """Return the manifest form: enums as their values, ``None`` fields dropped."""
-        record = asdict(self)
+        # Field by field: asdict's deep copy cost more than the rest of recording
+        # a result, and the one field it would copy (``extra``) is rebuilt below.
+        record = {name: getattr(self, name) for name in _OUTCOME_FIELDS}
         record["status"] = self.status.value
         record["stage"] = self.stage.value if self.stage else None
         record["outputs"] = list(self.outputs) if self.outputs else None
@@ -307,3 +309,7 @@ class Outcome:
         return replace(
             self, status=Status.SKIPPED, note=note, line=line, attempts=0, error=None
         )
+
+
+_OUTCOME_FIELDS = tuple(field.name for field in fields(Outcome))
+"""``Outcome``'s fields in order: the keys of its manifest form."""

@@ -34,7 +34,9 @@ from downloader.transfer import AttemptState
 from downloader.transform import place_file, remove_outputs
 
 __all__ = [
+    "BYTES_EVENT_INTERVAL_S",
     "ORIGINALS_NAME",
+    "ByteCounter",
     "Retry",
     "byte_counter",
     "discard",
@@ -76,13 +78,58 @@ def emit(
     events(ProgressEvent(stage, kind, index, lane, moment, nbytes, url))
 
 
-def byte_counter(events: Events, index: int, lane: str) -> Callable[[int], None]:
-    """Return an ``on_bytes`` callback that reports received bytes for ``index``."""
+BYTES_EVENT_INTERVAL_S = 0.1
+"""Received bytes of one download are summed and reported at most this often (and
+all of them before its ``finished`` event): a progress event per read cost more main
+process CPU than the read itself, and bars redraw no faster anyway."""
 
-    def on_bytes(nbytes: int) -> None:
-        emit(events, Stage.DOWNLOAD, EventKind.BYTES, index, lane, nbytes=nbytes)
 
-    return on_bytes
+class ByteCounter:
+    """The ``on_bytes`` callback of one download: reports its received bytes.
+
+    Reads are summed and sent as one ``bytes`` event at most every
+    ``BYTES_EVENT_INTERVAL_S``; ``flush`` sends what is left (the caller does, before
+    the download's ``finished`` event), so the events still add up to every byte.
+    """
+
+    __slots__ = ("_clock", "_events", "_index", "_lane", "_pending", "_sent_at")
+
+    def __init__(
+        self,
+        events: Events,
+        index: int,
+        lane: str,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._events, self._index, self._lane = events, index, lane
+        self._clock = clock
+        self._pending = 0
+        self._sent_at = clock()
+
+    def __call__(self, nbytes: int) -> None:
+        """Count ``nbytes`` more; report the sum if the last report is old enough."""
+        self._pending += nbytes
+        if self._clock() - self._sent_at >= BYTES_EVENT_INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Report the bytes not reported yet, if any."""
+        if self._pending:
+            nbytes, self._pending = self._pending, 0
+            emit(
+                self._events,
+                Stage.DOWNLOAD,
+                EventKind.BYTES,
+                self._index,
+                self._lane,
+                nbytes=nbytes,
+            )
+        self._sent_at = self._clock()
+
+
+def byte_counter(events: Events, index: int, lane: str) -> ByteCounter:
+    """Return the ``on_bytes`` callback that reports received bytes for ``index``."""
+    return ByteCounter(events, index, lane)
 
 
 @dataclass(frozen=True, slots=True)

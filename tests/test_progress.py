@@ -6,6 +6,7 @@ import io
 
 from downloader.progress import Bars, EventKind, EventLog, ProgressEvent, fan_out
 from downloader.records import Outcome, Stage, Status
+from downloader.steps import BYTES_EVENT_INTERVAL_S, ByteCounter
 
 
 def _event(stage: Stage, kind: EventKind, nbytes: int = 0) -> ProgressEvent:
@@ -56,3 +57,26 @@ def test_bars_end_at_what_was_done_when_the_total_was_an_upper_bound() -> None:
     text = screen.getvalue()
     assert "1/1" in text
     assert "100%" in text
+
+
+def test_received_bytes_are_reported_summed_and_all_by_the_flush() -> None:
+    """A download's reads become one bytes event per interval, not one per read, and
+    the flush before its finished event reports the rest: the sum is every byte."""
+    log: list[ProgressEvent] = []
+    now = [0.0]
+    counter = ByteCounter(log.append, 7, "thread-2", clock=lambda: now[0])
+
+    for _ in range(10):  # ten reads within one interval: nothing reported yet
+        now[0] += BYTES_EVENT_INTERVAL_S / 20
+        counter(1000)
+    assert log == []
+    now[0] += BYTES_EVENT_INTERVAL_S
+    counter(500)  # the interval is over: the sum so far, in one event
+    counter(250)  # just after: waits for the next interval or the flush
+    counter.flush()
+    counter.flush()  # nothing left: no empty event
+
+    assert [event.nbytes for event in log] == [10_500, 250]
+    assert {(e.kind, e.stage, e.index, e.lane) for e in log} == {
+        (EventKind.BYTES, Stage.DOWNLOAD, 7, "thread-2")
+    }
