@@ -339,7 +339,9 @@ def _members(
         for name, label in out_names
     ]
     members.append((f"{key}.json", record_line(record)))
-    caption = dict(record.extra or ()).get(CAPTION_COLUMN)
+    # Matched as the url and name columns are: whatever the case of its header.
+    captions = [v for k, v in record.extra or () if k.lower() == CAPTION_COLUMN]
+    caption = captions[0] if captions else None
     if caption is not None:
         text = caption if isinstance(caption, str) else json.dumps(caption)
         members.append((f"{key}.txt", text.encode("utf-8", "backslashreplace")))
@@ -347,20 +349,27 @@ def _members(
 
 
 class ShardIndex:
-    """Tell whether a record's shard holds its key: member names read once a shard.
+    """Tell whether a record's shard holds its sample: each shard read once.
 
-    A resume asks it of each ok record in a shard; a shard's names are read on the
-    first question (headers only: tar seeks over the data) and the last few shards'
-    are kept. A shard that is gone or cannot be read holds nothing.
+    A resume asks it of each ok record in a shard; a shard's samples (key → the URL
+    of its ``<key>.json``) are read on the first question (the images are seeked
+    over) and the last few shards' are kept. A shard that is gone or cannot be read
+    holds nothing.
+
+    The URL is compared, not only the key: a shard's number can be taken again
+    (``--force`` removes the folder's shards, a person deletes one) and a key is a
+    list position, so ``00000.tar:000000000`` may now be another URL's sample while
+    an old record still names it; that record is then redone, never skipped onto
+    another URL's image.
     """
 
     def __init__(self, out: Path) -> None:
         self._out = out
         self._lock = threading.Lock()
-        self._keys: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._keys: OrderedDict[str, dict[str, str]] = OrderedDict()
 
     def holds(self, outcome: Outcome) -> bool:
-        """True if ``outcome.shard`` in the folder has a member ``<key>.*``."""
+        """True if ``outcome.shard`` in the folder has ``<key>.json`` of its URL."""
         name, key = outcome.shard, outcome.key
         if name is None or key is None or not SHARD_NAME.fullmatch(name):
             return False  # a hand-edited record: never read outside the folder
@@ -373,14 +382,23 @@ class ShardIndex:
                     self._keys.popitem(last=False)
             else:
                 self._keys.move_to_end(name)
-        return key in keys
+        return keys.get(key) == outcome.url
 
     @staticmethod
-    def _read(path: Path) -> frozenset[str]:
+    def _read(path: Path) -> dict[str, str]:
         if path.is_symlink():
-            return frozenset()  # not a shard this tool wrote
+            return {}  # not a shard this tool wrote
+        urls: dict[str, str] = {}
         try:
             with tarfile.open(path, "r:") as archive:
-                return frozenset(name.split(".", 1)[0] for name in archive.getnames())
-        except (OSError, tarfile.TarError):
-            return frozenset()
+                for member in archive:
+                    key, _, rest = member.name.partition(".")
+                    if rest != "json" or not member.isfile():
+                        continue
+                    data = archive.extractfile(member)
+                    record = json.loads(data.read()) if data is not None else None
+                    if isinstance(record, dict) and isinstance(record.get("url"), str):
+                        urls[key] = record["url"]
+        except (OSError, tarfile.TarError, ValueError):
+            return {}
+        return urls

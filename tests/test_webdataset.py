@@ -347,6 +347,29 @@ def test_a_deleted_shard_is_redone_into_a_new_shard(
     _check_shards_agree_with_manifest(out)
 
 
+def test_a_record_whose_shard_key_now_holds_another_url_is_redone(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """--force with another list writes 00000.tar:000000000 again for another URL:
+    the first list's records that still name it are redone, never skipped onto the
+    other URL's image."""
+    urls = corpus_urls(server, corpus)
+    first, second = urls[:2], urls[2:4]
+    out = tmp_path / "out"
+    settings = fast_settings(out, output_format=OutputFormat.WEBDATASET)
+    run(first, settings)
+    run(second, replace(settings, force=True))
+    requests_before = sum(server.requests.values())
+
+    report = run(first, settings)
+
+    assert [o.status for o in report.results] == [Status.OK, Status.OK]
+    assert sum(server.requests.values()) - requests_before == len(first)
+    for record in read_manifest(out):
+        members = _read_tar(out / str(record["shard"]))[str(record["key"])]
+        assert json.loads(members["json"])["url"] == record["url"]
+
+
 def test_force_starts_over_without_the_old_shards(
     server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
