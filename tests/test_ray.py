@@ -43,6 +43,7 @@ from tests.helpers import (
     fast_settings,
     leftovers,
     read_manifest,
+    session_pids,
     write_list,
 )
 from tests.test_modes import output_hashes
@@ -338,14 +339,16 @@ def _many_urls(server: LocalServer, corpus: Path, count: int) -> list[str]:
     return [f"{names[i % len(names)]}?n={i}" for i in range(count)]
 
 
-def _driver(url_list: Path, out: Path, address: str) -> subprocess.Popen[str]:
+def _driver(url_list: Path, out: Path, address: str | None) -> subprocess.Popen[str]:
     """The command line in ray mode, in ``out``'s parent, ``--out`` relative to it
-    (the tasks' working folder is not the driver's)."""
+    (the tasks' working folder is not the driver's); a session of its own. Without
+    ``address``, it starts a local Ray of its own."""
+    joining = () if address is None else ("--ray-address", address)
     command = [
         sys.executable,
         str(CLI),
         str(url_list),
-        *("--out", out.name, "--mode", "ray", "--ray-address", address),
+        *("--out", out.name, "--mode", "ray", *joining),
         *("--shard-size", "4", "--threads", "2", "--max-size", "64", "--json"),
         *("--retries", "0", "--no-progress"),
     ]
@@ -359,15 +362,17 @@ def _driver(url_list: Path, out: Path, address: str) -> subprocess.Popen[str]:
     )
 
 
-def _wait_for_records(out: Path, count: int, name: str = "manifest.jsonl") -> None:
+def _wait_for_records(
+    out: Path, count: int, name: str = "manifest.jsonl", timeout: float = WAIT_S
+) -> None:
     """Wait (bounded) until ``out/name`` has ``count`` complete lines."""
     manifest = out / name
-    deadline = time.monotonic() + WAIT_S
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if manifest.exists() and manifest.read_bytes().count(b"\n") >= count:
             return
         time.sleep(0.05)
-    raise AssertionError(f"fewer than {count} records within {WAIT_S} s")
+    raise AssertionError(f"fewer than {count} records within {timeout} s")
 
 
 def test_driver_ctrl_c_then_kill_9_then_a_rerun_completes(
@@ -415,6 +420,104 @@ def test_driver_ctrl_c_then_kill_9_then_a_rerun_completes(
     assert sorted(records) == sorted(urls)
     assert {r["status"] for r in records.values()} <= {"ok", "skipped"}
     assert_tidy(out)
+
+
+RAY_START_S = 120.0
+"""Bound on a local Ray's start (6-8 s on idle cores here, over 20 s under load)."""
+
+
+def _wait_session_ends(session: int, timeout: float = WAIT_S) -> list[int]:
+    """Wait (bounded) until no process of ``session`` is left; return those left."""
+    deadline = time.monotonic() + timeout
+    while (left := session_pids(session)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def test_a_local_ray_dies_with_its_killed_driver_and_a_rerun_completes(
+    ray_cluster: RayCluster, slow_server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """kill -9 of a driver that started its own Ray, mid-run: every process of that
+    Ray (gcs_server, raylet, agents, workers: all in the driver's session) ends
+    soon after, none lives on reparented to init; a rerun finishes the job."""
+    urls = _many_urls(slow_server, corpus, 32)
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+    process = _driver(url_list, out, None)
+    try:
+        _wait_for_records(out, 2, timeout=RAY_START_S)
+        ray_pids = [pid for pid in session_pids(process.pid) if pid != process.pid]
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in ray_pids]
+        assert any(b"raylet" in command for command in commands), commands
+
+        process.kill()  # the driver alone, not its process group
+        process.communicate(timeout=WAIT_S)
+
+        assert _wait_session_ends(process.pid) == []
+    finally:  # what this test started, if the driver's Ray outlived it after all
+        for pid in session_pids(process.pid):
+            os.kill(pid, signal.SIGKILL)
+
+    process = _driver(url_list, out, ray_cluster.address)
+    stdout, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 0, stderr
+    assert json.loads(stdout)["counts"]["failed"] == 0
+    records = by_url(out)
+    assert sorted(records) == sorted(urls)
+    assert {r["status"] for r in records.values()} <= {"ok", "skipped"}
+    assert_tidy(out)
+
+
+_LEFT_OPEN = """
+import sys
+from pathlib import Path
+from downloader import Mode, iter_results
+from tests.helpers import fast_settings
+
+settings = fast_settings(Path(sys.argv[2]), mode=Mode.RAY, shard_size=4, threads=2)
+results = iter_results(sys.argv[1], settings)
+print(next(results).url, flush=True)
+"""
+"""A library caller that takes one record of a ray run (its own local Ray), then
+exits without closing the generator."""
+
+
+def test_a_ray_run_left_open_at_exit_ends_cleanly(
+    slow_server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """The interpreter exits with a ray ``iter_results`` open: it exits at once
+    (not after minutes of Ray reconnecting), every URL has its one record, every
+    image its record, no part or temporary file, no process of its Ray left."""
+    urls = _many_urls(slow_server, corpus, 32)
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+    root = CLI.parent
+    process = subprocess.Popen(
+        [sys.executable, "-c", _LEFT_OPEN, str(url_list), str(out)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_records(out, 1, timeout=RAY_START_S)
+        _, stderr = process.communicate(timeout=WAIT_S * 2)
+
+        assert process.returncode == 0, stderr
+        assert _wait_session_ends(process.pid) == []
+    finally:  # what this test started, if the run outlived it
+        for pid in session_pids(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        process.communicate()
+    records = by_url(out)
+    assert sorted(records) == sorted(urls)
+    assert_tidy(out)
+    named = {str(r["path"]) for r in records.values() if r["status"] == "ok"}
+    images = {p.name for p in out.iterdir() if p.suffix in {".jpg", ".png"}}
+    assert images == named
 
 
 def test_parts_a_killed_driver_left_are_merged_by_the_next_run(
