@@ -42,7 +42,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ from downloader.ray_shards import (
     ShardSpec,
     new_run_name,
     parts_folder,
+    remove_unrecorded_outputs,
     run_shard_here,
 )
 from downloader.records import Job, Outcome
@@ -433,6 +434,8 @@ class _Shard:
     """Jobs without a record yet, by ``record_key`` of their URL."""
     heard: bool = False
     """A batch came from its task: it has started."""
+    sent: float = field(default_factory=time.time)
+    """When it was submitted (``time.time()``): files its attempts wrote are newer."""
 
 
 def run_ray(items: Iterable[Job | Outcome], lifecycle: Lifecycle) -> Iterator[Outcome]:
@@ -571,6 +574,8 @@ class _RayRun:
             if shard.waiting.pop(record_key(outcome.url), None) is not None:
                 yield outcome
         for job in shard.waiting.values():
+            # Its task may have died between placing an image and recording it.
+            remove_unrecorded_outputs(self.out, job, self.settings, shard.sent)
             if reason is None:
                 yield self.lifecycle.not_started(job)
             else:

@@ -34,7 +34,7 @@ from downloader.ray_mode import SHARD_RETRIES
 from downloader.ray_shards import PARTS_NAME, PartFile
 from downloader.records import Stage
 from downloader.settings import NameBy, Part
-from tests.conftest import RayCluster, second_node
+from tests.conftest import RayCluster, free_port, second_node
 from tests.helpers import (
     FLAT_IMAGE,
     WAIT_S,
@@ -47,7 +47,7 @@ from tests.helpers import (
     write_list,
 )
 from tests.test_modes import output_hashes
-from tests.user_transforms import KILLS_ENV, kills
+from tests.user_transforms import KILLS_ENV, PLACE_AT, kills
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
 
@@ -164,6 +164,33 @@ def test_a_shard_that_keeps_failing_fails_its_urls_with_the_reason(
     assert_tidy(tmp_path)
 
 
+def test_an_image_placed_by_a_worker_that_died_before_recording_it_goes(
+    ray_kills: Path, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A shard's worker places an image under its final name and dies before it
+    records it, at every attempt: the URL ends failed, and the image goes with it
+    (no file on disk that no record names); the other shards' images stay."""
+    urls = [*corpus_urls(server, corpus)[:3], server.url_for(FLAT_IMAGE)]
+    [flat] = run(urls[3:], fast_settings(tmp_path / "alone")).results
+    out = tmp_path / "out"
+    (ray_kills / PLACE_AT).write_text(str(out / str(flat.path)))
+    spec = ImageSpec(
+        max_size=64, transform="tests.user_transforms:place_then_kill_worker_on_flat"
+    )
+
+    run(urls, ray_settings(out, shard_size=2, image=spec))
+
+    records = by_url(out)
+    assert records[urls[3]]["status"] == "failed"
+    assert str(records[urls[3]]["error"]).startswith("ray task failed")
+    assert len(kills(ray_kills)) == SHARD_RETRIES + 1
+    assert not (out / str(flat.path)).exists()
+    named = {str(r["path"]) for r in records.values() if r["status"] == "ok"}
+    assert len(named) == 3
+    assert {p.name for p in out.iterdir() if p.suffix in {".jpg", ".png"}} == named
+    assert_tidy(out)
+
+
 def test_compare_runs_ray_beside_a_local_mode(
     ray_cluster: RayCluster, server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
@@ -221,6 +248,80 @@ def test_shard_options_are_refused_where_no_ray_runs(
         assert line.startswith(f"error: {message}"), line
         assert line.endswith("; see --help")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_malformed_ray_address_is_a_usage_error_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--ray-address bogus`` (no port, a bad port, a URL): one line, exit 2, no
+    output folder, no record; the forms Ray takes pass."""
+    url_list = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/a.jpg"])
+    out = tmp_path / "out"
+    for address in ("bogus", "127.0.0.1", "head:0", "head:65536", "http://head:80"):
+        code = main(
+            [
+                str(url_list),
+                "--out",
+                str(out),
+                "--mode",
+                "ray",
+                "--ray-address",
+                address,
+            ]
+        )
+
+        assert code == 2, address
+        [line] = capsys.readouterr().err.splitlines()
+        assert line == (
+            "error: --ray-address must be auto or HOST:PORT (the head node's "
+            f"address, e.g. 10.0.0.5:6379), got {address!r}; see --help"
+        )
+        assert not out.exists()
+    for address in ("auto", "10.0.0.5:6379", "ray://head:10001", "[::1]:6379"):
+        assert Settings(out=out, mode=Mode.RAY, ray_address=address).ray_address
+
+
+def _cli_joining(
+    url_list: Path, out: Path, address: str, **env: str
+) -> tuple[int, str]:
+    """Run the command line joining ``address``; its exit code and standard error."""
+    process = subprocess.run(
+        [
+            *(sys.executable, str(CLI), str(url_list), "--out", str(out)),
+            *("--no-config", "--mode", "ray", "--ray-address", address),
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,  # Ray's own connection retries take minutes
+        check=False,
+    )
+    return process.returncode, process.stderr
+
+
+def test_a_ray_address_where_nothing_answers_fails_in_one_line_and_exit_3(
+    tmp_path: Path,
+) -> None:
+    """Nothing listens at ``--ray-address`` (given, or found by ``auto``): one line
+    that names the address as typed, exit 3, within seconds, no record written."""
+    url_list = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/a.jpg"])
+    address = f"127.0.0.1:{free_port()}"
+
+    code, stderr = _cli_joining(url_list, tmp_path / "out", address)
+
+    assert code == 3, stderr
+    assert stderr == (
+        f"error: cannot reach Ray at --ray-address {address}: Connection refused "
+        "(is the cluster started? ray start --head)\n"
+    )
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+    code, stderr = _cli_joining(url_list, tmp_path / "out", "auto", RAY_ADDRESS=address)
+
+    assert code == 3, stderr
+    [line] = stderr.splitlines()
+    assert line.startswith("error: cannot reach Ray at --ray-address auto ("), line
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
 
 
 def test_part_with_ray_mode_is_refused_in_one_line(
