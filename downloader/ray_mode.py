@@ -22,8 +22,10 @@ store; only the driver writes the manifest, so it stays one line per URL.
 
 Without ``--ray-address`` a local Ray is started for the run, bound to 127.0.0.1
 (Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` as "this machine only"), without
-dashboard or usage statistics, and stopped after it. A caller that has already
-called ``ray.init`` (a script, the tests) keeps its Ray: it is used, not stopped.
+dashboard or usage statistics, and stopped after it; a watcher (``ray_reaper``)
+stops it if the driver is killed. With one, the address is tried before
+``ray.init`` (which would retry for minutes). A caller that has already called
+``ray.init`` (a script, the tests) keeps its Ray: it is used, not stopped.
 """
 
 from __future__ import annotations
