@@ -563,6 +563,7 @@ def test_a_local_ray_dies_with_its_killed_driver_and_a_rerun_completes(
     finally:  # what this test started, if the driver's Ray outlived it after all
         for pid in session_pids(process.pid):
             os.kill(pid, signal.SIGKILL)
+        process.communicate()
 
     # The rerun joins the suite's Ray (in this process): a second start costs time.
     report = run(urls, ray_settings(out, shard_size=4, threads=2))
