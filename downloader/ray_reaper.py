@@ -57,12 +57,15 @@ def reap(token: str, deadline_s: float = REAP_S) -> list[int]:
     deadline passes: a process being created at the last scan is caught at the
     next); return those still found then."""
     deadline = time.monotonic() + deadline_s
+    empty_scans = 0
     while True:
         pids = marked_pids(token)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-        if not pids or time.monotonic() > deadline:
+        # Twice empty, a while apart: one being started by a dying parent is seen.
+        empty_scans = 0 if pids else empty_scans + 1
+        if empty_scans == 2 or time.monotonic() > deadline:
             return pids
         time.sleep(_SCAN_S)
 

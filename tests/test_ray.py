@@ -3,7 +3,9 @@
 Library runs in this process use that Ray; command-line runs are subprocesses that
 join it with ``--ray-address``, so that a signal or a ``kill -9`` hits the driver
 alone. Ray's worker processes are really killed (by the killing transforms of
-``tests.user_transforms``), never simulated.
+``tests.user_transforms``), never simulated. Two tests start a Ray of their own
+(a driver's, killed; a library run left open at exit) and look for its processes
+by their session, never by name: other Rays run on the machine.
 """
 
 from __future__ import annotations
@@ -559,7 +561,8 @@ def test_a_local_ray_dies_with_its_killed_driver_and_a_rerun_completes(
         process.kill()  # the driver alone, not its process group
         process.communicate(timeout=WAIT_S)
 
-        assert _wait_session_ends(process.pid) == []
+        left = _wait_session_ends(process.pid, timeout=WAIT_S * 2)
+        assert left == [], [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in left]
     finally:  # what this test started, if the driver's Ray outlived it after all
         for pid in session_pids(process.pid):
             os.kill(pid, signal.SIGKILL)
