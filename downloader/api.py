@@ -9,7 +9,7 @@ from pathlib import Path
 from downloader.errors import DownloaderError, InputError, OutputError
 from downloader.lifecycle import Lifecycle
 from downloader.manifest import ManifestWriter, OutputFolder, PreviousRun
-from downloader.modes import RUNNERS
+from downloader.modes import RUNNERS, scheduler_ready
 from downloader.parts import ListDigest, finish_part, only_part, start_part
 from downloader.progress import Events, ignore_events, tell_note, tell_outcome
 from downloader.ray_shards import merge_leftover_parts
@@ -21,6 +21,7 @@ from downloader.runtime import (
     RunContext,
     Usage,
     cancel_on_signals,
+    close_at_exit,
     helper_processes,
 )
 from downloader.settings import (
@@ -153,13 +154,28 @@ def iter_results(
     thread and process of the run has ended. An exception in the caller's loop body
     does not close the generator by itself while something still refers to it; wrap
     the loop in ``contextlib.closing(iter_results(...))`` to stop the run there and
-    then.
+    then. One still open when the interpreter exits is closed then, before the exit
+    handlers of the libraries the run uses (Ray's).
 
     Raises:
         InputError: the list cannot be read (before anything is written).
-        OutputError: the output folder is unusable, locked, or the disk is full.
+        OutputError: the output folder is unusable, locked, or the disk is full; no
+            Ray answers at ``--ray-address`` (before any record is written).
         WorkerCrashed: a worker failed in a way that is a bug, not a bad image.
     """
+    results = _iter_results(source, settings, events, cancel, usage)
+    close_at_exit(results)
+    return results
+
+
+def _iter_results(
+    source: Source,
+    settings: Settings,
+    events: Events,
+    cancel: Cancellation | None,
+    usage: Usage | None,
+) -> Generator[Outcome, None, None]:
+    """The run of ``iter_results``."""
     # First: a reader of the events knows the run is up before the list is opened
     # (a FIFO's open waits for its writer).
     tell_note(events, "start", start_fields(settings))
@@ -180,6 +196,7 @@ def iter_results(
         cancel_on_signals(cancel),
         OutputFolder.for_settings(settings) as folder,
         helper_processes(folder.tmp),
+        scheduler_ready(settings),
     ):
         merge_leftover_parts(folder)  # what a killed --mode ray run left
         fingerprint = settings_fingerprint(settings)

@@ -325,8 +325,9 @@ def _add_run_options(run: argparse._ArgumentGroup, defaults: Settings) -> None:
         "--ray-address",
         metavar="auto|HOST:PORT",
         default=None,
-        help="--mode ray: the Ray cluster to join (default: start a local Ray on "
-        "127.0.0.1 for the run, stopped after it)",
+        help="--mode ray: the Ray cluster to join, auto or the head node's "
+        "HOST:PORT (default: start a local Ray on 127.0.0.1 for the run, stopped "
+        "after it, and when this process is killed)",
     )
     run.add_argument(
         "--threads",

@@ -23,6 +23,7 @@ cancels queued work, lets running items end as "interrupted", then shuts down.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,10 +42,10 @@ from downloader.scheduling import (
     schedule,
     stop_when_left_early,
 )
-from downloader.settings import Mode
+from downloader.settings import Mode, Settings
 from downloader.transform import configure_pillow
 
-__all__ = ["RUNNERS", "Runner", "run_sequential", "run_threads"]
+__all__ = ["RUNNERS", "Runner", "run_sequential", "run_threads", "scheduler_ready"]
 
 
 def run_sequential(
@@ -114,6 +115,23 @@ def run_ray(items: Iterable[Job | Outcome], lifecycle: Lifecycle) -> Iterator[Ou
     from downloader.ray_mode import run_ray as run_on_ray  # Ray is an optional extra
 
     yield from run_on_ray(items, lifecycle)
+
+
+@contextlib.contextmanager
+def scheduler_ready(settings: Settings) -> Iterator[None]:
+    """What the scheduler needs before the run writes a record, for the run.
+
+    For ``ray``: Ray joined (or a local one started). A cluster that does not
+    answer stops the run before it plans, so a long list does not get a ``not
+    started`` record per URL for an address mistyped; the others need nothing.
+    """
+    if settings.mode is not Mode.RAY:
+        yield
+        return
+    from downloader.ray_mode import connected  # Ray is an optional extra
+
+    with connected(settings):
+        yield
 
 
 RUNNERS: dict[Mode, Runner] = {

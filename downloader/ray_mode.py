@@ -22,26 +22,33 @@ store; only the driver writes the manifest, so it stays one line per URL.
 
 Without ``--ray-address`` a local Ray is started for the run, bound to 127.0.0.1
 (Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` as "this machine only"), without
-dashboard or usage statistics, and stopped after it. A caller that has already
-called ``ray.init`` (a script, the tests) keeps its Ray: it is used, not stopped.
+dashboard or usage statistics, and stopped after it; a watcher (``ray_reaper``)
+stops it if the driver is killed. With one, the address is tried before
+``ray.init`` (which would retry for minutes). A caller that has already called
+``ray.init`` (a script, the tests) keeps its Ray: it is used, not stopped.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import itertools
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from downloader import ray_reaper
 from downloader.errors import InputError, OutputError
 from downloader.lifecycle import Lifecycle
 from downloader.manifest import record_key
@@ -54,10 +61,11 @@ from downloader.ray_shards import (
     ShardSpec,
     new_run_name,
     parts_folder,
+    remove_unrecorded_outputs,
     run_shard_here,
 )
 from downloader.records import Job, Outcome
-from downloader.runtime import Cancellation
+from downloader.runtime import Cancellation, close_open_runs
 from downloader.scheduling import TICK_S, Lanes, jobs_of, stop_when_left_early
 from downloader.settings import RAY_EXTRA_HINT, Settings
 
@@ -95,11 +103,17 @@ def _import_ray(address: str | None) -> Any:
         for name, value in _LOCAL_ENV.items():
             os.environ.setdefault(name, value)
     try:
-        return importlib.import_module("ray")
+        ray = importlib.import_module("ray")
     except ImportError as exc:
         raise InputError(
             f"--mode ray needs Ray, which is not installed: {RAY_EXTRA_HINT}"
         ) from exc
+    # Exit handlers run last registered first: runs left open are closed (their
+    # tasks cancelled, a local Ray stopped) before Ray's own handler shuts it down,
+    # after which a Ray call would connect again, and wait minutes.
+    atexit.unregister(close_open_runs)
+    atexit.register(close_open_runs)
+    return ray
 
 
 @contextlib.contextmanager
@@ -141,34 +155,129 @@ def _messages_logged() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _started(ray: Any, settings: Settings) -> Iterator[None]:
-    """``ray.init`` for the run, ``ray.shutdown`` after it."""
+    """``ray.init`` for the run, ``ray.shutdown`` after it.
+
+    Raises:
+        OutputError: no Ray answers at ``--ray-address``, or a local one could not
+            start: the run cannot begin (exit 3), and nothing is written.
+    """
     # Ray sets its own SIGTERM handler in ray.init; the run's (Ctrl-C and SIGTERM
     # stop it in order) are put back.
     saved = _signal_handlers()
+    with contextlib.ExitStack() as stack:
+        try:
+            if settings.ray_address is None:
+                # Started first, so that it ends last: after ray.shutdown, or after
+                # this process itself, however it ended.
+                token = stack.enter_context(_reaped())
+                with _marked(token):
+                    ray.init(
+                        address="local",
+                        _node_ip_address="127.0.0.1",
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        logging_level="error",
+                    )
+            else:
+                _check_answers(ray, settings.ray_address)
+                ray.init(
+                    address=settings.ray_address,
+                    log_to_driver=False,
+                    logging_level="error",
+                )
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            where = settings.ray_address or "a local Ray"
+            raise OutputError(f"cannot start or join Ray ({where}): {exc}") from exc
+        finally:
+            _restore(saved)
+        try:
+            yield
+        finally:
+            _inboxes.clear()
+            ray.shutdown()
+
+
+PROBE_S = 5.0
+"""How long the driver waits for the cluster's port to accept a connection before
+it gives up (exit 3). Ray itself would retry for minutes."""
+
+
+def _check_answers(ray: Any, address: str) -> None:
+    """Raise unless something accepts a connection at the cluster's address.
+
+    ``auto`` is looked up as Ray does (``RAY_ADDRESS``, then the address of the last
+    ``ray start`` on this machine); the error names the address as given.
+
+    Raises:
+        OutputError: nothing answers there (or ``auto`` finds no cluster).
+    """
+    shown = address
+    target = address.removeprefix("ray://")
+    if address == "auto":
+        services = getattr(getattr(ray, "_private", None), "services", None)
+        find = getattr(services, "canonicalize_bootstrap_address_or_die", None)
+        if find is None:  # Ray moved it: ray.init looks, with its own retries
+            return
+        try:
+            target = find(address)
+        except ConnectionError as exc:
+            raise OutputError(f"cannot join Ray at --ray-address auto: {exc}") from exc
+        shown = f"auto ({target})"
+    host, _, port = target.rpartition(":")
     try:
-        if settings.ray_address is None:
-            ray.init(
-                address="local",
-                _node_ip_address="127.0.0.1",
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level="error",
-            )
-        else:
-            ray.init(
-                address=settings.ray_address,
-                log_to_driver=False,
-                logging_level="error",
-            )
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise InputError(f"cannot start or join Ray: {exc}") from exc
+        socket.create_connection((host.strip("[]"), int(port)), PROBE_S).close()
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or exc
+        raise OutputError(
+            f"cannot reach Ray at --ray-address {shown}: {why} (is the cluster "
+            "started? ray start --head)"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _reaped() -> Iterator[str]:
+    """Start the watcher that ends the local Ray's processes with this process;
+    yield the token that marks them (``ray_reaper``).
+
+    At the end of the block the watcher is told to end them now (``ray.shutdown``
+    has stopped most; an agent or idle worker may linger) and waited for.
+    """
+    token = uuid.uuid4().hex
+    try:
+        driver = os.pidfd_open(os.getpid())
+    except (AttributeError, OSError):  # no pidfds: the closed pipe tells it too
+        driver = -1
+    fds = () if driver < 0 else (driver,)
+    try:
+        watcher = subprocess.Popen(
+            [sys.executable, "-I", ray_reaper.__file__, token, str(driver)],
+            stdin=subprocess.PIPE,
+            pass_fds=fds,
+            start_new_session=True,  # not in the terminal's group: Ctrl-C is ours
+        )
     finally:
-        _restore(saved)
+        if driver >= 0:
+            os.close(driver)
+    try:
+        yield token
+    finally:
+        assert watcher.stdin is not None
+        watcher.stdin.close()
+        try:
+            watcher.wait(ray_reaper.REAP_S + 5)
+        except subprocess.TimeoutExpired:
+            watcher.kill()
+            watcher.wait()
+
+
+@contextlib.contextmanager
+def _marked(token: str) -> Iterator[None]:
+    """Put the token in the environment the local Ray's processes inherit."""
+    os.environ[ray_reaper.OWNER_ENV] = token
     try:
         yield
     finally:
-        _inboxes.clear()
-        ray.shutdown()
+        del os.environ[ray_reaper.OWNER_ENV]
 
 
 def _signal_handlers() -> dict[signal.Signals, Any]:
@@ -327,6 +436,8 @@ class _Shard:
     """Jobs without a record yet, by ``record_key`` of their URL."""
     heard: bool = False
     """A batch came from its task: it has started."""
+    sent: float = field(default_factory=time.time)
+    """When it was submitted (``time.time()``): files its attempts wrote are newer."""
 
 
 def run_ray(items: Iterable[Job | Outcome], lifecycle: Lifecycle) -> Iterator[Outcome]:
@@ -465,6 +576,8 @@ class _RayRun:
             if shard.waiting.pop(record_key(outcome.url), None) is not None:
                 yield outcome
         for job in shard.waiting.values():
+            # Its task may have died between placing an image and recording it.
+            remove_unrecorded_outputs(self.out, job, self.settings, shard.sent)
             if reason is None:
                 yield self.lifecycle.not_started(job)
             else:

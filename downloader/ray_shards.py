@@ -53,7 +53,9 @@ from downloader.parts import refuse_parts
 from downloader.progress import EventKind, ProgressEvent
 from downloader.records import Job, Outcome, Stage
 from downloader.runtime import Cancellation, RunContext
-from downloader.settings import Settings
+from downloader.settings import ImageFormat, Settings
+from downloader.steps import ORIGINALS_NAME
+from downloader.transform import output_names
 from downloader.worker import cpu_seconds
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "ShardSpec",
     "merge_leftover_parts",
     "parts_folder",
+    "remove_unrecorded_outputs",
     "run_shard_here",
 ]
 
@@ -204,6 +207,39 @@ def merge_leftover_parts(folder: OutputFolder) -> None:
             PartFile(path / name).remove()
     with contextlib.suppress(OSError):
         path.rmdir()  # only if empty
+
+
+def remove_unrecorded_outputs(
+    out: Path, job: Job, settings: Settings, since: float
+) -> None:
+    """Remove what a task that died placed for ``job`` and did not record.
+
+    The driver records ``job`` itself (failed: its task kept dying; not started: it
+    was cancelled), so a file its task had placed under a final name, the task
+    dying before it appended the record, would be named by no record. The names
+    are the job's own outputs in any format it may have had (and its kept
+    original); a file there is removed only if it is a regular file written since
+    the shard was sent (``since``, ``time.time()``: an older one is no attempt's of
+    this shard) and not one the job's earlier record names (``owned``).
+    """
+    spec = settings.image
+    kinds: tuple[ImageFormat, ...] = (spec.format,)
+    if spec.format is ImageFormat.KEEP:
+        kinds = tuple(kind for kind in ImageFormat if kind is not ImageFormat.KEEP)
+    names = [name for kind in kinds for name in output_names(job.stem, spec, kind)]
+    if settings.keep_originals:
+        names += [f"{ORIGINALS_NAME}/{job.stem}.{ext}" for ext in _ORIGINAL_EXTENSIONS]
+    for name in names:
+        if name in job.owned:
+            continue
+        with contextlib.suppress(OSError):
+            found = os.lstat(out / name)
+            if stat.S_ISREG(found.st_mode) and found.st_mtime >= since:
+                (out / name).unlink()
+
+
+_ORIGINAL_EXTENSIONS = ("jpg", "png", "gif", "bmp", "webp", "bin")
+"""Every extension ``steps.original_extension`` gives a kept original."""
 
 
 # ------------------------------------------------------------------ in the task

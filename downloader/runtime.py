@@ -19,6 +19,7 @@ command line leaves no process behind.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import gc
@@ -35,7 +36,8 @@ import stat
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -50,6 +52,8 @@ __all__ = [
     "Usage",
     "Wakeup",
     "cancel_on_signals",
+    "close_at_exit",
+    "close_open_runs",
     "helper_processes",
     "interrupt_on_signals",
     "stop_helper_processes",
@@ -551,3 +555,28 @@ def _semaphores_alive() -> bool:
         getattr(finalizer, "_callback", None) is cleanup
         for finalizer in list(registry.values())
     )
+
+
+# ------------------------------------------------------- runs left open at exit
+
+_open_runs: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
+
+
+def close_at_exit(results: Generator[Any, None, None]) -> None:
+    """Have ``results`` (an ``iter_results`` generator) closed at interpreter exit
+    if its caller has not closed it: the run then stops as when its caller leaves
+    early (records for what was not done, every process ended), while the
+    interpreter is still whole. Left to the garbage collector, it would be closed
+    during the interpreter's teardown, after the exit handlers of the libraries it
+    uses (Ray's ``shutdown``), if at all."""
+    _open_runs.add(results)
+
+
+def close_open_runs() -> None:
+    """Close every run ``close_at_exit`` was given that is still open."""
+    for results in list(_open_runs):
+        with contextlib.suppress(ValueError):  # running: the exit is its own caller's
+            results.close()
+
+
+atexit.register(close_open_runs)

@@ -435,6 +435,32 @@ class _Text:
         return value
 
 
+_RAY_ADDRESS = re.compile(
+    r"(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _RayAddress:
+    """``auto``, or the ``HOST:PORT`` of a Ray cluster (``ray://`` for Ray Client).
+
+    Checked here, before anything is written: Ray itself takes a malformed address
+    only once the run has begun (and a bare word for a cluster it may look for)."""
+
+    label: str
+
+    def __call__(self, value: object, label: str | None = None) -> object:
+        if value is None:
+            return None
+        expected = "auto or HOST:PORT (the head node's address, e.g. 10.0.0.5:6379)"
+        if not isinstance(value, str):
+            raise _refusal(label or self.label, expected, value, wrong_type=True)
+        found = _RAY_ADDRESS.fullmatch(value)
+        if value != "auto" and not (found and 0 < int(found[2]) < 65536):
+            raise _refusal(label or self.label, expected, value, wrong_type=False)
+        return value
+
+
 @dataclass(frozen=True, slots=True)
 class _Instance:
     """An instance of ``kind`` (a group of settings, made and checked on its own)."""
@@ -962,8 +988,7 @@ _SETTINGS_CHECKS: Mapping[str, Check] = {
     "stall_report": _seconds("stall_report"),
     "output_format": _Choice("--output-format", OutputFormat),
     "shard_size": Whole("--shard-size", 1, SHARD_SIZE_LIMIT),
-    # An address: printable ASCII, no spaces at either end (as a header value).
-    "ray_address": _Text("--ray-address", optional=True, header=True),
+    "ray_address": _RayAddress("--ray-address"),
     "http": _Instance("http", HttpSettings),
     "image": _Instance("image", ImageSpec),
     "part": _Instance("--part", Part, optional=True),

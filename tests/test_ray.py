@@ -3,7 +3,9 @@
 Library runs in this process use that Ray; command-line runs are subprocesses that
 join it with ``--ray-address``, so that a signal or a ``kill -9`` hits the driver
 alone. Ray's worker processes are really killed (by the killing transforms of
-``tests.user_transforms``), never simulated.
+``tests.user_transforms``), never simulated. Two tests start a Ray of their own
+(a driver's, killed; a library run left open at exit) and look for its processes
+by their session, never by name: other Rays run on the machine.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from downloader.ray_mode import SHARD_RETRIES
 from downloader.ray_shards import PARTS_NAME, PartFile
 from downloader.records import Stage
 from downloader.settings import NameBy, Part
-from tests.conftest import RayCluster, second_node
+from tests.conftest import RayCluster, free_port, second_node
 from tests.helpers import (
     FLAT_IMAGE,
     WAIT_S,
@@ -43,10 +45,11 @@ from tests.helpers import (
     fast_settings,
     leftovers,
     read_manifest,
+    session_pids,
     write_list,
 )
 from tests.test_modes import output_hashes
-from tests.user_transforms import KILLS_ENV, kills
+from tests.user_transforms import KILLS_ENV, PLACE_AT, kills
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
 
@@ -163,6 +166,34 @@ def test_a_shard_that_keeps_failing_fails_its_urls_with_the_reason(
     assert_tidy(tmp_path)
 
 
+def test_an_image_placed_by_a_worker_that_died_before_recording_it_goes(
+    ray_kills: Path, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A shard's worker places an image under its final name and dies before it
+    records it, at every attempt: the URL ends failed, and the image goes with it
+    (no file on disk that no record names); the other shards' images stay."""
+    urls = [*corpus_urls(server, corpus)[:3], server.url_for(FLAT_IMAGE)]
+    [flat] = run(urls[3:], fast_settings(tmp_path / "alone")).results
+    out = tmp_path / "out"
+    (ray_kills / PLACE_AT).write_text(str(out / str(flat.path)))
+    spec = ImageSpec(
+        max_size=64, transform="tests.user_transforms:place_then_kill_worker_on_flat"
+    )
+
+    run(urls, ray_settings(out, shard_size=2, image=spec))
+
+    records = by_url(out)
+    assert records[urls[3]]["status"] == "failed"
+    assert str(records[urls[3]]["error"]).startswith("ray task failed")
+    assert len(kills(ray_kills)) == SHARD_RETRIES + 1
+    assert not (out / str(flat.path)).exists()
+    # The other shard's; the flat one's neighbour in its shard may go down with it.
+    assert [records[url]["status"] for url in urls[:2]] == ["ok", "ok"]
+    named = {str(r["path"]) for r in records.values() if r["status"] == "ok"}
+    assert {p.name for p in out.iterdir() if p.suffix in {".jpg", ".png"}} == named
+    assert_tidy(out)
+
+
 def test_compare_runs_ray_beside_a_local_mode(
     ray_cluster: RayCluster, server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
@@ -220,6 +251,80 @@ def test_shard_options_are_refused_where_no_ray_runs(
         assert line.startswith(f"error: {message}"), line
         assert line.endswith("; see --help")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_malformed_ray_address_is_a_usage_error_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--ray-address bogus`` (no port, a bad port, a URL): one line, exit 2, no
+    output folder, no record; the forms Ray takes pass."""
+    url_list = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/a.jpg"])
+    out = tmp_path / "out"
+    for address in ("bogus", "127.0.0.1", "head:0", "head:65536", "http://head:80"):
+        code = main(
+            [
+                str(url_list),
+                "--out",
+                str(out),
+                "--mode",
+                "ray",
+                "--ray-address",
+                address,
+            ]
+        )
+
+        assert code == 2, address
+        [line] = capsys.readouterr().err.splitlines()
+        assert line == (
+            "error: --ray-address must be auto or HOST:PORT (the head node's "
+            f"address, e.g. 10.0.0.5:6379), got {address!r}; see --help"
+        )
+        assert not out.exists()
+    for address in ("auto", "10.0.0.5:6379", "ray://head:10001", "[::1]:6379"):
+        assert Settings(out=out, mode=Mode.RAY, ray_address=address).ray_address
+
+
+def _cli_joining(
+    url_list: Path, out: Path, address: str, **env: str
+) -> tuple[int, str]:
+    """Run the command line joining ``address``; its exit code and standard error."""
+    process = subprocess.run(
+        [
+            *(sys.executable, str(CLI), str(url_list), "--out", str(out)),
+            *("--no-config", "--mode", "ray", "--ray-address", address),
+        ],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,  # Ray's own connection retries take minutes
+        check=False,
+    )
+    return process.returncode, process.stderr
+
+
+def test_a_ray_address_where_nothing_answers_fails_in_one_line_and_exit_3(
+    tmp_path: Path,
+) -> None:
+    """Nothing listens at ``--ray-address`` (given, or found by ``auto``): one line
+    that names the address as typed, exit 3, within seconds, no record written."""
+    url_list = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/a.jpg"])
+    address = f"127.0.0.1:{free_port()}"
+
+    code, stderr = _cli_joining(url_list, tmp_path / "out", address)
+
+    assert code == 3, stderr
+    assert stderr == (
+        f"error: cannot reach Ray at --ray-address {address}: Connection refused "
+        "(is the cluster started? ray start --head)\n"
+    )
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+    code, stderr = _cli_joining(url_list, tmp_path / "out", "auto", RAY_ADDRESS=address)
+
+    assert code == 3, stderr
+    [line] = stderr.splitlines()
+    assert line.startswith("error: cannot reach Ray at --ray-address auto ("), line
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
 
 
 def test_part_with_ray_mode_is_refused_in_one_line(
@@ -338,14 +443,16 @@ def _many_urls(server: LocalServer, corpus: Path, count: int) -> list[str]:
     return [f"{names[i % len(names)]}?n={i}" for i in range(count)]
 
 
-def _driver(url_list: Path, out: Path, address: str) -> subprocess.Popen[str]:
+def _driver(url_list: Path, out: Path, address: str | None) -> subprocess.Popen[str]:
     """The command line in ray mode, in ``out``'s parent, ``--out`` relative to it
-    (the tasks' working folder is not the driver's)."""
+    (the tasks' working folder is not the driver's); a session of its own. Without
+    ``address``, it starts a local Ray of its own."""
+    joining = () if address is None else ("--ray-address", address)
     command = [
         sys.executable,
         str(CLI),
         str(url_list),
-        *("--out", out.name, "--mode", "ray", "--ray-address", address),
+        *("--out", out.name, "--mode", "ray", *joining),
         *("--shard-size", "4", "--threads", "2", "--max-size", "64", "--json"),
         *("--retries", "0", "--no-progress"),
     ]
@@ -359,15 +466,17 @@ def _driver(url_list: Path, out: Path, address: str) -> subprocess.Popen[str]:
     )
 
 
-def _wait_for_records(out: Path, count: int, name: str = "manifest.jsonl") -> None:
+def _wait_for_records(
+    out: Path, count: int, name: str = "manifest.jsonl", timeout: float = WAIT_S
+) -> None:
     """Wait (bounded) until ``out/name`` has ``count`` complete lines."""
     manifest = out / name
-    deadline = time.monotonic() + WAIT_S
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if manifest.exists() and manifest.read_bytes().count(b"\n") >= count:
             return
         time.sleep(0.05)
-    raise AssertionError(f"fewer than {count} records within {WAIT_S} s")
+    raise AssertionError(f"fewer than {count} records within {timeout} s")
 
 
 def test_driver_ctrl_c_then_kill_9_then_a_rerun_completes(
@@ -415,6 +524,110 @@ def test_driver_ctrl_c_then_kill_9_then_a_rerun_completes(
     assert sorted(records) == sorted(urls)
     assert {r["status"] for r in records.values()} <= {"ok", "skipped"}
     assert_tidy(out)
+
+
+RAY_START_S = 120.0
+"""Bound on a local Ray's start (6-8 s on idle cores here, over 20 s under load)."""
+OWN_RAY_TIMEOUT_S = 300
+"""The time limit of a test whose driver starts a Ray of its own, besides the
+suite's (the suite's limit, 120 s, is for tests that share one)."""
+
+
+def _wait_session_ends(session: int, timeout: float = WAIT_S) -> list[int]:
+    """Wait (bounded) until no process of ``session`` is left; return those left."""
+    deadline = time.monotonic() + timeout
+    while (left := session_pids(session)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@pytest.mark.timeout(OWN_RAY_TIMEOUT_S)
+def test_a_local_ray_dies_with_its_killed_driver_and_a_rerun_completes(
+    ray_cluster: RayCluster, slow_server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """kill -9 of a driver that started its own Ray, mid-run: every process of that
+    Ray (gcs_server, raylet, agents, workers: all in the driver's session) ends
+    soon after, none lives on reparented to init; a rerun finishes the job."""
+    urls = _many_urls(slow_server, corpus, 32)
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+    process = _driver(url_list, out, None)
+    try:
+        _wait_for_records(out, 2, timeout=RAY_START_S)
+        ray_pids = [pid for pid in session_pids(process.pid) if pid != process.pid]
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in ray_pids]
+        assert any(b"raylet" in command for command in commands), commands
+
+        process.kill()  # the driver alone, not its process group
+        process.communicate(timeout=WAIT_S)
+
+        left = _wait_session_ends(process.pid, timeout=WAIT_S * 2)
+        assert left == [], [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in left]
+    finally:  # what this test started, if the driver's Ray outlived it after all
+        for pid in session_pids(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        process.communicate()
+
+    # The rerun joins the suite's Ray (in this process): a second start costs time.
+    report = run(urls, ray_settings(out, shard_size=4, threads=2))
+
+    assert {o.status for o in report.results} <= {Status.OK, Status.SKIPPED}
+    records = by_url(out)
+    assert sorted(records) == sorted(urls)
+    assert {r["status"] for r in records.values()} <= {"ok", "skipped"}
+    assert_tidy(out)
+
+
+_LEFT_OPEN = """
+import sys
+from pathlib import Path
+from downloader import Mode, iter_results
+from tests.helpers import fast_settings
+
+settings = fast_settings(Path(sys.argv[2]), mode=Mode.RAY, shard_size=4, threads=2)
+results = iter_results(sys.argv[1], settings)
+print(next(results).url, flush=True)
+"""
+"""A library caller that takes one record of a ray run (its own local Ray), then
+exits without closing the generator."""
+
+
+@pytest.mark.timeout(OWN_RAY_TIMEOUT_S)
+def test_a_ray_run_left_open_at_exit_ends_cleanly(
+    slow_server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """The interpreter exits with a ray ``iter_results`` open: it exits at once
+    (not after minutes of Ray reconnecting), every URL has its one record, every
+    image its record, no part or temporary file, no process of its Ray left."""
+    urls = _many_urls(slow_server, corpus, 32)
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+    root = CLI.parent
+    process = subprocess.Popen(
+        [sys.executable, "-c", _LEFT_OPEN, str(url_list), str(out)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_records(out, 1, timeout=RAY_START_S)
+        _, stderr = process.communicate(timeout=WAIT_S * 2)
+
+        assert process.returncode == 0, stderr
+        assert _wait_session_ends(process.pid) == []
+    finally:  # what this test started, if the run outlived it
+        for pid in session_pids(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        process.communicate()
+    records = by_url(out)
+    assert sorted(records) == sorted(urls)
+    assert_tidy(out)
+    named = {str(r["path"]) for r in records.values() if r["status"] == "ok"}
+    images = {p.name for p in out.iterdir() if p.suffix in {".jpg", ".png"}}
+    assert images == named
 
 
 def test_parts_a_killed_driver_left_are_merged_by_the_next_run(

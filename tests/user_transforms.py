@@ -99,6 +99,23 @@ def kill_worker_on_flat_once(image: Image.Image) -> Image.Image:
     return image
 
 
+PLACE_AT = "place-at"
+"""The file of ``KILLS_ENV`` that names where ``place_then_kill_worker_on_flat``
+puts the image before it kills its worker."""
+
+
+def place_then_kill_worker_on_flat(image: Image.Image) -> Image.Image:
+    """On a flat image: put it, whole, at the path ``KILLS_ENV/place-at`` names (its
+    final name in the output folder), then kill the worker; as if the worker had
+    died after placing its output and before recording it. Pass any other image."""
+    if _is_flat(image):
+        target = Path((Path(os.environ[KILLS_ENV]) / PLACE_AT).read_text())
+        image.save(target.with_suffix(".tmp"), format="PNG")
+        target.with_suffix(".tmp").rename(target)
+        _kill_this_worker()
+    return image
+
+
 def kills(folder: Path) -> list[int]:
     """The pids the killing transforms killed, from ``folder`` (``KILLS_ENV``)."""
     return sorted(int(entry.name) for entry in folder.iterdir() if entry.name.isdigit())
