@@ -23,7 +23,8 @@ records themselves, in a first pass over the manifest:
 A field a record lacks is null in its row. Text that is not valid Unicode (a lone
 surrogate, from a list that was not UTF-8) is written with the escape the manifest
 uses (``\\udcff``). The second pass writes the rows in batches of ``BATCH_ROWS`` (a
-Parquet row group each), so memory stays flat however long the manifest.
+Parquet row group each), each converted to Arrow ``CONVERT_ROWS`` rows at a time, so
+memory stays flat however long the manifest.
 
 **Atomic.** The file goes through ``manifest.write_file``: written under a temporary
 name in the folder (``.manifest.parquet.new``), flushed, then renamed over the index,
@@ -68,8 +69,12 @@ __all__ = [
 
 INDEX_NAME = "manifest.parquet"
 BATCH_ROWS = 65_536
-"""Rows per batch (and Parquet row group): what memory holds at once, as Python
-values then Arrow arrays; large enough that readers skip through few row groups."""
+"""Rows per batch, written as one Parquet row group: what memory holds at once as
+Arrow arrays (~30 MB for a manifest's ~500 bytes a row); large enough that readers
+skip through few row groups."""
+CONVERT_ROWS = 8_192
+"""Rows held as Python values (several times their Arrow size) before they are
+converted to Arrow arrays and dropped."""
 _log = logging.getLogger("downloader")
 
 
@@ -258,13 +263,19 @@ class _Table:
         self.rows = 0
 
     def batches(self, lines: Iterator[bytes]) -> Iterator[Any]:
-        """One record batch per ``BATCH_ROWS`` lines; none for no lines."""
+        """One table of up to ``BATCH_ROWS`` lines at a time; none for no lines."""
         while True:
-            batch = self._batch(itertools.islice(lines, BATCH_ROWS))
-            if batch is None:
-                return
-            yield batch
-            if batch.num_rows < BATCH_ROWS:
+            chunks, rows = [], 0
+            while rows < BATCH_ROWS:
+                size = min(CONVERT_ROWS, BATCH_ROWS - rows)
+                chunk = self._batch(itertools.islice(lines, size))
+                if chunk is None:
+                    break
+                chunks.append(chunk)
+                rows += chunk.num_rows
+            if chunks:
+                yield self._pa.Table.from_batches(chunks, schema=self.schema)
+            if rows < BATCH_ROWS:
                 return
 
     def _batch(self, lines: Iterator[bytes]) -> Any:
@@ -302,7 +313,7 @@ def _parquet_bytes(pq: Any, table: _Table, lines: Iterator[bytes]) -> Iterator[b
     sink = _Chunks()
     with pq.ParquetWriter(sink, table.schema) as writer:
         for batch in table.batches(lines):
-            writer.write_batch(batch)
+            writer.write_table(batch, row_group_size=BATCH_ROWS)
             yield from sink.take()
     yield from sink.take()  # the footer, written on close
 

@@ -261,9 +261,10 @@ def test_batches_bound_what_is_held_and_split_row_groups(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The index is written a batch at a time: one row group per batch, the rows
-    the same as in one batch."""
+    """The index is written a batch at a time (one row group each), each batch
+    converted a few rows at a time: the rows are the same as in one batch."""
     monkeypatch.setattr("downloader.parquet_index.BATCH_ROWS", 5)
+    monkeypatch.setattr("downloader.parquet_index.CONVERT_ROWS", 2)
     out = tmp_path / "out"
     urls = corpus_urls(server, corpus)
 
