@@ -828,7 +828,13 @@ def _finish(
     elif not args.quiet:
         part = settings.part
         records = None if part is None else RecordFiles.for_part(part).manifest
-        print_summary(summary, out_dir=str(settings.out), file=stderr, records=records)
+        print_summary(
+            summary,
+            out_dir=str(settings.out),
+            file=stderr,
+            records=records,
+            index=INDEX_NAME if settings.parquet else None,
+        )
     listed = settings.out / (
         FAILED_NAME
         if settings.part is None

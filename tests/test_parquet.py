@@ -295,17 +295,19 @@ def test_cli_flag_config_key_and_refusals(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """``parquet = true`` in the config file writes the index; --parquet with
+    """``parquet = true`` in the config file writes the index (the summary names
+    it); --parquet with
     --dry-run, a list with --parquet-only, and a link at the index are refused;
     --parquet-only without a manifest says so."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "downloader.toml").write_text("parquet = true\n")
     url_list = write_list(tmp_path / "urls.txt", corpus_urls(server, corpus)[:2])
 
-    assert main([str(url_list), "--out", "o", "--procs", "1", "-q"]) == 0
+    assert main([str(url_list), "--out", "o", "--procs", "1", "--no-progress"]) == 0
     assert pq.read_table(tmp_path / "o" / INDEX_NAME).num_rows == 2
-
-    capsys.readouterr()
+    assert capsys.readouterr().err.endswith(
+        "  results in o (manifest.jsonl, manifest.parquet)\n"
+    )
     elsewhere = tmp_path / "elsewhere.parquet"
     elsewhere.write_bytes(b"mine")
     (tmp_path / "l").mkdir()
