@@ -28,6 +28,7 @@ from downloader.parquet_index import INDEX_NAME
 from downloader.records import Status
 from downloader.runtime import Cancellation
 from downloader.settings import LOCAL_MODES, ImageSpec, Mode, Part
+from tests.conftest import RayCluster
 from tests.helpers import (
     WAIT_S,
     LocalServer,
@@ -36,6 +37,7 @@ from tests.helpers import (
     read_manifest,
     write_list,
 )
+from tests.test_ray import ray_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = "error: --parquet needs pyarrow, which is not installed: " + (
@@ -116,6 +118,23 @@ def test_index_is_the_manifest_after_a_run_and_a_rerun(
 
     rows = _assert_index_is_manifest(out, len(entries) + 1)
     assert {row["width"] for row in rows if row["status"] == "ok"} <= {1, 2, 3, 4}
+
+
+def test_ray_mode_writes_the_index_too(
+    ray_cluster: RayCluster, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """``--mode ray`` (the session's local Ray): the driver's manifest is indexed
+    when the run ends, and again after a rerun that adds URLs."""
+    out = tmp_path / "out"
+    entries = _entries(server, corpus)
+    url_list = _write_jsonl(tmp_path / "list.jsonl", entries)
+
+    run(url_list, ray_settings(out, parquet=True))
+
+    _assert_index_is_manifest(out, len(entries))
+    added = [{"url": url} for url in corpus_urls(server, corpus)[3:5]]
+    run(_write_jsonl(url_list, [*entries, *added]), ray_settings(out, parquet=True))
+    _assert_index_is_manifest(out, len(entries) + 2)
 
 
 def test_a_stopped_run_indexes_every_input(
