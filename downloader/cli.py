@@ -684,7 +684,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         http=HttpSettings(**http_kwargs),
         image=image,
         part=None if args.part is None else Part(*args.part),
-        parquet=args.parquet,
+        # A config file's `parquet = true` is only a default: a part leaves the
+        # index to --merge-parts (typed, --parquet with --part is refused).
+        parquet=args.parquet and args.part is None,
         **extra,
     )
 
@@ -1062,8 +1064,9 @@ _IGNORED_UNLESS: dict[str, tuple[Callable[[argparse.Namespace], bool], str]] = {
     ),
     "download_procs": (_pipeline, "--download-procs applies to --mode pipeline"),
     "parquet": (
-        lambda args: not args.dry_run,
-        "--parquet writes an index of the run's manifest; --dry-run writes nothing",
+        lambda args: not args.dry_run and args.part is None,
+        "--parquet indexes a run's whole manifest: not with --dry-run (which writes "
+        "nothing) nor --part (give it to --merge-parts)",
     ),
     "item_timeout": (_pipeline, "--item-timeout applies to --mode pipeline"),
     "insecure": (_downloads, f"--insecure is for downloads; {_LOCAL_FILES}"),

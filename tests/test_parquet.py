@@ -174,24 +174,30 @@ def test_merged_parts_are_indexed_once_per_url(
     server: LocalServer,
     corpus: Path,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Two parts, then ``--merge-parts --parquet``: the index of the merged manifest;
-    a part itself refuses ``--parquet`` (its records are a share of the folder's)."""
-    out = tmp_path / "out"
+    """Two parts, then ``--merge-parts``, with ``parquet = true`` in the config file:
+    the parts leave the index to the merge, which indexes the merged manifest. A
+    part refuses a typed ``--parquet`` (its records are a share of the folder's)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "downloader.toml").write_text("parquet = true\nprocs = 1\n")
     entries = _entries(server, corpus)
-    url_list = _write_jsonl(tmp_path / "list.jsonl", entries)
+    url_list = str(_write_jsonl(tmp_path / "list.jsonl", entries))
     with pytest.raises(InputError, match="--parquet does not go with --part"):
-        fast_settings(out, part=Part(1, 2), parquet=True)
-    for number in (1, 2):
-        run(url_list, fast_settings(out, part=Part(number, 2)))
-    assert not (out / INDEX_NAME).exists()
+        fast_settings(tmp_path, part=Part(1, 2), parquet=True)
+    assert main([url_list, "--part", "1/2", "--parquet", "--out", "out"]) == 2
+    assert capsys.readouterr().err.startswith("error: --parquet indexes a run's")
+    codes = [main([url_list, "--part", f"{k}/2", "--out", "out", "-q"]) for k in (1, 2)]
+    assert set(codes) <= {0, 1}
+    assert not (tmp_path / "out" / INDEX_NAME).exists()
+    capsys.readouterr()
 
-    code = main(["--merge-parts", "--parquet", "--out", str(out), "--json", "-q"])
+    code = main(["--merge-parts", "--out", "out", "--json", "-q"])
 
     assert code == 1  # some URLs failed
-    assert json.loads(capsys.readouterr().out)["index"] == str(out / INDEX_NAME)
-    _assert_index_is_manifest(out, len(entries))
+    assert json.loads(capsys.readouterr().out)["index"] == str(Path("out", INDEX_NAME))
+    _assert_index_is_manifest(tmp_path / "out", len(entries))
 
 
 def test_parquet_only_rebuilds_from_the_folder_and_new_fields_become_columns(
@@ -343,8 +349,8 @@ def test_cli_flag_config_key_and_refusals(
 
     assert codes == [2, 2, 2, 2, 3, 3]
     assert err[:4] == [
-        "error: --parquet writes an index of the run's manifest; --dry-run writes "
-        "nothing; see --help",
+        "error: --parquet indexes a run's whole manifest: not with --dry-run (which "
+        "writes nothing) nor --part (give it to --merge-parts); see --help",
         "error: --parquet-only indexes the manifest in --out; it takes no URL list; "
         "see --help",
         "error: --merge-parts takes --out, --parquet, --json, -q and -v only, not "
