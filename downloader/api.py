@@ -10,6 +10,7 @@ from downloader.errors import DownloaderError, InputError, OutputError
 from downloader.lifecycle import Lifecycle
 from downloader.manifest import ManifestWriter, OutputFolder, PreviousRun
 from downloader.modes import RUNNERS, scheduler_ready
+from downloader.parquet_index import IndexAtEnd
 from downloader.parts import ListDigest, finish_part, only_part, start_part
 from downloader.progress import Events, ignore_events, tell_note, tell_outcome
 from downloader.ray_shards import merge_leftover_parts
@@ -212,7 +213,12 @@ def _iter_results(
         content = ContentIndex(settings, folder.path, previous.same_content)
         lifecycle = Lifecycle(settings, context, content.claim)
         shards = _shard_writer(settings, folder, lifecycle)
-        with ManifestWriter(folder, previous) as manifest:
+        # The index is written as the manifest writer has closed (merged): the
+        # final manifest, before the summary says the run is over.
+        with (
+            IndexAtEnd(folder, settings.parquet),
+            ManifestWriter(folder, previous) as manifest,
+        ):
             watched = items if shards is None else shards.watch(items)
             plan = _plan(watched, previous, settings.force)
             results = content.relay(runner(plan, lifecycle))

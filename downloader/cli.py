@@ -28,7 +28,8 @@ from typing import IO, Any, NoReturn
 from downloader.api import iter_results
 from downloader.config import parse_args
 from downloader.errors import DownloaderError, InputError, OutputError
-from downloader.manifest import FAILED_NAME, RecordFiles
+from downloader.manifest import FAILED_NAME, MANIFEST_NAME, RecordFiles
+from downloader.parquet_index import INDEX_NAME, index_folder
 from downloader.progress import Bars, BarsHandler, Events, EventStream, fan_out
 from downloader.records import Status, counted, one_line
 from downloader.report import Summary, Tally, print_summary, summary_json
@@ -369,6 +370,19 @@ def _add_run_options(run: argparse._ArgumentGroup, defaults: Settings) -> None:
         action="store_true",
         help="merge the parts in --out (after every --part K/N has finished) into "
         "manifest.jsonl and failed.txt; takes no list; safe to rerun",
+    )
+    run.add_argument(
+        "--parquet",
+        action="store_true",
+        help="also write OUT/manifest.parquet when the run ends: one row per "
+        "manifest record, rebuilt from the whole manifest (needs pyarrow: "
+        "pip install 'downloader[parquet]'; default: off)",
+    )
+    run.add_argument(
+        "--parquet-only",
+        action="store_true",
+        help="only rebuild OUT/manifest.parquet from OUT/manifest.jsonl, as "
+        "--parquet does at the end of a run; takes no list",
     )
     run.add_argument("--force", action="store_true", help="redo URLs already ok")
     run.add_argument(
@@ -715,6 +729,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         http=HttpSettings(**http_kwargs),
         image=image,
         part=None if args.part is None else Part(*args.part),
+        # A config file's `parquet = true` is only a default: a part leaves the
+        # index to --merge-parts (typed, --parquet with --part is refused).
+        parquet=args.parquet and args.part is None,
         **extra,
     )
 
@@ -858,7 +875,13 @@ def _finish(
     elif not args.quiet:
         part = settings.part
         records = None if part is None else RecordFiles.for_part(part).manifest
-        print_summary(summary, out_dir=str(settings.out), file=stderr, records=records)
+        print_summary(
+            summary,
+            out_dir=str(settings.out),
+            file=stderr,
+            records=records,
+            index=INDEX_NAME if settings.parquet else None,
+        )
     listed = settings.out / (
         FAILED_NAME
         if settings.part is None
@@ -996,10 +1019,15 @@ def _run_dry(args: argparse.Namespace, settings: Settings, stderr: IO[str]) -> i
 def _run_merge(args: argparse.Namespace, stderr: IO[str]) -> int:
     from downloader.parts import merge_parts  # only --merge-parts needs it
 
-    merged = merge_parts(Path(args.out))
+    merged = merge_parts(Path(args.out), parquet=args.parquet)
     counts = {status.value: n for status, n in merged.counts.items()}
     if args.json:
-        _print_json({"parts": merged.parts, "manifest": str(merged.manifest), **counts})
+        index = (
+            {"index": str(merged.manifest.parent / INDEX_NAME)} if args.parquet else {}
+        )
+        _print_json(
+            {"parts": merged.parts, "manifest": str(merged.manifest), **index, **counts}
+        )
     _sayer(args, stderr)(
         f"merged {merged.parts} part(s) into {merged.manifest}: "
         f"{counted(merged.records, 'URL')} ("
@@ -1012,8 +1040,26 @@ def _run_merge(args: argparse.Namespace, stderr: IO[str]) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _check_merge(args: argparse.Namespace) -> None:
-    """Refuse what does not go with --merge-parts (which takes no list)."""
+def _run_index(args: argparse.Namespace, stderr: IO[str]) -> int:
+    indexed = index_folder(Path(args.out))
+    if args.json:
+        _print_json({"index": str(indexed.path), "rows": indexed.rows})
+    _sayer(args, stderr)(
+        f"indexed {indexed.rows} records of {indexed.path.parent / MANIFEST_NAME} "
+        f"in {indexed.path}"
+    )
+    return EXIT_OK
+
+
+_FOLDER_ONLY = {
+    "merge_parts": "--merge-parts merges the parts in --out",
+    "parquet_only": "--parquet-only indexes the manifest in --out",
+}
+"""The commands that work on an output folder alone, and what each does."""
+
+
+def _check_folder_only(args: argparse.Namespace, dest: str) -> None:
+    """Refuse what does not go with --merge-parts or --parquet-only (no list)."""
     given = [
         flag
         for flag, value in (
@@ -1024,13 +1070,13 @@ def _check_merge(args: argparse.Namespace) -> None:
             ("--dry-run", args.dry_run or None),
             ("--compare", args.compare or None),
             ("--events", args.events),
+            ("--merge-parts", args.merge_parts or None),
+            ("--parquet-only", args.parquet_only or None),
         )
-        if value is not None
+        if value is not None and flag != "--" + dest.replace("_", "-")
     ]
     if given:
-        raise InputError(
-            f"--merge-parts merges the parts in --out; it takes no {given[0]}"
-        )
+        raise InputError(f"{_FOLDER_ONLY[dest]}; it takes no {given[0]}")
 
 
 def _pipeline(args: argparse.Namespace) -> bool:
@@ -1072,6 +1118,11 @@ _IGNORED_UNLESS: dict[str, tuple[Callable[[argparse.Namespace], bool], str]] = {
         "--ray-address goes with --mode ray (or ray in --compare's --modes)",
     ),
     "download_procs": (_pipeline, "--download-procs applies to --mode pipeline"),
+    "parquet": (
+        lambda args: not args.dry_run and args.part is None,
+        "--parquet indexes a run's whole manifest: not with --dry-run (which writes "
+        "nothing) nor --part (give it to --merge-parts)",
+    ),
     "item_timeout": (_pipeline, "--item-timeout applies to --mode pipeline"),
     "insecure": (_downloads, f"--insecure is for downloads; {_LOCAL_FILES}"),
     "proxy": (_downloads, f"--proxy is for downloads; {_LOCAL_FILES}"),
@@ -1084,8 +1135,13 @@ on the command line (a config file's value is only a default, never refused)."""
 _NOT_GIVEN = object()
 
 
-_MERGE_TAKES = {"merge_parts", "out", "json", "quiet", "verbose", "config", "no_config"}
-"""What ``--merge-parts`` uses; any other option typed with it would be ignored."""
+_FOLDER_TAKES = {"out", "json", "quiet", "verbose", "config", "no_config"}
+_TAKES = {
+    "merge_parts": (_FOLDER_TAKES | {"merge_parts", "parquet"}, "--out, --parquet, "),
+    "parquet_only": (_FOLDER_TAKES | {"parquet_only"}, "--out, "),
+}
+"""What ``--merge-parts`` and ``--parquet-only`` use (and say they take); any other
+option typed with them would be ignored."""
 
 
 def _typed(argv: Sequence[str] | None) -> set[str]:
@@ -1103,12 +1159,14 @@ def _typed(argv: Sequence[str] | None) -> set[str]:
 
 def _check_typed(args: argparse.Namespace, typed: set[str]) -> None:
     """Refuse an option typed where it would be ignored (a usage error, exit 2)."""
-    if args.merge_parts:
-        extra = sorted(typed - _MERGE_TAKES - {"urls", "no_progress"})
+    for dest, (takes, named) in _TAKES.items():
+        if not getattr(args, dest):
+            continue
+        extra = sorted(typed - takes - {"urls", "no_progress"})
         if extra:
             raise InputError(
-                f"--merge-parts takes --out, --json, -q and -v only, not "
-                f"--{extra[0].replace('_', '-')}"
+                f"--{dest.replace('_', '-')} takes {named}--json, -q and -v only, "
+                f"not --{extra[0].replace('_', '-')}"
             )
     for dest, (applies, refusal) in _IGNORED_UNLESS.items():
         if dest in typed and not applies(args):
@@ -1117,8 +1175,9 @@ def _check_typed(args: argparse.Namespace, typed: set[str]) -> None:
 
 def _check_combinations(args: argparse.Namespace) -> None:
     """Refuse flags that cannot go together (a usage error, exit 2)."""
-    if args.merge_parts:
-        _check_merge(args)
+    for dest in _FOLDER_ONLY:
+        if getattr(args, dest):
+            _check_folder_only(args, dest)
     if args.part is not None and (args.compare or args.demo):
         other = "--compare" if args.compare else "--demo"
         raise InputError(f"--part splits your list; it does not go with {other}")
@@ -1161,6 +1220,8 @@ def _dispatch(args: argparse.Namespace, log: BarsHandler) -> int:
     _check_combinations(args)
     if args.merge_parts:
         return _run_merge(args, sys.stderr)
+    if args.parquet_only:
+        return _run_index(args, sys.stderr)
     settings = _settings(args)
     if args.dry_run:
         return _run_dry(args, settings, sys.stderr)

@@ -41,7 +41,7 @@ DEFAULT_CONFIG = Path("downloader.toml")
 # Options that make no sense as defaults in a file (a part or a merge is one run's,
 # and a file shared by the machines of a split would give them all the same part).
 _NOT_IN_FILE = frozenset(
-    {"help", "version", "config", "no-config", "part", "merge-parts"}
+    {"help", "version", "config", "no-config", "part", "merge-parts", "parquet-only"}
 )
 # Keys accepted besides the option names: the plural reads better for a list.
 _ALIASES = {"headers": "header"}

@@ -101,6 +101,7 @@ __all__ = [
     "RecordFiles",
     "parse_record",
     "read_outcomes",
+    "read_record_lines",
     "record_key",
     "record_line",
     "refuse_link",
@@ -600,6 +601,14 @@ def read_outcomes(folder: OutputFolder) -> Iterator[Outcome]:
     for _, _, outcome in _read_records(folder, folder.files.manifest):
         if outcome is not None:
             yield outcome
+
+
+def read_record_lines(folder: OutputFolder) -> Iterator[bytes]:
+    """Yield the line of each record of the folder's manifest, as written (with
+    the fields this version does not know); skip other lines."""
+    for _, line, outcome in _read_records(folder, folder.files.manifest):
+        if outcome is not None:
+            yield line
 
 
 def parse_record(line: bytes) -> Outcome | None:

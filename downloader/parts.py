@@ -59,6 +59,7 @@ from downloader.manifest import (
     read_outcomes,
     record_key,
 )
+from downloader.parquet_index import import_pyarrow, write_index
 from downloader.records import Job, Outcome, Status
 from downloader.settings import PARTS_LIMIT, VERSION, Part
 
@@ -244,16 +245,20 @@ class Merged:
         return sum(self.counts.values())
 
 
-def merge_parts(out: Path) -> Merged:
+def merge_parts(out: Path, *, parquet: bool = False) -> Merged:
     """Merge the parts in ``out`` into ``manifest.jsonl`` and ``failed.txt``.
 
     Safe to run again: the part files are kept and the result is the same. Holds the
     folder's lock alone, so it is refused while a part (or any run) uses the folder.
+    With ``parquet``, the merged manifest's index is written too (``--parquet``).
 
     Raises:
+        InputError: ``parquet`` without pyarrow installed (before anything is done).
         OutputError: no parts, a part missing or unfinished, parts of several N or
             made with different settings, or the folder is in use or unusable.
     """
+    if parquet:
+        import_pyarrow()
     if not out.is_dir():
         raise OutputError(f"{out} is not a folder: no parts to merge")
     with OutputFolder(out) as folder:
@@ -261,6 +266,8 @@ def merge_parts(out: Path) -> Merged:
         record_files = [RecordFiles.for_part(part).manifest for part in parts]
         folder.merge_files(MANIFEST_NAME, [MANIFEST_NAME, *record_files])
         folder.write_failed_list()
+        if parquet:
+            write_index(folder)
         found = Counter(outcome.status for outcome in read_outcomes(folder))
     return Merged(
         len(parts), folder.manifest, {status: found[status] for status in Status}

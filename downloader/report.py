@@ -134,12 +134,18 @@ class Tally:
 
 
 def print_summary(
-    summary: Summary, *, out_dir: str, file: IO[str], records: str | None = None
+    summary: Summary,
+    *,
+    out_dir: str,
+    file: IO[str],
+    records: str | None = None,
+    index: str | None = None,
 ) -> None:
     """Print the short end-of-run report a person reads.
 
     ``records``: the file the records went to when it is not the manifest (a
-    part's, which has no failed list of its own).
+    part's, which has no failed list of its own). ``index``: the manifest's Parquet
+    index, when the run wrote one.
     """
     counts = ", ".join(f"{n} {status.value}" for status, n in summary.counts.items())
     heading = "interrupted" if summary.interrupted else "done"
@@ -159,7 +165,8 @@ def print_summary(
     if records is not None:
         print(f"  results in {out_dir} ({records}; then --merge-parts)", file=file)
         return
-    print(f"  results in {out_dir} (manifest.jsonl", end="", file=file)
+    listed = "manifest.jsonl" if index is None else f"manifest.jsonl, {index}"
+    print(f"  results in {out_dir} ({listed}", end="", file=file)
     failed = summary.counts.get(Status.FAILED, 0)
     print(", failed.txt)" if failed else ")", file=file)
 

@@ -102,6 +102,8 @@ SHARD_SIZE_LIMIT = 1_000_000
 flight (two per cluster CPU), so a million each is already gigabytes there."""
 RAY_EXTRA_HINT = "pip install 'downloader[ray]'"
 """How to get Ray, for the one-line error of ``--mode ray`` without it."""
+PARQUET_EXTRA_HINT = "pip install 'downloader[parquet]'"
+"""How to get pyarrow, for the one-line error of ``--parquet`` without it."""
 
 
 class Mode(enum.Enum):
@@ -867,6 +869,20 @@ def _default_procs() -> int:
     return min(os.cpu_count() or 1, PROCS_LIMIT)
 
 
+def _require_parquet(part: Part | None) -> None:
+    """Refuse ``--parquet`` where no index can be written: without pyarrow, or in a
+    part (whose records are only a share of the folder's until they are merged)."""
+    _require(
+        part is None,
+        "--parquet does not go with --part (a part's records are a share of the "
+        "folder's): give it to --merge-parts, which indexes the merged manifest",
+    )
+    _require(
+        importlib.util.find_spec("pyarrow") is not None,
+        f"--parquet needs pyarrow, which is not installed: {PARQUET_EXTRA_HINT}",
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     """Everything one run needs; ``HttpSettings`` and ``ImageSpec`` hold the groups.
@@ -909,9 +925,14 @@ class Settings:
     image: ImageSpec = field(default_factory=ImageSpec)
     part: Part | None = None
     """Handle only this part of the list (``--part K/N``); None: all of it."""
+    parquet: bool = False
+    """Write ``out/manifest.parquet``, one row per manifest record, when the run ends
+    (``--parquet``; the extra ``downloader[parquet]``)."""
 
     def __post_init__(self) -> None:
         _check_fields(self, _SETTINGS_CHECKS)
+        if self.parquet:
+            _require_parquet(self.part)
         # Content names are shared by every URL with that body, whichever part has
         # it: two parts could write, or a redo remove, the same file.
         _require(
@@ -992,6 +1013,7 @@ _SETTINGS_CHECKS: Mapping[str, Check] = {
     "http": _Instance("http", HttpSettings),
     "image": _Instance("image", ImageSpec),
     "part": _Instance("--part", Part, optional=True),
+    "parquet": _Switch("--parquet"),
 }
 
 OPTION_CHECKS: Mapping[str, Check] = {
