@@ -40,6 +40,7 @@ hypothesis.settings.register_profile("suite", deadline=None)
 hypothesis.settings.load_profile("suite")
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, when installed
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """The suite runs in parallel workers (pytest-xdist, ``-n`` in pyproject.toml);
     every test on the session's Ray goes to one worker, so that one Ray runs, started
