@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 from PIL import Image
 
 from downloader.demo import generate_corpus, serve_in_thread
 from downloader.runtime import stop_helper_processes
+from downloader.settings import Mode
 from tests.helpers import (
     CORPUS_SIZE,
     FLAT_IMAGE,
@@ -30,6 +33,63 @@ from tests.helpers import (
     LocalServer,
 )
 from tests.user_transforms import KILLS_ENV
+
+# Hypothesis's deadline is a timing assert: under parallel workers on a busy machine
+# an example can take longer than 200 ms without anything being wrong.
+hypothesis.settings.register_profile("suite", deadline=None)
+hypothesis.settings.load_profile("suite")
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, when installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """The suite runs in parallel workers (pytest-xdist, ``-n`` in pyproject.toml);
+    every test on the session's Ray goes to one worker, so that one Ray runs, started
+    once, as in a run without workers.
+
+    xdist's own ``--dist loadgroup`` would do it with ``xdist_group`` marks, but it
+    silently stops grouping with pytest 9.2 (pytest-dev/pytest-xdist#1386): the
+    controller only sees test ids, so the group is told by the id (``on_ray_worker``)
+    and checked against the fixtures at collection (``pytest_collection_modifyitems``).
+    """
+    if config.getoption("dist") != "loadgroup":
+        return None  # another --dist asked for: xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayTogether(LoadScopeScheduling):  # type: ignore[misc]
+        """Each test a unit of its own, the Ray ones one unit: the largest unit is
+        sent first, so the Ray tests start at once on one worker."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if on_ray_worker(nodeid) else nodeid
+
+    return RayTogether(config, log)
+
+
+def on_ray_worker(nodeid: str) -> bool:
+    """Whether the test runs on the Ray worker: ``ray`` is a word of its id (the file
+    test_ray.py, a test named ..._ray_..., a parameter ``ray`` or ``Mode.RAY``)."""
+    return "ray" in re.split(r"[^a-z0-9]+", nodeid.lower())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test on the session's Ray must be one the scheduler sends to the Ray worker:
+    else its worker would start a second Ray."""
+    for item in items:
+        if _on_ray(item) and not on_ray_worker(item.nodeid):
+            raise pytest.UsageError(
+                f"{item.nodeid} uses the session's Ray: put 'ray' in its name "
+                "(tests/conftest.py keeps such tests on one worker)"
+            )
+
+
+def _on_ray(item: pytest.Item) -> bool:
+    """Whether the test joins the session's Ray: it asks for ``ray_cluster`` (maybe
+    through another fixture), or runs in ray mode (``shared`` of test_invariants
+    asks for the cluster only for that parameter)."""
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params.values() if callspec is not None else ()
+    fixtures = getattr(item, "fixturenames", ())
+    return "ray_cluster" in fixtures or any(value is Mode.RAY for value in params)
 
 
 @pytest.fixture(scope="session")
