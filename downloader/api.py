@@ -27,12 +27,13 @@ from downloader.runtime import (
 )
 from downloader.settings import (
     VERSION,
+    Mode,
     NameBy,
     OutputFormat,
     Settings,
     check_environment_proxies,
 )
-from downloader.shard_writer import ShardIndex, ShardWriter
+from downloader.shard_writer import ShardIndex, ShardWriter, remove_shards
 from downloader.sources import LocalFiles, Prefetched, Source, open_source
 
 __all__ = ["Source", "iter_results", "run"]
@@ -120,6 +121,12 @@ def _shard_writer(
 ) -> ShardWriter | None:
     """The run's shard writer with ``--output-format webdataset``, else None."""
     if settings.output_format is OutputFormat.FILES:
+        return None
+    if settings.mode is Mode.RAY:
+        # Each task writes the shard of its slice (ray_shards); numbered from the
+        # folder's first free number once the driver starts, after this removal.
+        if settings.force:
+            remove_shards(folder.path)
         return None
     return ShardWriter(
         folder.path,

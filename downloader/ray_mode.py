@@ -67,7 +67,8 @@ from downloader.ray_shards import (
 from downloader.records import Job, Outcome
 from downloader.runtime import Cancellation, close_open_runs
 from downloader.scheduling import TICK_S, Lanes, jobs_of, stop_when_left_early
-from downloader.settings import RAY_EXTRA_HINT, Settings
+from downloader.settings import RAY_EXTRA_HINT, OutputFormat, Settings
+from downloader.shard_writer import first_free_number, shard_name
 
 __all__ = ["SHARDS_PER_CPU", "SHARD_RETRIES", "run_ray"]
 
@@ -479,6 +480,11 @@ class _RayRun:
             scheduling_strategy="SPREAD",
         )(_shard_task)
         self.inbox = _inbox(ray)
+        # --output-format webdataset: slice N's task writes shard first + N, past
+        # every shard in the folder (as ShardWriter numbers them).
+        self.first_tar: int | None = None
+        if self.settings.output_format is OutputFormat.WEBDATASET:
+            self.first_tar = first_free_number(self.out)
 
     def run(self, items: Iterable[Job | Outcome]) -> Iterator[Outcome]:
         ready: list[Outcome] = []
@@ -519,6 +525,7 @@ class _RayRun:
             tuple(_absolute(job) for job in jobs),
             self.parts / f"{self.run_name}-shard-{number:05d}.jsonl",
             self.tmp / f"shard-{number:05d}",
+            None if self.first_tar is None else shard_name(self.first_tar + number),
         )
         shard = _Shard(spec, {record_key(job.url): job for job in jobs})
         ref = self.task.remote(

@@ -32,6 +32,7 @@ import contextlib
 import os
 import shutil
 import stat
+import tarfile
 import threading
 import time
 import uuid
@@ -51,9 +52,10 @@ from downloader.manifest import (
 )
 from downloader.parts import refuse_parts
 from downloader.progress import EventKind, ProgressEvent
-from downloader.records import Job, Outcome, Stage
+from downloader.records import Job, Outcome, Stage, Status
 from downloader.runtime import Cancellation, RunContext
 from downloader.settings import ImageFormat, Settings
+from downloader.shard_writer import SliceShard, shard_records
 from downloader.steps import ORIGINALS_NAME
 from downloader.transform import output_names
 from downloader.worker import cpu_seconds
@@ -255,6 +257,9 @@ class ShardSpec:
     """The shard's part file."""
     scratch: Path
     """Its own scratch folder (under ``OUT/.tmp``), emptied when an attempt starts."""
+    tar: str | None = None
+    """``--output-format webdataset``: the name of the slice's shard (``00017.tar``),
+    which the task writes; None: outputs are files."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,23 +337,71 @@ def run_shard_here(
     part = PartFile(spec.part)
     done = part.recorded()
     shutil.rmtree(spec.scratch, ignore_errors=True)  # an earlier attempt's
+    # Each attempt's own folder: its shard in progress is never another's.
+    scratch = spec.scratch / uuid.uuid4().hex
     try:
-        spec.scratch.mkdir(parents=True)
+        scratch.mkdir(parents=True)
     except OSError as exc:
-        raise OutputError(f"cannot create {spec.scratch}: {exc}") from exc
-    context = RunContext(out, spec.scratch, news, cancel)
+        raise OutputError(f"cannot create {scratch}: {exc}") from exc
+    context = RunContext(out, scratch, news, cancel)
     lifecycle = Lifecycle(settings, context)
     todo = [job for job in spec.jobs if record_key(job.url) not in done]
+    if spec.tar is not None and _renamed(spec.tar, out, part, done, news):
+        todo = []  # the rest were never begun (a stop): the driver records them
     outcomes = run_threads(todo, lifecycle)
+    shard = None
+    if spec.tar is not None:
+        shard = SliceShard(spec.tar, out, scratch, lifecycle.fail_run)
+    indexes = {record_key(job.url): job.index for job in todo}
     try:
         with part.appending() as appender:
             for outcome in outcomes:
+                if shard is not None and outcome.status is Status.OK:
+                    # Held until the shard is renamed; a failure if it cannot go in.
+                    held = shard.add(indexes[record_key(outcome.url)], outcome)
+                    if held is None:
+                        continue
+                    outcome = held
+                appender.append(outcome)
+                news.record(outcome)
+            for outcome in shard.finish() if shard is not None else ():
                 appender.append(outcome)
                 news.record(outcome)
     finally:
         close = getattr(outcomes, "close", None)
         if close is not None:  # the scheduler's generator: stop and join its pool
             close()
+        if shard is not None:
+            shard.abandon()  # not finished (an error): its samples are not recorded
         shutil.rmtree(spec.scratch, ignore_errors=True)
     fault = None if lifecycle.failure is None else str(lifecycle.failure)
     return ShardReport(spec.number, os.getpid(), cpu_seconds() - started_cpu, fault)
+
+
+def _renamed(
+    name: str, out: Path, part: PartFile, done: set[bytes], news: ShardNews
+) -> bool:
+    """Record the samples of the shard an earlier attempt renamed, if it did.
+
+    The shard is the slice's commit: an attempt renames it once each of its jobs
+    has a record, then appends its samples' records; killed between the two, the
+    next attempt appends those its part lacks, from the shard's ``<key>.json``.
+    The driver numbered the slice past every shard of the folder, so a shard of
+    that name is an earlier attempt's.
+
+    Raises:
+        OutputError: it is there but cannot be read.
+    """
+    path = out / name
+    if not os.path.lexists(path):
+        return False
+    try:
+        records = shard_records(path)
+    except (OSError, tarfile.TarError) as exc:
+        raise OutputError(f"cannot read {path}: {exc}") from exc
+    with part.appending() as appender:
+        for outcome in records:
+            if record_key(outcome.url) not in done:
+                appender.append(outcome)
+                news.record(outcome)
+    return True

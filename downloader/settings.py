@@ -988,11 +988,6 @@ def _check_webdataset(settings: Settings) -> None:
         "--part does not go with --output-format webdataset (the parts' shards "
         "would share numbers): run the list whole, or --output-format files",
     )
-    _require(
-        settings.mode is not Mode.RAY,
-        "--output-format webdataset does not go with --mode ray yet: use a local "
-        "--mode, or --output-format files",
-    )
 
 
 _SETTINGS_CHECKS: Mapping[str, Check] = {

@@ -45,16 +45,19 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 from downloader.errors import DownloaderError, OutputError
-from downloader.manifest import record_key, record_line
+from downloader.manifest import parse_record, record_key, record_line
 from downloader.records import Job, Outcome, Stage, Status
 
 __all__ = [
     "SHARD_NAME",
     "ShardIndex",
     "ShardWriter",
+    "SliceShard",
     "first_free_number",
+    "remove_shards",
     "sample_key",
     "shard_name",
+    "shard_records",
 ]
 
 SHARD_NAME = re.compile(r"[0-9]{5,}\.tar")
@@ -198,23 +201,10 @@ class ShardWriter:
         """Slice → entries seen in the plan whose record has not come yet."""
         self._seen = -1
         self._ended = False
-        self._open: dict[int, _Shard] = {}
+        self._open: dict[int, SliceShard] = {}
         if force:
-            self._remove_shards()
+            remove_shards(out)
         self._first = first_free_number(out)
-
-    def _remove_shards(self) -> None:
-        """Remove the folder's shards (files only: a link there is not ours)."""
-        for entry in os.scandir(self._out):
-            if SHARD_NAME.fullmatch(entry.name) and entry.is_file(
-                follow_symlinks=False
-            ):
-                try:
-                    os.unlink(entry.path)
-                except OSError as exc:
-                    raise OutputError(
-                        f"cannot remove {entry.path}: {exc.strerror}"
-                    ) from exc
 
     def watch(self, items: Iterable[Job | Outcome]) -> Iterator[Job | Outcome]:
         """Pass the plan on, noting each job's index and slice."""
@@ -281,21 +271,58 @@ class ShardWriter:
     def _add(self, index: int, outcome: Outcome) -> Outcome | None:
         """Append ``outcome``'s sample to its shard; a failure record if it cannot."""
         number = index // self._size
+        shard = self._open.get(number)
+        if shard is None:
+            name = shard_name(self._first + number)
+            shard = SliceShard(name, self._out, self._scratch, self._fail_run)
+            self._open[number] = shard
+        return shard.add(index, outcome)
+
+    def _finish(self, numbers: list[int]) -> Iterator[Outcome]:
+        """Rename these slices' shards, then yield their records."""
+        for number in numbers:
+            yield from self._open.pop(number).finish()
+            with self._lock:
+                self._waiting.pop(number, None)
+
+
+class SliceShard:
+    """One slice's shard, opened with its first sample: held records, then rename.
+
+    ``ShardWriter`` keeps one per open slice; a ``--mode ray`` task, which runs one
+    slice, keeps its own (``ray_shards``). Its ok records are let out by ``finish``
+    only, after the rename: a record that names a shard means the shard is there.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        out: Path,
+        scratch: Path,
+        fail_run: Callable[[BaseException], None],
+    ) -> None:
+        self.name = name
+        self._out = out
+        self._scratch = scratch
+        self._fail_run = fail_run
+        self._shard: _Shard | None = None
+
+    def add(self, index: int, outcome: Outcome) -> Outcome | None:
+        """Move ok ``outcome``'s outputs (list entry ``index``) into the shard,
+        holding its record; a failure record (and the run failed) if it cannot."""
         names = (outcome.path, *(outcome.outputs or ()))
         loose = [self._out / name for name in names if name is not None]
         try:
-            shard = self._open.get(number)
-            if shard is None:
-                shard = _Shard(shard_name(self._first + number), self._scratch)
-                self._open[number] = shard
+            if self._shard is None:
+                self._shard = _Shard(self.name, self._scratch)
             record = replace(
                 outcome,
                 path=None,
                 outputs=None,
-                shard=shard.name,
+                shard=self.name,
                 key=sample_key(index),
             )
-            shard.add_sample(_members(record, outcome, self._out))
+            self._shard.add_sample(_members(record, outcome, self._out))
         except OSError as exc:
             reason = f"cannot write shard: {exc.strerror or exc}"
             self._fail_run(OutputError(reason))
@@ -304,23 +331,65 @@ class ShardWriter:
             for path in loose:
                 with contextlib.suppress(OSError):
                     path.unlink()
-        shard.records.append(record)
+        self._shard.records.append(record)
         return None
 
-    def _finish(self, numbers: list[int]) -> Iterator[Outcome]:
-        """Rename these slices' shards, then yield their records."""
-        for number in numbers:
-            shard = self._open.pop(number)
+    def finish(self) -> list[Outcome]:
+        """Rename the shard into the folder; its records (failures if it could not
+        be: the run fails). Nothing if it holds no sample."""
+        shard, self._shard = self._shard, None
+        if shard is None:
+            return []
+        try:
+            shard.finish(self._out)
+        except OSError as exc:
+            reason = f"cannot write shard {shard.name}: {exc.strerror or exc}"
+            self._fail_run(OutputError(reason))
+            return [_failed(record, reason) for record in shard.records]
+        return shard.records
+
+    def abandon(self) -> None:
+        """Close it in scratch, unrenamed: its records are never let out."""
+        if self._shard is not None:
+            self._shard.abandon()
+            self._shard = None
+
+
+def remove_shards(out: Path) -> None:
+    """Remove the folder's shards (``--force``; files only: a link there is not ours).
+
+    Raises:
+        OutputError: one cannot be removed.
+    """
+    for entry in os.scandir(out):
+        if SHARD_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
             try:
-                shard.finish(self._out)
+                os.unlink(entry.path)
             except OSError as exc:
-                reason = f"cannot write shard {shard.name}: {exc.strerror or exc}"
-                self._fail_run(OutputError(reason))
-                yield from (_failed(record, reason) for record in shard.records)
-            else:
-                yield from shard.records
-            with self._lock:
-                self._waiting.pop(number, None)
+                raise OutputError(
+                    f"cannot remove {entry.path}: {exc.strerror}"
+                ) from exc
+
+
+def shard_records(path: Path) -> list[Outcome]:
+    """The records of the samples in shard ``path`` (its ``<key>.json`` members).
+
+    A ``--mode ray`` task's retry reads them from the shard an earlier attempt
+    renamed before it died, to record them: the shard is the slice's commit.
+
+    Raises:
+        OSError, tarfile.TarError: it cannot be read.
+    """
+    records = []
+    with tarfile.open(path, "r:") as archive:
+        for member in archive:
+            if member.name.partition(".")[2] != "json" or not member.isfile():
+                continue
+            data = archive.extractfile(member)
+            record = parse_record(data.read()) if data is not None else None
+            if record is not None:
+                records.append(record)
+    return records
 
 
 def _members(

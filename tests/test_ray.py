@@ -33,9 +33,16 @@ from downloader.errors import InputError
 from downloader.manifest import record_line
 from downloader.progress import EventKind, EventLog
 from downloader.ray_mode import SHARD_RETRIES
-from downloader.ray_shards import PARTS_NAME, PartFile
-from downloader.records import Stage
-from downloader.settings import NameBy, Part
+from downloader.ray_shards import (
+    PARTS_NAME,
+    PartFile,
+    ShardNews,
+    ShardSpec,
+    run_shard_here,
+)
+from downloader.records import Job, Stage
+from downloader.runtime import Cancellation
+from downloader.settings import NameBy, OutputFormat, Part
 from tests.conftest import RayCluster, free_port, second_node
 from tests.helpers import (
     FLAT_IMAGE,
@@ -49,6 +56,12 @@ from tests.helpers import (
     write_list,
 )
 from tests.test_modes import output_hashes
+from tests.test_webdataset import (
+    _caption_list,
+    _check_shards_agree_with_manifest,
+    _read_with_webdataset,
+    _shards,
+)
 from tests.user_transforms import KILLS_ENV, PLACE_AT, kills
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
@@ -680,3 +693,115 @@ def test_a_second_node_takes_shards(
     assert sorted(by_url(tmp_path / "out")) == sorted(urls)
     assert list(node_notes.iterdir()), "no shard ran on the second node"
     assert_tidy(tmp_path / "out")
+
+
+# ------------------------------------------- --output-format webdataset: tar shards
+
+
+def _webdataset_list(server: LocalServer, corpus: Path, path: Path) -> list[str]:
+    """A caption list: the corpus with two failing URLs among it; its URLs."""
+    good = corpus_urls(server, corpus)
+    urls = [*good[:4], server.url_for("status/404"), *good[4:], server.url_for("html")]
+    _caption_list(path, urls)
+    return urls
+
+
+def test_ray_webdataset_shards_match_a_pipeline_run_and_a_rerun_skips_all(
+    ray_cluster: RayCluster, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Each task writes its slice's shard: every ok URL once across the shards, its
+    sample's record its manifest record, the same statuses, shards and keys as a
+    pipeline run; a rerun skips every ok URL and leaves the shards as they are."""
+    urls = _webdataset_list(server, corpus, tmp_path / "urls.csv")
+    shards = {"output_format": OutputFormat.WEBDATASET, "shard_size": 3}
+    local, out = tmp_path / "pipeline", tmp_path / "ray"
+    run(tmp_path / "urls.csv", fast_settings(local, **shards))
+
+    report = run(tmp_path / "urls.csv", ray_settings(out, **shards))
+
+    records = _check_shards_agree_with_manifest(out)
+    expected = _check_shards_agree_with_manifest(local)
+    fields = ("status", "error", "shard", "key", "sha256", "width", "height")
+    assert sorted(records) == sorted(urls)
+    for url in urls:
+        assert [records[url].get(f) for f in fields] == [
+            expected[url].get(f) for f in fields
+        ], url
+    assert [o.status for o in report.results].count(Status.OK) == len(urls) - 2
+    streamed = _read_with_webdataset(_shards(out))
+    ok = sorted(url for url, r in records.items() if r["status"] == "ok")
+    assert sorted(s["json"]["url"] for s in streamed) == ok
+    for sample in streamed:
+        assert sample["txt"] == f"caption {urls.index(sample['json']['url'])}"
+        assert sample["jpg"].size == (sample["json"]["width"], sample["json"]["height"])
+    names = {p.name for p in out.iterdir()}
+    assert names == {".lock", "manifest.jsonl", "failed.txt"} | {
+        s.name for s in _shards(local)
+    }  # the same shards; no loose image, no part, no scratch
+    before = {s.name: s.read_bytes() for s in _shards(out)}
+
+    again = run(tmp_path / "urls.csv", ray_settings(out, **shards))
+
+    statuses = sorted(o.status.value for o in again.results)
+    assert statuses == ["failed"] * 2 + ["skipped"] * (len(urls) - 2)
+    assert {s.name: s.read_bytes() for s in _shards(out)} == before
+    _check_shards_agree_with_manifest(out)
+
+
+def test_a_ray_worker_killed_mid_shard_leaves_one_sample_per_url(
+    ray_kills: Path, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """kill -9 of the worker writing a shard: the retry writes the slice's shard
+    anew; one sample per ok URL, one shard per slice, no scratch shard left."""
+    urls = [*corpus_urls(server, corpus), server.url_for(FLAT_IMAGE)]
+    _caption_list(tmp_path / "urls.csv", urls)
+    spec = ImageSpec(
+        max_size=64, transform="tests.user_transforms:kill_worker_on_flat_once"
+    )
+    out = tmp_path / "out"
+    settings = ray_settings(
+        out, output_format=OutputFormat.WEBDATASET, threads=2, image=spec
+    )
+
+    report = run(tmp_path / "urls.csv", settings)
+
+    assert len(kills(ray_kills)) == 1
+    assert [o.status for o in report.results] == [Status.OK] * len(urls)
+    records = _check_shards_agree_with_manifest(out)
+    assert sorted(records) == sorted(urls)
+    slices = -(-len(urls) // settings.shard_size)
+    assert [s.name for s in _shards(out)] == [f"{n:05d}.tar" for n in range(slices)]
+    assert sorted(out.rglob("*.tar")) == _shards(out)  # none left in scratch
+    assert not (out / PARTS_NAME).exists()
+    assert leftovers(out) == []
+
+
+def test_a_ray_retry_records_the_shard_its_killed_attempt_renamed(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """An attempt killed between its shard's rename and its records (no Ray: the
+    task's body, run twice here): the retry records the rest of the samples from
+    the shard, fetches nothing again, and leaves the shard as it was."""
+    urls = corpus_urls(server, corpus)[:3]
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = ray_settings(out, output_format=OutputFormat.WEBDATASET)
+    jobs = tuple(Job(n, n + 1, url, url, f"img-{n}") for n, url in enumerate(urls))
+    spec = ShardSpec(
+        0, jobs, out / "part.jsonl", out / ".tmp" / "shard-00000", "00000.tar"
+    )
+    run_shard_here(spec, settings, out, ShardNews(), Cancellation())
+    first = sorted(record_line(o) for o in PartFile(spec.part).records())
+    assert [json.loads(line)["shard"] for line in first] == ["00000.tar"] * 3
+    shard = (out / "00000.tar").read_bytes()
+    spec.part.write_bytes(spec.part.read_bytes().splitlines(keepends=True)[0])
+    fetched = sum(server.requests.values())
+    news = ShardNews()
+
+    run_shard_here(spec, settings, out, news, Cancellation())
+
+    assert sorted(record_line(o) for o in PartFile(spec.part).records()) == first
+    assert len(news.take()[1]) == 2  # the two the part lacked, told to the driver
+    assert (out / "00000.tar").read_bytes() == shard
+    assert sum(server.requests.values()) == fetched
+    assert not (out / ".tmp" / "shard-00000").exists()

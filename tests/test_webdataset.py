@@ -416,7 +416,6 @@ def test_other_sizes_and_local_files_go_into_the_shards(
 @pytest.mark.parametrize(
     ("flags", "words"),
     [
-        (["--mode", "ray"], "does not go with --mode ray"),
         (["--part", "1/2"], "--part does not go with --output-format webdataset"),
         (["--name-by", "sha256"], "--name-by sha256 does not go with --output-format"),
         (["--compare"], "does not go with --output-format webdataset"),
