@@ -805,3 +805,27 @@ def test_a_ray_retry_records_the_shard_its_killed_attempt_renamed(
     assert (out / "00000.tar").read_bytes() == shard
     assert sum(server.requests.values()) == fetched
     assert not (out / ".tmp" / "shard-00000").exists()
+
+
+def test_a_ray_shard_that_keeps_failing_records_no_sample_of_its_slice(
+    ray_kills: Path, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A slice whose worker dies at every attempt, after others of its URLs went
+    into its shard in scratch: none of them is recorded ok, no shard of it is
+    left anywhere; the other slice's shard and records are whole."""
+    urls = [*corpus_urls(server, corpus)[:3], server.url_for(FLAT_IMAGE)]
+    _caption_list(tmp_path / "urls.csv", urls)
+    spec = ImageSpec(max_size=64, transform="tests.user_transforms:kill_worker_on_flat")
+    out = tmp_path / "out"
+    settings = ray_settings(
+        out, output_format=OutputFormat.WEBDATASET, shard_size=2, threads=1, image=spec
+    )
+
+    run(tmp_path / "urls.csv", settings)
+
+    assert len(kills(ray_kills)) == SHARD_RETRIES + 1
+    records = _check_shards_agree_with_manifest(out)
+    assert [records[url]["status"] for url in urls] == ["ok"] * 2 + ["failed"] * 2
+    assert str(records[urls[2]]["error"]).startswith("ray task failed")
+    assert sorted(out.rglob("*.tar")) == [out / "00000.tar"]
+    assert leftovers(out) == []
