@@ -320,7 +320,8 @@ def _add_run_options(run: argparse._ArgumentGroup, defaults: Settings) -> None:
         default=defaults.shard_size,
         metavar="N",
         help="consecutive list entries per Ray task (--mode ray; --per-host "
-        "applies per task) and per tar shard (--output-format webdataset)",
+        "applies per task) and per tar shard (--output-format webdataset; with "
+        "both, each task writes its slice's shard)",
     )
     run.add_argument(
         "--ray-address",

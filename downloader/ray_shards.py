@@ -16,6 +16,14 @@ reads the part and skips every URL recorded there, so no URL gets two lines and 
 work done is kept; a torn last line (the attempt died inside its ``write``) is not a
 record, and is cut off before the next record is appended.
 
+**Tar shards** (``--output-format webdataset``). The task's slice is a shard
+(``ShardSpec.tar``, numbered by the driver): its ok outputs go into it as they come
+(``shard_writer.SliceShard``, in the attempt's own scratch), their records are held;
+once the slice is done the shard is renamed into the output folder, and only then
+are they appended. An attempt killed before the rename leaves scratch (the retry
+writes the shard anew); one killed after it leaves the shard, whose samples the
+retry records (``_renamed``) without redoing them.
+
 **A killed driver.** Parts it had not merged stay in ``OUT/.parts``; the next run on
 that folder, whatever its mode, merges them into the manifest before it plans
 (``merge_leftover_parts``, the merge of ``--merge-parts``), so their work counts and

@@ -24,6 +24,8 @@ path, and removes the loose file::
   has a record; only then are its samples' records let out to the manifest. A stop
   (Ctrl-C, a local fault) ends the slices with what they hold the same way; a killed
   main process leaves only scratch, and no record names it.
+- **In ``--mode ray``** no main process sees the outputs: each task writes its
+  slice's shard with a ``SliceShard`` of its own, the same way (``ray_shards``).
 - **Bounded.** A shard is open while an entry of its slice is in flight, so open
   shards follow the schedulers' in-flight window; a shard's bytes go from file to
   file, never through memory. Held back are the shards' ok records only.
