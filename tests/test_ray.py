@@ -711,7 +711,8 @@ def test_ray_webdataset_shards_match_a_pipeline_run_and_a_rerun_skips_all(
 ) -> None:
     """Each task writes its slice's shard: every ok URL once across the shards, its
     sample's record its manifest record, the same statuses, shards and keys as a
-    pipeline run; a rerun skips every ok URL and leaves the shards as they are."""
+    pipeline run; a rerun skips every ok URL and leaves the shards as they are;
+    ``--force`` starts over from ``00000.tar``."""
     urls = _webdataset_list(server, corpus, tmp_path / "urls.csv")
     shards = {"output_format": OutputFormat.WEBDATASET, "shard_size": 3}
     local, out = tmp_path / "pipeline", tmp_path / "ray"
@@ -745,6 +746,12 @@ def test_ray_webdataset_shards_match_a_pipeline_run_and_a_rerun_skips_all(
     statuses = sorted(o.status.value for o in again.results)
     assert statuses == ["failed"] * 2 + ["skipped"] * (len(urls) - 2)
     assert {s.name: s.read_bytes() for s in _shards(out)} == before
+    _check_shards_agree_with_manifest(out)
+
+    forced = run(tmp_path / "urls.csv", ray_settings(out, force=True, **shards))
+
+    assert [o.status for o in forced.results].count(Status.OK) == len(urls) - 2
+    assert [s.name for s in _shards(out)] == sorted(before)  # from 00000.tar again
     _check_shards_agree_with_manifest(out)
 
 
