@@ -12,6 +12,10 @@
       yielded: api writes manifest.jsonl           (the reply: stop, if the run stops)
     task ends: the part's records not yet heard of, then the part is removed
 
+With ``--output-format webdataset`` a shard of the list is a tar shard too: the
+driver names slice N ``first_free_number + N`` and its task writes that tar
+(``ray_shards``), so no tar bytes ever pass through the driver.
+
 Why this shape: a task per CPU (``num_cpus=1``) running the ``threads`` scheduler
 keeps one node's cores busy without processes inside Ray's workers (on this
 machine ``threads`` matches ``pipeline``'s images/s, README "Modes"), and a worker
