@@ -317,17 +317,24 @@ def test_a_full_disk_ends_the_shards_in_progress_with_their_records(
     assert left == []
 
 
+def _first_run(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> tuple[Path, Settings]:
+    """Run the corpus with captions into shards of SHARD_SIZE; its list and settings."""
+    url_list = _caption_list(tmp_path / "urls.csv", corpus_urls(server, corpus))
+    settings = fast_settings(
+        tmp_path / "out", output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
+    )
+    run(url_list, settings)
+    return url_list, settings
+
+
 def test_a_deleted_shard_is_redone_into_a_new_shard(
     server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
     """Only the deleted shard's samples are fetched again, into a new number."""
-    urls = corpus_urls(server, corpus)
-    url_list = _caption_list(tmp_path / "urls.csv", urls)
-    out = tmp_path / "out"
-    settings = fast_settings(
-        out, output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
-    )
-    run(url_list, settings)
+    url_list, settings = _first_run(server, corpus, tmp_path)
+    out = settings.out
     shards = _shards(out)
     lost = {json.loads(m["json"])["url"] for m in _read_tar(out / "00001.tar").values()}
     (out / "00001.tar").unlink()
@@ -374,13 +381,8 @@ def test_force_starts_over_without_the_old_shards(
     server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
     """--force removes the folder's shards and writes them again from 00000."""
-    urls = corpus_urls(server, corpus)
-    url_list = _caption_list(tmp_path / "urls.csv", urls)
-    out = tmp_path / "out"
-    settings = fast_settings(
-        out, output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
-    )
-    run(url_list, settings)
+    url_list, settings = _first_run(server, corpus, tmp_path)
+    out = settings.out
     first = [s.name for s in _shards(out)]
 
     report = run(url_list, replace(settings, force=True))
