@@ -117,6 +117,9 @@ REJECTED_NAME = "manifest.rejected.txt"
 """Where lines of the manifest that are not records go, appended, when it is merged."""
 TMP_NAME = ".tmp"
 LOCK_NAME = ".lock"
+INDEX_NAME = "manifest.parquet"
+"""``--parquet``'s table of the manifest (``parquet_index``); its ``.new`` is
+scratch that a killed index write leaves, removed as a run takes the folder."""
 NEW_SUFFIX = ".new"
 """A file being rewritten is written as ``.<name>.new`` beside it, then renamed."""
 
@@ -343,6 +346,7 @@ class OutputFolder:
             self._remove(_new_name(self.files.manifest))
             if self.files.failed is not None:
                 self._remove(_new_name(self.files.failed))
+            self._remove(_new_name(INDEX_NAME))
             if self._left_by_a_crash():
                 self.merge_manifest()
             self._reset_scratch()
@@ -612,10 +616,21 @@ def read_record_lines(folder: OutputFolder) -> Iterator[bytes]:
 
 
 def parse_record(line: bytes) -> Outcome | None:
-    """The record a manifest line holds; None for a line that is not one."""
+    """The record a manifest line holds; None for a line that is not one.
+
+    A hand-edited line may be any JSON (``42``, ``[]``, a ``url`` that is a
+    number, nesting deep enough to exhaust the parser): each is not a record, set
+    aside like any other, never an exception that every later run would hit again.
+    """
     try:
-        return Outcome.from_json(json.loads(line))
-    except (ValueError, KeyError, TypeError):
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("url"), str):
+        return None
+    try:
+        return Outcome.from_json(record)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

@@ -50,6 +50,7 @@ from typing import Any
 
 from downloader.errors import DownloaderError, InputError, OutputError
 from downloader.manifest import (
+    INDEX_NAME,
     MANIFEST_NAME,
     OutputFolder,
     read_record_lines,
@@ -67,7 +68,6 @@ __all__ = [
     "write_index",
 ]
 
-INDEX_NAME = "manifest.parquet"
 BATCH_ROWS = 65_536
 """Rows per batch, written as one Parquet row group: what memory holds at once as
 Arrow arrays (~30 MB for a manifest's ~500 bytes a row); large enough that readers
@@ -112,6 +112,8 @@ _KNOWN: Mapping[str, _Kind] = {
     "insecure": _Kind.BOOLEAN,
     "original": _Kind.TEXT,
     "settings": _Kind.TEXT,
+    "shard": _Kind.TEXT,
+    "key": _Kind.TEXT,
 }
 """The fields of ``records.Outcome`` as the manifest writes them, in its order: the
 first columns of every index, whether or not a record has them."""

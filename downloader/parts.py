@@ -53,11 +53,13 @@ from pathlib import Path
 
 from downloader.errors import InputError, OutputError
 from downloader.manifest import (
+    INDEX_NAME,
     MANIFEST_NAME,
     OutputFolder,
     RecordFiles,
     read_outcomes,
     record_key,
+    refuse_link,
 )
 from downloader.parquet_index import import_pyarrow, write_index
 from downloader.records import Job, Outcome, Status
@@ -262,6 +264,8 @@ def merge_parts(out: Path, *, parquet: bool = False) -> Merged:
     if not out.is_dir():
         raise OutputError(f"{out} is not a folder: no parts to merge")
     with OutputFolder(out) as folder:
+        if parquet:  # refused before the merge, as a run refuses it before fetching
+            refuse_link(folder.path / INDEX_NAME)
         parts = _finished_parts(folder)
         record_files = [RecordFiles.for_part(part).manifest for part in parts]
         folder.merge_files(MANIFEST_NAME, [MANIFEST_NAME, *record_files])

@@ -877,6 +877,28 @@ def _json_lines(physical: Iterator[_Physical]) -> Iterator[Line]:
             yield _json_line(number, text)
 
 
+JSON_DEPTH_LIMIT = 64
+"""Deepest nesting of a JSON Lines entry's values: far past any real metadata, and
+far below what pickling a job to a worker process (or a Ray task) can recurse
+through; a deeper entry failed its whole run there."""
+
+
+def _depth(value: object) -> int:
+    """How deep lists and objects nest in ``value`` (a scalar is 0), iteratively."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            if depth + 1 > JSON_DEPTH_LIMIT:
+                return deepest  # deep enough to refuse: stop looking
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
 def _json_line(number: int, text: str) -> Line:
     """Return the entry of one JSON line; a bad line becomes an entry with an error."""
     try:
@@ -893,6 +915,9 @@ def _json_line(number: int, text: str) -> Line:
         return Line(number, _preview(text), f"line is not valid JSON: {exc}")
     if not isinstance(record, dict):
         return Line(number, _preview(text), "line is not a JSON object")
+    if _depth(record) > JSON_DEPTH_LIMIT:
+        reason = f"line nests deeper than {JSON_DEPTH_LIMIT} levels"
+        return Line(number, _preview(text), reason)
     extra = tuple(
         (str(key), value)  # JSON values keep their types (records.Extra)
         for key, value in record.items()

@@ -487,6 +487,11 @@ def test_lines_that_are_not_records_are_kept_aside_with_a_warning(
         "# batch of 3 March, from Ana\n",
         '{"comment": "checked by hand"}\n',
         "\u00e9t\u00e9 \x00\x01 {not json\n",
+        # JSON, but no record: each crashed every later run before.
+        "42\n",
+        "[]\n",
+        '{"url": 5, "status": "ok"}\n',
+        "[" * 100_000 + "\n",
     ]
     mixed = (records[0], strangers[0], "\n", records[1], *strangers[1:], records[2])
     manifest.write_text("".join(mixed), encoding="utf-8")
@@ -496,7 +501,7 @@ def test_lines_that_are_not_records_are_kept_aside_with_a_warning(
     err = capsys.readouterr().err.splitlines()
     assert code == 0
     assert [line for line in err if not line.startswith(SUMMARY)] == [
-        f"warning: {manifest}: 3 line(s) that are not records of this tool moved to "
+        f"warning: {manifest}: 7 line(s) that are not records of this tool moved to "
         f"{out / 'manifest.rejected.txt'} (the manifest keeps one record per line)"
     ]
     rejected = out / "manifest.rejected.txt"

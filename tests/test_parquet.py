@@ -191,6 +191,13 @@ def test_merged_parts_are_indexed_once_per_url(
     codes = [main([url_list, "--part", f"{k}/2", "--out", "out", "-q"]) for k in (1, 2)]
     assert set(codes) <= {0, 1}
     assert not (tmp_path / "out" / INDEX_NAME).exists()
+    # A link at the index's name: refused before anything is merged, as a run
+    # refuses it before fetching.
+    link = tmp_path / "out" / INDEX_NAME
+    link.symlink_to(tmp_path / "elsewhere.parquet")
+    assert main(["--merge-parts", "--out", "out", "-q"]) == 3
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+    link.unlink()
     capsys.readouterr()
 
     code = main(["--merge-parts", "--out", "out", "--json", "-q"])
@@ -311,6 +318,25 @@ def test_an_empty_manifest_gives_an_empty_index_with_every_known_column(
     assert table.num_rows == 0
     assert table.schema.field("extra").type == pa.string()
     assert table.schema.field("outputs").type == pa.list_(pa.string())
+    # The webdataset fields are known ones: columns of text in any folder.
+    assert table.schema.field("shard").type == pa.string()
+    assert table.schema.field("key").type == pa.string()
+
+
+def test_an_index_write_cut_short_leaves_nothing_after_the_next_run(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A kill -9 while the index was written leaves its ``.new`` (tens of MB on a
+    long list); the next run takes the folder and removes it, --parquet or not."""
+    out = tmp_path / "out"
+    urls = corpus_urls(server, corpus)[:2]
+    run(urls, fast_settings(out))
+    cut_short = out / f".{INDEX_NAME}.new"
+    cut_short.write_bytes(b"PAR1 half a row group")
+
+    run(urls, fast_settings(out))
+
+    assert not cut_short.exists()
 
 
 def test_cli_flag_config_key_and_refusals(

@@ -559,7 +559,11 @@ def test_json_lines_give_url_name_and_extra(tmp_path: Path) -> None:
         "{not json\n"
         '["http://a/2.jpg"]\n'
         '{"link": "http://a/3.jpg", "id": 3}\n'
-        '{"url": " http://a/4.jpg ", "name": 4}\n' + "[" * 50_000 + "\n",
+        '{"url": " http://a/4.jpg ", "name": 4}\n' + "[" * 50_000 + "\n"
+        # 64 levels with the object (kept), then 65 (refused: too deep to pickle
+        # safely to a worker at some depth; 600 levels failed the whole run there).
+        '{"url": "http://a/5.jpg", "d": ' + "[" * 63 + "]" * 63 + "}\n"
+        '{"url": "http://a/6.jpg", "d": ' + "[" * 64 + "]" * 64 + "}\n",
         encoding="utf-8",
     )
 
@@ -580,6 +584,8 @@ def test_json_lines_give_url_name_and_extra(tmp_path: Path) -> None:
     assert lines[3].extra == (("link", "http://a/3.jpg"), ("id", 3))
     assert lines[4] == Line(6, "http://a/4.jpg", None, "4")
     assert lines[5].error == "line is not valid JSON: nested too deeply"
+    assert (lines[6].text, lines[6].error) == ("http://a/5.jpg", None)
+    assert lines[7].error == "line nests deeper than 64 levels"
     assert len(lines[5].text) < 300
 
 
