@@ -230,13 +230,43 @@ def _check_answers(ray: Any, address: str) -> None:
         shown = f"auto ({target})"
     host, _, port = target.rpartition(":")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), PROBE_S).close()
+        with socket.create_connection((host.strip("[]"), int(port)), PROBE_S) as conn:
+            speaks_grpc = _speaks_http2(conn)
     except OSError as exc:
         why = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or exc
         raise OutputError(
             f"cannot reach Ray at --ray-address {shown}: {why} (is the cluster "
             "started? ray start --head)"
         ) from exc
+    if not speaks_grpc:
+        raise OutputError(
+            f"cannot join Ray at --ray-address {shown}: something answers there, "
+            "but not Ray (its GCS speaks gRPC; is this the right port?)"
+        )
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+"""A client's HTTP/2 connection preface, then an empty SETTINGS frame."""
+_SETTINGS_FRAME = 0x04
+
+
+def _speaks_http2(conn: socket.socket) -> bool:
+    """Whether the server at ``conn`` answers an HTTP/2 preface with SETTINGS.
+
+    Ray's GCS (and its client server) speak gRPC over HTTP/2, whose server opens
+    with a SETTINGS frame; a web server or anything else does not. Without this
+    check ``ray.init`` retries such a port for minutes, deaf to Ctrl-C.
+    """
+    conn.settimeout(PROBE_S)
+    conn.sendall(_HTTP2_PREFACE)
+    header = b""
+    with contextlib.suppress(TimeoutError):
+        while len(header) < 9:  # bounded: 9 bytes, each recv waits PROBE_S at most
+            chunk = conn.recv(9 - len(header))
+            if not chunk:
+                break
+            header += chunk
+    return len(header) == 9 and header[3] == _SETTINGS_FRAME
 
 
 @contextlib.contextmanager

@@ -229,8 +229,8 @@ def remove_unrecorded_outputs(
     dying before it appended the record, would be named by no record. The names
     are the job's own outputs in any format it may have had (and its kept
     original); a file there is removed only if it is a regular file written since
-    the shard was sent (``since``, ``time.time()``: an older one is no attempt's of
-    this shard) and not one the job's earlier record names (``owned``).
+    the shard was sent or linked since (``since``, ``time.time()``: an older one is
+    no attempt's of this shard) and not one the job's earlier record names (``owned``).
     """
     spec = settings.image
     kinds: tuple[ImageFormat, ...] = (spec.format,)
@@ -244,7 +244,10 @@ def remove_unrecorded_outputs(
             continue
         with contextlib.suppress(OSError):
             found = os.lstat(out / name)
-            if stat.S_ISREG(found.st_mode) and found.st_mtime >= since:
+            # ctime: a kept original linked from --input-dir keeps its source's
+            # old mtime, but linking it changed its ctime.
+            placed = max(found.st_mtime, found.st_ctime)
+            if stat.S_ISREG(found.st_mode) and placed >= since:
                 (out / name).unlink()
 
 

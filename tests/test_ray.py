@@ -340,6 +340,24 @@ def test_a_ray_address_where_nothing_answers_fails_in_one_line_and_exit_3(
     assert not (tmp_path / "out" / "manifest.jsonl").exists()
 
 
+def test_a_ray_address_where_a_web_server_answers_fails_in_one_line_and_exit_3(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    """A port that accepts but is not Ray (a web server): Ray's own connect would
+    retry it for minutes, deaf to Ctrl-C; one line, exit 3, nothing written."""
+    url_list = write_list(tmp_path / "urls.txt", ["http://127.0.0.1:9/a.jpg"])
+    address = f"127.0.0.1:{server.server_address[1]}"
+
+    code, stderr = _cli_joining(url_list, tmp_path / "out", address)
+
+    assert code == 3, stderr
+    assert stderr == (
+        f"error: cannot join Ray at --ray-address {address}: something answers "
+        "there, but not Ray (its GCS speaks gRPC; is this the right port?)\n"
+    )
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
 def test_part_with_ray_mode_is_refused_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
