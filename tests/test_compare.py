@@ -49,11 +49,12 @@ from tests.test_signals import (  # the signal tests' subprocess and tmpfs helpe
     _finish,
     _start,
     _tmpfs,
+    short_tmp,
     slow_server,
 )
 from tests.user_transforms import KILLS_ENV
 
-__all__ = ["slow_server"]  # a fixture, used by name
+__all__ = ["short_tmp", "slow_server"]  # fixtures, used by name
 
 
 def test_compare_prints_the_table_and_writes_json_and_png(
@@ -452,25 +453,39 @@ def test_the_timelines_share_one_time_axis() -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 def test_a_signal_during_compare_stops_it_cleanly_with_130(
-    slow_server: LocalServer, corpus: Path, tmp_path: Path, signum: signal.Signals
+    slow_server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    short_tmp: Path,
+    signum: signal.Signals,
 ) -> None:
     """Ctrl-C (to the whole process group, as a terminal sends it) or SIGTERM (to the
     main process only) while the first mode runs: that mode stops in order and is
-    kept, the next does not run, exit 130; no process, no temporary file is left."""
+    kept, the next does not run, exit 130; no process, no temporary file is left.
+
+    A mode's scratch folder (``out/<mode>/...``) under pytest's ``tmp_path`` is too
+    deep for the forkserver's socket, so the run puts it in the system's temporary
+    directory: that must be short (``short_tmp``). A folder in ``tmp_path`` is not:
+    it is 10 bytes deeper under pytest-xdist (``popen-gw0/``), too deep for any
+    socket, and the mode then fails with "AF_UNIX path too long"."""
     url_list = write_list(tmp_path / "urls.txt", corpus_urls(slow_server, corpus))
     out = tmp_path / "out"
     command = _command(url_list, out, "--compare", "--modes", "pipeline,threads")
-    process = _start(command, tmp_path / "system-tmp")
-    try:
-        slow_server.wait_for_requests(3)
-        if signum is signal.SIGINT:
-            os.killpg(process.pid, signum)
-        else:
-            os.kill(process.pid, signum)
-        code, err = _finish(process, STOP_S * 4)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+    # Killed only if the test fails before the process ends (so that no process or
+    # open pipe of it is left to fail the next test), never before the check that
+    # the tool itself left no process; ``with`` closes its pipes in every case.
+    with _start(command, short_tmp) as process:
+        try:
+            slow_server.wait_for_requests(3)
+            if signum is signal.SIGINT:
+                os.killpg(process.pid, signum)
+            else:
+                os.kill(process.pid, signum)
+            code, err = _finish(process, STOP_S * 4)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            raise
 
     assert code == 130, err
     assert "Traceback" not in err
@@ -482,7 +497,7 @@ def test_a_signal_during_compare_stops_it_cleanly_with_130(
     assert not (out / "threads" / "manifest.jsonl").exists()
     assert leftovers(out) == []
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
-    assert os.listdir(tmp_path / "system-tmp") == []
+    assert os.listdir(short_tmp) == []
 
 
 def test_a_full_disk_during_compare_exits_3_and_stops_the_comparison(

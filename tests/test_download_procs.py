@@ -178,6 +178,7 @@ def test_a_killed_download_process_is_replaced_and_its_jobs_retried(
             pid = download_pids(slow_server)[0]
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
+            slow_server.latency = 0  # the latency was for the kill to land mid-request
 
     settings = fast_settings(tmp_path / "out", threads=4, download_procs=2)
     report = run(urls, settings, events=kill_a_downloader)

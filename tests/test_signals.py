@@ -194,6 +194,8 @@ def test_no_process_of_a_run_outlives_its_main_process(
     signum: signal.Signals | None,
 ) -> None:
     """End or a signal: the main process reaps forkserver and resource tracker first."""
+    if signum is None:
+        slow_server.latency = 0  # the latency is for a signal to land mid-run
     url_list = write_list(tmp_path / "urls.txt", corpus_urls(slow_server, corpus))
     command = _command(url_list, tmp_path / "out")
     reaper = _start(
@@ -237,6 +239,7 @@ def test_kill_9_of_the_main_process_leaves_no_orphan_and_a_rerun_cleans_up(
     assert list(system_tmp.iterdir()) == []
     assert (out / ".tmp" / "mp").is_dir()  # what the killed run left behind
     (out / ".tmp" / "stale.part").write_bytes(b"half a download")
+    slow_server.latency = 0  # the latency was for the kill to land mid-run
     rerun = subprocess.run(
         command, capture_output=True, text=True, timeout=WAIT_S, env=_env(system_tmp)
     )
@@ -275,6 +278,7 @@ def test_with_a_deep_out_the_socket_folder_is_swept_by_the_next_run(
     process.communicate(timeout=WAIT_S)
     assert wait_gone(session_pids(process.pid), timeout=10) == []
     left = [entry.name for entry in system_tmp.iterdir()]
+    slow_server.latency = 0  # the latency was for the kill to land mid-run
     rerun = subprocess.run(
         command, capture_output=True, text=True, timeout=WAIT_S, env=_env(system_tmp)
     )
