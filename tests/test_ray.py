@@ -688,7 +688,7 @@ def test_parts_a_killed_driver_left_are_merged_by_the_next_run(
 
 def test_a_second_node_takes_shards(
     ray_cluster: RayCluster,
-    server: LocalServer,
+    slow_server: LocalServer,
     corpus: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -698,7 +698,12 @@ def test_a_second_node_takes_shards(
 
     Started as Ray's own test helper starts one (``ray.cluster_utils.Cluster``):
     ``ray start --address`` refuses a second node on 127.0.0.1 unless told the
-    machine is in a cluster, and then it binds the machine's routable address."""
+    machine is in a cluster, and then it binds the machine's routable address.
+
+    The server answers slowly (0.3 s a request): with warm workers the first node
+    could otherwise end every shard before the second node's workers have started
+    (this test failed so after the other ray tests, never alone)."""
+    server = slow_server
     node_notes = tmp_path / "node-2"
     node_notes.mkdir()
     monkeypatch.setenv(KILLS_ENV, str(node_notes))  # the new node's workers see it
