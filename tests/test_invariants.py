@@ -402,11 +402,18 @@ def test_urls_never_requested_are_not_started(
     records = {str(r["url"]): r for r in read_manifest(tmp_path / "out")}
     assert sorted(records) == sorted(urls)
     never = [url for url in urls if not seen[url]]
-    assert never  # the test stopped the run early enough to mean something
-    for url in never:
-        assert str(records[url]["error"]).startswith(
-            ("not started (", "not started: ")
-        ), records[url]
+    assert len(never) > 2  # the test stopped the run early enough to mean something
+    not_started = [
+        url
+        for url in never
+        if str(records[url]["error"]).startswith(("not started (", "not started: "))
+    ]
+    # One worker, one job at a time: at most the job it had begun when the stop came,
+    # its request not yet at the server (a loaded machine), is `interrupted`; every
+    # queued one is `not started` (the old bug called them all interrupted).
+    begun = [url for url in never if url not in not_started]
+    assert len(begun) <= 1, [records[url] for url in begun]
+    assert all(records[url]["error"] == "interrupted" for url in begun)
 
 
 def test_item_timeouts_do_not_count_as_workers_dying(
