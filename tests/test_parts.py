@@ -432,7 +432,7 @@ def test_merging_again_changes_nothing_and_a_part_resumes_from_it(
     second_code = main(["--merge-parts", "--out", str(out)])
     second = [(out / name).read_bytes() for name in ("manifest.jsonl", "failed.txt")]
     requests = len(server.log)
-    good = [url for url in urls if "404" not in url]
+    good = urls[:-1]  # not the 404 (its port may hold "404" too: not by text)
     own = next(part_of(url, PARTS) for url in good)
     rerun = _run_parts(url_list, out, PARTS, [own])
 
