@@ -33,16 +33,6 @@ from downloader.runtime import Cancellation
 from downloader.settings import Mode
 
 
-def _figures(result: ModeResult) -> dict[str, float]:
-    summary = result.summary
-    return {
-        "wall_s": round(summary.wall_s, 2),
-        "images_per_s": round(summary.images_per_s, 2),
-        "cpu_s": round(summary.cpu_s, 1),
-        "ok": result.ok,
-    }
-
-
 def main() -> int:
     """Run both modes on the corpus; print and write the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,8 +76,8 @@ def main() -> int:
         "threads": bench.MAIN_THREADS,
         "procs": bench.MAIN_PROCS,
         "ray_startup_s": round(startup_s, 1),
-        "pipeline": _figures(pipeline),
-        "ray": _figures(ray_result),
+        "pipeline": bench.run_figures(pipeline),
+        "ray": bench.run_figures(ray_result),
         "ray_over_pipeline_images_per_s": round(ratio, 2),
         # Other work on the machine slows runs down: the load says how busy it was.
         "load_average": {"start": load_start, "end": os.getloadavg()},

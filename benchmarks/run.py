@@ -235,6 +235,17 @@ def result_row(result: ModeResult) -> dict[str, Any]:
     return row
 
 
+def run_figures(result: ModeResult) -> dict[str, float]:
+    """The few figures a side-by-side script prints of one run."""
+    summary = result.summary
+    return {
+        "wall_s": round(summary.wall_s, 2),
+        "images_per_s": round(summary.images_per_s, 2),
+        "cpu_s": round(summary.cpu_s, 1),
+        "ok": result.ok,
+    }
+
+
 def write_json(plan: Plan, name: str, data: Any) -> None:
     """Save raw results as ``<results>/<name>.json``."""
     plan.results.mkdir(parents=True, exist_ok=True)

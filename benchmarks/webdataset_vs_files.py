@@ -30,16 +30,6 @@ from downloader.runtime import Cancellation
 from downloader.settings import Mode, OutputFormat
 
 
-def _figures(result: ModeResult) -> dict[str, float]:
-    summary = result.summary
-    return {
-        "wall_s": round(summary.wall_s, 2),
-        "images_per_s": round(summary.images_per_s, 2),
-        "cpu_s": round(summary.cpu_s, 1),
-        "ok": result.ok,
-    }
-
-
 def main() -> int:
     """Run both formats on the corpus; print and write the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,8 +64,8 @@ def main() -> int:
         "shard_size": args.shard_size,
         "load_average_start": [round(x, 2) for x in load_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
-        "files": _figures(files),
-        "webdataset": _figures(shards),
+        "files": bench.run_figures(files),
+        "webdataset": bench.run_figures(shards),
         "webdataset_over_files": round(ratio, 3),
     }
     bench.write_json(plan, f"webdataset-vs-files-{args.images}", data)
