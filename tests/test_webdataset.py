@@ -116,13 +116,28 @@ def _by_url(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {str(record["url"]): record for record in records}
 
 
-def _check_shards_agree_with_manifest(out: Path) -> dict[str, dict[str, Any]]:
+def _check_shards_agree_with_manifest(
+    out: Path, *, orphans: bool = False
+) -> dict[str, dict[str, Any]]:
     """Every ok record's sample is in its shard once, and says what the record says.
+
+    ``orphans``: after a ``kill -9``, a shard renamed just before its records were
+    written is named by no record (the README's known gap): its samples were redone
+    into a new shard. Such a shard may stay, whole, holding only older copies of
+    samples the manifest names elsewhere; the checks then hold for the named shards.
 
     Returns the manifest's records by URL.
     """
     records = _by_url(read_manifest(out))
     samples = _all_samples(out)
+    if orphans:
+        named = {r.get("shard") for r in records.values()}
+        stray = [(s, m) for s, _, m in samples if s not in named]
+        for shard, members in stray:
+            url = json.loads(members["json"])["url"]
+            assert records[url]["status"] in ("ok", "skipped"), (shard, url)
+            assert records[url]["shard"] != shard
+        samples = [sample for sample in samples if sample[0] in named]
     keys = Counter(key for _, key, _ in samples)
     urls = Counter(json.loads(m["json"])["url"] for _, _, m in samples)
     done = {url: r for url, r in records.items() if r["status"] in ("ok", "skipped")}
@@ -204,9 +219,15 @@ def _check_intact(out: Path) -> None:
 
 
 def _rerun_and_check(
-    command: list[str], out: Path, system_tmp: Path, urls: list[str]
+    command: list[str],
+    out: Path,
+    system_tmp: Path,
+    urls: list[str],
+    *,
+    orphans: bool = False,
 ) -> None:
-    """Rerun ``command``: finished shards untouched, every URL once, no scratch."""
+    """Rerun ``command``: finished shards untouched, every URL once, no scratch
+    (``orphans``: see ``_check_shards_agree_with_manifest``)."""
     finished = _snapshot(_shards(out))
     rerun = subprocess.run(
         command, capture_output=True, text=True, timeout=WAIT_S, env=_env(system_tmp)
@@ -218,7 +239,7 @@ def _rerun_and_check(
     assert {n: v for n, v in _snapshot(_shards(out)).items() if n in finished} == (
         finished
     )
-    records = _check_shards_agree_with_manifest(out)
+    records = _check_shards_agree_with_manifest(out, orphans=orphans)
     assert sorted(records) == sorted(urls)
     assert {r["status"] for r in records.values()} <= {"ok", "skipped"}
 
@@ -279,7 +300,7 @@ def test_kill_9_mid_shard_then_a_rerun_loses_and_duplicates_nothing(
 
     assert process.returncode == -signal.SIGKILL
     _check_intact(out)
-    _rerun_and_check(command, out, system_tmp, urls)
+    _rerun_and_check(command, out, system_tmp, urls, orphans=True)
 
 
 @MODES
