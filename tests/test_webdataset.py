@@ -257,18 +257,28 @@ def _webdataset_command(url_list: Path, out: Path, mode: Mode) -> list[str]:
     )
 
 
+def _started_run(
+    server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode
+) -> tuple[list[str], Path, Path, list[str], subprocess.Popen[str]]:
+    """A webdataset run of the corpus with captions, started as a subprocess: its
+    URLs, output folder, TMPDIR, command and process."""
+    urls = corpus_urls(server, corpus)
+    url_list = _caption_list(tmp_path / "urls.csv", urls)
+    out = tmp_path / "out"
+    system_tmp = tmp_path / "system-tmp"
+    command = _webdataset_command(url_list, out, mode)
+    return urls, out, system_tmp, command, _start(command, system_tmp)
+
+
 @MODES
 def test_ctrl_c_mid_shard_then_a_rerun_loses_and_duplicates_nothing(
     slow_server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode
 ) -> None:
     """Ctrl-C: shards in progress end with what they hold, records after; rerun
     fills in the rest in new shards, finished ones untouched."""
-    urls = corpus_urls(slow_server, corpus)
-    url_list = _caption_list(tmp_path / "urls.csv", urls)
-    out = tmp_path / "out"
-    system_tmp = tmp_path / "system-tmp"
-    command = _webdataset_command(url_list, out, mode)
-    process = _start(command, system_tmp)
+    urls, out, system_tmp, command, process = _started_run(
+        slow_server, corpus, tmp_path, mode
+    )
     slow_server.wait_for_requests(4)
 
     os.killpg(process.pid, signal.SIGINT)
@@ -287,12 +297,9 @@ def test_kill_9_mid_shard_then_a_rerun_loses_and_duplicates_nothing(
 ) -> None:
     """kill -9 of the main process: no shard under a final name is partial, no
     record names a missing sample; the rerun completes without duplicates."""
-    urls = corpus_urls(slow_server, corpus)
-    url_list = _caption_list(tmp_path / "urls.csv", urls)
-    out = tmp_path / "out"
-    system_tmp = tmp_path / "system-tmp"
-    command = _webdataset_command(url_list, out, mode)
-    process = _start(command, system_tmp)
+    urls, out, system_tmp, command, process = _started_run(
+        slow_server, corpus, tmp_path, mode
+    )
     slow_server.wait_for_requests(6)
 
     os.kill(process.pid, signal.SIGKILL)
