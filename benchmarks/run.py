@@ -116,6 +116,7 @@ def corpus(plan: Plan) -> Path:
             seed=0,
             min_megapixels=plan.min_megapixels,
             max_megapixels=plan.max_megapixels,
+            processes=os.cpu_count() or 1,
         )
         (folder / COMPLETE_MARKER).write_text("complete\n")
     return folder

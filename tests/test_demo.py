@@ -82,6 +82,17 @@ def test_same_seed_gives_byte_identical_files(tmp_path: Path) -> None:
     assert [p.read_bytes() for p in first] != [p.read_bytes() for p in other]
 
 
+def test_generation_in_processes_writes_the_same_files(tmp_path: Path) -> None:
+    """``processes`` > 1 (the benchmarks' corpus) gives the files of one process."""
+    alone = generate_tiny(tmp_path / "a", 7, seed=3)
+    spread = generate_corpus(
+        tmp_path / "b", 7, seed=3, min_megapixels=0.01, max_megapixels=0.05, processes=2
+    )
+
+    assert [p.name for p in spread] == [p.name for p in alone]
+    assert [p.read_bytes() for p in spread] == [p.read_bytes() for p in alone]
+
+
 def test_corpus_mixes_formats_within_the_size_range(corpus: Path) -> None:
     """The corpus holds JPEGs and about 1 in 6 PNGs, each of the requested size."""
     paths = sorted(corpus.iterdir())
