@@ -14,9 +14,9 @@ For each worker count W, on ``run.py``'s corpus (1-12 MP photo-like JPEGs and PN
   timed from its first request to its last image (its start-up apart, as the bare
   loop's; images/s with the start-up included is printed beside it).
 - **bare loop**: W processes doing the same transform from bytes already in memory
-  (each process reads the corpus before the clock starts): open, ``draft`` to twice
-  the box, ``convert``, ``thumbnail`` (Lanczos, ``reducing_gap`` 2), JPEG q85 into
-  memory. No download, no file written: what W cores can do at best.
+  (each process reads the corpus before the clock starts): the tool's own decode,
+  resize and encode (``transform._render``), fit 512 px, JPEG q85, into memory. No
+  download, no hand-over, no file written: what W cores can do at best.
 
 It prints images/s of both and their ratio (target: ≥ 0.85 at 16 workers) and writes
 ``results/scaling-<cores>cores[-<N>dl].json``. At 16 workers the 320 photos take
@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import run as bench  # benchmarks/run.py, beside this file
-from PIL import Image
 
+from downloader import transform
 from downloader.compare import run_mode
 from downloader.demo import DemoServer
 from downloader.runtime import Cancellation
@@ -57,6 +57,7 @@ _BODIES: list[bytes] = []
 
 def _load(paths: list[Path]) -> None:
     """Pool initializer: read every file into this process's memory."""
+    transform.configure_pillow(bench.TASK)
     _BODIES[:] = [path.read_bytes() for path in paths]
 
 
@@ -66,15 +67,15 @@ def _ready(_: int) -> int:
 
 
 def _transform(index: int) -> int:
-    """The task's transform of one body, from memory to memory; the output bytes."""
-    box = (bench.TASK.max_size, bench.TASK.max_size)
-    with Image.open(io.BytesIO(_BODIES[index])) as image:
-        image.draft("RGB", (bench.TASK.max_size * 2,) * 2)
-        small = image.convert("RGB")
-        small.thumbnail(box, Image.Resampling.LANCZOS, reducing_gap=2.0)
-        out = io.BytesIO()
-        small.save(out, "JPEG", quality=bench.TASK.quality)
-        return out.tell()
+    """The task's transform of one body, from memory to memory; the output bytes.
+
+    The tool's own decode, resize and encode (``transform._render`` reads a file
+    object as well as a path), so that the bare loop follows ``--resample`` and every
+    change to the transform; what it leaves out is the download, the hand-over and
+    the file written.
+    """
+    _, rendered = transform._render(io.BytesIO(_BODIES[index]), bench.TASK)  # type: ignore[arg-type]
+    return len(rendered[0].data)
 
 
 def bare_loop(paths: list[Path], workers: int) -> dict[str, Any]:
