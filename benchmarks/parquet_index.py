@@ -9,9 +9,12 @@ the process's peak memory (``ru_maxrss``)::
 
     python benchmarks/parquet_index.py                  # 100,000 and 300,000 records
     python benchmarks/parquet_index.py --records 1000000
+    python benchmarks/parquet_index.py --records 40000 --extra-bytes 20000
 
 Flat memory means the peak does not grow with N: the index is written a batch of
-``BATCH_ROWS`` rows at a time.
+``BATCH_ROWS`` rows (or ``BATCH_BYTES`` of their JSON text) at a time.
+``--extra-bytes B`` adds a column of B bytes of text to every record's ``extra``
+(a list with long descriptions): wide rows, where the byte budget ends the batches.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _record(number: int) -> dict[str, object]:
+def _record(number: int, extra_bytes: int = 0) -> dict[str, object]:
     url = f"https://images.example.org/photos/{number // 1000}/photo-{number}.jpg"
     extra: dict[str, object] = {"caption": f"a photo, number {number}", "licence": "CC"}
+    if extra_bytes:
+        extra["description"] = (f"{number} " * extra_bytes)[:extra_bytes]
     if number % 3 == 0:
         extra["tags"] = ["outdoor", number % 7]
     if number % 10 == 9:
@@ -64,16 +69,17 @@ def _record(number: int) -> dict[str, object]:
     }
 
 
-def _write_manifest(folder: Path, records: int) -> int:
+def _write_manifest(folder: Path, records: int, extra_bytes: int) -> int:
     with (folder / "manifest.jsonl").open("w", encoding="utf-8") as file:
         for number in range(records):
-            file.write(json.dumps(_record(number), ensure_ascii=False) + "\n")
+            record = _record(number, extra_bytes)
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")
     return (folder / "manifest.jsonl").stat().st_size
 
 
-def _measure(records: int) -> dict[str, float]:
+def _measure(records: int, extra_bytes: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as folder:
-        size = _write_manifest(Path(folder), records)
+        size = _write_manifest(Path(folder), records, extra_bytes)
         command = [sys.executable, str(ROOT / "cli.py"), "--parquet-only"]
         started = time.perf_counter()
         subprocess.run(
@@ -96,16 +102,21 @@ def main() -> None:
     """Measure each N in a process of its own; print one line each."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, action="append")
+    parser.add_argument(
+        "--extra-bytes",
+        type=int,
+        default=0,
+        help="bytes of text added to each record's extra (default: 0)",
+    )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one is None:
         # RUSAGE_CHILDREN's peak is the largest child's so far: one process per N.
         for records in args.records or [100_000, 300_000]:
-            subprocess.run(
-                [sys.executable, __file__, "--one", str(records)], check=True
-            )
+            one = ["--one", str(records), "--extra-bytes", str(args.extra_bytes)]
+            subprocess.run([sys.executable, __file__, *one], check=True)
         return
-    figures = _measure(args.one)
+    figures = _measure(args.one, args.extra_bytes)
     print(
         f"{figures['records']:,.0f} records ({figures['manifest_mb']:.0f} MB of "
         f"manifest): {figures['wall_s']:.1f} s, CPU {figures['cpu_s']:.1f} s "

@@ -31,9 +31,16 @@ from downloader.settings import (
     NameBy,
     OutputFormat,
     Settings,
+    box_label,
     check_environment_proxies,
 )
-from downloader.shard_writer import ShardIndex, ShardWriter, remove_shards
+from downloader.shard_writer import (
+    ShardIndex,
+    ShardWriter,
+    adopt_unrecorded_shards,
+    remove_empty_folders,
+    remove_shards,
+)
 from downloader.sources import LocalFiles, Prefetched, Source, open_source
 
 __all__ = ["Source", "iter_results", "run"]
@@ -209,12 +216,21 @@ def _iter_results(
         merge_leftover_parts(folder)  # what a killed --mode ray run left
         fingerprint = settings_fingerprint(settings)
         start_part(folder, settings.part, fingerprint)
-        previous = PreviousRun(
-            folder,
-            fingerprint=fingerprint,
-            by_content=settings.name_by is NameBy.SHA256 and not settings.force,
-            holds=ShardIndex(folder.path).holds,
-        )
+
+        def previous_run() -> PreviousRun:
+            return PreviousRun(
+                folder,
+                fingerprint=fingerprint,
+                by_content=settings.name_by is NameBy.SHA256 and not settings.force,
+                holds=ShardIndex(folder.path).holds,
+            )
+
+        previous = previous_run()
+        # What a run killed between a shard's rename and its records left: recorded
+        # before the plan reads the records (a part run writes no shards).
+        adopting = settings.part is None and not settings.force
+        if adopting and adopt_unrecorded_shards(folder, previous):
+            previous = previous_run()
         usage = usage or Usage()
         context = RunContext(folder.path, folder.tmp, events, cancel, usage)
         content = ContentIndex(settings, folder.path, previous.same_content)
@@ -223,7 +239,7 @@ def _iter_results(
         # The index is written as the manifest writer has closed (merged): the
         # final manifest, before the summary says the run is over.
         with (
-            IndexAtEnd(folder, settings.parquet),
+            IndexAtEnd(folder, settings.parquet) as index,
             ManifestWriter(folder, previous) as manifest,
         ):
             watched = items if shards is None else shards.watch(items)
@@ -265,12 +281,19 @@ def _iter_results(
             finally:
                 records.close()
                 items.close()
+        if settings.output_format is OutputFormat.WEBDATASET:
+            # Every output is in its shard now: no --sizes folder left empty.
+            labels = (box_label(box) for box in settings.image.boxes[1:])
+            remove_empty_folders(folder.path, labels)
         if not cancel.is_set():  # reached the end of its list: ready to be merged
             finish_part(folder, settings.part, fingerprint, digest)
         summary = tally.summary(
             interrupted=cancel.is_set(), worker_cpu_s=usage.worker_cpu_s
         )
-        tell_note(events, "summary", summary_json(summary, out_dir=str(settings.out)))
+        figures = summary_json(summary, out_dir=str(settings.out), index=index.written)
+        tell_note(events, "summary", figures)
+        # Only the index failed: the run is told (the summary) before the fault.
+        index.raise_if_failed()
 
 
 def run(

@@ -29,7 +29,7 @@ from downloader.api import iter_results
 from downloader.config import parse_args
 from downloader.errors import DownloaderError, InputError, OutputError
 from downloader.manifest import FAILED_NAME, MANIFEST_NAME, RecordFiles
-from downloader.parquet_index import INDEX_NAME, index_folder
+from downloader.parquet_index import INDEX_NAME, IndexNotWritten, index_folder
 from downloader.progress import Bars, BarsHandler, Events, EventStream, fan_out
 from downloader.records import Status, counted, one_line
 from downloader.report import Summary, Tally, print_summary, summary_json
@@ -867,10 +867,13 @@ def _finish(
     args: argparse.Namespace,
     summary: Summary,
     settings: Settings,
-    stream: EventStream | None,
     stderr: IO[str],
+    *,
+    indexed: bool,
 ) -> None:
-    figures = summary_json(summary, out_dir=str(settings.out))
+    """Print the summary; ``indexed``: the run wrote its Parquet index."""
+    index = str(settings.out / INDEX_NAME) if indexed else None
+    figures = summary_json(summary, out_dir=str(settings.out), index=index)
     if args.json:
         _print_json(figures)
     elif not args.quiet:
@@ -881,7 +884,7 @@ def _finish(
             out_dir=str(settings.out),
             file=stderr,
             records=records,
-            index=INDEX_NAME if settings.parquet else None,
+            index=INDEX_NAME if indexed else None,
         )
     listed = settings.out / (
         FAILED_NAME
@@ -913,8 +916,13 @@ def _run(
         stream = _open_events(args, cancel)
         if stream is not None:
             stack.enter_context(stream)
-        summary = _run_with_bars(args, settings, log, stream, cancel, stderr)
-        _finish(args, summary, settings, stream, stderr)
+        summary, index_error = _run_with_bars(
+            args, settings, log, stream, cancel, stderr
+        )
+        indexed = settings.parquet and index_error is None
+        _finish(args, summary, settings, stderr, indexed=indexed)
+        if index_error is not None:  # after the summary: the run itself went well
+            raise index_error
     if summary.interrupted:
         _log.warning("%s; rerun the same command to finish the job", cancel.reason)
     if stream is not None and stream.reader_gone:
@@ -933,8 +941,10 @@ def _run_with_bars(
     stream: EventStream | None,
     cancel: Cancellation,
     stderr: IO[str],
-) -> Summary:
-    """Run with bars drawn (and log lines above them); return the totals."""
+) -> tuple[Summary, IndexNotWritten | None]:
+    """Run with bars drawn (and log lines above them); return the totals, and the
+    fault that kept the Parquet index from being written, if only that failed."""
+    index_error = None
     usage = Usage()
     disable = True if args.no_progress or args.quiet else None
     with (
@@ -952,11 +962,17 @@ def _run_with_bars(
         # Closed here, whatever ends the loop (a second Ctrl-C, a broken pipe): the
         # run shuts down inside these scopes, before the helpers are stopped.
         with contextlib.closing(results):
-            for outcome in results:
-                tally.add(outcome)  # bars and stream get each record from the library
-                if outcome.status is Status.FAILED:
-                    _log.info("failed %s: %s", outcome.url, outcome.error)
-    return tally.summary(interrupted=cancel.is_set(), worker_cpu_s=usage.worker_cpu_s)
+            try:
+                for outcome in results:
+                    tally.add(outcome)  # bars and stream get each record
+                    if outcome.status is Status.FAILED:
+                        _log.info("failed %s: %s", outcome.url, outcome.error)
+            except IndexNotWritten as exc:
+                index_error = exc
+    summary = tally.summary(
+        interrupted=cancel.is_set(), worker_cpu_s=usage.worker_cpu_s
+    )
+    return summary, index_error
 
 
 def _total(source: Source, settings: Settings) -> int | None:

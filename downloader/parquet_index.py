@@ -22,9 +22,10 @@ records themselves, in a first pass over the manifest:
 
 A field a record lacks is null in its row. Text that is not valid Unicode (a lone
 surrogate, from a list that was not UTF-8) is written with the escape the manifest
-uses (``\\udcff``). The second pass writes the rows in batches of ``BATCH_ROWS`` (a
-Parquet row group each), each converted to Arrow ``CONVERT_ROWS`` rows at a time, so
-memory stays flat however long the manifest.
+uses (``\\udcff``). The second pass writes the rows in batches of ``BATCH_ROWS``, or
+fewer once their JSON text reaches ``BATCH_BYTES`` (a Parquet row group each), each
+converted to Arrow ``CONVERT_ROWS`` rows (or ``CONVERT_BYTES``) at a time, so memory
+stays flat however long the manifest and however wide its rows.
 
 **Atomic.** The file goes through ``manifest.write_file``: written under a temporary
 name in the folder (``.manifest.parquet.new``), flushed, then renamed over the index,
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import enum
 import importlib
-import itertools
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -62,6 +62,7 @@ __all__ = [
     "BATCH_ROWS",
     "INDEX_NAME",
     "IndexAtEnd",
+    "IndexNotWritten",
     "Indexed",
     "import_pyarrow",
     "index_folder",
@@ -72,9 +73,15 @@ BATCH_ROWS = 65_536
 """Rows per batch, written as one Parquet row group: what memory holds at once as
 Arrow arrays (~30 MB for a manifest's ~500 bytes a row); large enough that readers
 skip through few row groups."""
+BATCH_BYTES = 64 * 1024 * 1024
+"""A batch also ends once its rows' JSON text reaches this: rows with large
+``extra`` columns (kilobytes of a list's other columns) would otherwise hold
+``BATCH_ROWS`` times that as Arrow arrays."""
 CONVERT_ROWS = 8_192
 """Rows held as Python values (several times their Arrow size) before they are
 converted to Arrow arrays and dropped."""
+CONVERT_BYTES = 8 * 1024 * 1024
+"""...or fewer, once their JSON text reaches this."""
 _log = logging.getLogger("downloader")
 
 
@@ -265,20 +272,22 @@ class _Table:
         self.rows = 0
 
     def batches(self, lines: Iterator[bytes]) -> Iterator[Any]:
-        """One table of up to ``BATCH_ROWS`` lines at a time; none for no lines."""
-        while True:
-            chunks, rows = [], 0
-            while rows < BATCH_ROWS:
-                size = min(CONVERT_ROWS, BATCH_ROWS - rows)
-                chunk = self._batch(itertools.islice(lines, size))
-                if chunk is None:
-                    break
-                chunks.append(chunk)
-                rows += chunk.num_rows
+        """One table of up to ``BATCH_ROWS`` lines (and about ``BATCH_BYTES`` of
+        them) at a time; none for no lines."""
+        taken = _Taken(lines)
+        while not taken.ended:
+            chunks, rows, size = [], 0, 0
+            while rows < BATCH_ROWS and size < BATCH_BYTES and not taken.ended:
+                budget = min(CONVERT_BYTES, BATCH_BYTES - size)
+                chunk = self._batch(
+                    taken.some(min(CONVERT_ROWS, BATCH_ROWS - rows), budget)
+                )
+                if chunk is not None:
+                    chunks.append(chunk)
+                    rows += chunk.num_rows
+                    size += taken.size
             if chunks:
                 yield self._pa.Table.from_batches(chunks, schema=self.schema)
-            if rows < BATCH_ROWS:
-                return
 
     def _batch(self, lines: Iterator[bytes]) -> Any:
         """The record batch of ``lines``, None if there are none. The Python values
@@ -308,6 +317,30 @@ class _Table:
             return self._pa.array(values, type=arrow_type)
         except UnicodeEncodeError:  # a lone surrogate: Arrow text is UTF-8
             return self._pa.array([_escaped(v) for v in values], type=arrow_type)
+
+
+class _Taken:
+    """Lines taken a few at a time, up to a count or a size, whichever comes first."""
+
+    def __init__(self, lines: Iterator[bytes]) -> None:
+        self._lines = lines
+        self.ended = False
+        """True once the lines have run out."""
+        self.size = 0
+        """Bytes of the lines ``some`` gave last."""
+
+    def some(self, count: int, budget: int) -> Iterator[bytes]:
+        """Up to ``count`` lines, ending after the one that reaches ``budget`` bytes."""
+        self.size = 0
+        for _ in range(count):
+            line = next(self._lines, None)
+            if line is None:
+                self.ended = True
+                return
+            self.size += len(line)
+            yield line
+            if self.size >= budget:
+                return
 
 
 def _parquet_bytes(pq: Any, table: _Table, lines: Iterator[bytes]) -> Iterator[bytes]:
@@ -368,6 +401,14 @@ def index_folder(out: Path) -> Indexed:
         return Indexed(folder.path / INDEX_NAME, write_index(folder))
 
 
+class IndexNotWritten(OutputError):
+    """The index of a run that went well could not be written (exit 3).
+
+    Raised once the run has told its summary: its records are all in the manifest,
+    and ``--parquet-only`` writes the index again.
+    """
+
+
 class IndexAtEnd:
     """Write the index when a run's manifest is final (``Settings.parquet``).
 
@@ -378,11 +419,29 @@ class IndexAtEnd:
     when it can: a failure to write it is then a warning, and the fault is raised.
     Not after an interruption that stops at once (a second Ctrl-C): the earlier
     index, if any, stays until the next run with ``--parquet``.
+
+    A failure after a run that went well is kept (``raise_if_failed``), not raised
+    on exit: the run's summary comes first, then the fault (exit 3).
     """
 
     def __init__(self, folder: OutputFolder, enabled: bool) -> None:
         self._folder = folder
         self._enabled = enabled
+        self._failure: DownloaderError | None = None
+        self.written: str | None = None
+        """The index's path once this run wrote it."""
+
+    def raise_if_failed(self) -> None:
+        """Raise the fault that kept the index of a finished run from being written.
+
+        Raises:
+            IndexNotWritten: from it (a full disk, a link at its name).
+        """
+        if self._failure is not None:
+            raise IndexNotWritten(
+                f"{self._failure} (the manifest is complete: --parquet-only "
+                "writes the index again)"
+            ) from self._failure
 
     def __enter__(self) -> IndexAtEnd:
         if self._enabled:
@@ -398,10 +457,13 @@ class IndexAtEnd:
     ) -> None:
         if not self._enabled:
             return
-        if exc is None:
-            write_index(self._folder)
-        elif isinstance(exc, DownloaderError | GeneratorExit):
+        if exc is None or isinstance(exc, DownloaderError | GeneratorExit):
             try:
                 write_index(self._folder)
             except DownloaderError as error:
-                _log.warning("%s not written: %s", INDEX_NAME, error)
+                if exc is None:
+                    self._failure = error
+                else:  # the run's own fault is raised
+                    _log.warning("%s not written: %s", INDEX_NAME, error)
+                return
+            self.written = str(self._folder.path / INDEX_NAME)

@@ -58,6 +58,8 @@ class Summary:
     """CPU seconds of this process, plus those its worker processes reported."""
     interrupted: bool
     failure_reasons: dict[str, int] = field(default_factory=dict)
+    shards: int = 0
+    """Tar shards holding this run's samples, ok or skipped (``webdataset``)."""
 
     @property
     def total(self) -> int:
@@ -105,10 +107,13 @@ class Tally:
         self.reasons: Counter[str] = Counter()
         self.bytes = 0
         self.images = 0
+        self.shards: set[str] = set()
 
     def add(self, outcome: Outcome) -> None:
         """Count one record."""
         self.counts[outcome.status] += 1
+        if outcome.shard is not None:
+            self.shards.add(outcome.shard)
         if outcome.status is Status.SKIPPED:
             return
         if outcome.attempts:  # fetched over the network: not a local or kept file
@@ -130,6 +135,7 @@ class Tally:
             cpu_s=_cpu_seconds() - self._cpu_started + worker_cpu_s,
             interrupted=interrupted,
             failure_reasons=dict(self.reasons.most_common()),
+            shards=len(self.shards),
         )
 
 
@@ -166,14 +172,22 @@ def print_summary(
         print(f"  results in {out_dir} ({records}; then --merge-parts)", file=file)
         return
     listed = "manifest.jsonl" if index is None else f"manifest.jsonl, {index}"
+    if summary.shards:
+        listed = f"{counted(summary.shards, 'shard')} *.tar, {listed}"
     print(f"  results in {out_dir} ({listed}", end="", file=file)
     failed = summary.counts.get(Status.FAILED, 0)
     print(", failed.txt)" if failed else ")", file=file)
 
 
-def summary_json(summary: Summary, *, out_dir: str) -> dict[str, Any]:
-    """The totals of a run as plain JSON types (what ``--json`` prints)."""
-    return {
+def summary_json(
+    summary: Summary, *, out_dir: str, index: str | None = None
+) -> dict[str, Any]:
+    """The totals of a run as plain JSON types (what ``--json`` prints).
+
+    ``index``: the Parquet index's path, when the run wrote one; ``shards`` (with
+    ``--output-format webdataset``) counts the shards holding the run's samples.
+    """
+    figures: dict[str, Any] = {
         "counts": {status.value: n for status, n in summary.counts.items()},
         "total": summary.total,
         "bytes": summary.bytes_downloaded,
@@ -186,6 +200,11 @@ def summary_json(summary: Summary, *, out_dir: str) -> dict[str, Any]:
         "failure_reasons": dict(summary.failure_reasons),
         "out": out_dir,
     }
+    if summary.shards:
+        figures["shards"] = summary.shards
+    if index is not None:
+        figures["index"] = index
+    return figures
 
 
 # --------------------------------------------------------------------- comparison

@@ -29,12 +29,19 @@ path, and removes the loose file::
 - **Bounded.** A shard is open while an entry of its slice is in flight, so open
   shards follow the schedulers' in-flight window; a shard's bytes go from file to
   file, never through memory. Held back are the shards' ok records only.
+- **A shard no record names** (``adopt_unrecorded_shards``, as a run takes its
+  folder): a run killed between a shard's rename and its records leaves a whole
+  shard the manifest does not know. Its samples' records (``<key>.json``) are
+  written to the manifest then, so the rerun skips them instead of writing them into
+  a second shard; one that cannot be adopted so is renamed ``00003.tar.orphan``,
+  out of a ``*.tar`` glob, and said in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -47,15 +54,26 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 from downloader.errors import DownloaderError, OutputError
-from downloader.manifest import parse_record, record_key, record_line
+from downloader.manifest import (
+    ManifestWriter,
+    OutputFolder,
+    PreviousRun,
+    parse_record,
+    read_outcomes,
+    record_key,
+    record_line,
+)
 from downloader.records import Job, Outcome, Stage, Status
 
 __all__ = [
+    "ORPHAN_SUFFIX",
     "SHARD_NAME",
     "ShardIndex",
     "ShardWriter",
     "SliceShard",
+    "adopt_unrecorded_shards",
     "first_free_number",
+    "remove_empty_folders",
     "remove_shards",
     "sample_key",
     "shard_name",
@@ -64,6 +82,10 @@ __all__ = [
 
 SHARD_NAME = re.compile(r"[0-9]{5,}\.tar")
 """A finished shard's name in the output folder (``00003.tar``)."""
+ORPHAN_SUFFIX = ".orphan"
+"""Added to the name of a shard that no record names and that cannot be adopted:
+kept for a person to look at, out of the ``OUT/*.tar`` a loader globs."""
+_ORPHAN_NAMES = 1000  # 00003.tar.orphan, then 00003.tar.1.orphan ...: a bound
 KEY_DIGITS = 9
 """Digits of a sample's key: a billion entries sort right; longer lists still work."""
 CAPTION_COLUMN = "caption"
@@ -73,6 +95,7 @@ _COPY_CHUNK = 1024 * 1024
 # Shards whose member names a resume keeps: records of one shard come together in a
 # manifest, so a few cover the order a run wrote them in without holding them all.
 _SHARDS_REMEMBERED = 16
+_log = logging.getLogger("downloader")
 
 
 def sample_key(index: int) -> str:
@@ -345,7 +368,10 @@ class SliceShard:
         try:
             shard.finish(self._out)
         except OSError as exc:
-            reason = f"cannot write shard {shard.name}: {exc.strerror or exc}"
+            reason = (
+                f"cannot write shard {shard.name}: {exc.strerror or exc} "
+                "(a rerun redoes its samples)"
+            )
             self._fail_run(OutputError(reason))
             return [_failed(record, reason) for record in shard.records]
         return shard.records
@@ -363,21 +389,144 @@ def remove_shards(out: Path) -> None:
     Raises:
         OutputError: one cannot be removed.
     """
-    for entry in os.scandir(out):
-        if SHARD_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-            try:
-                os.unlink(entry.path)
-            except OSError as exc:
-                raise OutputError(
-                    f"cannot remove {entry.path}: {exc.strerror}"
-                ) from exc
+    for name in _shard_files(out):
+        try:
+            os.unlink(out / name)
+        except OSError as exc:
+            raise OutputError(f"cannot remove {out / name}: {exc.strerror}") from exc
+
+
+def remove_empty_folders(out: Path, names: Iterable[str]) -> None:
+    """Remove the folders ``names`` of ``out`` that are empty (``--sizes``).
+
+    An output is made as a file in its size's folder before it goes into its shard,
+    so the folder is made with the first one; once every output of the run is in
+    its shard (no worker writes any more), an empty one is only clutter. A folder
+    that holds anything, or a link there, stays.
+    """
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.rmdir(out / name)
+
+
+def adopt_unrecorded_shards(folder: OutputFolder, previous: PreviousRun) -> bool:
+    """Record the samples of the shards no record names; set aside what cannot be.
+
+    A run renames a shard into the folder, then writes its samples' records; one
+    killed in between leaves a whole shard that the manifest does not name, whose
+    samples a rerun would make again into a new shard (a loader that globs
+    ``*.tar`` would then see them twice). So, as a run takes its folder, before it
+    plans: the samples' records are read back from their ``<key>.json`` and written
+    to the manifest, as the killed run would have (the rerun then skips them as
+    done, shard and key checked as ever). A shard is adopted whole or not at all;
+    newest first, so that of two holding a URL the later one wins. It is not
+    adopted if it cannot be read, holds no sample or one that is not a record of
+    this shard's (not this tool's), or a sample whose URL has a standing ok record
+    (done elsewhere: a shard whose samples were all redone since); it is then
+    renamed ``<name>.orphan`` (never deleted: a person may want it) with a warning.
+    Links at a shard's name are not ours, and are left alone.
+
+    Returns:
+        True if records were written (``previous`` is then out of date).
+
+    Raises:
+        OutputError: the manifest cannot be written, or a shard cannot be renamed.
+    """
+    found = _shard_files(folder.path)
+    if not found:  # most runs: nothing to read
+        return False
+    named = {outcome.shard for outcome in read_outcomes(folder) if outcome.shard}
+    unnamed = sorted(set(found) - named, key=lambda name: int(name[:-4]))
+    adopted: set[bytes] = set()
+    with contextlib.ExitStack() as stack:
+        manifest: ManifestWriter | None = None
+        for name in reversed(unnamed):
+            records, why = _adoptable(folder.path / name, previous, adopted)
+            if why is not None:
+                _set_aside(folder.path, name, why)
+                continue
+            if manifest is None:
+                manifest = stack.enter_context(ManifestWriter(folder, previous))
+            for outcome in records:
+                manifest.write(outcome)
+            _log.warning(
+                "%s: named by no record (a run was killed as it recorded it): its "
+                "%d samples are recorded now, not made again",
+                folder.path / name,
+                len(records),
+            )
+    return manifest is not None
+
+
+def _shard_files(out: Path) -> list[str]:
+    """The names of the shards in ``out`` that are regular files."""
+    return [
+        entry.name
+        for entry in os.scandir(out)
+        if SHARD_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+    ]
+
+
+def _adoptable(
+    path: Path, previous: PreviousRun, adopted: set[bytes]
+) -> tuple[list[Outcome], str | None]:
+    """The records of shard ``path`` to write, or why it cannot be adopted.
+
+    ``adopted``: the URLs adopted from other shards so far; this shard's are added.
+    """
+    try:
+        records = shard_records(path)
+    except (OSError, tarfile.TarError) as exc:
+        return [], f"it cannot be read: {exc}"
+    if not records:
+        return [], "it holds no sample of this tool's"
+    keys = {record_key(outcome.url) for outcome in records}
+    if len(keys) < len(records) or keys & adopted:
+        return [], "it holds a URL twice, or one another shard holds"
+    for outcome in records:
+        if outcome.status is not Status.OK or outcome.shard != path.name:
+            return [], "its samples' records are not this shard's"
+        earlier = previous.earlier(outcome.url)
+        if earlier is not None and previous.current(earlier):
+            return (
+                [],
+                f"{outcome.url} is done elsewhere ({earlier.shard or earlier.path})",
+            )
+    adopted |= keys
+    return records, None
+
+
+def _set_aside(out: Path, name: str, why: str) -> None:
+    """Rename shard ``name`` to ``<name>.orphan`` (a free one), with a warning.
+
+    Raises:
+        OutputError: it cannot be renamed.
+    """
+    for n in range(_ORPHAN_NAMES):
+        aside = f"{name}{ORPHAN_SUFFIX}" if n == 0 else f"{name}.{n}{ORPHAN_SUFFIX}"
+        if not os.path.lexists(out / aside):
+            break
+    else:
+        raise OutputError(f"cannot set {out / name} aside: {_ORPHAN_NAMES} taken")
+    try:
+        os.rename(out / name, out / aside)
+    except OSError as exc:
+        raise OutputError(f"cannot rename {out / name}: {exc.strerror or exc}") from exc
+    _log.warning(
+        "%s: named by no record and not adopted (%s): renamed %s",
+        out / name,
+        why,
+        aside,
+    )
 
 
 def shard_records(path: Path) -> list[Outcome]:
-    """The records of the samples in shard ``path`` (its ``<key>.json`` members).
+    """The records of the samples in shard ``path`` (its ``<key>.json`` members
+    whose record names that key).
 
     A ``--mode ray`` task's retry reads them from the shard an earlier attempt
-    renamed before it died, to record them: the shard is the slice's commit.
+    renamed before it died, to record them: the shard is the slice's commit; a run
+    reads them from a shard no record names (``adopt_unrecorded_shards``).
 
     Raises:
         OSError, tarfile.TarError: it cannot be read.
@@ -385,11 +534,12 @@ def shard_records(path: Path) -> list[Outcome]:
     records = []
     with tarfile.open(path, "r:") as archive:
         for member in archive:
-            if member.name.partition(".")[2] != "json" or not member.isfile():
+            key, _, rest = member.name.partition(".")
+            if rest != "json" or not member.isfile():
                 continue
             data = archive.extractfile(member)
             record = parse_record(data.read()) if data is not None else None
-            if record is not None:
+            if record is not None and record.key == key:
                 records.append(record)
     return records
 

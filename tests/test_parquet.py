@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +305,116 @@ def test_batches_bound_what_is_held_and_split_row_groups(
 
     assert pq.ParquetFile(out / INDEX_NAME).num_row_groups == -(-len(urls) // 5)
     _assert_index_is_manifest(out, len(urls))
+
+
+def test_wide_rows_end_a_batch_by_their_bytes_not_only_their_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows with large extras: a batch (a row group) ends once its JSON text reaches
+    the byte budget, long before the row count; the rows are all there, in order."""
+    monkeypatch.setattr("downloader.parquet_index.BATCH_BYTES", 50_000)
+    monkeypatch.setattr("downloader.parquet_index.CONVERT_BYTES", 25_000)
+    entries = [
+        {"url": f"http://example.invalid/{n}.jpg", "status": "failed", "line": n}
+        | {"extra": {"description": f"{n:05d}" * 4_000}}  # 20 kB of text a row
+        for n in range(10)
+    ]
+    out = tmp_path / "out"
+    out.mkdir()
+    _write_jsonl(out / "manifest.jsonl", entries)
+
+    assert main(["--parquet-only", "--out", str(out), "-q"]) == 0
+
+    index = pq.ParquetFile(out / INDEX_NAME)
+    groups = [index.metadata.row_group(n).num_rows for n in range(index.num_row_groups)]
+    assert groups == [3, 3, 3, 1]  # 2 rows reach 41 kB < 50 kB; the third ends it
+    assert _index_rows(out) == entries
+
+
+def _fifo_run(
+    server: LocalServer, corpus: Path, tmp_path: Path, *options: str
+) -> tuple[int, Path]:
+    """Run the CLI on a list fed through a FIFO; once the first URL's request has
+    arrived (the run has checked the index's name), plant a link at the index's
+    name, then end the list. Its exit code and output folder."""
+    urls = corpus_urls(server, corpus)[:2]
+    fifo = tmp_path / "urls.txt"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere.parquet"
+    elsewhere.write_bytes(b"mine")
+
+    def feed() -> None:
+        with fifo.open("w", encoding="utf-8") as file:
+            file.write(f"{urls[0]}\n")
+            file.flush()
+            server.wait_for_requests(1)
+            (out / INDEX_NAME).symlink_to(elsewhere)
+            file.write(f"{urls[1]}\n")
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        code = main([str(fifo), "--out", str(out), "--parquet", *options])
+    finally:
+        feeder.join(WAIT_S)
+    assert not feeder.is_alive()
+    assert elsewhere.read_bytes() == b"mine"
+    return code, out
+
+
+@pytest.mark.parametrize("json_summary", [False, True], ids=["text", "json"])
+def test_an_index_that_cannot_be_written_after_a_good_run_comes_after_its_summary(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    json_summary: bool,
+) -> None:
+    """The run went well, only its index could not be written: the summary (text or
+    --json, which then names no index) is printed, then the one error line; exit 3."""
+    options = ["--no-progress", "--no-config", *(["--json"] if json_summary else [])]
+
+    code, out = _fifo_run(server, corpus, tmp_path, *options)
+
+    printed = capsys.readouterr()
+    err = printed.err.splitlines()
+    assert code == 3
+    assert [r["status"] for r in read_manifest(out)] == ["ok", "ok"]
+    assert err[-1].startswith(f"error: {out / INDEX_NAME} is a symbolic link")
+    assert "--parquet-only writes the index again" in err[-1]
+    if json_summary:
+        figures = json.loads(printed.out)
+        assert figures["counts"]["ok"] == 2
+        assert "index" not in figures
+    else:
+        assert err[0].startswith("done: 2 URLs (2 ok,")
+        assert err[-2] == f"  results in {out} (manifest.jsonl)"
+
+
+def test_the_json_summary_names_the_index_and_the_shards(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--json of a run with --parquet gives the index's path; with webdataset
+    output, the number of shards holding the run's samples (the text says both)."""
+    url_list = write_list(tmp_path / "urls.txt", corpus_urls(server, corpus)[:5])
+    out = tmp_path / "out"
+    options = ["--out", str(out), "--parquet", "--no-progress", "--no-config"]
+    options += ["--output-format", "webdataset", "--shard-size", "2"]
+
+    assert main([str(url_list), *options, "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert main([str(url_list), *options]) == 0
+    text = capsys.readouterr().err.splitlines()
+
+    assert figures["index"] == str(out / INDEX_NAME)
+    assert figures["shards"] == 3 == len(list(out.glob("*.tar")))
+    assert (
+        text[-1] == f"  results in {out} (3 shards *.tar, manifest.jsonl, {INDEX_NAME})"
+    )
 
 
 def test_an_empty_manifest_gives_an_empty_index_with_every_known_column(

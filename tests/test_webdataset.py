@@ -3,7 +3,8 @@
 Every local mode, against the real corpus server: each ok URL is one sample in
 one shard, whose JSON agrees with its manifest record; failures have records and no
 sample; Ctrl-C and ``kill -9`` mid-shard, then a rerun, lose and duplicate nothing
-and leave finished shards as they were.
+and leave finished shards as they were; a shard no record names (a kill between its
+rename and its records) is adopted, or set aside, never left to be read twice.
 """
 
 from __future__ import annotations
@@ -116,28 +117,14 @@ def _by_url(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {str(record["url"]): record for record in records}
 
 
-def _check_shards_agree_with_manifest(
-    out: Path, *, orphans: bool = False
-) -> dict[str, dict[str, Any]]:
-    """Every ok record's sample is in its shard once, and says what the record says.
-
-    ``orphans``: after a ``kill -9``, a shard renamed just before its records were
-    written is named by no record (the README's known gap): its samples were redone
-    into a new shard. Such a shard may stay, whole, holding only older copies of
-    samples the manifest names elsewhere; the checks then hold for the named shards.
+def _check_shards_agree_with_manifest(out: Path) -> dict[str, dict[str, Any]]:
+    """Every ok record's sample is in its shard once, and says what the record says;
+    across ``OUT/*.tar`` no sample is there twice, and none no record names.
 
     Returns the manifest's records by URL.
     """
     records = _by_url(read_manifest(out))
     samples = _all_samples(out)
-    if orphans:
-        named = {r.get("shard") for r in records.values()}
-        stray = [(s, m) for s, _, m in samples if s not in named]
-        for shard, members in stray:
-            url = json.loads(members["json"])["url"]
-            assert records[url]["status"] in ("ok", "skipped"), (shard, url)
-            assert records[url]["shard"] != shard
-        samples = [sample for sample in samples if sample[0] in named]
     keys = Counter(key for _, key, _ in samples)
     urls = Counter(json.loads(m["json"])["url"] for _, _, m in samples)
     done = {url: r for url, r in records.items() if r["status"] in ("ok", "skipped")}
@@ -219,15 +206,9 @@ def _check_intact(out: Path) -> None:
 
 
 def _rerun_and_check(
-    command: list[str],
-    out: Path,
-    system_tmp: Path,
-    urls: list[str],
-    *,
-    orphans: bool = False,
+    command: list[str], out: Path, system_tmp: Path, urls: list[str]
 ) -> None:
-    """Rerun ``command``: finished shards untouched, every URL once, no scratch
-    (``orphans``: see ``_check_shards_agree_with_manifest``)."""
+    """Rerun ``command``: finished shards untouched, every URL once, no scratch."""
     finished = _snapshot(_shards(out))
     rerun = subprocess.run(
         command, capture_output=True, text=True, timeout=WAIT_S, env=_env(system_tmp)
@@ -239,7 +220,7 @@ def _rerun_and_check(
     assert {n: v for n, v in _snapshot(_shards(out)).items() if n in finished} == (
         finished
     )
-    records = _check_shards_agree_with_manifest(out, orphans=orphans)
+    records = _check_shards_agree_with_manifest(out)
     assert sorted(records) == sorted(urls)
     assert {r["status"] for r in records.values()} <= {"ok", "skipped"}
 
@@ -296,7 +277,8 @@ def test_kill_9_mid_shard_then_a_rerun_loses_and_duplicates_nothing(
     slow_server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode
 ) -> None:
     """kill -9 of the main process: no shard under a final name is partial, no
-    record names a missing sample; the rerun completes without duplicates."""
+    record names a missing sample; the rerun completes without duplicates (a shard
+    renamed just before the kill, its records not yet written, is adopted)."""
     urls, out, system_tmp, command, process = _started_run(
         slow_server, corpus, tmp_path, mode
     )
@@ -307,7 +289,7 @@ def test_kill_9_mid_shard_then_a_rerun_loses_and_duplicates_nothing(
 
     assert process.returncode == -signal.SIGKILL
     _check_intact(out)
-    _rerun_and_check(command, out, system_tmp, urls, orphans=True)
+    _rerun_and_check(command, out, system_tmp, urls)
 
 
 @MODES
@@ -382,6 +364,108 @@ def test_a_deleted_shard_is_redone_into_a_new_shard(
     _check_shards_agree_with_manifest(out)
 
 
+def _unrecord(out: Path, shard: str) -> set[str]:
+    """Take the records naming ``shard`` out of the manifest, as a ``kill -9``
+    between its rename and its records leaves it; the URLs of its samples."""
+    manifest = out / "manifest.jsonl"
+    lines = manifest.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("shard") != shard]
+    manifest.write_text("".join(kept), encoding="utf-8")
+    return {json.loads(line)["url"] for line in lines if line not in kept}
+
+
+@MODES
+def test_a_shard_renamed_before_its_records_is_adopted_not_redone(
+    server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode
+) -> None:
+    """The window of a kill between a shard's rename and its records, made without
+    a race: the rerun records the shard's samples from their <key>.json, fetches
+    none of them again, writes no new shard, and every URL has one record."""
+    urls = corpus_urls(server, corpus)
+    url_list = _caption_list(tmp_path / "urls.csv", urls)
+    out = tmp_path / "out"
+    settings = fast_settings(
+        out, mode=mode, output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
+    )
+    run(url_list, settings)
+    unrecorded = _unrecord(out, "00001.tar")
+    assert len(unrecorded) == SHARD_SIZE
+    shards = _snapshot(_shards(out))
+    requests_before = Counter(server.requests)
+
+    report = run(url_list, settings)
+
+    assert {o.status for o in report.results} == {Status.SKIPPED}
+    assert len(report.results) == len(urls)
+    assert server.requests == requests_before  # nothing fetched again
+    assert _snapshot(_shards(out)) == shards  # no new shard, none rewritten
+    records = _check_shards_agree_with_manifest(out)
+    assert sorted(records) == sorted(urls)
+    assert {records[url]["shard"] for url in unrecorded} == {"00001.tar"}
+
+
+def test_a_shard_no_record_names_that_cannot_be_adopted_is_set_aside(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Unreadable, another shard's samples, or samples done elsewhere: renamed
+    <name>.orphan (out of OUT/*.tar, never deleted) with one line each; the run
+    redoes nothing and numbers its shards as ever."""
+    url_list, settings = _first_run(server, corpus, tmp_path)
+    out = settings.out
+    first = _snapshot(_shards(out))
+    (out / "00007.tar").write_bytes(b"not a tar at all")
+    copy = (out / "00000.tar").read_bytes()  # its samples' records name 00000.tar
+    (out / "00008.tar").write_bytes(copy)
+    (out / "00008.tar.orphan").write_bytes(b"set aside by an earlier run")
+    requests_before = Counter(server.requests)
+
+    options = ["--output-format", "webdataset", "--shard-size", str(SHARD_SIZE)]
+    options += ["--max-size", "64", "--out", str(out), "--no-progress", "--no-config"]
+    code = main([str(url_list), *options])
+    err = capsys.readouterr().err
+
+    assert code == 0, err
+    assert server.requests == requests_before
+    assert _snapshot(_shards(out)) == first
+    assert (out / "00007.tar.orphan").read_bytes() == b"not a tar at all"
+    assert (out / "00008.tar.1.orphan").read_bytes() == copy
+    assert (out / "00008.tar.orphan").read_bytes() == b"set aside by an earlier run"
+    aside = [line for line in err.splitlines() if "renamed" in line]
+    assert len(aside) == 2
+    assert "renamed 00007.tar.orphan" in aside[1]
+    assert "cannot be read" in aside[1]
+    assert "renamed 00008.tar.1.orphan" in aside[0]
+    assert "not this shard's" in aside[0]
+    _check_shards_agree_with_manifest(out)
+
+
+def test_a_shard_whose_samples_are_all_done_elsewhere_is_set_aside(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Other settings redo every sample into new shards; the old shards are then
+    named by no record. The next run does not adopt them (their URLs have standing
+    samples): they are set aside, so a glob sees each URL once."""
+    url_list, settings = _first_run(server, corpus, tmp_path)
+    out = settings.out
+    old = _snapshot(_shards(out))
+    other = replace(settings, image=ImageSpec(max_size=48))
+    run(url_list, other)  # every sample redone, into new shards
+    new = set(_snapshot(_shards(out))) - set(old)
+    requests_before = Counter(server.requests)
+
+    report = run(url_list, other)
+
+    assert {o.status for o in report.results} == {Status.SKIPPED}
+    assert server.requests == requests_before
+    assert {s.name for s in _shards(out)} == new
+    for name, (data, _) in old.items():
+        assert (out / f"{name}.orphan").read_bytes() == data
+    _check_shards_agree_with_manifest(out)
+
+
 def test_a_record_whose_shard_key_now_holds_another_url_is_redone(
     server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
@@ -434,7 +518,7 @@ def test_other_sizes_and_local_files_go_into_the_shards(
 
     oks = [o for o in report.results if o.status is Status.OK]
     assert oks
-    assert not (out / "32").exists() or list((out / "32").iterdir()) == []
+    assert not (out / "32").exists()  # its files all went into the shards
     samples = _all_samples(out)
     assert len(samples) == len(oks) == len(_shards(out))
     for _, _, members in samples:
