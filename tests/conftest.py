@@ -32,6 +32,7 @@ from tests.helpers import (
     FLAT_IMAGE,
     SLOW_IMAGE,
     SLOW_IMAGE_SIZE,
+    WAIT_S,
     LocalServer,
 )
 from tests.user_transforms import KILLS_ENV
@@ -144,7 +145,16 @@ def warm_forkserver(request: pytest.FixtureRequest) -> None:
     fixtures = set(request.fixturenames)
     if "corpus" in fixtures and not fixtures & STOP_FORKSERVER:
         request.getfixturevalue("_helpers_end")
-        mp_context()  # sets the forkserver's preload, as a run does
+        context = mp_context()  # sets the forkserver's preload, as a run does
+        server: Any = getattr(multiprocessing.forkserver, "_forkserver", None)
+        if getattr(server, "_forkserver_pid", None) is None:
+            # Started here: wait until it has imported its preload (a child starts
+            # only then), so that its start-up does not compete with the test for
+            # CPU (a rate or a timeout measured meanwhile would feel it).
+            child = context.Process(target=os.getpid)
+            child.start()
+            child.join(WAIT_S)
+            assert child.exitcode == 0, "the forkserver started no child"
         multiprocessing.forkserver.ensure_running()
 
 
