@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import multiprocessing.forkserver
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import hypothesis
 import pytest
 from PIL import Image
 
+from downloader.children import mp_context
 from downloader.demo import generate_corpus, serve_in_thread
 from downloader.runtime import stop_helper_processes
 from downloader.settings import Mode
@@ -30,6 +32,7 @@ from tests.helpers import (
     FLAT_IMAGE,
     SLOW_IMAGE,
     SLOW_IMAGE_SIZE,
+    WAIT_S,
     LocalServer,
 )
 from tests.user_transforms import KILLS_ENV
@@ -110,6 +113,49 @@ def server(corpus: Path) -> Iterator[LocalServer]:
     with serve_in_thread(LocalServer(corpus)) as running:
         assert isinstance(running, LocalServer)
         yield running
+
+
+STOP_FORKSERVER = {"worker_kills", "no_forkserver"}
+"""Fixtures that stop a forkserver left running: one warmed for their test would be
+stopped at once, still importing its preload (seconds on a loaded machine)."""
+
+
+@pytest.fixture(scope="session")
+def _helpers_end() -> Iterator[None]:
+    """Stop the forkserver and resource tracker the session left, at its end."""
+    yield
+    stop_helper_processes()
+
+
+@pytest.fixture(autouse=True)
+def warm_forkserver(request: pytest.FixtureRequest) -> None:
+    """A forkserver already running when a test that downloads the corpus starts.
+
+    Each run starts its own forkserver when none runs (~0.6 CPU-s: a fresh
+    interpreter importing ``downloader.worker``), and stops it when it ends: most of
+    a worker mode's test time. A forkserver started outside any run is one a run
+    uses and leaves alone (``runtime.helper_processes``), as a Ray started once
+    serves the session's ray tests. The in-run forkserver keeps its own tests: every
+    command line in a subprocess, ``main()`` (which stops this one at its end), and
+    the fixtures that stop it first (``worker_kills``, ``no_forkserver`` of
+    test_runtime.py). Workers inherit the forkserver's environment, not the test's:
+    a test that sets a variable its workers must see stops it first, as
+    ``worker_kills`` does.
+    """
+    fixtures = set(request.fixturenames)
+    if "corpus" in fixtures and not fixtures & STOP_FORKSERVER:
+        request.getfixturevalue("_helpers_end")
+        context = mp_context()  # sets the forkserver's preload, as a run does
+        server: Any = getattr(multiprocessing.forkserver, "_forkserver", None)
+        if getattr(server, "_forkserver_pid", None) is None:
+            # Started here: wait until it has imported its preload (a child starts
+            # only then), so that its start-up does not compete with the test for
+            # CPU (a rate or a timeout measured meanwhile would feel it).
+            child = context.Process(target=os.getpid)
+            child.start()
+            child.join(WAIT_S)
+            assert child.exitcode == 0, "the forkserver started no child"
+        multiprocessing.forkserver.ensure_running()
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from downloader.runtime import (
     interrupt_on_signals,
     stop_helper_processes,
 )
+from downloader.settings import Mode
 from tests.helpers import (
     WAIT_S,
     LocalServer,
@@ -32,6 +33,9 @@ from tests.helpers import (
     fast_settings,
     write_list,
 )
+
+# The modes whose runs start worker processes (through the forkserver).
+WORKER_MODES = [Mode.PROCESSES, Mode.PIPELINE, Mode.ASYNC]
 
 
 def _forkservers() -> list[int]:
@@ -78,15 +82,19 @@ def short_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 @pytest.mark.usefixtures("no_forkserver")
+@pytest.mark.parametrize("mode", WORKER_MODES, ids=lambda m: m.value)
 def test_a_run_stops_the_forkserver_it_started(
-    server: LocalServer, corpus: Path, tmp_path: Path
+    mode: Mode, server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
-    """After run() returns, no forkserver of the run is left, nor its socket folder."""
+    """After run() returns, no forkserver of the run is left, nor its socket folder.
+
+    In every mode with worker processes: the suite's other in-process runs use the
+    forkserver that ``warm_forkserver`` (tests/conftest.py) starts outside them."""
     urls = corpus_urls(server, corpus)[:2]
     url_list = write_list(tmp_path / "urls.txt", urls)
     out = tmp_path / "out"
 
-    report = run(url_list, fast_settings(out))
+    report = run(url_list, fast_settings(out, mode=mode))
 
     assert [r.status for r in report.results] == [Status.OK, Status.OK]
     assert _forkservers() == []
