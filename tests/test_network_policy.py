@@ -472,10 +472,12 @@ def test_the_rate_per_host_holds_for_the_whole_run_in_every_mode(
     # The busiest process makes at least ceil(N / P) requests, P / RATE apart.
     least = (math.ceil(RATED_URLS / processes) - 1) * processes / RATE
     assert arrivals[-1] - started >= least * 0.99
-    # And no two requests come closer than the rate allows, whichever processes
-    # sent them (a lower bound: load can only make gaps longer).
+    # And no two requests come together, whichever processes sent them. Arrivals
+    # jitter under load (one request late and the next on time shrinks their gap:
+    # 0.182 s of 0.25 s was seen at load 13), so a pair may be up to half a period
+    # short; a burst, what an unpaced run sends, comes with gaps near 0.
     gaps = [later - sooner for sooner, later in itertools.pairwise(arrivals)]
-    assert min(gaps) >= 0.8 / RATE, [round(gap, 3) for gap in gaps]
+    assert min(gaps) >= 0.5 / RATE, [round(gap, 3) for gap in gaps]
 
 
 # The proxy: a forward proxy on loopback that knows one name the machine does not.
