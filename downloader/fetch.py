@@ -71,6 +71,7 @@ from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 from downloader.errors import FetchError, OutputError
 from downloader.politeness import Pace, RequestRate, refused_use
+from downloader.raw_body import direct_reads
 from downloader.records import Fetched, Job
 from downloader.resolve import (
     UNRESOLVED_ATTEMPTS,
@@ -82,6 +83,7 @@ from downloader.resolve import (
 )
 from downloader.settings import HttpSettings, without_password
 from downloader.transfer import (
+    SNIFF_BYTES,
     STALL_RETRIES,
     AttemptState,
     Continuation,
@@ -115,6 +117,8 @@ threads and the feed's look-ahead), so each job's URL is parsed once."""
 _SLOT_WAIT_SLICE = 0.25
 """Seconds one wait for a host slot lasts before the cancel flag is checked again."""
 
+_Bytes = bytes | bytearray | memoryview
+"""A piece of body: httpx's reads are ``bytes``, ``raw_body``'s a buffer's view."""
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _RATE_LIMIT_STATUSES = frozenset({429, 503})
 _PARTIAL_CONTENT, _RANGE_NOT_SATISFIABLE = 206, 416
@@ -259,6 +263,11 @@ class _DeadlineStream(httpcore.NetworkStream):
     def __init__(self, stream: httpcore.NetworkStream) -> None:
         self._stream = stream
 
+    @property
+    def raw_stream(self) -> httpcore.NetworkStream:
+        """The wrapped stream (``raw_body`` reads a body from its socket)."""
+        return self._stream
+
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         """Read, for at most what is left of the deadline."""
         return self._stream.read(max_bytes, _capped(timeout, httpcore.ReadTimeout))
@@ -286,6 +295,10 @@ class _DeadlineStream(httpcore.NetworkStream):
     def get_extra_info(self, info: str) -> Any:
         """Pass through (the socket, TLS details)."""
         return self._stream.get_extra_info(info)
+
+
+_read_timeout = functools.partial(_capped, error=httpx.ReadTimeout)
+"""A direct body read's timeout (``raw_body.direct_reads``), capped by the deadline."""
 
 
 class _DeadlineBackend(httpcore.NetworkBackend):
@@ -870,7 +883,7 @@ class _BodyReader:
         self.digest = hashlib.sha256()
         self.nbytes = self.offset = offset
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: _Bytes) -> Iterator[_Bytes]:
         """Yield the decoded pieces of one raw read, then check deadline and speed."""
         self._received.raw += len(data)
         if self._received.raw > self._max_bytes:
@@ -879,7 +892,7 @@ class _BodyReader:
         self._attempts.check_running(self._host)
         self._speed.update(self._received.raw)
 
-    def finish(self) -> Iterator[bytes]:
+    def finish(self) -> Iterator[_Bytes]:
         """Yield what the decoder still holds; judge a body too short to judge yet."""
         yield from self._counted(self._decoder.finish())
         self._judge(self._sniff.finish())
@@ -903,10 +916,10 @@ class _BodyReader:
         if self._sniff.decided and not self.offset:
             self._attempts.continuation.partial = self._partial
 
-    def _counted(self, pieces: Iterator[bytes]) -> Iterator[bytes]:
+    def _counted(self, pieces: Iterator[_Bytes]) -> Iterator[_Bytes]:
         for piece in pieces:
             if not self._sniff.decided:
-                self._judge(self._sniff.feed(piece))
+                self._judge(self._sniff.feed(bytes(piece[:SNIFF_BYTES])))
             if self.nbytes + len(piece) > self._max_bytes:
                 raise FetchError(f"larger than --max-bytes ({self._max_bytes} bytes)")
             self.digest.update(piece)
@@ -1002,7 +1015,11 @@ class _Download:
         if reader.offset:
             reader.digest = _digest_of(self.attempts.path, reader.offset)
         with _PartFile(self.attempts.path, append=reader.offset > 0) as part:
-            # No chunk_size: httpx would buffer reads up to it, so a slow drip would
+            timeout = self.attempts.http.timeout
+            for direct in direct_reads(response, timeout, _read_timeout):
+                part.write_all(reader.feed(direct))
+            # What direct_reads did not take (all of a body it cannot read). No
+            # chunk_size: httpx would buffer reads up to it, so a slow drip would
             # never reach the deadline check. httpcore already reads 64 KiB at a time.
             for data in response.iter_raw():
                 part.write_all(reader.feed(data))
@@ -1184,7 +1201,7 @@ class _PartFile:
             raise _output_error(self.path, exc) from exc
         return self
 
-    def write_all(self, pieces: Iterator[bytes]) -> None:
+    def write_all(self, pieces: Iterator[_Bytes]) -> None:
         """Append every piece (all of each: ``os.write`` may write less than asked)."""
         try:
             for piece in pieces:
@@ -1212,7 +1229,7 @@ class _PartFile:
 class _Identity:
     """Pass bytes through: the body was sent as asked, without a content coding."""
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: _Bytes) -> Iterator[_Bytes]:
         """Return ``data`` as the one decoded piece."""
         yield data
 
@@ -1230,7 +1247,7 @@ class _Inflater:
         self._inflate = zlib.decompressobj(wbits=47)
         self._started = False
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: _Bytes) -> Iterator[bytes]:
         """Decode ``data``, yielding pieces of at most ``CHUNK`` bytes."""
         while True:
             piece = self._decompress(data)
@@ -1246,7 +1263,7 @@ class _Inflater:
         if not self._inflate.eof:
             raise FetchError(f"bad {self._encoding} data: stream ends early")
 
-    def _decompress(self, data: bytes) -> bytes:
+    def _decompress(self, data: _Bytes) -> bytes:
         try:
             piece = self._inflate.decompress(data, CHUNK)
         except zlib.error as exc:
