@@ -111,8 +111,8 @@ CHUNK = 256 * 1024
 of this size instead of inflating a 64 KiB read to tens of megabytes at once (S12)."""
 
 HOST_KEY_CACHE = 4096
-"""URLs whose ``host_key`` is kept: more than the jobs a run holds at once (its
-threads and the feed's look-ahead), so each job's URL is parsed once."""
+"""URLs whose ``host_key`` and parsed form are kept: more than the jobs a run holds
+at once (its threads and the feed's look-ahead), so each job's URL is parsed once."""
 
 _SLOT_WAIT_SLICE = 0.25
 """Seconds one wait for a host slot lasts before the cancel flag is checked again."""
@@ -563,12 +563,14 @@ def fetch(
     defer_retries: bool = False,
     attempts_done: int = 0,
     state: AttemptState | None = None,
+    hash_body: bool = True,
 ) -> Fetched:
     """Download ``job.url`` to ``tmp_dir/<stem>.part``, retrying transient failures.
 
     With ``defer_retries`` a wait before the next attempt is raised as ``RetryLater``
     instead of slept; ``attempts_done`` and ``state`` (both from that ``RetryLater``)
-    continue the retry budget of the calls before.
+    continue the retry budget of the calls before. Without ``hash_body`` the record's
+    ``sha256`` is None (whoever reads the file next hashes it).
 
     Raises:
         RetryLater: only with ``defer_retries``; nothing is left on disk but the
@@ -580,6 +582,7 @@ def fetch(
     guard = ProxiedCheck(http)
     attempts = _Attempts(job, http, tmp_dir, cancel, hosts, on_bytes, clock, guard)
     attempts.count = attempts_done
+    attempts.hash_body = hash_body
     attempts.carry(state or AttemptState())
     download = _Download(attempts, client, hosts, cancel, defer_retries=defer_retries)
     with attempts.cleanup():
@@ -642,7 +645,7 @@ class _Body:
 
     final_url: str
     nbytes: int
-    sha256: str
+    sha256: str | None
 
 
 class _Received:
@@ -685,6 +688,7 @@ class _Attempts:
         self.origin: tuple[str, str, int] | None = None
         self.stalls = 0
         self.continuation = Continuation(self.path)
+        self.hash_body = True
 
     def carry(self, state: AttemptState) -> None:
         """Continue from what earlier calls left (``RetryLater.state``)."""
@@ -880,7 +884,7 @@ class _BodyReader:
         content_type = response.headers.get("Content-Type")
         self._sniff = Sniff(content_type, decided=offset > 0)
         self._partial = None if offset else partial_for(response)
-        self.digest = hashlib.sha256()
+        self.digest = hashlib.sha256() if attempts.hash_body else None
         self.nbytes = self.offset = offset
 
     def feed(self, data: _Bytes) -> Iterator[_Bytes]:
@@ -906,7 +910,8 @@ class _BodyReader:
             )
         if self.nbytes == 0:
             raise FetchError("empty body")
-        return _Body(url, self.nbytes, self.digest.hexdigest())
+        sha256 = None if self.digest is None else self.digest.hexdigest()
+        return _Body(url, self.nbytes, sha256)
 
     def _judge(self, refusal: str | None) -> None:
         """Refuse a body that is not an image (never retried); once it is let
@@ -922,7 +927,8 @@ class _BodyReader:
                 self._judge(self._sniff.feed(bytes(piece[:SNIFF_BYTES])))
             if self.nbytes + len(piece) > self._max_bytes:
                 raise FetchError(f"larger than --max-bytes ({self._max_bytes} bytes)")
-            self.digest.update(piece)
+            if self.digest is not None:
+                self.digest.update(piece)
             self.nbytes += len(piece)
             yield piece
             if self._attempts.on_bytes is not None:
@@ -1012,7 +1018,7 @@ class _Download:
 
     def _save(self, response: httpx.Response, url: str, received: _Received) -> _Body:
         reader = self.attempts.body_reader(response, received)
-        if reader.offset:
+        if reader.offset and reader.digest is not None:
             reader.digest = _digest_of(self.attempts.path, reader.offset)
         with _PartFile(self.attempts.path, append=reader.offset > 0) as part:
             timeout = self.attempts.http.timeout
@@ -1353,10 +1359,23 @@ def _redirect_target(current: httpx.URL, location: str, seen: set[str]) -> httpx
 
 
 def _parse_url(url: str) -> httpx.URL:
+    parsed = _listed_url(url)
+    if parsed is not None:
+        return parsed
     try:
         return httpx.URL(url)
     except httpx.InvalidURL as exc:
         raise FetchError(f"invalid URL: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=HOST_KEY_CACHE)
+def _listed_url(url: str) -> httpx.URL | None:
+    """A URL as listed, parsed once while it is in use (its host key for the feed,
+    then its first hop): httpx's parser costs ~50 µs a URL. None if invalid."""
+    try:
+        return httpx.URL(url)
+    except httpx.InvalidURL:
+        return None
 
 
 def host_key(url: str | httpx.URL) -> str:
@@ -1377,12 +1396,10 @@ def host_key(url: str | httpx.URL) -> str:
 
 @functools.lru_cache(maxsize=HOST_KEY_CACHE)
 def _host_key_of_text(url: str) -> str:
-    """``host_key`` of a URL as listed, parsed once while it is in use: the feed asks
-    for it three times or more per job, and httpx's parser costs ~50 µs a URL."""
-    try:
-        return host_key(httpx.URL(url))
-    except httpx.InvalidURL:
-        return url
+    """``host_key`` of a URL as listed: the feed asks for it three times or more per
+    job."""
+    parsed = _listed_url(url)
+    return url if parsed is None else host_key(parsed)
 
 
 def _without_userinfo(url: str | None) -> str | None:
