@@ -133,13 +133,21 @@ def run_child(
         "--", str(urls), "--out", str(out), *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(tree)}
+    # In the tree: worker processes put the working folder first on their path, so
+    # run elsewhere they would import another tree's modules than the main process.
+    cwd = str(tree)
     if tty:
         master, slave = pty.openpty()
         reader = threading.Thread(target=drain, args=(master,), daemon=True)
         reader.start()
         try:
             subprocess.run(
-                command, env=env, stderr=slave, check=True, timeout=CHILD_TIMEOUT_S
+                command,
+                env=env,
+                cwd=cwd,
+                stderr=slave,
+                check=True,
+                timeout=CHILD_TIMEOUT_S,
             )
         finally:
             os.close(slave)
@@ -148,7 +156,12 @@ def run_child(
     else:
         with (WORK / "stderr.txt").open("w") as log:
             subprocess.run(
-                command, env=env, stderr=log, check=True, timeout=CHILD_TIMEOUT_S
+                command,
+                env=env,
+                cwd=cwd,
+                stderr=log,
+                check=True,
+                timeout=CHILD_TIMEOUT_S,
             )
     figures: dict[str, Any] = json.loads(result.read_text())
     figures["ok"] = sum(

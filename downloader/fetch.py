@@ -71,6 +71,7 @@ from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 from downloader.errors import FetchError, OutputError
 from downloader.politeness import Pace, RequestRate, refused_use
+from downloader.raw_body import direct_reads
 from downloader.records import Fetched, Job
 from downloader.resolve import (
     UNRESOLVED_ATTEMPTS,
@@ -82,6 +83,7 @@ from downloader.resolve import (
 )
 from downloader.settings import HttpSettings, without_password
 from downloader.transfer import (
+    SNIFF_BYTES,
     STALL_RETRIES,
     AttemptState,
     Continuation,
@@ -109,12 +111,14 @@ CHUNK = 256 * 1024
 of this size instead of inflating a 64 KiB read to tens of megabytes at once (S12)."""
 
 HOST_KEY_CACHE = 4096
-"""URLs whose ``host_key`` is kept: more than the jobs a run holds at once (its
-threads and the feed's look-ahead), so each job's URL is parsed once."""
+"""URLs whose ``host_key`` and parsed form are kept: more than the jobs a run holds
+at once (its threads and the feed's look-ahead), so each job's URL is parsed once."""
 
 _SLOT_WAIT_SLICE = 0.25
 """Seconds one wait for a host slot lasts before the cancel flag is checked again."""
 
+_Bytes = bytes | bytearray | memoryview
+"""A piece of body: httpx's reads are ``bytes``, ``raw_body``'s a buffer's view."""
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _RATE_LIMIT_STATUSES = frozenset({429, 503})
 _PARTIAL_CONTENT, _RANGE_NOT_SATISFIABLE = 206, 416
@@ -259,6 +263,11 @@ class _DeadlineStream(httpcore.NetworkStream):
     def __init__(self, stream: httpcore.NetworkStream) -> None:
         self._stream = stream
 
+    @property
+    def raw_stream(self) -> httpcore.NetworkStream:
+        """The wrapped stream (``raw_body`` reads a body from its socket)."""
+        return self._stream
+
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         """Read, for at most what is left of the deadline."""
         return self._stream.read(max_bytes, _capped(timeout, httpcore.ReadTimeout))
@@ -286,6 +295,10 @@ class _DeadlineStream(httpcore.NetworkStream):
     def get_extra_info(self, info: str) -> Any:
         """Pass through (the socket, TLS details)."""
         return self._stream.get_extra_info(info)
+
+
+_read_timeout = functools.partial(_capped, error=httpx.ReadTimeout)
+"""A direct body read's timeout (``raw_body.direct_reads``), capped by the deadline."""
 
 
 class _DeadlineBackend(httpcore.NetworkBackend):
@@ -550,12 +563,14 @@ def fetch(
     defer_retries: bool = False,
     attempts_done: int = 0,
     state: AttemptState | None = None,
+    hash_body: bool = True,
 ) -> Fetched:
     """Download ``job.url`` to ``tmp_dir/<stem>.part``, retrying transient failures.
 
     With ``defer_retries`` a wait before the next attempt is raised as ``RetryLater``
     instead of slept; ``attempts_done`` and ``state`` (both from that ``RetryLater``)
-    continue the retry budget of the calls before.
+    continue the retry budget of the calls before. Without ``hash_body`` the record's
+    ``sha256`` is None (whoever reads the file next hashes it).
 
     Raises:
         RetryLater: only with ``defer_retries``; nothing is left on disk but the
@@ -567,6 +582,7 @@ def fetch(
     guard = ProxiedCheck(http)
     attempts = _Attempts(job, http, tmp_dir, cancel, hosts, on_bytes, clock, guard)
     attempts.count = attempts_done
+    attempts.hash_body = hash_body
     attempts.carry(state or AttemptState())
     download = _Download(attempts, client, hosts, cancel, defer_retries=defer_retries)
     with attempts.cleanup():
@@ -629,7 +645,7 @@ class _Body:
 
     final_url: str
     nbytes: int
-    sha256: str
+    sha256: str | None
 
 
 class _Received:
@@ -672,6 +688,7 @@ class _Attempts:
         self.origin: tuple[str, str, int] | None = None
         self.stalls = 0
         self.continuation = Continuation(self.path)
+        self.hash_body = True
 
     def carry(self, state: AttemptState) -> None:
         """Continue from what earlier calls left (``RetryLater.state``)."""
@@ -867,10 +884,10 @@ class _BodyReader:
         content_type = response.headers.get("Content-Type")
         self._sniff = Sniff(content_type, decided=offset > 0)
         self._partial = None if offset else partial_for(response)
-        self.digest = hashlib.sha256()
+        self.digest = hashlib.sha256() if attempts.hash_body else None
         self.nbytes = self.offset = offset
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: _Bytes) -> Iterator[_Bytes]:
         """Yield the decoded pieces of one raw read, then check deadline and speed."""
         self._received.raw += len(data)
         if self._received.raw > self._max_bytes:
@@ -879,7 +896,7 @@ class _BodyReader:
         self._attempts.check_running(self._host)
         self._speed.update(self._received.raw)
 
-    def finish(self) -> Iterator[bytes]:
+    def finish(self) -> Iterator[_Bytes]:
         """Yield what the decoder still holds; judge a body too short to judge yet."""
         yield from self._counted(self._decoder.finish())
         self._judge(self._sniff.finish())
@@ -893,7 +910,8 @@ class _BodyReader:
             )
         if self.nbytes == 0:
             raise FetchError("empty body")
-        return _Body(url, self.nbytes, self.digest.hexdigest())
+        sha256 = None if self.digest is None else self.digest.hexdigest()
+        return _Body(url, self.nbytes, sha256)
 
     def _judge(self, refusal: str | None) -> None:
         """Refuse a body that is not an image (never retried); once it is let
@@ -903,13 +921,14 @@ class _BodyReader:
         if self._sniff.decided and not self.offset:
             self._attempts.continuation.partial = self._partial
 
-    def _counted(self, pieces: Iterator[bytes]) -> Iterator[bytes]:
+    def _counted(self, pieces: Iterator[_Bytes]) -> Iterator[_Bytes]:
         for piece in pieces:
             if not self._sniff.decided:
-                self._judge(self._sniff.feed(piece))
+                self._judge(self._sniff.feed(bytes(piece[:SNIFF_BYTES])))
             if self.nbytes + len(piece) > self._max_bytes:
                 raise FetchError(f"larger than --max-bytes ({self._max_bytes} bytes)")
-            self.digest.update(piece)
+            if self.digest is not None:
+                self.digest.update(piece)
             self.nbytes += len(piece)
             yield piece
             if self._attempts.on_bytes is not None:
@@ -999,10 +1018,14 @@ class _Download:
 
     def _save(self, response: httpx.Response, url: str, received: _Received) -> _Body:
         reader = self.attempts.body_reader(response, received)
-        if reader.offset:
+        if reader.offset and reader.digest is not None:
             reader.digest = _digest_of(self.attempts.path, reader.offset)
         with _PartFile(self.attempts.path, append=reader.offset > 0) as part:
-            # No chunk_size: httpx would buffer reads up to it, so a slow drip would
+            timeout = self.attempts.http.timeout
+            for direct in direct_reads(response, timeout, _read_timeout):
+                part.write_all(reader.feed(direct))
+            # What direct_reads did not take (all of a body it cannot read). No
+            # chunk_size: httpx would buffer reads up to it, so a slow drip would
             # never reach the deadline check. httpcore already reads 64 KiB at a time.
             for data in response.iter_raw():
                 part.write_all(reader.feed(data))
@@ -1184,7 +1207,7 @@ class _PartFile:
             raise _output_error(self.path, exc) from exc
         return self
 
-    def write_all(self, pieces: Iterator[bytes]) -> None:
+    def write_all(self, pieces: Iterator[_Bytes]) -> None:
         """Append every piece (all of each: ``os.write`` may write less than asked)."""
         try:
             for piece in pieces:
@@ -1212,7 +1235,7 @@ class _PartFile:
 class _Identity:
     """Pass bytes through: the body was sent as asked, without a content coding."""
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: _Bytes) -> Iterator[_Bytes]:
         """Return ``data`` as the one decoded piece."""
         yield data
 
@@ -1230,7 +1253,7 @@ class _Inflater:
         self._inflate = zlib.decompressobj(wbits=47)
         self._started = False
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: _Bytes) -> Iterator[bytes]:
         """Decode ``data``, yielding pieces of at most ``CHUNK`` bytes."""
         while True:
             piece = self._decompress(data)
@@ -1246,7 +1269,7 @@ class _Inflater:
         if not self._inflate.eof:
             raise FetchError(f"bad {self._encoding} data: stream ends early")
 
-    def _decompress(self, data: bytes) -> bytes:
+    def _decompress(self, data: _Bytes) -> bytes:
         try:
             piece = self._inflate.decompress(data, CHUNK)
         except zlib.error as exc:
@@ -1336,10 +1359,23 @@ def _redirect_target(current: httpx.URL, location: str, seen: set[str]) -> httpx
 
 
 def _parse_url(url: str) -> httpx.URL:
+    parsed = _listed_url(url)
+    if parsed is not None:
+        return parsed
     try:
         return httpx.URL(url)
     except httpx.InvalidURL as exc:
         raise FetchError(f"invalid URL: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=HOST_KEY_CACHE)
+def _listed_url(url: str) -> httpx.URL | None:
+    """A URL as listed, parsed once while it is in use (its host key for the feed,
+    then its first hop): httpx's parser costs ~50 µs a URL. None if invalid."""
+    try:
+        return httpx.URL(url)
+    except httpx.InvalidURL:
+        return None
 
 
 def host_key(url: str | httpx.URL) -> str:
@@ -1360,12 +1396,10 @@ def host_key(url: str | httpx.URL) -> str:
 
 @functools.lru_cache(maxsize=HOST_KEY_CACHE)
 def _host_key_of_text(url: str) -> str:
-    """``host_key`` of a URL as listed, parsed once while it is in use: the feed asks
-    for it three times or more per job, and httpx's parser costs ~50 µs a URL."""
-    try:
-        return host_key(httpx.URL(url))
-    except httpx.InvalidURL:
-        return url
+    """``host_key`` of a URL as listed: the feed asks for it three times or more per
+    job."""
+    parsed = _listed_url(url)
+    return url if parsed is None else host_key(parsed)
 
 
 def _without_userinfo(url: str | None) -> str | None:

@@ -31,6 +31,7 @@ import stat
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 import httpx
@@ -64,6 +65,7 @@ from downloader.steps import (
     discard,
     emit,
     finish_success,
+    hashed,
     stage_local,
 )
 from downloader.transform import transform_file
@@ -137,8 +139,11 @@ class Lifecycle:
         lane: str,
         *,
         defer: bool = False,
+        hash_body: bool = True,
     ) -> Fetched | Outcome | Retry:
         """Download a job (or continue a waiting one) with its progress events.
+
+        Without ``hash_body`` the body is not hashed here (``Fetched.sha256``).
 
         With ``defer`` (or for a ``Retry``) a wait before the next attempt comes back
         as a ``Retry`` instead of being slept; the job's ``started`` event comes with
@@ -172,6 +177,7 @@ class Lifecycle:
                 defer_retries=defer or attempts > 0,
                 attempts_done=attempts,
                 state=state,
+                hash_body=hash_body,
             )
         except RetryLater as later:
             waits = True
@@ -355,6 +361,8 @@ class Lifecycle:
         ``started_at``: when it began, if ``transform_started`` was not told.
         """
         job = fetched.job
+        if message.sha256 is not None:
+            fetched = replace(fetched, sha256=message.sha256)
         if started_at is not None:
             self.transform_started(job, lane, started_at)
         emit(
@@ -396,8 +404,9 @@ class Lifecycle:
         if outcome.status is Status.OK and self.settings.name_by is NameBy.URL:
             kept = {outcome.path, *(outcome.outputs or ()), outcome.original}
             superseded = [name for name in fetched.job.owned if name not in kept]
-            stems = earlier_stems(fetched.job)
-            remove_superseded(self.context.out, superseded, stems)
+            if superseded:  # the stems cost a URL parse: only when there is work
+                stems = earlier_stems(fetched.job)
+                remove_superseded(self.context.out, superseded, stems)
         return outcome
 
     # -------------------------------------------------------------- other ends
@@ -427,6 +436,7 @@ class Lifecycle:
                 return None
             return self.interrupted(job, stage, fetched)
         if fetched is not None:
+            fetched = hashed(fetched)
             discard(fetched)
         if crashes > 1:
             reason += (
@@ -436,6 +446,7 @@ class Lifecycle:
 
     def timed_out(self, fetched: Fetched) -> Outcome:
         """A transform ran past ``--item-timeout``; its worker was replaced."""
+        fetched = hashed(fetched)
         discard(fetched)
         reason = (
             f"processing timed out after {self.settings.item_timeout:g}s "
@@ -448,6 +459,7 @@ class Lifecycle:
     ) -> Outcome:
         """The record of a job cut short by a stop; its download, if any, goes."""
         if fetched is not None:
+            fetched = hashed(fetched)
             discard(fetched)
         return Outcome.failure(job, stage, "interrupted", fetched=fetched)
 
@@ -465,6 +477,7 @@ class Lifecycle:
     ) -> Outcome:
         """``job`` hit a local fault: its record, and the run stops with the reason."""
         if fetched is not None:
+            fetched = hashed(fetched)
             discard(fetched)
         self.fail_run(error)
         return Outcome.failure(job, stage, str(error), fetched=fetched)

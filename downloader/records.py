@@ -121,7 +121,10 @@ class Fetched:
     job: Job
     path: Path
     nbytes: int
-    sha256: str
+    sha256: str | None
+    """None when the worker process that transforms the file hashes it (the
+    pipeline's downloads in the main process, ``--name-by url``): it reads the
+    whole file anyway, and the main process's CPU is the scarce one."""
     final_url: str | None
     """Where the body came from after redirects; None for a local file."""
     http_status: int | None

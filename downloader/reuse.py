@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from downloader.errors import TransformError
+from downloader.errors import OutputError, TransformError
 from downloader.records import Fetched, Outcome, Stage, Status, Transformed
 from downloader.settings import (
     SHA256_STEM_DIGITS,
@@ -38,7 +38,7 @@ from downloader.settings import (
     Resample,
     Settings,
 )
-from downloader.steps import discard, keep_download
+from downloader.steps import discard, hashed, keep_download
 
 __all__ = [
     "FINGERPRINT_FIELDS",
@@ -117,6 +117,8 @@ def settings_fingerprint(settings: Settings) -> str:
 
 def _named_by_content(fetched: Fetched) -> Fetched:
     """``fetched`` with its job's stem made from its SHA-256 (``--name-by sha256``)."""
+    if fetched.sha256 is None:
+        raise ValueError(f"job {fetched.job.index}: a download named by content")
     stem = fetched.sha256[:SHA256_STEM_DIGITS]
     return replace(fetched, job=replace(fetched.job, stem=stem))
 
@@ -167,7 +169,10 @@ class ContentIndex:
         """
         if not self._by_content:
             return fetched
+        fetched = hashed(fetched)
         sha256 = fetched.sha256
+        if sha256 is None:
+            raise OutputError(f"cannot read {fetched.path}")
         with self._lock:
             earlier = self._done.get(sha256)
             if earlier is None:

@@ -22,7 +22,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,6 +32,7 @@ from downloader.records import Fetched, Job, Outcome, Stage, Transformed
 from downloader.settings import Settings
 from downloader.transfer import AttemptState
 from downloader.transform import place_file, remove_outputs
+from downloader.worker import file_sha256
 
 __all__ = [
     "BYTES_EVENT_INTERVAL_S",
@@ -42,6 +43,7 @@ __all__ = [
     "discard",
     "emit",
     "finish_success",
+    "hashed",
     "keep_download",
     "original_extension",
     "stage_local",
@@ -301,6 +303,15 @@ def _hash(file: BinaryIO, target: BinaryIO | None) -> tuple[int, str]:
                 raise OutputError(
                     f"cannot write {target.name}: {exc.strerror}"
                 ) from exc
+
+
+def hashed(fetched: Fetched) -> Fetched:
+    """``fetched`` with its SHA-256, read from its file if the download left it to
+    the worker (``Fetched.sha256``): for a record made without that worker
+    (crashed, timed out, interrupted) or a claim by content."""
+    if fetched.sha256 is not None:
+        return fetched
+    return replace(fetched, sha256=file_sha256(fetched.path))
 
 
 def discard(fetched: Fetched) -> None:

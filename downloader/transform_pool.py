@@ -187,7 +187,9 @@ class TransformPool:
             worker.heard_at = time.monotonic()
         worker.assigned[fetched.job.index] = fetched
         job = fetched.job
-        worker.inbox.put_nowait(Task(job.index, str(fetched.path), job.stem, job.owned))
+        hash_src = fetched.sha256 is None
+        task = Task(job.index, str(fetched.path), job.stem, job.owned, hash_src)
+        worker.inbox.put_nowait(task)
 
     def _release(self) -> None:
         """A slot is free again (its file was recorded and let go)."""

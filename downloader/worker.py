@@ -12,6 +12,7 @@ accumulate memory.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import resource
 import threading
 import time
@@ -35,8 +36,12 @@ __all__ = [
     "WorkerMessage",
     "WorkerRetired",
     "cpu_seconds",
+    "file_sha256",
     "worker_main",
 ]
+
+_HASH_READ_BYTES = 1024 * 1024
+"""Bytes one read of a file being hashed takes: few system calls, little memory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +53,9 @@ class Task:
     stem: str
     owned: tuple[str, ...] = ()
     """Files the previous manifest records as this URL's (``Job.owned``)."""
+    hash_src: bool = False
+    """Hash ``src`` here (its ``Fetched.sha256`` is None): the worker reads the
+    file anyway, and the main process's CPU is the one a run runs short of."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,8 @@ class TaskDone:
     index: int
     result: Transformed
     time: float
+    sha256: str | None = None
+    """The source file's SHA-256 (``Task.hash_src``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +86,8 @@ class TaskFailed:
     elapsed: float
     time: float
     fatal: bool = False
+    sha256: str | None = None
+    """The source file's SHA-256 (``Task.hash_src``), if it could be read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,18 +115,33 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def file_sha256(path: Path) -> str | None:
+    """The SHA-256 of the file at ``path``, or None if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as file:
+            while block := file.read(_HASH_READ_BYTES):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
 def run_task(task: Task, out: Path, spec: ImageSpec) -> TaskDone | TaskFailed:
     """Transform one file and describe the result as a message."""
     started = time.perf_counter()
+    sha256 = file_sha256(Path(task.src)) if task.hash_src else None
     try:
         result = transform_file(Path(task.src), out, task.stem, spec, task.owned)
     except TransformError as exc:
         now = time.perf_counter()
-        return TaskFailed(task.index, exc.reason, now - started, now)
+        return TaskFailed(task.index, exc.reason, now - started, now, sha256=sha256)
     except OutputError as exc:
         now = time.perf_counter()
-        return TaskFailed(task.index, str(exc), now - started, now, fatal=True)
-    return TaskDone(task.index, result, time.perf_counter())
+        return TaskFailed(
+            task.index, str(exc), now - started, now, fatal=True, sha256=sha256
+        )
+    return TaskDone(task.index, result, time.perf_counter(), sha256)
 
 
 def worker_main(

@@ -16,6 +16,7 @@ from downloader import Cancellation, Mode, Stage, Status, iter_results, run
 from downloader.progress import EventLog
 from downloader.settings import LOCAL_MODES
 from tests.helpers import (
+    NOISE,
     SLOW_IMAGE,
     WAIT_S,
     LocalServer,
@@ -107,6 +108,26 @@ def test_failures_and_passed_through_records_in_every_mode(
     assert noise.stage is Stage.TRANSFORM
     assert str(noise.error).startswith("not an image (starts with bytes 00 01")
     assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("mode", ALL_MODES, ids=lambda m: m.value)
+def test_every_record_of_a_body_has_its_sha256_in_every_mode(
+    mode: Mode, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """ok and transform-failed records carry the SHA-256 of the body served,
+    wherever it is computed (the pipeline's workers hash what its threads fetch)."""
+    urls = [*corpus_urls(server, corpus)[:3], f"{server.base_url}/noise"]
+    out = tmp_path / "out"
+    bodies = {url: (corpus / url.rsplit("/", 1)[1]).read_bytes() for url in urls[:3]}
+    bodies[urls[3]] = NOISE
+
+    report = run(urls, fast_settings(out, mode=mode))
+
+    by_url = {str(record["url"]): record for record in read_manifest(out)}
+    assert [o.status for o in report.results].count(Status.OK) == 3
+    assert {url: by_url[url].get("sha256") for url in urls} == {
+        url: hashlib.sha256(body).hexdigest() for url, body in bodies.items()
+    }
 
 
 @pytest.mark.parametrize("mode", NEW_MODES, ids=lambda m: m.value)

@@ -352,7 +352,7 @@ def test_a_duplicate_in_flight_waits_for_its_leaders_record(tmp_path: Path) -> N
 
     assert waiting is None
     assert not follower.path.exists()
-    assert leader.job.stem == leader.sha256[:16]
+    assert leader.job.stem == (leader.sha256 or "")[:16]
     assert [o.url for o in relayed] == [leader.job.url, follower.job.url]
     assert relayed[1].status is Status.OK
     assert relayed[1].path == "x.jpg"
