@@ -210,6 +210,10 @@ def test_cancel_while_a_retry_waits_records_it_interrupted(
 
         for outcome in iter_results([waiting, fast], settings, cancel=cancel):
             outcomes.append(outcome)
+            # Once it has begun: with two download processes the fast URL may be
+            # done before the other process's first request (load), and a URL
+            # cancelled before its first request is "not started", rightly.
+            limited.wait_for_requests(1)
             cancel.set()
 
     by_url = {outcome.url: outcome for outcome in outcomes}
