@@ -240,7 +240,12 @@ def _mode_launches(
     }
 
 
-def measure(launches: int, reference: bool, trees: list[Path]) -> dict[str, Any]:
+def measure(
+    launches: int,
+    reference: bool,
+    trees: list[Path],
+    modes: tuple[str | None, ...] = MODES,
+) -> dict[str, Any]:
     """Every mode's first-request time (and img2dataset's), ``launches`` each,
     keyed by row, then by tree."""
     work = bench.WORK / "startup"
@@ -256,7 +261,7 @@ def measure(launches: int, reference: bool, trees: list[Path]) -> dict[str, Any]
             _write_bytecode(tree)
             import_seconds(tree)  # not counted: warms the disk cache
         found["import_downloader_cli"] = _imports(trees, launches)
-        for mode in MODES:
+        for mode in modes:
             found[mode or "default"] = _mode_launches(
                 server, listing, work, trees, mode, launches
             )
@@ -311,10 +316,16 @@ def main() -> int:
         default=[ROOT],
         help="checkouts to launch, alternated (default: this one)",
     )
+    parser.add_argument(
+        "--modes",
+        type=lambda text: tuple(None if m == "default" else m for m in text.split(",")),
+        default=MODES,
+        help="launches to time, comma-separated (default: default and every mode)",
+    )
     args = parser.parse_args()
     trees = [tree.resolve() for tree in args.trees]
     load_before = os.getloadavg()
-    found = measure(args.launches, args.reference, trees)
+    found = measure(args.launches, args.reference, trees, args.modes)
     result = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/startup.py", *sys.argv[1:]]),

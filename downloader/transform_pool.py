@@ -221,8 +221,10 @@ class TransformPool:
         download thread waits for it.
         """
         with self._slots:
-            while wait and not self._stopping and (
-                self._free_slots == 0 or (self._starting and not self._workers)
+            while (
+                wait
+                and not self._stopping
+                and (self._free_slots == 0 or (self._starting and not self._workers))
             ):
                 self._slots.wait(TICK_S)
             if self._stopping or not self._workers or self._free_slots == 0:
@@ -270,10 +272,12 @@ class TransformPool:
     def read(self, ready: Container[object]) -> Iterator[Outcome]:
         """Read the workers that ``wait`` found ready; bury those that exited.
 
-        A failure of the starter thread ends the run here (``Lifecycle.fail_run``).
+        A failure of the starter thread ends the run here (``Lifecycle.fail_run``),
+        unless the run is stopping already: a SIGTERM to the whole process group
+        ends the forkserver too, and a worker it was starting is not wanted.
         """
         error, self._start_error = self._start_error, None
-        if error is not None:
+        if error is not None and not self._lifecycle.stopping:
             crashed = WorkerCrashed(f"cannot start worker processes: {error}")
             crashed.__cause__ = error
             self._lifecycle.fail_run(crashed)
