@@ -947,9 +947,16 @@ def _run_with_bars(
     index_error = None
     usage = Usage()
     disable = True if args.no_progress or args.quiet else None
+    # Bars are drawn on a terminal only (tqdm's disable=None): elsewhere the list is
+    # not read once more for their total before the first request.
+    drawn = disable is None and stderr.isatty()
     with (
         _url_list(args, _sayer(args, stderr)) as source,
-        Bars(file=stderr, disable=disable, total=_total(source, settings)) as bars,
+        Bars(
+            file=stderr,
+            disable=disable,
+            total=_total(source, settings) if drawn else None,
+        ) as bars,
         _events_to(log, bars.write),
     ):
         # Counted from here: the demo corpus, if any, is ready and being served.

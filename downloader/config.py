@@ -25,8 +25,6 @@ a string only where the flag has a syntax of its own (``max-bytes = "20M"``,
 from __future__ import annotations
 
 import argparse
-import difflib
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +53,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
     Raises:
         InputError: the file cannot be read, is not TOML, or holds a table.
     """
+    import tomllib  # only a run with a config file reads TOML (start-up time)
+
     path = Path(path)
     try:
         with path.open("rb") as file:
@@ -154,6 +154,8 @@ def _apply(
 
 
 def _suggest(key: str, options: dict[str, argparse.Action]) -> str:
+    import difflib  # only a mistyped key needs it (start-up time)
+
     close = difflib.get_close_matches(key.replace("_", "-"), [*options, *_ALIASES], 1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

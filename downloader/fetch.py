@@ -42,7 +42,6 @@ once (``resolve.UNRESOLVED_ATTEMPTS``).
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import email.utils
 import functools
@@ -61,13 +60,11 @@ from datetime import UTC, datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import aiofiles
 import httpcore
 import httpx
 import idna
-from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 from downloader.errors import FetchError, OutputError
 from downloader.politeness import Pace, RequestRate, refused_use
@@ -90,6 +87,11 @@ from downloader.transfer import (
     Sniff,
     partial_for,
 )
+
+if TYPE_CHECKING:  # asyncio and aiofiles are imported where --mode async runs
+    import asyncio
+
+    from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 __all__ = [
     "CHUNK",
@@ -497,6 +499,8 @@ class AsyncHostLimiter(_HostBackoff):
         Raises:
             FetchError: "interrupted" once ``stop`` is set while waiting.
         """
+        import asyncio  # asyncio: only --mode async runs this (start-up time)
+
         semaphore = self._slots.setdefault(host, asyncio.Semaphore(self._per_host))
         await _acquire_unless_stopped(semaphore, stop)
         try:
@@ -513,6 +517,8 @@ class AsyncHostLimiter(_HostBackoff):
 
 async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
     """Wait up to ``seconds``; return True (at once) if ``stop`` is or gets set."""
+    import asyncio  # asyncio: only --mode async runs this (start-up time)
+
     if stop.is_set():
         return True
     with suppress(TimeoutError):
@@ -521,6 +527,8 @@ async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
 
 
 async def _acquire_unless_stopped(semaphore: asyncio.Semaphore, stop: StopFlag) -> None:
+    import asyncio  # asyncio: only --mode async runs this (start-up time)
+
     while True:
         with suppress(TimeoutError):
             await asyncio.wait_for(semaphore.acquire(), _SLOT_WAIT_SLICE)
@@ -1086,6 +1094,10 @@ class _AsyncDownload:
     async def _save(
         self, response: httpx.Response, url: str, received: _Received
     ) -> _Body:
+        import asyncio  # asyncio and aiofiles: only --mode async runs this (start-up)
+
+        import aiofiles
+
         reader = self.attempts.body_reader(response, received)
         path, offset = self.attempts.path, reader.offset
         opener = _open_partial if offset else _open_part

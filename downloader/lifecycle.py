@@ -25,7 +25,6 @@ process) died while it held the item is run once more, then fails (``crashed``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import stat
 import threading
@@ -33,6 +32,7 @@ import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -70,6 +70,9 @@ from downloader.steps import (
 )
 from downloader.transform import transform_file
 from downloader.worker import TaskDone, TaskFailed
+
+if TYPE_CHECKING:  # asyncio is imported where --mode async runs
+    import asyncio
 
 __all__ = ["CRASH_RETRIES", "Lifecycle", "keep_every_download"]
 
@@ -208,6 +211,8 @@ class Lifecycle:
         lane: str,
     ) -> Fetched | Outcome:
         """``fetch`` for asyncio: the same events and records, the I/O of a loop."""
+        import asyncio  # only --mode async runs this (start-up time)
+
         events = self.context.events
         emit(events, Stage.DOWNLOAD, EventKind.STARTED, job.index, lane, url=job.url)
         started = time.perf_counter()

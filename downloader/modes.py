@@ -19,6 +19,9 @@ comes from the lifecycle::
 Each scheduler owns its pools in one function and releases them in ``finally``; a
 stop request (Ctrl-C, a fault, the caller closing the generator) stops feeding,
 cancels queued work, lets running items end as "interrupted", then shuts down.
+
+The schedulers in modules of their own are imported when their mode runs: a run
+imports only its own (their process machinery and asyncio cost start-up time).
 """
 
 from __future__ import annotations
@@ -30,9 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from downloader.fetch import HostLimiter, make_client
 from downloader.lifecycle import Lifecycle
-from downloader.pipeline import run_pipeline
 from downloader.politeness import process_rate
-from downloader.process_modes import run_async, run_processes
 from downloader.records import Job, Outcome
 from downloader.scheduling import (
     IN_FLIGHT_SLACK,
@@ -108,6 +109,33 @@ def run_threads(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         client.close()
+
+
+def run_pipeline(
+    items: Iterable[Job | Outcome], lifecycle: Lifecycle
+) -> Iterator[Outcome]:
+    """Download with threads, transform in worker processes (pipeline.py)."""
+    from downloader import pipeline  # imported when its mode runs (start-up time)
+
+    yield from pipeline.run_pipeline(items, lifecycle)
+
+
+def run_processes(
+    items: Iterable[Job | Outcome], lifecycle: Lifecycle
+) -> Iterator[Outcome]:
+    """Fetch and transform each item in a pool worker (process_modes.py)."""
+    from downloader import process_modes  # imported when its mode runs (start-up)
+
+    yield from process_modes.run_processes(items, lifecycle)
+
+
+def run_async(
+    items: Iterable[Job | Outcome], lifecycle: Lifecycle
+) -> Iterator[Outcome]:
+    """Download in an event loop, transform in a process pool (process_modes.py)."""
+    from downloader import process_modes  # imported when its mode runs (asyncio)
+
+    yield from process_modes.run_async(items, lifecycle)
 
 
 def run_ray(items: Iterable[Job | Outcome], lifecycle: Lifecycle) -> Iterator[Outcome]:

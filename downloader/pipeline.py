@@ -11,8 +11,9 @@
                           │
                           └─► yields one Outcome per job (the caller writes them)
 
-This module is the coordinator: it starts the parts (workers first, then downloads:
-see ``mp_context``), runs the main loop, and owns the one shutdown path. The parts
+This module is the coordinator: it starts the parts (the transform pool starts its
+workers in a thread while the downloads begin: the first request waits for no
+process), runs the main loop, and owns the one shutdown path. The parts
 own their state: the feed (jobs, per-host deferral, retries), the downloads (threads
 or download processes, one interface), the transform pool (workers, slots,
 deadlines, replacement). Every record comes from the run's ``Lifecycle``.
@@ -87,7 +88,7 @@ class _Pipeline:
             host_limit=settings.http.per_host * settings.download_processes,
             lookahead=HOST_LOOKAHEAD_PER_THREAD * settings.threads,
         )
-        self._pool = TransformPool(lifecycle, mp)
+        self._pool = TransformPool(lifecycle, mp, self._wakeup)
         self._downloads: Downloads = (
             ProcessDownloads(lifecycle, self._feed, self._pool, mp)
             if remote

@@ -18,12 +18,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
-
-from PIL import Image, ImageDraw, ImageFont
+from typing import IO, TYPE_CHECKING, Any
 
 from downloader.records import Outcome, Stage, Status, counted
 from downloader.settings import Mode
+
+if TYPE_CHECKING:  # the chart's types; Pillow's drawing is imported when it draws
+    from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "Comparison",
@@ -420,6 +421,8 @@ _LANE_ORDER = {"thread": 0, "dl": 0, "task": 1, "proc": 2}
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    from PIL import ImageFont  # only --compare draws (start-up time)
+
     return ImageFont.load_default(size=size)
 
 
@@ -473,6 +476,8 @@ class _Chart:
         return self.plot_x + round(self.plot_w * seconds / self.scale_s)
 
     def draw(self) -> Image.Image:
+        from PIL import Image, ImageDraw  # only --compare draws (start-up time)
+
         image = Image.new("RGB", (_WIDTH, self.height()), _WHITE)
         draw = ImageDraw.Draw(image)
         y = self._header(draw)

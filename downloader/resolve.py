@@ -28,7 +28,6 @@ contradict.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import socket
 from collections.abc import Callable
@@ -180,6 +179,8 @@ class _Lookup:
 
     async def resolve_async(self, host: str, port: int) -> list[str]:
         """``resolve`` for asyncio: the lookup runs off the event loop."""
+        import asyncio  # only --mode async runs this (start-up time)
+
         literal = _literal(host)
         if literal is not None:
             return self.judge(host, [literal])

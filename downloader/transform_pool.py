@@ -7,6 +7,12 @@ pool hands a downloaded file (a ``Task``: a path, never the bytes) to the worker
 the fewest assigned, at most ``procs * (1 + WORK_QUEUE_SLACK)`` at once: when they
 are all taken, ``hand_off`` waits, so downloads never run far ahead of transforms.
 
+The workers start in a thread of their own (``start``) while the downloads begin: no
+worker is needed before the first file is downloaded, and starting them (the
+forkserver and its imports, then each worker) takes most of a second. ``hand_off``
+waits for the first one; a failure to start one is the run's error, which ``read``
+raises through the lifecycle (every input still gets its record).
+
 What it decides, and only it:
 
 - a dead worker's started item counts a crash (``Lifecycle.crashed``: run once more on
@@ -39,6 +45,7 @@ from downloader.children import ChildFault, RestartBudget, StopLine
 from downloader.errors import WorkerCrashed
 from downloader.lifecycle import Lifecycle
 from downloader.records import Fetched, Outcome, Stage
+from downloader.runtime import Wakeup
 from downloader.scheduling import TICK_S
 from downloader.steps import discard
 from downloader.worker import (
@@ -101,8 +108,15 @@ class _Worker:
 class TransformPool:
     """The worker processes of one pipeline run and the files assigned to them."""
 
-    def __init__(self, lifecycle: Lifecycle, mp: ForkServerContext | SpawnContext):
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        mp: ForkServerContext | SpawnContext,
+        wakeup: Wakeup,
+    ) -> None:
         self._lifecycle = lifecycle
+        self._wakeup = wakeup
+        """Woken when a worker has started (one more Pipe and sentinel to wait on)."""
         self._settings = lifecycle.settings
         self._mp = mp
         self._stop_line = StopLine(mp)
@@ -114,13 +128,42 @@ class TransformPool:
         """Guards free slots, workers and assignment; notified on a free slot."""
         self._stopping = False
         self._restarts = RestartBudget(self._settings.procs)
+        self._starter: threading.Thread | None = None
+        self._starting = False
+        """True while the starter thread may still add a worker (slots lock held)."""
+        self._start_error: Exception | None = None
 
     # ------------------------------------------------------------------ start
 
     def start(self) -> None:
-        """Start ``procs`` workers (before any download thread: see ``mp_context``)."""
-        for _ in range(self._settings.procs):
-            self._workers.append(self._start_worker())
+        """Start ``procs`` workers in a thread, so that downloads need not wait."""
+        self._starting = True
+        self._starter = threading.Thread(
+            target=self._start_workers, name="downloader-pool-start", daemon=True
+        )
+        self._starter.start()
+
+    def _start_workers(self) -> None:
+        """The starter thread: add the workers one by one, until stopped or failed."""
+        try:
+            for _ in range(self._settings.procs):
+                with self._slots:
+                    if self._stopping:
+                        return
+                worker = self._start_worker()
+                with self._slots:
+                    self._workers.append(worker)
+                    if self._stopping:  # ``stop`` may not have seen it
+                        _tell_stop(worker)
+                    self._slots.notify_all()
+                self._wakeup.wake()
+        except Exception as exc:  # noqa: BLE001 (thread boundary: the run's error)
+            self._start_error = exc
+        finally:
+            with self._slots:
+                self._starting = False
+                self._slots.notify_all()
+            self._wakeup.wake()
 
     def _start_worker(self) -> _Worker:
         reader, writer = self._mp.Pipe(duplex=False)
@@ -139,8 +182,14 @@ class TransformPool:
             name=f"downloader-worker-{number}",
             daemon=True,
         )
-        process.start()
-        writer.close()  # the parent keeps no writer end: EOF means the worker is gone
+        try:
+            process.start()
+        except BaseException:
+            reader.close()
+            inbox.close()
+            raise
+        finally:
+            writer.close()  # the parent keeps no writer end: EOF: the worker is gone
         return _Worker(number, process, inbox, reader)
 
     # --------------------------------------------------------------- hand-off
@@ -149,7 +198,7 @@ class TransformPool:
     def has_room(self) -> bool:
         """True while a downloaded file could be handed over without waiting."""
         with self._slots:
-            return self._free_slots > 0 and bool(self._workers)
+            return self._free_slots > 0 and (bool(self._workers) or self._starting)
 
     @property
     def busy(self) -> bool:
@@ -159,18 +208,24 @@ class TransformPool:
 
     @property
     def alive(self) -> bool:
-        """True while the pool has workers (it may have none after giving up)."""
+        """True while the pool has workers or starts them (it may have none after
+        giving up)."""
         with self._slots:
-            return bool(self._workers)
+            return bool(self._workers) or self._starting
 
     def hand_off(self, fetched: Fetched, *, wait: bool = True) -> bool:
         """Give ``fetched`` to the least busy worker; False once stopping.
 
         With ``wait`` (download threads) a full pool is waited out; without, False
-        at once when no slot is free.
+        at once when no slot is free. Before the first worker has started, a
+        download thread waits for it.
         """
         with self._slots:
-            while self._free_slots == 0 and wait and not self._stopping:
+            while (
+                wait
+                and not self._stopping
+                and (self._free_slots == 0 or (self._starting and not self._workers))
+            ):
                 self._slots.wait(TICK_S)
             if self._stopping or not self._workers or self._free_slots == 0:
                 return False
@@ -217,7 +272,17 @@ class TransformPool:
         return min(deadlines, default=None)
 
     def read(self, ready: Container[object]) -> Iterator[Outcome]:
-        """Read the workers that ``wait`` found ready; bury those that exited."""
+        """Read the workers that ``wait`` found ready; bury those that exited.
+
+        A failure of the starter thread ends the run here (``Lifecycle.fail_run``),
+        unless the run is stopping already: a SIGTERM to the whole process group
+        ends the forkserver too, and a worker it was starting is not wanted.
+        """
+        error, self._start_error = self._start_error, None
+        if error is not None and not self._lifecycle.stopping:
+            crashed = WorkerCrashed(f"cannot start worker processes: {error}")
+            crashed.__cause__ = error
+            self._lifecycle.fail_run(crashed)
         for worker in list(self._workers):
             if worker.reader in ready or worker.process.sentinel in ready:
                 yield from self._read_worker(worker)
@@ -351,8 +416,7 @@ class TransformPool:
             self._slots.notify_all()
         self._stop_line.stop()
         for worker in self._workers:
-            with contextlib.suppress(ValueError, queue.Full, OSError):
-                worker.inbox.put_nowait(None)
+            _tell_stop(worker)
 
     def kill_all(self) -> Iterator[Outcome]:
         """Past the grace period: kill every worker; record what each held."""
@@ -361,7 +425,12 @@ class TransformPool:
             yield from self._bury(worker)
 
     def close(self, deadline: float) -> None:
-        """Join the workers until ``deadline`` (monotonic), then kill (idempotent)."""
+        """Join the workers until ``deadline`` (monotonic), then kill (idempotent).
+
+        The starter thread is joined first (stopped, it adds no further worker).
+        """
+        if self._starter is not None:
+            self._starter.join()
         for worker in self._workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
@@ -379,6 +448,12 @@ def crash_error(who: str, fault: ChildFault) -> WorkerCrashed:
     error = WorkerCrashed(f"{who} failed: {fault.type_name}: {fault.message}")
     error.__cause__ = fault.exception()
     return error
+
+
+def _tell_stop(worker: _Worker) -> None:
+    """Ask ``worker`` to leave once its queued tasks are done (its sentinel)."""
+    with contextlib.suppress(ValueError, queue.Full, OSError):
+        worker.inbox.put_nowait(None)
 
 
 def _discard_channels(worker: _Worker) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Generator
 from pathlib import Path
@@ -208,3 +210,43 @@ def test_a_killed_pool_worker_does_not_hang_the_run(
     assert [o.status for o in report.results] == [Status.OK] * len(urls)
     assert wait_gone(killed) == []
     assert leftovers(tmp_path / "out") == []
+
+
+# What a run does not import (start-up time): the other modes' schedulers, asyncio
+# outside the modes that use it, Pillow's drawing (only --compare draws), the extras.
+_NEVER_FOR_A_PLAIN_RUN = ["pyarrow", "ray", "PIL.ImageDraw", "PIL.ImageFont"]
+_IMPORTED_ONLY_BY = {
+    "asyncio": {Mode.PROCESSES, Mode.ASYNC},
+    "aiofiles": {Mode.ASYNC},
+    "downloader.pipeline": {Mode.PIPELINE},
+    "downloader.process_modes": {Mode.PROCESSES, Mode.ASYNC},
+}
+
+
+@pytest.mark.parametrize("mode", ALL_MODES, ids=lambda m: m.value)
+def test_a_run_imports_only_what_its_mode_uses(
+    mode: Mode, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """After a whole command-line run in a fresh interpreter, the extras, the chart's
+    drawing and other modes' machinery are not loaded: each costs start-up time."""
+    url_list = tmp_path / "urls.txt"
+    url_list.write_text("".join(u + "\n" for u in corpus_urls(server, corpus)[:2]))
+    watched = [*_NEVER_FOR_A_PLAIN_RUN, *_IMPORTED_ONLY_BY]
+    argv = [str(url_list), "--out", str(tmp_path / "out"), "--mode", mode.value]
+    argv += ["--procs", "1", "--no-progress", "-q"]
+    code = (
+        "import sys; from downloader.cli import main; code = main(sys.argv[1:]); "
+        f"print(sorted(m for m in {watched!r} if m in sys.modules)); sys.exit(code)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+
+    assert done.returncode == 0, done.stderr
+    expected = sorted(m for m, modes in _IMPORTED_ONLY_BY.items() if mode in modes)
+    assert done.stdout.splitlines()[-1] == str(expected)

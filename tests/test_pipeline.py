@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from downloader.progress import EventLog
 from tests.helpers import (
     FLAT_IMAGE,
     SLOW_IMAGE,
+    WAIT_S,
     LocalServer,
     corpus_urls,
     fast_settings,
@@ -246,6 +248,16 @@ def test_events_show_both_stages_in_threads_and_processes(
     assert len(finished) == 2 * len(urls)
 
 
+def _the_worker() -> int:
+    """The run's one worker process, once started: the workers start while the
+    downloads begin, and nothing announces one, so /proc is read again (bounded)."""
+    deadline = time.monotonic() + WAIT_S
+    while not (pids := worker_pids()) and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+    (pid,) = pids
+    return pid
+
+
 def test_a_frozen_idle_worker_is_replaced_and_its_queue_handed_on(
     server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
@@ -257,7 +269,7 @@ def test_a_frozen_idle_worker_is_replaced_and_its_queue_handed_on(
     def freeze_the_worker(event: ProgressEvent) -> None:
         with once:
             if event.stage is Stage.DOWNLOAD and not frozen:
-                (pid,) = worker_pids()
+                pid = _the_worker()  # before the first file is handed to it
                 os.kill(pid, signal.SIGSTOP)
                 frozen.append(pid)
 

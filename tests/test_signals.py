@@ -290,6 +290,35 @@ def test_with_a_deep_out_the_socket_folder_is_swept_by_the_next_run(
     assert {str(r["status"]) for r in read_manifest(out)} <= {"ok", "skipped"}
 
 
+@pytest.mark.parametrize("mode", list(LOCAL_MODES), ids=lambda m: m.value)
+def test_worker_processes_that_cannot_start_end_the_run_with_every_record(
+    server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode
+) -> None:
+    """--out and TMPDIR both too deep for the forkserver's socket: a mode with worker
+    processes exits 1 without a traceback (the pipeline, whose downloads begin while
+    its workers start, names the cause); every URL has its one record."""
+    urls = corpus_urls(server, corpus)[:4]
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    system_tmp = tmp_path / ("d" * MAX_SOCKET_PATH_BYTES)
+    out = system_tmp / "out"
+    command = _command(url_list, out, "--mode", mode.value)
+
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=WAIT_S, env=_env(system_tmp)
+    )
+
+    workers = mode in {Mode.PIPELINE, Mode.PROCESSES, Mode.ASYNC}
+    assert done.returncode == (1 if workers else 0), done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(str(r["url"]) for r in read_manifest(out)) == sorted(urls)
+    assert leftovers(out) == []
+    assert sorted(p.name for p in system_tmp.iterdir()) == ["out"]
+    if mode is Mode.PIPELINE:
+        last = done.stderr.splitlines()[-1]
+        assert last.startswith("error: cannot start worker processes: "), last
+        assert "AF_UNIX path too long" in last
+
+
 def _read_line(process: subprocess.Popen[str]) -> str:
     """The next line of the process's stdout, waiting at most ``WAIT_S``."""
     assert process.stdout is not None
