@@ -186,7 +186,7 @@ class Resample(enum.Enum):
     integer reduce and bicubic for the last factor of less than 2."""
     BALANCED = "balanced"
     """JPEGs decoded at no less than 1.6 times the box, then Lanczos over the rest
-    (an integer reduce first only beyond 6x: a large PNG)."""
+    (an integer reduce first only beyond 6x, as for a large PNG)."""
     BEST = "best"
     """Decoded at full size, Lanczos over the whole factor: slowest, most faithful."""
 
