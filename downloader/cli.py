@@ -613,8 +613,9 @@ def _add_image_options(image: argparse._ArgumentGroup, defaults: Settings) -> No
         "--resample",
         choices=[r.value for r in Resample],
         default=spec.resample.value,
-        help="resize speed against fidelity: fast (decode JPEGs at the box's scale), "
-        "balanced (at twice it), best (full size, Lanczos all the way) "
+        help="resize speed against fidelity: fast (decode JPEGs at the box's scale, "
+        "bicubic), balanced (at 1.6x it, Lanczos), best (full size, Lanczos all the "
+        "way) "
         f"(default: {spec.resample.value})",
     )
     image.add_argument(

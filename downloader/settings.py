@@ -183,10 +183,10 @@ class Resample(enum.Enum):
 
     FAST = "fast"
     """JPEGs decoded at the smallest 1/2..1/8 scale that covers the box, then an
-    integer reduce and Lanczos for the last factor of less than 2."""
+    integer reduce and bicubic for the last factor of less than 2."""
     BALANCED = "balanced"
-    """Decoded at no less than twice the box, reduce, then Lanczos over the last
-    factor of 2 or more: Pillow's ``thumbnail`` default."""
+    """JPEGs decoded at no less than 1.6 times the box, then Lanczos over the rest
+    (an integer reduce first only beyond 6x, as for a large PNG)."""
     BEST = "best"
     """Decoded at full size, Lanczos over the whole factor: slowest, most faithful."""
 

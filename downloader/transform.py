@@ -81,19 +81,40 @@ __all__ = [
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 """Formats that are decoded; never EPS/PDF (Ghostscript) nor the rarely used ones."""
 
-# Resize in two steps: a cheap integer reduce() (for JPEG, a scaled decode) down to
-# about GAP x the target, then Lanczos for the rest; None: neither, Lanczos from the
-# full size. balanced's 2.0 is Pillow's own default for thumbnail(), "very close to
-# fair resampling"; measured here on the demo corpus it is 1.6x faster than 3.0 at a
-# 512 px box (32.7 vs 20.2 images/s on one core). fast's 1.0 decodes at the smallest
-# JPEG scale that covers the box: README.md ("Benchmark") has each one's images/s
-# and PSNR.
-_REDUCING_GAPS: dict[Resample, float | None] = {
-    Resample.FAST: 1.0,
-    Resample.BALANCED: 2.0,
-    Resample.BEST: None,
+
+@dataclass(frozen=True, slots=True)
+class _Resizing:
+    """How one ``--resample`` choice resizes.
+
+    Chosen from the variants measured by ``benchmarks/resample_explore.py`` (CPU per
+    image and PSNR against a full-size Lanczos resize, JPEG q85 included; every
+    variant in ``benchmarks/results/resample-explore-96.md``): at q85 the encoding's
+    loss dominates, so decoding a JPEG closer to the box costs little fidelity and
+    saves most of the CPU (the scaled decode and the filter's work both shrink).
+    """
+
+    draft_gap: float | None
+    """A JPEG is decoded at the smallest 1/2..1/8 scale still at least this many
+    times the target (libjpeg's scaled IDCT, a fair filter); None: at full size."""
+    reducing_gap: float | None
+    """Pillow's ``resize(reducing_gap=...)``: what is left to shrink (a PNG's whole
+    factor) is first cut by an integer ``reduce()`` (a box filter) down to this many
+    times the target; None: the filter over the whole factor."""
+    filter: Image.Resampling
+
+
+_RESIZINGS = {
+    # The least CPU still at least as faithful as img2dataset: decoded at the box's
+    # scale (under 2x it), bicubic for the rest (Hamming and bilinear fell below).
+    Resample.FAST: _Resizing(1.0, 1.0, Image.Resampling.BICUBIC),
+    # At least the fidelity balanced had when it decoded at 2x with reducing_gap 2.0,
+    # for less CPU: decoded at 1.6x the box at least (1.5 lost 0.001 dB); PNGs get
+    # Lanczos over their whole factor up to 6x (Pillow: at 3.0 "indistinguishable
+    # from fair resampling in most cases"), which makes up for the JPEGs' 0.001 dB.
+    Resample.BALANCED: _Resizing(1.6, 3.0, Image.Resampling.LANCZOS),
+    Resample.BEST: _Resizing(None, None, Image.Resampling.LANCZOS),
 }
-_RESAMPLE = Image.Resampling.LANCZOS
+
 # libwebp's default speed/size trade-off (0 is fastest, 6 gives the smallest files).
 _WEBP_METHOD = 4
 _WEBP_OPTIMIZED_METHOD = 6
@@ -338,14 +359,14 @@ def _frames(
     ]
     for plan in plans:
         _refuse_huge_output(plan.target, spec.max_pixels)
-    gap = _REDUCING_GAPS[spec.resample]
-    scale = _decode_reduced(image, plans, gap, grayscale=spec.grayscale)
+    resizing = _RESIZINGS[spec.resample]
+    scale = _decode_reduced(image, plans, resizing.draft_gap, grayscale=spec.grayscale)
     image.load()
     source = _to_output_mode(image, keep_alpha=keep_alpha, grayscale=spec.grayscale)
     transpose = _ORIENTATION_TRANSPOSES.get(orientation)
     frames = []
     for plan in plans:
-        frame = _resize(source, plan, (width, height), scale, gap)
+        frame = _resize(source, plan, (width, height), scale, resizing)
         if transpose is not None:
             frame = frame.transpose(transpose)
         # A user's function may change its argument in place: never hand it the
@@ -420,7 +441,7 @@ def _decode_reduced(
 
     Decoding at 1/2, 1/4 or 1/8 is a no-op for other formats. The scaled decode is
     kept at least ``gap`` times each target (None: full size), so that the
-    resize's Lanczos step has that much to work from.
+    resize's filter has that much to work from.
     """
     width, height = image.size
     request = (width, height)
@@ -447,7 +468,7 @@ def _resize(
     plan: _Plan,
     stored: tuple[int, int],
     scale: float,
-    gap: float | None,
+    resizing: _Resizing,
 ) -> Image.Image:
     """Make one plan's image from ``source``, decoded from a ``stored``-size image."""
     width, height = stored
@@ -461,7 +482,12 @@ def _resize(
     )
     if plan.target == source.size and box == (0, 0, *source.size):
         return source
-    return source.resize(plan.target, _RESAMPLE, box=box, reducing_gap=gap)
+    return source.resize(
+        plan.target,
+        resizing.filter,
+        box=box,
+        reducing_gap=resizing.reducing_gap,
+    )
 
 
 def _to_output_mode(

@@ -14,6 +14,7 @@ from downloader.errors import InputError
 from downloader.settings import LOCAL_MODES, ImageFormat, ImageSpec, Mode, Resample
 from downloader.transform import transform_file
 from tests.helpers import read_manifest
+from tests.test_transform import decoded_sizes, two_colour_image, write_image
 
 FAST = ["--threads", "2", "--procs", "2", "--retries", "0"]
 BOX = 64
@@ -102,6 +103,36 @@ def test_fidelity_is_in_the_order_of_the_choices(tmp_path: Path) -> None:
             found[resample] = psnr(output, reference)
 
     assert found[Resample.BEST] > found[Resample.BALANCED] > found[Resample.FAST]
+
+
+@pytest.mark.parametrize(
+    ("resample", "decoded"),
+    [
+        # 2000x1500 is 1.67x the box: enough for balanced (1.6x), not for its old 2x.
+        (Resample.FAST, (2000, 1500)),
+        (Resample.BALANCED, (2000, 1500)),
+        (Resample.BEST, (4000, 3000)),
+    ],
+    ids=["fast", "balanced", "best"],
+)
+def test_each_choice_decodes_a_jpeg_at_its_own_scale(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    resample: Resample,
+    decoded: tuple[int, int],
+) -> None:
+    """A 4000x3000 JPEG boxed to 1200 px: fast and balanced decode it at 1/2 (at
+    least 1x and 1.6x the 1200x900 target), best at full size; every output is
+    exactly 1200x900."""
+    src = write_image(tmp_path / "in", two_colour_image((4000, 3000)), "JPEG")
+    sizes = decoded_sizes(monkeypatch)
+
+    result = transform_file(
+        src, tmp_path, "x", ImageSpec(max_size=1200, resample=resample)
+    )
+
+    assert sizes == [decoded]
+    assert (result.width, result.height) == (1200, 900)
 
 
 def test_balanced_is_the_default(tmp_path: Path) -> None:
