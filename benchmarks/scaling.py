@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import datetime
 import io
+import json
 import multiprocessing
 import os
 import platform
@@ -158,6 +159,24 @@ def measure(
     return rows
 
 
+def print_table(results: list[dict[str, Any]]) -> None:
+    """The table of one or more saved results (``--table``), a row per run."""
+    print(
+        "| workers | bare loop images/s | pipeline images/s | ratio "
+        "| with its start | threads | download procs |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for result in results:
+        for row in result["rows"]:
+            print(
+                f"| {row['workers']} | {row['bare_loop']['images_per_s']:.1f} | "
+                f"{row['pipeline']['steady_images_per_s']:.1f} | "
+                f"{row['ratio']:.2f} | {row['pipeline']['images_per_s']:.1f} "
+                f"({row['ratio_with_start']:.2f}) | {row['pipeline']['threads']} | "
+                f"{row['pipeline']['download_procs']} |"
+            )
+
+
 def main() -> int:
     """Measure every worker count, write the JSON, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -174,7 +193,17 @@ def main() -> int:
         default=None,
         help="the pipeline's download processes (default: the tool's own choice)",
     )
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="print the table of saved results instead of measuring",
+    )
     args = parser.parse_args()
+    if args.table:
+        print_table([json.loads(path.read_text()) for path in args.table])
+        return 0
     cores = os.cpu_count() or 1
     load = os.getloadavg()
     rows = measure(args.images, args.workers, args.download_procs)
@@ -187,25 +216,12 @@ def main() -> int:
         "load_average_at_start": load,
         "rows": rows,
     }
-    plan_results = bench.FULL.results
-    plan_results.mkdir(parents=True, exist_ok=True)
     name = f"scaling-{cores}cores"
     if args.download_procs is not None:
         name += f"-{args.download_procs}dl"
     bench.write_json(bench.FULL, name, result)
     print(f"{cores} cores, {args.images} images, load average {load[0]:.2f} at start\n")
-    print(
-        "| workers | bare loop images/s | pipeline images/s | ratio "
-        "| with its start | threads | download procs |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(
-            f"| {row['workers']} | {row['bare_loop']['images_per_s']:.1f} | "
-            f"{row['pipeline']['steady_images_per_s']:.1f} | {row['ratio']:.2f} | "
-            f"{row['pipeline']['images_per_s']:.1f} ({row['ratio_with_start']:.2f}) | "
-            f"{row['pipeline']['threads']} | {row['pipeline']['download_procs']} |"
-        )
+    print_table([result])
     return 0
 
 

@@ -348,7 +348,7 @@ def _add_run_options(run: argparse._ArgumentGroup, defaults: Settings) -> None:
         type=int,
         default=None,
         help="processes to run the download threads in (pipeline mode; default: 1, "
-        "or one per 8 worker processes); --per-host applies to each",
+        "or one per 4 worker processes); --per-host applies to each",
     )
     run.add_argument(
         "--item-timeout",

@@ -859,9 +859,11 @@ _IMAGE_CHECKS: Mapping[str, Check] = {
 }
 
 
-# Worker processes one download process keeps busy: 8 workers transform ~130 images/s
-# of 1-12 MP photos, within what one process's GIL can download.
-DOWNLOAD_PROC_PER_WORKERS = 8
+# Worker processes one download process keeps busy. Measured on 16 cores (README,
+# "Scaling"): 8 workers transform ~145 images/s of 1-12 MP photos, and one download
+# process fed them ~100-130 (its GIL is the cap); two fed them ~115-135, 0.92 of the
+# bare loop against 0.84. One per 4 keeps that headroom at every size.
+DOWNLOAD_PROC_PER_WORKERS = 4
 
 
 def _default_procs() -> int:
@@ -898,7 +900,7 @@ class Settings:
     procs: int = field(default_factory=_default_procs)
     download_procs: int | None = None
     """Processes the pipeline's download threads run in (``--download-procs``); None
-    picks one per 8 worker processes (see ``download_processes``)."""
+    picks one per 4 worker processes (see ``download_processes``)."""
     force: bool = False
     """Redo URLs that the manifest in ``out`` already records as ok."""
     name_by: NameBy = NameBy.URL
@@ -965,9 +967,9 @@ class Settings:
     def download_processes(self) -> int:
         """Return how many download processes a pipeline run starts.
 
-        ``download_procs`` when given; else 1 below 8 worker processes and one per 8
-        above (one process's GIL caps its downloads near ~200 images/s), never more
-        than ``threads``.
+        ``download_procs`` when given; else one per 4 worker processes, at least 1
+        (one process's GIL caps its downloads near ~120 photos/s, what 6-7 workers
+        transform), never more than ``threads``.
         """
         if self.download_procs is not None:
             return self.download_procs

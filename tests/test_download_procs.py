@@ -68,10 +68,12 @@ def _comparable(out: Path) -> list[dict[str, object]]:
     return sorted(records, key=lambda record: str(record["url"]))
 
 
-def test_settings_pick_one_download_process_per_8_workers() -> None:
-    """Automatic: 1 below 8 workers, procs // 8 above, at most threads; 0 refused."""
+def test_settings_pick_one_download_process_per_4_workers() -> None:
+    """Automatic: 1 below 8 workers, procs // 4 above, at most threads; 0 refused."""
     assert Settings(procs=2).download_processes == 1
-    assert Settings(procs=16, threads=16).download_processes == 2
+    assert Settings(procs=7).download_processes == 1
+    assert Settings(procs=8).download_processes == 2
+    assert Settings(procs=16, threads=16).download_processes == 4
     assert Settings(procs=64, threads=4).download_processes == 4
     assert Settings(procs=2, download_procs=3).download_processes == 3
     with pytest.raises(InputError, match="--download-procs must be an integer from 1"):
