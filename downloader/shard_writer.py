@@ -95,6 +95,10 @@ _COPY_CHUNK = 1024 * 1024
 # Shards whose member names a resume keeps: records of one shard come together in a
 # manifest, so a few cover the order a run wrote them in without holding them all.
 _SHARDS_REMEMBERED = 16
+# Most bytes read of one <key>.json: a record is one manifest line, from a list line
+# of at most 64 KiB (sources). A shard in the folder may be anyone's, and one member
+# claiming gigabytes must not be read whole (every rerun would fail so).
+_RECORD_BYTES_LIMIT = 1024 * 1024
 _log = logging.getLogger("downloader")
 
 
@@ -475,9 +479,11 @@ def _adoptable(
     ``adopted``: the URLs adopted from other shards so far; this shard's are added.
     """
     try:
-        records = shard_records(path)
+        records, plain = _shard_samples(path)
     except (OSError, tarfile.TarError) as exc:
         return [], f"it cannot be read: {exc}"
+    if not plain:
+        return [], "it holds links or other members that are not files"
     if not records:
         return [], "it holds no sample of this tool's"
     keys = {record_key(outcome.url) for outcome in records}
@@ -531,17 +537,47 @@ def shard_records(path: Path) -> list[Outcome]:
     Raises:
         OSError, tarfile.TarError: it cannot be read.
     """
+    return _shard_samples(path)[0]
+
+
+def _shard_samples(path: Path) -> tuple[list[Outcome], bool]:
+    """``shard_records``, and whether every member of the shard is a plain file."""
+    samples, plain = _sample_jsons(path)
     records = []
+    for key, data in samples.items():
+        record = parse_record(data)
+        if record is not None and record.key == key:
+            records.append(record)
+    return records, plain
+
+
+def _sample_jsons(path: Path) -> tuple[dict[str, bytes], bool]:
+    """The ``<key>.json`` of each whole sample of shard ``path``, and whether every
+    member is a plain file.
+
+    A sample is whole when the shard also holds a file of its image (``<key>.jpg``,
+    ``<key>.320.png``…): a record alone would make a rerun skip a URL whose image is
+    nowhere. A json member over ``_RECORD_BYTES_LIMIT`` is not read (not a record).
+
+    Raises:
+        OSError, tarfile.TarError: it cannot be read.
+    """
+    jsons: dict[str, bytes] = {}
+    imaged: set[str] = set()
+    plain = True
     with tarfile.open(path, "r:") as archive:
         for member in archive:
-            key, _, rest = member.name.partition(".")
-            if rest != "json" or not member.isfile():
+            if not member.isfile():
+                plain = False
                 continue
-            data = archive.extractfile(member)
-            record = parse_record(data.read()) if data is not None else None
-            if record is not None and record.key == key:
-                records.append(record)
-    return records
+            key, _, rest = member.name.partition(".")
+            if rest == "json" and member.size <= _RECORD_BYTES_LIMIT:
+                data = archive.extractfile(member)
+                if data is not None:
+                    jsons[key] = data.read()
+            elif rest not in ("", "json", "txt"):
+                imaged.add(key)
+    return {key: data for key, data in jsons.items() if key in imaged}, plain
 
 
 def _members(
@@ -611,15 +647,11 @@ class ShardIndex:
             return {}  # not a shard this tool wrote
         urls: dict[str, str] = {}
         try:
-            with tarfile.open(path, "r:") as archive:
-                for member in archive:
-                    key, _, rest = member.name.partition(".")
-                    if rest != "json" or not member.isfile():
-                        continue
-                    data = archive.extractfile(member)
-                    record = json.loads(data.read()) if data is not None else None
-                    if isinstance(record, dict) and isinstance(record.get("url"), str):
-                        urls[key] = record["url"]
-        except (OSError, tarfile.TarError, ValueError):
+            samples, _ = _sample_jsons(path)
+            for key, data in samples.items():
+                record = json.loads(data)
+                if isinstance(record, dict) and isinstance(record.get("url"), str):
+                    urls[key] = record["url"]
+        except (OSError, tarfile.TarError, ValueError, RecursionError):
             return {}
         return urls

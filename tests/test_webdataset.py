@@ -442,6 +442,75 @@ def test_a_shard_no_record_names_that_cannot_be_adopted_is_set_aside(
     _check_shards_agree_with_manifest(out)
 
 
+def _rewrite_shard(path: Path, keep: Any, extra: list[tarfile.TarInfo]) -> None:
+    """Rewrite shard ``path`` with the members ``keep(member)`` accepts, then
+    ``extra`` (members without data: links)."""
+    data = io.BytesIO()
+    with tarfile.open(path) as src, tarfile.open(fileobj=data, mode="w") as dst:
+        for member in src:
+            if keep(member):
+                dst.addfile(member, src.extractfile(member))
+        for member in extra:
+            dst.addfile(member)
+    path.write_bytes(data.getvalue())
+
+
+def test_only_whole_samples_of_plain_files_are_adopted(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A shard no record names whose samples have no image (records alone), or one
+    holding a link, is set aside, not adopted: its URLs are fetched again, so that
+    no URL is skipped onto an image that is nowhere (found by a probe)."""
+    url_list, settings = _first_run(server, corpus, tmp_path)
+    out = settings.out
+    _rewrite_shard(out / "00001.tar", lambda m: m.name.endswith(".json"), [])
+    link = tarfile.TarInfo("000000099.jpg")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    _rewrite_shard(out / "00002.tar", lambda m: True, [link])
+    redone = _unrecord(out, "00001.tar") | _unrecord(out, "00002.tar")
+    requests_before = Counter(server.requests)
+
+    run(url_list, settings)
+
+    fetched = Counter(server.requests) - requests_before
+    assert sum(fetched.values()) == len(redone) > 0
+    assert (out / "00001.tar.orphan").is_file()
+    assert (out / "00002.tar.orphan").is_file()
+    records = _check_shards_agree_with_manifest(out)
+    assert all(records[url]["status"] == "ok" for url in redone)
+
+
+def test_a_record_too_large_to_be_one_is_not_read(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A shard's <key>.json over 1 MiB is not read (a hostile member may claim
+    gigabytes, and every rerun would read it): its sample counts as not there, so
+    the URL is redone, even when the member is a valid record of it."""
+    url_list, settings = _first_run(server, corpus, tmp_path)
+    out = settings.out
+    shard = out / "00000.tar"
+    with tarfile.open(shard) as archive:
+        member = next(m for m in archive if m.name.endswith(".json"))
+        record = json.loads(archive.extractfile(member).read())  # type: ignore[union-attr]
+    padded = json.dumps(record).encode() + b" " * (1024 * 1024)
+    huge = tarfile.TarInfo(member.name)
+    huge.size = len(padded)
+    _rewrite_shard(shard, lambda m: m.name != member.name, [])
+    with tarfile.open(shard, "a") as archive:
+        archive.addfile(huge, io.BytesIO(padded))
+    requests_before = Counter(server.requests)
+
+    report = run(url_list, settings)
+
+    fetched = Counter(server.requests) - requests_before
+    assert sum(fetched.values()) == 1
+    by_url = {o.url: o.status for o in report.results}
+    assert by_url[record["url"]] is Status.OK
+    assert (
+        sum(status is Status.SKIPPED for status in by_url.values()) == len(by_url) - 1
+    )
+
+
 def test_a_shard_whose_samples_are_all_done_elsewhere_is_set_aside(
     server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
