@@ -46,7 +46,6 @@ from downloader.politeness import process_rate
 from downloader.progress import EventKind
 from downloader.records import Fetched, Job, Outcome, Stage
 from downloader.runtime import Wakeup
-from downloader.settings import NameBy
 from downloader.steps import Retry
 from downloader.transform_pool import (
     SHUTDOWN_GRACE_S,
@@ -231,12 +230,9 @@ class ThreadDownloads:
     def _download(self, lane: str, item: Job | Retry) -> None:
         job = item.job if isinstance(item, Retry) else item
         lifecycle = self._lifecycle
-        # The worker that transforms the file hashes it, unless the claim below
-        # needs the hash first (--name-by sha256).
-        by_content = lifecycle.settings.name_by is NameBy.SHA256
         try:
             fetched = lifecycle.fetch(
-                item, self._client, self._hosts, lane, defer=True, hash_body=by_content
+                item, self._client, self._hosts, lane, defer=True, worker_hashes=True
             )
         finally:
             self._feed.done(job)

@@ -142,11 +142,13 @@ class Lifecycle:
         lane: str,
         *,
         defer: bool = False,
-        hash_body: bool = True,
+        worker_hashes: bool = False,
     ) -> Fetched | Outcome | Retry:
         """Download a job (or continue a waiting one) with its progress events.
 
-        Without ``hash_body`` the body is not hashed here (``Fetched.sha256``).
+        With ``worker_hashes`` (the pipeline's downloads, whose worker reads the file
+        in full anyway) the body is not hashed here (``Fetched.sha256`` None), unless
+        ``--name-by sha256`` needs the hash before the hand-off.
 
         With ``defer`` (or for a ``Retry``) a wait before the next attempt comes back
         as a ``Retry`` instead of being slept; the job's ``started`` event comes with
@@ -180,7 +182,7 @@ class Lifecycle:
                 defer_retries=defer or attempts > 0,
                 attempts_done=attempts,
                 state=state,
-                hash_body=hash_body,
+                hash_body=not worker_hashes or self.settings.name_by is NameBy.SHA256,
             )
         except RetryLater as later:
             waits = True
@@ -441,8 +443,7 @@ class Lifecycle:
                 return None
             return self.interrupted(job, stage, fetched)
         if fetched is not None:
-            fetched = hashed(fetched)
-            discard(fetched)
+            fetched = _let_go(fetched)
         if crashes > 1:
             reason += (
                 "; retried once" if crashes == 2 else f"; retried {crashes - 1} times"
@@ -451,8 +452,7 @@ class Lifecycle:
 
     def timed_out(self, fetched: Fetched) -> Outcome:
         """A transform ran past ``--item-timeout``; its worker was replaced."""
-        fetched = hashed(fetched)
-        discard(fetched)
+        fetched = _let_go(fetched)
         reason = (
             f"processing timed out after {self.settings.item_timeout:g}s "
             "(worker replaced)"
@@ -464,8 +464,7 @@ class Lifecycle:
     ) -> Outcome:
         """The record of a job cut short by a stop; its download, if any, goes."""
         if fetched is not None:
-            fetched = hashed(fetched)
-            discard(fetched)
+            fetched = _let_go(fetched)
         return Outcome.failure(job, stage, "interrupted", fetched=fetched)
 
     def not_started(self, job: Job, reason: str | None = None) -> Outcome:
@@ -482,10 +481,17 @@ class Lifecycle:
     ) -> Outcome:
         """``job`` hit a local fault: its record, and the run stops with the reason."""
         if fetched is not None:
-            fetched = hashed(fetched)
-            discard(fetched)
+            fetched = _let_go(fetched)
         self.fail_run(error)
         return Outcome.failure(job, stage, str(error), fetched=fetched)
+
+
+def _let_go(fetched: Fetched) -> Fetched:
+    """Remove the download of a job that ends without its worker's result; the
+    download with its SHA-256 for the record (read first if the worker was to)."""
+    fetched = hashed(fetched)
+    discard(fetched)
+    return fetched
 
 
 def remove_superseded(out: Path, names: list[str], stems: tuple[str, ...]) -> None:
