@@ -40,9 +40,6 @@ __all__ = [
     "worker_main",
 ]
 
-_HASH_READ_BYTES = 1024 * 1024
-"""Bytes one read of a file being hashed takes: few system calls, little memory."""
-
 
 @dataclass(frozen=True, slots=True)
 class Task:
@@ -117,14 +114,11 @@ def cpu_seconds() -> float:
 
 def file_sha256(path: Path) -> str | None:
     """The SHA-256 of the file at ``path``, or None if it cannot be read."""
-    digest = hashlib.sha256()
     try:
         with path.open("rb") as file:
-            while block := file.read(_HASH_READ_BYTES):
-                digest.update(block)
+            return hashlib.file_digest(file, "sha256").hexdigest()
     except OSError:
         return None
-    return digest.hexdigest()
 
 
 def run_task(task: Task, out: Path, spec: ImageSpec) -> TaskDone | TaskFailed:
