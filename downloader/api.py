@@ -213,7 +213,7 @@ def _iter_results(
         helper_processes(folder.tmp),
         scheduler_ready(settings),
     ):
-        merge_leftover_parts(folder)  # what a killed --mode ray run left
+        cut_short = merge_leftover_parts(folder)  # what a killed ray run left
         fingerprint = settings_fingerprint(settings)
         start_part(folder, settings.part, fingerprint)
 
@@ -229,7 +229,7 @@ def _iter_results(
         # What a run killed between a shard's rename and its records left: recorded
         # before the plan reads the records (a part run writes no shards).
         adopting = settings.part is None and not settings.force
-        if adopting and adopt_unrecorded_shards(folder, previous):
+        if adopting and adopt_unrecorded_shards(folder, previous, cut_short):
             previous = previous_run()
         usage = usage or Usage()
         context = RunContext(folder.path, folder.tmp, events, cancel, usage)

@@ -179,8 +179,14 @@ def _write_all(fd: int, path: Path, data: bytes) -> None:
         raise OutputError(f"cannot write {path}: {exc}") from exc
 
 
-def merge_leftover_parts(folder: OutputFolder) -> None:
-    """Merge the parts a killed ``--mode ray`` run left into the manifest.
+def merge_leftover_parts(folder: OutputFolder) -> set[str]:
+    """Merge the parts a killed ``--mode ray`` run left into the manifest; return
+    the tar shard each part's last shard record names.
+
+    A task writes its shard's records to its part after the rename, one after
+    another, so a kill in between leaves that shard named by some of its records
+    only, the part's last (``shard_writer.adopt_unrecorded_shards`` records the
+    rest).
 
     Called by every run when it has taken its output folder, before it reads the
     manifest to plan. The merge is the one ``--merge-parts`` makes of ``--part``
@@ -199,7 +205,7 @@ def merge_leftover_parts(folder: OutputFolder) -> None:
     try:
         names = sorted(e.name for e in path.iterdir() if e.name.endswith(_PART_SUFFIX))
     except FileNotFoundError:
-        return
+        return set()
     except OSError as exc:
         raise OutputError(f"cannot read {path}: {exc.strerror or exc}") from exc
     if names and folder.files != RecordFiles():
@@ -208,8 +214,12 @@ def merge_leftover_parts(folder: OutputFolder) -> None:
             "run once without --part (any mode merges them into manifest.jsonl), "
             "then the parts"
         )
+    cut_short: set[str] = set()
     if names:
         refuse_parts(folder.path)  # while they are there, only their merge writes
+        for name in names:
+            tars = [o.shard for o in PartFile(path / name).records() if o.shard]
+            cut_short.update(tars[-1:])
         manifest = folder.files.manifest
         shards = [f"{PARTS_NAME}/{name}" for name in names]
         folder.merge_files(manifest, [manifest, *shards])
@@ -217,6 +227,7 @@ def merge_leftover_parts(folder: OutputFolder) -> None:
             PartFile(path / name).remove()
     with contextlib.suppress(OSError):
         path.rmdir()  # only if empty
+    return cut_short
 
 
 def remove_unrecorded_outputs(

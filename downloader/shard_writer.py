@@ -34,7 +34,11 @@ path, and removes the loose file::
   shard the manifest does not know. Its samples' records (``<key>.json``) are
   written to the manifest then, so the rerun skips them instead of writing them into
   a second shard; one that cannot be adopted so is renamed ``00003.tar.orphan``,
-  out of a ``*.tar`` glob, and said in one line.
+  out of a ``*.tar`` glob, and said in one line. A run killed *while* it wrote a
+  shard's records leaves that shard named by some: its records are the last of the
+  manifest (or of a ``--mode ray`` task's part), since one loop writes them one
+  after another once the shard is renamed; that shard's unnamed samples are
+  recorded the same way.
 """
 
 from __future__ import annotations
@@ -413,7 +417,9 @@ def remove_empty_folders(out: Path, names: Iterable[str]) -> None:
             os.rmdir(out / name)
 
 
-def adopt_unrecorded_shards(folder: OutputFolder, previous: PreviousRun) -> bool:
+def adopt_unrecorded_shards(
+    folder: OutputFolder, previous: PreviousRun, cut_short: Iterable[str] = ()
+) -> bool:
     """Record the samples of the shards no record names; set aside what cannot be.
 
     A run renames a shard into the folder, then writes its samples' records; one
@@ -430,6 +436,13 @@ def adopt_unrecorded_shards(folder: OutputFolder, previous: PreviousRun) -> bool
     renamed ``<name>.orphan`` (never deleted: a person may want it) with a warning.
     Links at a shard's name are not ours, and are left alone.
 
+    A run killed *while* it wrote a shard's records leaves it named by some of them.
+    Its records are written one after another once it is renamed, so that shard is
+    the one the manifest's last shard record names (or a killed ``--mode ray``
+    part's: ``cut_short``, from ``merge_leftover_parts``); its samples without a
+    standing record are recorded too. Only those shards are read: a folder of
+    thousands costs one read.
+
     Returns:
         True if records were written (``previous`` is then out of date).
 
@@ -439,27 +452,67 @@ def adopt_unrecorded_shards(folder: OutputFolder, previous: PreviousRun) -> bool
     found = _shard_files(folder.path)
     if not found:  # most runs: nothing to read
         return False
-    named = {outcome.shard for outcome in read_outcomes(folder) if outcome.shard}
-    unnamed = sorted(set(found) - named, key=lambda name: int(name[:-4]))
+    named: set[str] = set()
+    last: set[str] = set()
+    for outcome in read_outcomes(folder):
+        if outcome.shard:
+            named.add(outcome.shard)
+            last = {outcome.shard}
+    partly = (last | set(cut_short)) & named & set(found)
+    todo = sorted((set(found) - named) | partly, key=lambda name: int(name[:-4]))
     adopted: set[bytes] = set()
     with contextlib.ExitStack() as stack:
         manifest: ManifestWriter | None = None
-        for name in reversed(unnamed):
-            records, why = _adoptable(folder.path / name, previous, adopted)
+        for name in reversed(todo):  # newest first: the later shard wins a URL
+            path = folder.path / name
+            if name in partly:
+                records, why = _unnamed_samples(path, previous, adopted), None
+            else:
+                records, why = _adoptable(path, previous, adopted)
             if why is not None:
                 _set_aside(folder.path, name, why)
+                continue
+            if not records:
                 continue
             if manifest is None:
                 manifest = stack.enter_context(ManifestWriter(folder, previous))
             for outcome in records:
                 manifest.write(outcome)
             _log.warning(
-                "%s: named by no record (a run was killed as it recorded it): its "
-                "%d samples are recorded now, not made again",
-                folder.path / name,
+                "%s: %d samples named by no record (a run was killed as it recorded "
+                "them): recorded now, not made again",
+                path,
                 len(records),
             )
     return manifest is not None
+
+
+def _unnamed_samples(
+    path: Path, previous: PreviousRun, adopted: set[bytes]
+) -> list[Outcome]:
+    """The records of the samples of shard ``path`` (named by some records) whose
+    URL has no standing record: those a killed run had not written yet.
+
+    A sample whose URL stands elsewhere (or in a newer shard adopted just now) is
+    a stray copy, left as it is: the shard's other samples are recorded in it. A
+    shard that cannot be read gives none (its records then do not stand either).
+    ``adopted`` gains the URLs returned.
+    """
+    try:
+        samples, _ = _shard_samples(path)
+    except (OSError, tarfile.TarError):
+        return []
+    records = []
+    for outcome in samples:
+        key = record_key(outcome.url)
+        if outcome.status is not Status.OK or outcome.shard != path.name:
+            continue  # not a record of this shard's
+        earlier = previous.earlier(outcome.url)
+        if key in adopted or (earlier is not None and previous.current(earlier)):
+            continue  # recorded here already, or a stray copy
+        records.append(outcome)
+        adopted.add(key)
+    return records
 
 
 def _shard_files(out: Path) -> list[str]:

@@ -404,6 +404,89 @@ def test_a_shard_renamed_before_its_records_is_adopted_not_redone(
     assert {records[url]["shard"] for url in unrecorded} == {"00001.tar"}
 
 
+def _cut_records(lines: list[str], shard: str) -> tuple[list[str], set[str]]:
+    """``lines`` without the records naming ``shard`` but its first (a kill as the
+    shard's records were written); and the URLs of the records taken out."""
+    named = [line for line in lines if json.loads(line).get("shard") == shard]
+    kept = [line for line in lines if line not in named[1:]]
+    return kept, {json.loads(line)["url"] for line in named[1:]}
+
+
+def _shard_urls(out: Path) -> Counter[str]:
+    return Counter(json.loads(m["json"])["url"] for _, _, m in _all_samples(out))
+
+
+@MODES
+def test_a_kill_as_a_shard_was_recorded_leaves_its_other_samples_adopted(
+    server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode
+) -> None:
+    """A kill while a renamed shard's records were written leaves it named by the
+    manifest's last record and missing the rest: the rerun records its other
+    samples from their <key>.json, fetches none of them, and puts none in a second
+    shard (made without a race: the manifest cut after the shard's first record)."""
+    urls = corpus_urls(server, corpus)
+    url_list = _caption_list(tmp_path / "urls.csv", urls)
+    out = tmp_path / "out"
+    settings = fast_settings(
+        out, mode=mode, output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
+    )
+    run(url_list, settings)
+    manifest = out / "manifest.jsonl"
+    lines = manifest.read_text(encoding="utf-8").splitlines(keepends=True)
+    last = [json.loads(line).get("shard") for line in lines if "shard" in line][-1]
+    first_of_last = [json.loads(line).get("shard") for line in lines].index(last)
+    kept, unrecorded = _cut_records(lines[: first_of_last + SHARD_SIZE], last)
+    manifest.write_text("".join(kept), encoding="utf-8")
+    assert len(unrecorded) >= 1
+    shards = _snapshot(_shards(out))
+    requests_before = Counter(server.requests)
+
+    report = run(url_list, settings)
+
+    fetched = {url for url, n in server.requests.items() if n > requests_before[url]}
+    assert fetched.isdisjoint(unrecorded)  # adopted, not fetched again
+    assert {o.url for o in report.results if o.url in unrecorded} == unrecorded
+    assert {o.status for o in report.results if o.url in unrecorded} == {Status.SKIPPED}
+    assert {n: v for n, v in _snapshot(_shards(out)).items() if n in shards} == shards
+    assert [url for url, n in _shard_urls(out).items() if n > 1] == []
+    records = _check_shards_agree_with_manifest(out)
+    assert sorted(records) == sorted(urls)
+    assert {records[url]["shard"] for url in unrecorded} == {last}
+
+
+def test_ray_parts_cut_short_as_their_shards_were_recorded_are_adopted(
+    server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A killed --mode ray run leaves a part per task; two tasks killed as they
+    wrote their shards' records leave two shards each named by one record, at the
+    end of its part (not of the merged manifest): the next run adopts both's other
+    samples, fetching none."""
+    url_list, settings = _first_run(server, corpus, tmp_path)
+    out = settings.out
+    manifest = out / "manifest.jsonl"
+    lines = manifest.read_text(encoding="utf-8").splitlines(keepends=True)
+    unrecorded: set[str] = set()
+    (out / ".parts").mkdir()
+    for number, shard in enumerate(["00001.tar", "00002.tar"]):
+        named = [line for line in lines if json.loads(line).get("shard") == shard]
+        lines = [line for line in lines if line not in named]
+        part = out / ".parts" / f"run-shard-{number:05d}.jsonl"
+        part.write_text(named[0], encoding="utf-8")
+        unrecorded |= {json.loads(line)["url"] for line in named[1:]}
+    manifest.write_text("".join(lines), encoding="utf-8")
+    requests_before = Counter(server.requests)
+
+    run(url_list, settings)
+
+    fetched = {url for url, n in server.requests.items() if n > requests_before[url]}
+    assert len(unrecorded) == 2 * (SHARD_SIZE - 1)
+    assert fetched.isdisjoint(unrecorded)
+    assert not (out / ".parts").exists()
+    assert [url for url, n in _shard_urls(out).items() if n > 1] == []
+    records = _check_shards_agree_with_manifest(out)
+    assert {records[url]["shard"] for url in unrecorded} == {"00001.tar", "00002.tar"}
+
+
 def test_a_shard_no_record_names_that_cannot_be_adopted_is_set_aside(
     server: LocalServer,
     corpus: Path,
