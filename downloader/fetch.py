@@ -66,6 +66,7 @@ import httpcore
 import httpx
 import idna
 
+from downloader.connection_pool import linear_assignment
 from downloader.errors import FetchError, OutputError
 from downloader.politeness import Pace, RequestRate, refused_use
 from downloader.raw_body import direct_reads
@@ -182,6 +183,7 @@ def make_client(http: HttpSettings, threads: int) -> httpx.Client:
         pool._network_backend = pin_backend(
             pool, http, _DeadlineBackend(pool._network_backend)
         )
+        linear_assignment(pool)
     return client
 
 
@@ -193,6 +195,7 @@ def make_async_client(http: HttpSettings, tasks: int) -> httpx.AsyncClient:
         pool._network_backend = pin_backend(
             pool, http, _AsyncDeadlineBackend(pool._network_backend)
         )
+        linear_assignment(pool)
     return client
 
 

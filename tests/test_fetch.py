@@ -29,6 +29,7 @@ from downloader.fetch import (
     CHUNK,
     AsyncHostLimiter,
     HostLimiter,
+    _pools,
     blocked_address_kind,
     fetch,
     fetch_async,
@@ -786,6 +787,59 @@ def test_per_host_limit_holds_across_threads(site: Site, tmp_path: Path) -> None
     assert [r.nbytes for r in results] == [1000] * 4
     assert site.server.peak[site.token] == 1
     assert site.hits() == 4
+
+
+def test_the_shared_pool_keeps_its_connections_in_one_pass(
+    site: Site, tmp_path: Path
+) -> None:
+    """Eight threads on one client: eight keep-alive connections, all kept and
+    used again. The pool's bookkeeping (twice per download, under its lock) asks
+    each connection whether it is idle once per pass; httpcore 1.0's own pass asks
+    8 + 8 x 8 times (``connection_pool``)."""
+    threads = 8
+    http = replace(FAST, per_host=threads)
+    hosts = HostLimiter(threads)
+
+    def round_of_downloads(first: int) -> list[int]:
+        futures = [
+            pool.submit(
+                fetch,
+                make_job(site.url("/slow/1000"), f"item{first + n}"),
+                client,
+                http,
+                tmp_path,
+                cancel=threading.Event(),
+                hosts=hosts,
+            )
+            for n in range(threads)
+        ]
+        return [future.result(timeout=WAIT).nbytes for future in futures]
+
+    with (
+        ThreadPoolExecutor(max_workers=threads) as pool,
+        make_client(http, threads) as client,
+    ):
+        assert round_of_downloads(0) == [1000] * threads
+        [connection_pool] = _pools(client)
+        connections = list(connection_pool._connections)
+        asked: Counter[int] = Counter()
+        for connection in connections:
+            is_idle = connection.is_idle
+
+            def counted(connection: Any = connection, is_idle: Any = is_idle) -> bool:
+                asked[id(connection)] += 1
+                return bool(is_idle())
+
+            connection.is_idle = counted
+        with connection_pool._optional_thread_lock:
+            closing = connection_pool._assign_requests_to_connections()
+        assert closing == []
+        assert sum(asked.values()) == threads  # once each
+        assert round_of_downloads(threads) == [1000] * threads
+        assert connection_pool._connections == connections  # kept, used again
+
+    assert len(connections) == threads
+    assert site.hits() == 2 * threads
 
 
 def test_slot_is_released_after_a_failure(site: Site, tmp_path: Path) -> None:
