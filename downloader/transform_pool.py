@@ -242,8 +242,14 @@ class TransformPool:
             worker.heard_at = time.monotonic()
         worker.assigned[fetched.job.index] = fetched
         job = fetched.job
-        hash_src = fetched.sha256 is None
-        task = Task(job.index, str(fetched.path), job.stem, job.owned, hash_src)
+        task = Task(
+            job.index,
+            str(fetched.path),
+            job.stem,
+            job.owned,
+            hash_src=fetched.sha256 is None,
+            discard_src=job.local_path is None and not self._settings.keep_originals,
+        )
         worker.inbox.put_nowait(task)
 
     def _release(self) -> None:

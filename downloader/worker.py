@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import resource
 import threading
 import time
@@ -53,6 +54,12 @@ class Task:
     hash_src: bool = False
     """Hash ``src`` here (its ``Fetched.sha256`` is None): the worker reads the
     file anyway, and the main process's CPU is the one a run runs short of."""
+    discard_src: bool = False
+    """Remove ``src`` once its ``TaskDone`` is sent: a download nobody keeps. Its
+    removal frees the file's pages, the largest single cost of recording a photo
+    in the main process's loop (whose ``steps.discard`` then finds it gone). Sent
+    first, so that a worker dying in between leaves the file to the main process,
+    which removes it, as ever."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +166,11 @@ def worker_main(
                 if stopping.is_set():
                     break
                 results.send(TaskStarted(task.index, time.perf_counter()))
-                results.send(run_task(task, Path(out), spec))
+                message = run_task(task, Path(out), spec)
+                results.send(message)
+                if task.discard_src and isinstance(message, TaskDone):
+                    with contextlib.suppress(OSError):
+                        os.unlink(task.src)
                 if done >= max_tasks:
                     results.send(WorkerRetired(done))
                     break

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import threading
 import time
+from multiprocessing.queues import Queue
 from pathlib import Path
 
 import pytest
@@ -24,8 +26,11 @@ from downloader import (
     iter_results,
     run,
 )
+from downloader.children import mp_context
 from downloader.demo import serve_in_thread
+from downloader.pipeline import _Waiter
 from downloader.progress import EventLog
+from downloader.worker import Task, TaskDone, TaskFailed, worker_main
 from tests.helpers import (
     FLAT_IMAGE,
     SLOW_IMAGE,
@@ -302,3 +307,77 @@ def test_jobs_set_aside_for_a_busy_host_get_a_record_when_stopped(
     assert sorted(o.url for o in seen) == sorted([*slow_urls, *fast_urls])
     assert any(o.error == "not started (interrupted)" for o in seen)
     assert leftovers(tmp_path / "out") == []
+
+
+def test_a_worker_removes_a_download_nobody_keeps_once_it_said_done(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """``Task.discard_src``: the worker removes its source after it sent ``TaskDone``
+    (a photo's removal is the costliest step of recording it in the main process); a
+    source to keep (``--keep-originals``, a local file) stays, and so does one that
+    failed, for the main process to hash and remove."""
+    mp = mp_context()
+    inbox: Queue[Task | None] = mp.Queue()
+    results, results_end = mp.Pipe(duplex=False)
+    stop_end, stop = mp.Pipe(duplex=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    image = next(p for p in sorted(corpus.iterdir()) if p.suffix == ".jpg")
+    gone, kept, broken = (tmp_path / f"{name}.part" for name in ("a", "b", "c"))
+    shutil.copyfile(image, gone)
+    shutil.copyfile(image, kept)
+    broken.write_bytes(b"not an image")
+    worker = mp.Process(
+        target=worker_main,
+        args=(inbox, results_end, stop_end, str(out), ImageSpec(max_size=32), 10),
+    )
+    worker.start()
+    results_end.close()
+    stop_end.close()
+    for task in (
+        Task(0, str(gone), "a", discard_src=True),
+        Task(1, str(kept), "b"),
+        Task(2, str(broken), "c", discard_src=True),
+    ):
+        inbox.put(task)
+    inbox.put(None)
+    ends: dict[int, type] = {}
+    while len(ends) < 3 and results.poll(WAIT_S):
+        message = results.recv()
+        if isinstance(message, TaskDone | TaskFailed):
+            ends[message.index] = type(message)
+    worker.join(WAIT_S)
+    stop.close()
+
+    assert ends == {0: TaskDone, 1: TaskDone, 2: TaskFailed}
+    assert worker.exitcode == 0
+    assert not gone.exists()
+    assert kept.read_bytes() == image.read_bytes()
+    assert broken.read_bytes() == b"not an image"
+    assert {"a.jpg", "b.jpg"} <= {p.name for p in out.iterdir()}
+
+
+def test_the_coordinators_wait_keeps_watching_a_number_opened_again() -> None:
+    """``_Waiter`` keeps its selector between waits on the same objects; a pipe
+    closed and opened again under the same descriptor number is still watched (an
+    epoll set would have dropped it, and the coordinator would sleep through it)."""
+    waiter = _Waiter()
+    reader, writer = os.pipe()
+    try:
+        assert waiter.wait([reader], 0) == []
+        new_reader, new_writer = os.pipe()
+        os.dup2(new_reader, reader)  # the old pipe closed, the new one at its number
+        os.close(new_reader)
+        os.close(writer)
+        writer = new_writer
+        os.write(writer, b"x")
+        assert waiter.wait([reader], WAIT_S) == [reader]
+        other, other_writer = os.pipe()
+        os.write(other_writer, b"y")
+        assert sorted(waiter.wait([reader, other], WAIT_S)) == sorted([reader, other])
+        os.close(other)
+        os.close(other_writer)
+    finally:
+        waiter.close()
+        os.close(reader)
+        os.close(writer)
