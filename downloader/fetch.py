@@ -53,14 +53,14 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import httpcore
 import httpx
@@ -274,8 +274,9 @@ class _DeadlineStream(httpcore.NetworkStream):
         return self._stream
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        """Read, for at most what is left of the deadline."""
-        return self._stream.read(max_bytes, _capped(timeout, httpcore.ReadTimeout))
+        """Read, for at most what is left of the deadline (``_sliced``)."""
+        read = functools.partial(self._stream.read, max_bytes)
+        return _sliced(read, timeout, httpcore.ReadTimeout)
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         """Write, for at most what is left of the deadline."""
@@ -302,8 +303,84 @@ class _DeadlineStream(httpcore.NetworkStream):
         return self._stream.get_extra_info(info)
 
 
-_read_timeout = functools.partial(_capped, error=httpx.ReadTimeout)
-"""A direct body read's timeout (``raw_body.direct_reads``), capped by the deadline."""
+_T = TypeVar("_T")
+
+STOP_CHECK_S = 0.5
+"""Seconds a read waits at a time before the download's stop flag is looked at."""
+
+_stop_flag: contextvars.ContextVar[StopFlag | None] = contextvars.ContextVar(
+    "downloader_stop_flag", default=None
+)
+"""The stop flag of the current request (``_Attempts.network_deadline``): private to
+each thread and each asyncio task, as ``_deadline_at`` is."""
+
+
+def _sliced(
+    read: Callable[[float | None], _T], timeout: float | None, error: type[Exception]
+) -> _T:
+    """``read(timeout)``, capped by the deadline, waiting ``STOP_CHECK_S`` at a time.
+
+    A read blocks its thread in the socket for up to ``--timeout``; Ctrl-C sets the
+    stop flag, which a blocked thread cannot see, so a run whose server went quiet
+    would wait out the timeout before it could stop. Between slices the flag is
+    looked at: set, the download ends ``interrupted``. ``read`` raises ``error``
+    when a slice passes with nothing (nothing consumed: it is made again).
+
+    Raises:
+        FetchError: "interrupted", the stop flag was set while it waited.
+    """
+    stop = _stop_flag.get()
+    ends = None if timeout is None else time.monotonic() + timeout
+    while True:
+        limit, last = _next_slice(ends, stop, error)
+        if last:
+            return read(limit)
+        try:
+            return read(limit)
+        except error:
+            _check_stop(stop)
+
+
+async def _sliced_async(
+    read: Callable[[float | None], Awaitable[_T]],
+    timeout: float | None,
+    error: type[Exception],
+) -> _T:
+    """``_sliced`` for the event loop's reads."""
+    stop = _stop_flag.get()
+    ends = None if timeout is None else time.monotonic() + timeout
+    while True:
+        limit, last = _next_slice(ends, stop, error)
+        if last:
+            return await read(limit)
+        try:
+            return await read(limit)
+        except error:
+            _check_stop(stop)
+
+
+def _next_slice(
+    ends: float | None, stop: StopFlag | None, error: type[Exception]
+) -> tuple[float | None, bool]:
+    """The next slice's timeout (capped by the deadline) and whether it is the last:
+    without a stop flag, or with no more than ``STOP_CHECK_S`` left."""
+    left = None if ends is None else ends - time.monotonic()
+    if left is not None and left <= 0:
+        raise error("timed out")  # the last slice ran past the timeout
+    limit = _capped(left, error)
+    if stop is None or (limit is not None and limit <= STOP_CHECK_S):
+        return limit, True
+    return STOP_CHECK_S, False
+
+
+def _check_stop(stop: StopFlag | None) -> None:
+    if stop is not None and stop.is_set():
+        raise FetchError("interrupted") from None
+
+
+def _receive(read: Callable[[float | None], int], timeout: float | None) -> int:
+    """A direct body read (``raw_body.direct_reads``), sliced as ``_sliced``."""
+    return _sliced(read, timeout, httpx.ReadTimeout)
 
 
 class _DeadlineBackend(httpcore.NetworkBackend):
@@ -347,9 +424,9 @@ class _AsyncDeadlineStream(httpcore.AsyncNetworkStream):
         self._stream = stream
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        """Read, for at most what is left of the deadline."""
-        timeout = _capped(timeout, httpcore.ReadTimeout)
-        return await self._stream.read(max_bytes, timeout)
+        """Read, for at most what is left of the deadline (``_sliced``)."""
+        read = functools.partial(self._stream.read, max_bytes)
+        return await _sliced_async(read, timeout, httpcore.ReadTimeout)
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         """Write, for at most what is left of the deadline."""
@@ -780,11 +857,14 @@ class _Attempts:
 
     @contextmanager
     def network_deadline(self) -> Iterator[None]:
-        """Cap every network operation in this block by the attempt's deadline."""
+        """Cap every network operation in this block by the attempt's deadline; its
+        reads look at the attempt's stop flag as they wait (``_sliced``)."""
         token = _deadline_at.set(self._deadline_at)
+        stop_token = _stop_flag.set(self.stop)
         try:
             yield
         finally:
+            _stop_flag.reset(stop_token)
             _deadline_at.reset(token)
 
     def past_deadline(self) -> bool:
@@ -1033,7 +1113,8 @@ class _Download:
             reader.digest = _digest_of(self.attempts.path, reader.offset)
         with _PartFile(self.attempts.path, append=reader.offset > 0) as part:
             timeout = self.attempts.http.timeout
-            for direct in direct_reads(response, timeout, _read_timeout):
+            receive = functools.partial(_receive, timeout=timeout)
+            for direct in direct_reads(response, receive):
                 part.write_all(reader.feed(direct))
             # What direct_reads did not take (all of a body it cannot read). No
             # chunk_size: httpx would buffer reads up to it, so a slow drip would

@@ -14,8 +14,9 @@ every piece either way.
 It keeps h11's own count of the body (``ContentLengthReader._remaining``) up to
 date, so that once the body is complete h11 sees its end and httpcore puts the
 connection back in the pool; a body cut short leaves h11 mid-body, and httpcore
-closes that connection, as it does when httpx reads. Each read waits at most the
-read timeout, capped by the request's deadline (``cap``); a timeout raises
+closes that connection, as it does when httpx reads. Each read is made by the caller's
+``receive``, given the read of a timeout (``fetch`` caps it by the request's deadline
+and waits in slices, checking its stop flag); a timeout raises
 ``httpx.ReadTimeout``, a socket error ``httpx.ReadError``, an early close
 ``httpx.RemoteProtocolError``: the exceptions httpx raises for the same events.
 
@@ -27,6 +28,7 @@ reads the whole body, so a new version can only make it slower, never wrong
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -34,7 +36,7 @@ from typing import Any
 
 import httpx
 
-__all__ = ["READ_BYTES", "direct_reads", "plain_socket"]
+__all__ = ["READ_BYTES", "Read", "direct_reads", "plain_socket"]
 
 READ_BYTES = 256 * 1024
 """Most bytes one direct read takes: four of httpx's reads in one. The buffer is
@@ -56,13 +58,18 @@ def plain_socket(stream: Any) -> socket.socket | None:
     return sock if isinstance(sock, socket.socket) else None
 
 
+Read = Callable[[float | None], int]
+"""One read from the socket, waiting at most the timeout it is given."""
+
+
 def direct_reads(
-    response: httpx.Response, timeout: float | None, cap: Callable[[float | None], Any]
+    response: httpx.Response, receive: Callable[[Read], int]
 ) -> Iterator[bytes | bytearray | memoryview]:
     """Yield the body of ``response`` from its socket (nothing if not possible).
 
     A yielded ``memoryview`` is valid until the next one is asked for.
-    ``cap(timeout)`` returns the timeout of one read (raising past the deadline).
+    ``receive(read)`` makes one read, calling ``read(timeout)`` (again, after a
+    timeout, if it wants to wait longer) and returning its count.
     """
     parts = _body_parts(response)
     if parts is None:
@@ -74,7 +81,8 @@ def direct_reads(
         yield early
     view = _buffer()
     while reader._remaining > 0:
-        received = _read_into(sock, view[: reader._remaining], cap(timeout))
+        piece = view[: reader._remaining]
+        received = receive(functools.partial(_read_into, sock, piece))
         if received == 0:
             expected = reader._length
             raise httpx.RemoteProtocolError(

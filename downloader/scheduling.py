@@ -148,7 +148,7 @@ def schedule(
     pending: dict[Future[Any], Job] = {}
     ready: list[Outcome] = []
     jobs = jobs_of(items, ready.append)
-    feeding = True
+    feeding, stopped = True, False
 
     def launch(job: Job) -> None:
         future = submit(job)
@@ -158,8 +158,9 @@ def schedule(
     try:
         with lifecycle.context.cancel.waking(outbox.wakeup):
             while feeding or pending or ready:
-                if feeding and lifecycle.stopping:
-                    feeding = False
+                if not stopped and lifecycle.stopping:
+                    # Also once every job is in: what runs must hear of the stop.
+                    stopped, feeding = True, False
                     on_stop()
                 while feeding and len(pending) < limit:
                     job = next(jobs, None)

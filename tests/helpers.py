@@ -59,6 +59,7 @@ class LocalHandler(CorpusHandler):
     ``/flaky/N/NAME`` (503 N times, then NAME);
     ``/retry-after/seconds|date/NAME`` (one 429, then NAME); ``/reset`` (RST mid-body);
     ``/short`` (Content-Length 1000, 100 bytes); ``/silent`` (headers, then nothing);
+    ``/mute`` (nothing at all, not even a status line);
     ``/drip`` (a byte every ``DRIP_S``); ``/chunked-cut``; ``/big`` and
     ``/big-unsized`` (``BIG_BODY`` bytes with and without a Content-Length);
     ``/gzip-bomb``; ``/redirect/N/NAME`` (a chain of N hops to NAME); ``/loop``;
@@ -153,6 +154,9 @@ class LocalHandler(CorpusHandler):
     def _silent(self, rest: str) -> None:
         self._start(1000)
         self._hold(HOLD_S)
+
+    def _mute(self, rest: str) -> None:
+        self._hold(HOLD_S)  # not even a status line
 
     def _hold(self, seconds: float) -> bool:
         """Wait ``seconds`` unless the server closes; True if it is closing."""
@@ -260,6 +264,7 @@ class LocalHandler(CorpusHandler):
         "reset": _reset,
         "short": _short,
         "silent": _silent,
+        "mute": _mute,
         "drip": _drip,
         "chunked-cut": _chunked_cut,
         "big": _big,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from downloader.fetch import make_client
-from downloader.raw_body import READ_BYTES, direct_reads
+from downloader.raw_body import READ_BYTES, Read, direct_reads
 from downloader.settings import HttpSettings
 from tests.helpers import BIG_BODY, LocalServer
 
@@ -18,8 +18,9 @@ TIMEOUT = 5.0
 """Seconds one read may wait before the test fails instead of hanging."""
 
 
-def _no_cap(timeout: float | None) -> float | None:
-    return timeout
+def _within(timeout: float) -> Callable[[Read], int]:
+    """A ``receive`` that makes each read wait at most ``timeout``."""
+    return lambda read: read(timeout)
 
 
 @contextmanager
@@ -45,12 +46,12 @@ def test_a_sized_body_is_read_from_the_socket_and_its_connection_kept(
     with make_client(HttpSettings(), 1) as client:
         with _streamed(client, server.url_for(image.name)) as response:
             direct = b"".join(
-                bytes(p) for p in direct_reads(response, TIMEOUT, _no_cap)
+                bytes(p) for p in direct_reads(response, _within(TIMEOUT))
             )
             rest = b"".join(response.iter_raw())
         first = _pool_connections(client)
         with _streamed(client, server.url_for(image.name)) as response:
-            again = b"".join(bytes(p) for p in direct_reads(response, TIMEOUT, _no_cap))
+            again = b"".join(bytes(p) for p in direct_reads(response, _within(TIMEOUT)))
             again += b"".join(response.iter_raw())
         second = _pool_connections(client)
 
@@ -68,7 +69,7 @@ def test_a_large_body_comes_in_large_reads(server: LocalServer) -> None:
         make_client(HttpSettings(), 1) as client,
         _streamed(client, f"{server.base_url}/big") as response,
     ):
-        sizes = [len(piece) for piece in direct_reads(response, TIMEOUT, _no_cap)]
+        sizes = [len(piece) for piece in direct_reads(response, _within(TIMEOUT))]
         rest = b"".join(response.iter_raw())
 
     assert sum(sizes) == BIG_BODY
@@ -83,7 +84,7 @@ def test_a_body_without_length_is_left_to_httpx(server: LocalServer) -> None:
         make_client(HttpSettings(), 1) as client,
         _streamed(client, f"{server.base_url}/big-unsized") as response,
     ):
-        direct = list(direct_reads(response, TIMEOUT, _no_cap))
+        direct = list(direct_reads(response, _within(TIMEOUT)))
         rest = sum(len(piece) for piece in response.iter_raw())
 
     assert direct == []
@@ -98,7 +99,7 @@ def test_a_body_cut_short_raises_as_httpx_does_and_drops_the_connection(
     sizes: list[int] = []
 
     def read_all(response: httpx.Response) -> None:
-        sizes.extend(len(piece) for piece in direct_reads(response, TIMEOUT, _no_cap))
+        sizes.extend(len(piece) for piece in direct_reads(response, _within(TIMEOUT)))
 
     with make_client(HttpSettings(), 1) as client:
         with (
@@ -119,4 +120,4 @@ def test_a_silent_body_times_out_as_a_read_timeout(server: LocalServer) -> None:
         _streamed(client, f"{server.base_url}/silent") as response,
         pytest.raises(httpx.ReadTimeout),
     ):
-        list(direct_reads(response, 0.2, _no_cap))
+        list(direct_reads(response, _within(0.2)))

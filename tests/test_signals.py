@@ -184,6 +184,34 @@ print(json.dumps({"code": code, "orphans": orphans}), flush=True)
 """
 
 
+@pytest.mark.parametrize("mode", list(LOCAL_MODES), ids=lambda m: m.value)
+def test_ctrl_c_ends_downloads_stalled_in_headers_or_body_in_seconds(
+    server: LocalServer, tmp_path: Path, mode: Mode
+) -> None:
+    """Servers gone quiet before their headers and within a body, ``--timeout 60``:
+    Ctrl-C ends the run in seconds (a blocked read looks at the stop flag every
+    ``fetch.STOP_CHECK_S``), not when a read times out or the server lets go."""
+    urls = [
+        f"{server.base_url}/{route}/{n}" for route in ("silent", "mute") for n in (1, 2)
+    ]
+    url_list = write_list(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+    command = _command(url_list, out, "--mode", mode.value, "--timeout", "60")
+    command += ["--threads", "4", "--per-host", "4"]
+    process = _start(command, tmp_path / "system-tmp")
+    server.wait_for_requests(1)  # a read blocked (sequential: one at a time)
+
+    os.killpg(process.pid, signal.SIGINT)
+    code, stderr = _finish(process, STOP_S)  # the server holds each for HOLD_S
+
+    assert code == 130, stderr
+    records = read_manifest(out)
+    assert sorted(str(r["url"]) for r in records) == sorted(urls)
+    cut_short = {"interrupted", "not started (interrupted by SIGINT)"}
+    assert {r["error"] for r in records} <= cut_short, records
+    assert leftovers(out) == []
+
+
 @pytest.mark.parametrize(
     "signum", [None, signal.SIGINT, signal.SIGTERM], ids=["end", "INT", "TERM"]
 )
