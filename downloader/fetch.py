@@ -50,10 +50,11 @@ import logging
 import os
 import random
 import re
+import ssl
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -164,7 +165,8 @@ def _client_options(http: HttpSettings, threads: int) -> dict[str, Any]:
         "timeout": httpx.Timeout(http.timeout, pool=http.deadline),
         # Redirects are followed by hand so that every hop is checked.
         "follow_redirects": False,
-        "verify": http.verify,
+        # Verifying: the CA bundle is loaded at the first TLS handshake, not here.
+        "verify": _TrustOnFirstUse() if http.verify else False,
         # --proxy wins; without it httpx reads HTTPS_PROXY, NO_PROXY, ...
         "proxy": http.proxy,
         "trust_env": True,
@@ -173,6 +175,50 @@ def _client_options(http: HttpSettings, threads: int) -> dict[str, Any]:
         # A --header 'Cookie: …' is still sent, to the listed URL's origin only.
         "cookies": CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     }
+
+
+class _TrustOnFirstUse(ssl.SSLContext):
+    """httpx's verifying TLS context (``verify=True``), made at the first handshake.
+
+    Making it loads a CA bundle: ~55 ms of CPU in every process that makes a client
+    (the main process, and each ``processes`` worker before its first request), for
+    nothing in a run of ``http://`` URLs. This one only records the ALPN protocols
+    httpcore sets on it before each handshake; its wraps go to the real context, made
+    then by httpx's own ``create_ssl_context`` (certifi's bundle, or
+    ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``), so verification is httpx's, unchanged. It
+    loads nothing itself: used as it is, it would verify against no CA and fail every
+    handshake, never pass one.
+    """
+
+    def __new__(cls) -> _TrustOnFirstUse:
+        return super().__new__(cls, ssl.PROTOCOL_TLS_CLIENT)
+
+    def __init__(self) -> None:
+        self._made: ssl.SSLContext | None = None
+        self._alpn: list[str] | None = None
+        self._made_lock = threading.Lock()
+
+    def set_alpn_protocols(self, alpn_protocols: Iterable[str]) -> None:
+        """Note the protocols for the real context (httpcore sets them per connect)."""
+        self._alpn = list(alpn_protocols)
+        super().set_alpn_protocols(self._alpn)
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        """The real context's ``wrap_socket``."""
+        return self.real().wrap_socket(*args, **kwargs)
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        """The real context's ``wrap_bio`` (TLS inside a proxy's TLS, asyncio)."""
+        return self.real().wrap_bio(*args, **kwargs)
+
+    def real(self) -> ssl.SSLContext:
+        """The context httpx would have made, made once, with the ALPN noted."""
+        with self._made_lock:
+            if self._made is None:
+                self._made = httpx.create_ssl_context(verify=True, trust_env=True)
+            if self._alpn is not None:
+                self._made.set_alpn_protocols(self._alpn)
+            return self._made
 
 
 def make_client(http: HttpSettings, threads: int) -> httpx.Client:

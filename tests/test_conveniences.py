@@ -28,8 +28,10 @@ from downloader import (
 from downloader.cli import load_settings, main
 from downloader.demo import serve_in_thread
 from downloader.dryrun import Action
+from downloader.fetch import _pools, make_client
 from downloader.progress import Bars, BarsHandler, EventKind, ProgressEvent
 from downloader.records import Outcome, Stage
+from downloader.runtime import stop_helper_processes
 from downloader.settings import LOCAL_MODES
 from tests.helpers import (
     LocalServer,
@@ -700,6 +702,36 @@ def test_tls_is_verified_unless_insecure(
     assert insecure == 0
     assert "warning: TLS certificate verification is OFF" in insecure_err
     assert read_manifest(tmp_path / "i")[0]["insecure"] is True
+
+
+@pytest.mark.parametrize("mode", list(LOCAL_MODES), ids=lambda m: m.value)
+def test_the_ca_bundle_is_loaded_at_the_first_handshake_and_trusts_as_httpx(
+    tls_server: LocalServer,
+    tls_files: tuple[Path, Path],
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    mode: Mode,
+) -> None:
+    """A client loads no CA until its first TLS handshake (a run of http:// URLs
+    never pays for it); then it trusts what httpx trusts: ``SSL_CERT_FILE`` names
+    the self-signed certificate, and the https fetch that fails without it passes."""
+    with make_client(HttpSettings(), 1) as client:
+        [pool] = _pools(client)
+        assert pool._ssl_context.cert_store_stats()["x509_ca"] == 0
+        assert pool._ssl_context._made is None
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files[0]))
+    stop_helper_processes()  # workers see the forkserver's environment: a fresh one
+    urls = [u.replace("http://", "https://") for u in corpus_urls(tls_server, corpus)]
+    url_list = write_list(tmp_path / "urls.txt", urls[:2])
+
+    code = main(
+        [str(url_list), "--out", str(tmp_path / "t"), "--mode", mode.value, *FAST]
+    )
+
+    assert code == 0, capsys.readouterr().err
+    assert [r["status"] for r in read_manifest(tmp_path / "t")] == ["ok", "ok"]
 
 
 def test_insecure_from_python_is_recorded(
