@@ -324,6 +324,12 @@ class OutputFolder:
         self.manifest = path / self.files.manifest
         self.updates = path / self.files.updates
         self.subfolders = (ORIGINALS_NAME, *subfolders)
+        self.crash_tails: frozenset[str] = frozenset()
+        """The tar shards named by the last shard record of the manifest and of the
+        updates file a killed run left, read before they are merged (the merge puts
+        every update after the manifest's lines): a shard's records are written one
+        after another, so one cut short by the kill is one of these
+        (``shard_writer.adopt_unrecorded_shards``)."""
         self._fd: int | None = None
         self._lock_fds: list[int] = []
 
@@ -348,6 +354,11 @@ class OutputFolder:
                 self._remove(_new_name(self.files.failed))
             self._remove(_new_name(INDEX_NAME))
             if self._left_by_a_crash():
+                self.crash_tails = frozenset(
+                    shard
+                    for name in (self.files.manifest, self.files.updates)
+                    if (shard := self._last_shard(name)) is not None
+                )
                 self.merge_manifest()
             self._reset_scratch()
             self._probe_writable()
@@ -519,6 +530,14 @@ class OutputFolder:
         if self._fd is None:
             raise RuntimeError(f"{self.path} is not open for writing (not entered)")
         return self._fd
+
+    def _last_shard(self, name: str) -> str | None:
+        """The shard the last record of file ``name`` that names one names."""
+        last = None
+        for _, _, outcome in _read_records(self, name):
+            if outcome is not None and outcome.shard:
+                last = outcome.shard
+        return last
 
     def _left_by_a_crash(self) -> bool:
         """Tell whether a killed run left updates or a torn last manifest line."""

@@ -438,10 +438,12 @@ def adopt_unrecorded_shards(
 
     A run killed *while* it wrote a shard's records leaves it named by some of them.
     Its records are written one after another once it is renamed, so that shard is
-    the one the manifest's last shard record names (or a killed ``--mode ray``
-    part's: ``cut_short``, from ``merge_leftover_parts``); its samples without a
-    standing record are recorded too. Only those shards are read: a folder of
-    thousands costs one read.
+    the one the last shard record names: of the manifest, or of the updates file
+    the kill left (``OutputFolder.crash_tails``, read before the two are merged), or
+    of a killed ``--mode ray`` part (``cut_short``, from ``merge_leftover_parts``).
+    Its samples that no record names are recorded too (one some record names was
+    recorded, whatever came since: other settings, a later failure). Only those
+    few shards are read: a folder of thousands costs a few reads.
 
     Returns:
         True if records were written (``previous`` is then out of date).
@@ -458,7 +460,9 @@ def adopt_unrecorded_shards(
         if outcome.shard:
             named.add(outcome.shard)
             last = {outcome.shard}
-    partly = (last | set(cut_short)) & named & set(found)
+    tails = last | folder.crash_tails | set(cut_short)
+    partly = tails & named & set(found)
+    recorded = _recorded_keys(folder, partly)
     todo = sorted((set(found) - named) | partly, key=lambda name: int(name[:-4]))
     adopted: set[bytes] = set()
     with contextlib.ExitStack() as stack:
@@ -466,7 +470,8 @@ def adopt_unrecorded_shards(
         for name in reversed(todo):  # newest first: the later shard wins a URL
             path = folder.path / name
             if name in partly:
-                records, why = _unnamed_samples(path, previous, adopted), None
+                unnamed = _unnamed_samples(path, previous, adopted, recorded[name])
+                records, why = unnamed, None
             else:
                 records, why = _adoptable(path, previous, adopted)
             if why is not None:
@@ -487,16 +492,29 @@ def adopt_unrecorded_shards(
     return manifest is not None
 
 
-def _unnamed_samples(
-    path: Path, previous: PreviousRun, adopted: set[bytes]
-) -> list[Outcome]:
-    """The records of the samples of shard ``path`` (named by some records) whose
-    URL has no standing record: those a killed run had not written yet.
+def _recorded_keys(folder: OutputFolder, shards: set[str]) -> dict[str, set[str]]:
+    """The sample keys of each of ``shards`` that some record names (any status,
+    settings or age: that sample was recorded once)."""
+    keys: dict[str, set[str]] = {name: set() for name in shards}
+    if shards:
+        for outcome in read_outcomes(folder):
+            if outcome.shard in keys and outcome.key is not None:
+                keys[outcome.shard].add(outcome.key)
+    return keys
 
-    A sample whose URL stands elsewhere (or in a newer shard adopted just now) is
-    a stray copy, left as it is: the shard's other samples are recorded in it. A
-    shard that cannot be read gives none (its records then do not stand either).
-    ``adopted`` gains the URLs returned.
+
+def _unnamed_samples(
+    path: Path, previous: PreviousRun, adopted: set[bytes], recorded: set[str]
+) -> list[Outcome]:
+    """The records of the samples of shard ``path`` that no record names (keys not
+    in ``recorded``): those a killed run had not written yet.
+
+    A sample some record names was recorded, whatever came after (a rerun under
+    other settings, a later failure): it is not recorded again. One whose URL
+    stands elsewhere (or in a newer shard adopted just now) is a stray copy, left
+    as it is: the shard's other samples are recorded in it. A shard that cannot be
+    read gives none (its records then do not stand either). ``adopted`` gains the
+    URLs returned.
     """
     try:
         samples, _ = _shard_samples(path)
@@ -507,6 +525,8 @@ def _unnamed_samples(
         key = record_key(outcome.url)
         if outcome.status is not Status.OK or outcome.shard != path.name:
             continue  # not a record of this shard's
+        if outcome.key in recorded:
+            continue  # recorded once already
         earlier = previous.earlier(outcome.url)
         if key in adopted or (earlier is not None and previous.current(earlier)):
             continue  # recorded here already, or a stray copy

@@ -454,6 +454,81 @@ def test_a_kill_as_a_shard_was_recorded_leaves_its_other_samples_adopted(
     assert {records[url]["shard"] for url in unrecorded} == {last}
 
 
+_KILLED_AFTER_A_RECORD = """
+import os, signal, sys
+from pathlib import Path
+from downloader import OutputFormat, iter_results
+from downloader.settings import Mode
+from tests.helpers import fast_settings
+url_list, out, mode, last = sys.argv[1:]
+settings = fast_settings(
+    Path(out), mode=Mode(mode), output_format=OutputFormat.WEBDATASET, shard_size=3
+)
+for outcome in iter_results(Path(url_list), settings):
+    if outcome.url == last:
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@MODES
+def test_a_resume_killed_as_a_shard_was_recorded_leaves_its_other_samples_adopted(
+    server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode
+) -> None:
+    """A resume writes its records of URLs the manifest has to the updates file, and
+    the merge after a kill puts them last: the shard cut short is still found (the
+    last shard record of each file, read before the merge), its other samples are
+    recorded, none is fetched again or put in a second shard. For real: the run
+    kills itself right after the new shard's first record is written."""
+    urls = corpus_urls(server, corpus)[:9]
+    out = tmp_path / "out"
+    settings = fast_settings(
+        out, mode=mode, output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
+    )
+    run(urls[:6], settings)
+    url_list = _caption_list(tmp_path / "urls.csv", urls)
+    script = [sys.executable, "-c", _KILLED_AFTER_A_RECORD, str(url_list), str(out)]
+    killed = subprocess.run(
+        [*script, mode.value, urls[6]],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        cwd=README.parent,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out / ".manifest-updates.jsonl").is_file()  # the resume's skip records
+    requests_before = Counter(server.requests)
+
+    report = run(url_list, settings)
+
+    fetched = {url for url, n in server.requests.items() if n > requests_before[url]}
+    assert fetched == set()  # u7 and u8 adopted from the shard, not fetched again
+    assert {o.status for o in report.results} == {Status.SKIPPED}
+    assert [url for url, n in _shard_urls(out).items() if n > 1] == []
+    records = _check_shards_agree_with_manifest(out)
+    assert sorted(records) == sorted(urls)
+
+
+def test_a_rerun_under_other_settings_adopts_nothing_and_warns_of_no_kill(
+    server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The last shard's samples have records, made under other settings: they are
+    recorded, not cut short by a kill; the rerun redoes them under its own settings
+    (into a new shard) without a word about a kill, and writes no record twice."""
+    url_list, settings = _first_run(server, corpus, tmp_path)
+    other = replace(settings, image=ImageSpec(max_size=48))
+
+    with caplog.at_level("WARNING", logger="downloader"):
+        report = run(url_list, other)
+
+    assert not [r for r in caplog.records if "killed" in r.getMessage()]
+    assert {o.status for o in report.results} == {Status.OK}
+    lines = read_manifest(settings.out)
+    assert len(lines) == len({line["url"] for line in lines})
+
+
 def test_ray_parts_cut_short_as_their_shards_were_recorded_are_adopted(
     server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
