@@ -135,12 +135,12 @@ def warm_forkserver(request: pytest.FixtureRequest) -> None:
     interpreter importing ``downloader.worker``), and stops it when it ends: most of
     a worker mode's test time. A forkserver started outside any run is one a run
     uses and leaves alone (``runtime.helper_processes``), as a Ray started once
-    serves the session's ray tests. The in-run forkserver keeps its own tests: every
-    command line in a subprocess, ``main()`` (which stops this one at its end), and
-    the fixtures that stop it first (``worker_kills``, ``no_forkserver`` of
-    test_runtime.py). Workers inherit the forkserver's environment, not the test's:
-    a test that sets a variable its workers must see stops it first, as
-    ``worker_kills`` does.
+    serves the session's ray tests; so does ``main()`` called in this process (a
+    caller's forkserver is not its own to stop). The in-run forkserver keeps its own
+    tests: every command line in a subprocess, and the fixtures that stop it first
+    (``worker_kills``, ``no_forkserver`` of test_runtime.py). Workers inherit the
+    forkserver's environment, not the test's: a test that sets a variable its
+    workers must see stops it first, as ``worker_kills`` does.
     """
     fixtures = set(request.fixturenames)
     if "corpus" in fixtures and not fixtures & STOP_FORKSERVER:

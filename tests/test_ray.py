@@ -543,6 +543,7 @@ def test_driver_ctrl_c_then_kill_9_then_a_rerun_completes(
     os.killpg(process.pid, signal.SIGKILL)
     process.communicate(timeout=WAIT_S)
     assert list((out / PARTS_NAME).iterdir()), "no part left to merge"
+    slow_server.latency = 0  # the latency was for the signals to land mid-run
 
     process = _driver(url_list, out, ray_cluster.address)
     stdout, stderr = process.communicate(timeout=120)
@@ -600,6 +601,7 @@ def test_a_local_ray_dies_with_its_killed_driver_and_a_rerun_completes(
         process.communicate()
 
     # The rerun joins the suite's Ray (in this process): a second start costs time.
+    slow_server.latency = 0  # the latency was for the kill to land mid-run
     report = run(urls, ray_settings(out, shard_size=4, threads=2))
 
     assert {o.status for o in report.results} <= {Status.OK, Status.SKIPPED}

@@ -16,6 +16,7 @@ import pytest
 
 from downloader.api import run
 from downloader.children import mp_context
+from downloader.cli import main
 from downloader.records import Status
 from downloader.runtime import (
     FALLBACK_PREFIX,
@@ -99,6 +100,26 @@ def test_a_run_stops_the_forkserver_it_started(
     assert [r.status for r in report.results] == [Status.OK, Status.OK]
     assert _forkservers() == []
     assert not (out / ".tmp").exists()
+
+
+@pytest.mark.parametrize("mode", WORKER_MODES, ids=lambda m: m.value)
+def test_the_command_in_process_leaves_the_callers_forkserver(
+    mode: Mode, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """``main()`` called from Python while a forkserver runs (the caller's, started
+    outside any run): its run uses it and ``main()`` leaves it running, as ``run()``
+    does. It used to stop it at its end: a fresh start for the caller's next worker
+    (most of the suite's in-process command lines' time)."""
+    _start_child(mp_context())  # the caller's forkserver, started outside any run
+    before = _forkservers()
+    url_list = write_list(tmp_path / "urls.txt", corpus_urls(server, corpus)[:2])
+    argv = [str(url_list), "--out", str(tmp_path / "out"), "--mode", mode.value]
+
+    code = main([*argv, "--max-size", "64", "--no-progress", "--quiet"])
+
+    assert code == 0
+    assert len(before) == 1
+    assert _forkservers() == before
 
 
 @pytest.mark.usefixtures("no_forkserver")
