@@ -260,9 +260,10 @@ _NOT_YET = {
     # The package: its names come on first use, so a worker's or the command line's
     # first import of a module of it does not bring in the library.
     "downloader": ["httpx", "PIL", "tqdm", "downloader.api", "downloader.settings"],
-    # The command line's module: the run's machinery comes with the folder.
-    "downloader.cli": [
-        "downloader.api",
+    # The command line and the library's entry point: the run's machinery (httpx
+    # included) comes once the output folder is taken.
+    "downloader.cli,downloader.api": [
+        "httpx",
         "downloader.lifecycle",
         "downloader.fetch",
         "downloader.modes",

@@ -120,15 +120,13 @@ def _first_forkserver(thread: threading.Thread) -> int | None:
 
 @pytest.mark.usefixtures("no_forkserver")
 @pytest.mark.parametrize("end", ["list ends", "cancelled"])
-@pytest.mark.parametrize("mode", WORKER_MODES, ids=lambda m: m.value)
 def test_the_forkserver_starts_with_the_folder_and_stops_unused(
-    mode: Mode, end: str, tmp_path: Path
+    end: str, tmp_path: Path
 ) -> None:
-    """A run of a worker mode starts the forkserver once its folder is taken, before
-    its first job reaches a worker (its start-up overlaps the run's). When the run
-    then ends with nothing to do (its list had nothing; a stop), it stops and reaps
-    that forkserver all the same, and leaves no socket behind: at once in the modes
-    that start their workers with the first job (the forkserver started none)."""
+    """A processes run starts the forkserver once its folder is taken, before its
+    first job reaches a worker (its start-up overlaps the run's). When the run then
+    ends with nothing to do (its list had nothing; a stop), it stops and reaps that
+    forkserver all the same (at once: it started no worker), and leaves no socket."""
     release = threading.Event()
     cancel = Cancellation()
     reports: list[RunReport] = []
@@ -138,7 +136,7 @@ def test_the_forkserver_starts_with_the_folder_and_stops_unused(
         yield from ()
 
     def go() -> None:
-        settings = fast_settings(tmp_path / "out", mode=mode)
+        settings = fast_settings(tmp_path / "out", mode=Mode.PROCESSES)
         reports.append(run(nothing_until_released(), settings, cancel=cancel))
 
     thread = threading.Thread(target=go)
