@@ -323,9 +323,10 @@ def helper_processes(scratch: Path, *, start: bool = False) -> Iterator[None]:
         return
     with _helpers.lock:
         home = _enter(server, scratch)
-        if start and home is not None:
-            _start_forkserver(server)
     try:
+        if start and home is not None:
+            with _helpers.lock:
+                _start_forkserver(server)
         yield
     finally:
         if home is not None:
@@ -523,7 +524,10 @@ def _start_forkserver(server: Any) -> None:
     if server._forkserver_pid is not None:
         return
     mp_context()  # sets the preload the forkserver imports
-    server.ensure_running()
+    try:
+        server.ensure_running()
+    except OSError:
+        return  # no process to spare: the first worker's start meets it as before
     _helpers.started_at = launches()
 
 
