@@ -14,9 +14,10 @@ folder of the system's temporary directory that a killed process never removes.
 ``helper_processes`` gives it to one run instead: its socket lives in the run's
 scratch folder (swept by the next run on that output folder) and it is stopped when
 the run ends. ``stop_helper_processes`` also ends the resource tracker, so that the
-command line leaves no process behind. A run whose workers start through it starts it
-as soon as its folder is taken (``start``), so that the forkserver's own start-up (a
-fresh interpreter importing the workers' modules) overlaps the rest of the run's.
+command line leaves no process behind. A run may have it started as soon as its folder
+is taken (``start``: ``api`` does for ``--mode processes``, whose first request is a
+worker's), so that the forkserver's own start-up (a fresh interpreter importing the
+workers' modules) overlaps the rest of the run's.
 """
 
 from __future__ import annotations
@@ -296,7 +297,8 @@ class _HelperState:
         self.detached: list[int] = []
         self.started_at: int | None = None
         """``children.launches()`` when a run started the forkserver ahead of its
-        first worker; None when none did, or a child has been started since."""
+        first worker (``start``); None when it was started otherwise, and once that
+        forkserver has been stopped."""
 
 
 _helpers = _HelperState()
