@@ -177,6 +177,7 @@ def import_seconds(tree: Path = ROOT, clock: str = "perf_counter") -> float:
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
+        cwd=tree,  # ``-c`` puts the working folder first on sys.path: the tree's
         env=tree_env(tree),
         check=True,
     )

@@ -67,6 +67,7 @@ __all__ = [
     "StopLine",
     "child_process",
     "enter_child",
+    "launches",
     "mp_context",
     "watch",
 ]
@@ -78,6 +79,13 @@ by chance (an image that kills its worker, the OOM killer) from a pool that cann
 work at all (a broken install, no memory)."""
 
 
+PRELOAD = ("downloader.worker", "downloader.itemwork", "downloader.download_worker")
+"""What the forkserver imports once, so that each child it forks has it already: the
+bodies of the transform workers, the pool workers and the download processes (the
+fetch stack: httpx, the lifecycle). A pool worker's first request then follows its
+fork at once; the package itself imports none of it (``downloader/__init__.py``)."""
+
+
 def mp_context() -> ForkServerContext | SpawnContext:
     """Return the explicit start method: forkserver on Linux, spawn elsewhere.
 
@@ -86,9 +94,18 @@ def mp_context() -> ForkServerContext | SpawnContext:
     the children never import the caller's ``__main__`` (see ``_Popen``).
     """
     if sys.platform == "linux":
-        _FORKSERVER.set_forkserver_preload(["downloader.worker"])
+        _FORKSERVER.set_forkserver_preload(list(PRELOAD))
         return _FORKSERVER
     return multiprocessing.get_context("spawn")
+
+
+def launches() -> int:
+    """How many children this process has started through the forkserver so far."""
+    return _launch_count[0]
+
+
+_launch_count = [0]
+"""``launches()``'s count; one list, so that ``_Popen`` adds to it without a global."""
 
 
 def _preparation_data(name: str) -> dict[str, object]:
@@ -123,6 +140,7 @@ class _Popen(popen_forkserver.Popen):
         finally:
             set_spawning_popen(None)
         fds: list[int] = self._fds  # type: ignore[attr-defined]
+        _launch_count[0] += 1  # before asking: the forkserver may fork from then on
         self.sentinel, w = forkserver.connect_to_new_process(fds)
         # A duplicate of the data pipe's write end: the child's sentinel of its parent.
         parent_w = os.dup(w)

@@ -25,7 +25,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from downloader.api import iter_results
 from downloader.config import parse_args
 from downloader.errors import DownloaderError, InputError, OutputError
 from downloader.manifest import FAILED_NAME, MANIFEST_NAME, RecordFiles
@@ -945,6 +944,9 @@ def _run_with_bars(
 ) -> tuple[Summary, IndexNotWritten | None]:
     """Run with bars drawn (and log lines above them); return the totals, and the
     fault that kept the Parquet index from being written, if only that failed."""
+    # Imported here: the run's machinery comes in as its folder is taken (api).
+    from downloader.api import iter_results
+
     index_error = None
     usage = Usage()
     disable = True if args.no_progress or args.quiet else None

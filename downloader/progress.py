@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from tqdm import tqdm
-
 from downloader.records import Outcome, Stage, Status
 
 __all__ = [
@@ -147,6 +145,10 @@ class Bars:
         mininterval: float = 0.1,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        # Imported here: only the main process draws, and the workers (which import
+        # this module for the events) start sooner without it.
+        from tqdm import tqdm
+
         common = {"file": file, "disable": disable, "mininterval": mininterval}
         # tqdm draws on stderr by default but writes messages to stdout by default.
         self._file = file if file is not None else sys.stderr

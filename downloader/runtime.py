@@ -14,7 +14,10 @@ folder of the system's temporary directory that a killed process never removes.
 ``helper_processes`` gives it to one run instead: its socket lives in the run's
 scratch folder (swept by the next run on that output folder) and it is stopped when
 the run ends. ``stop_helper_processes`` also ends the resource tracker, so that the
-command line leaves no process behind.
+command line leaves no process behind. A run may have it started as soon as its folder
+is taken (``start``: ``api`` does for ``--mode processes``, whose first request is a
+worker's), so that the forkserver's own start-up (a fresh interpreter importing the
+workers' modules) overlaps the rest of the run's.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from downloader.children import launches, mp_context
 from downloader.progress import Events
 
 __all__ = [
@@ -291,13 +295,17 @@ class _HelperState:
         self.managing = False
         self.saved_tempdir: tuple[bool, object] = (False, None)
         self.detached: list[int] = []
+        self.started_at: int | None = None
+        """``children.launches()`` when a run started the forkserver ahead of its
+        first worker (``start``); None when it was started otherwise, and once that
+        forkserver has been stopped."""
 
 
 _helpers = _HelperState()
 
 
 @contextlib.contextmanager
-def helper_processes(scratch: Path) -> Iterator[None]:
+def helper_processes(scratch: Path, *, start: bool = False) -> Iterator[None]:
     """Keep the forkserver of the run inside the run: its socket, its lifetime.
 
     For the block, multiprocessing's temporary folder is ``scratch/mp``; or, when that
@@ -305,6 +313,11 @@ def helper_processes(scratch: Path) -> Iterator[None]:
     temporary directory, locked while the run lives and removed by the next run
     that finds it unlocked. The forkserver started in the block is stopped (and
     reaped) when it ends. A forkserver already running before is left alone.
+
+    With ``start`` (a run whose workers start through it) it is started now, with
+    ``children.mp_context``'s preload, rather than at the first worker: it imports
+    its preload while the run imports and plans. One that started no child by the
+    end is killed at once rather than waited for (it may still be importing).
     """
     server = _forkserver()
     if server is None:
@@ -313,6 +326,9 @@ def helper_processes(scratch: Path) -> Iterator[None]:
     with _helpers.lock:
         home = _enter(server, scratch)
     try:
+        if start and home is not None:
+            with _helpers.lock:
+                _start_forkserver(server)
         yield
     finally:
         if home is not None:
@@ -501,10 +517,41 @@ def _forget_forkserver(server: Any) -> int | None:
     return pid if isinstance(pid, int) else None
 
 
+def _start_forkserver(server: Any) -> None:
+    """Start the forkserver now, unless it runs, noting that no child started yet.
+
+    Starting it is two process launches (the resource tracker's, the forkserver's);
+    the imports of its preload happen in it, not here.
+    """
+    if server._forkserver_pid is not None:
+        return
+    mp_context()  # sets the preload the forkserver imports
+    try:
+        server.ensure_running()
+    except OSError:
+        return  # no process to spare: the first worker's start meets it as before
+    _helpers.started_at = launches()
+
+
+def _unused_since_started() -> bool:
+    """True if a run started the forkserver early and no child started since."""
+    started_at, _helpers.started_at = _helpers.started_at, None
+    return started_at is not None and launches() == started_at
+
+
 def _stop_forkserver(server: Any) -> None:
-    """Stop the forkserver and reap it (bounded: killed if it does not exit)."""
+    """Stop the forkserver and reap it (bounded: killed if it does not exit).
+
+    One that started no child holds nothing: it is killed at once, rather than
+    waited for while it finishes importing its preload, which nobody will use (a
+    run that found nothing to do, or failed before its first worker).
+    """
+    unused = _unused_since_started()
     pid = _forget_forkserver(server)
     if pid is not None:
+        if unused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         _helpers.detached.append(pid)
     _reap_detached()
 

@@ -35,8 +35,10 @@ import re
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
+if TYPE_CHECKING:  # annotations only: the command imports this before httpx
+    import httpx
 
 __all__ = [
     "SNIFF_BYTES",

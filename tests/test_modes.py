@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from downloader import Cancellation, Mode, Stage, Status, iter_results, run
+from downloader.children import PRELOAD
 from downloader.progress import EventLog
 from downloader.settings import LOCAL_MODES
 from tests.helpers import (
@@ -250,3 +251,62 @@ def test_a_run_imports_only_what_its_mode_uses(
     assert done.returncode == 0, done.stderr
     expected = sorted(m for m, modes in _IMPORTED_ONLY_BY.items() if mode in modes)
     assert done.stdout.splitlines()[-1] == str(expected)
+
+
+# What is not imported yet at each step before a run takes its output folder, and in
+# the forkserver (start-up time: the forkserver starts once the folder is taken, and
+# imports its preload while the command imports the rest).
+_NOT_YET = {
+    # The package: its names come on first use, so a worker's or the command line's
+    # first import of a module of it does not bring in the library.
+    "downloader": ["httpx", "PIL", "tqdm", "downloader.api", "downloader.settings"],
+    # The command line and the library's entry point: the run's machinery (httpx
+    # included) comes once the output folder is taken.
+    "downloader.cli,downloader.api": [
+        "httpx",
+        "downloader.lifecycle",
+        "downloader.fetch",
+        "downloader.modes",
+    ],
+    # The forkserver's preload: what workers need, not the drawing of bars, nor
+    # the command's and the run's own modules.
+    ",".join(PRELOAD): ["tqdm", "downloader.cli", "downloader.api"],
+}
+
+
+@pytest.mark.parametrize("imported", list(_NOT_YET))
+def test_imports_before_the_folder_leave_the_rest_for_later(imported: str) -> None:
+    """In a fresh interpreter, importing the package, the command line's module or
+    the forkserver's preload leaves out what is needed only later."""
+    watched = _NOT_YET[imported]
+    code = (
+        f"import sys, {imported}; print([m for m in {watched!r} if m in sys.modules])"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=True,
+    )
+
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_package_names_come_on_first_use() -> None:
+    """Every name in ``__all__`` (``__version__`` too) resolves, to the object of
+    the module it comes from, and shows in ``dir()``; another name is an
+    AttributeError as usual."""
+    import downloader
+    from downloader import api, settings
+
+    for name in downloader.__all__:
+        assert getattr(downloader, name) is not None
+    assert downloader.run is api.run
+    assert downloader.Settings is settings.Settings
+    assert downloader.__version__ == settings.VERSION
+    assert set(downloader.__all__) <= set(dir(downloader))
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        _ = downloader.nothing_here  # type: ignore[attr-defined]

@@ -24,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from httpx import __version__ as HTTPX
 
 import downloader
 from downloader.cli import load_settings, main
@@ -347,6 +348,7 @@ def test_the_user_agent_says_what_the_tool_is(
         agents = [headers["user-agent"] for headers in server.request_headers]
     assert agents == [USER_AGENT, "mybot/2.0 (+mailto:me@example.org)"]
     assert USER_AGENT.startswith(f"downloader/{downloader.__version__} (+python-httpx/")
+    assert USER_AGENT.endswith(f"/{HTTPX})")  # read without importing httpx
     assert "http" not in USER_AGENT.replace("python-httpx", "")
 
 

@@ -8,6 +8,8 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from multiprocessing.context import ForkServerContext, SpawnContext
 from pathlib import Path
@@ -18,9 +20,11 @@ from downloader.api import run
 from downloader.children import mp_context
 from downloader.cli import main
 from downloader.records import Status
+from downloader.report import RunReport
 from downloader.runtime import (
     FALLBACK_PREFIX,
     MAX_SOCKET_PATH_BYTES,
+    Cancellation,
     helper_processes,
     interrupt_on_signals,
     stop_helper_processes,
@@ -37,6 +41,8 @@ from tests.helpers import (
 
 # The modes whose runs start worker processes (through the forkserver).
 WORKER_MODES = [Mode.PROCESSES, Mode.PIPELINE, Mode.ASYNC]
+POLL_S = 0.01
+"""How often a test looks for a helper process it waits for."""
 
 
 def _forkservers() -> list[int]:
@@ -120,6 +126,76 @@ def test_the_command_in_process_leaves_the_callers_forkserver(
     assert code == 0
     assert len(before) == 1
     assert _forkservers() == before
+
+
+def _first_forkserver(thread: threading.Thread) -> int | None:
+    """The forkserver that appears while ``thread`` runs, polled (bounded)."""
+    deadline = time.monotonic() + WAIT_S
+    while thread.is_alive() and time.monotonic() < deadline:
+        found = _forkservers()
+        if found:
+            return found[0]
+        time.sleep(POLL_S)
+    return None
+
+
+@pytest.mark.usefixtures("no_forkserver")
+@pytest.mark.parametrize("end", ["list ends", "cancelled"])
+def test_the_forkserver_starts_with_the_folder_and_stops_unused(
+    end: str, tmp_path: Path
+) -> None:
+    """A processes run starts the forkserver once its folder is taken, before its
+    first job reaches a worker (its start-up overlaps the run's). When the run then
+    ends with nothing to do (its list had nothing; a stop), it stops and reaps that
+    forkserver all the same (at once: it started no worker), and leaves no socket."""
+    release = threading.Event()
+    cancel = Cancellation()
+    reports: list[RunReport] = []
+
+    def nothing_until_released() -> Iterator[str]:
+        release.wait(WAIT_S)
+        yield from ()
+
+    def go() -> None:
+        settings = fast_settings(tmp_path / "out", mode=Mode.PROCESSES)
+        reports.append(run(nothing_until_released(), settings, cancel=cancel))
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    try:
+        forkserver = _first_forkserver(thread)
+    finally:
+        if end == "cancelled":
+            cancel.set()
+        release.set()
+        thread.join(WAIT_S)
+
+    assert forkserver is not None
+    assert not thread.is_alive()
+    assert [r.results for r in reports] == [()]
+    assert _forkservers() == []
+    with pytest.raises(ChildProcessError):
+        os.waitpid(forkserver, os.WNOHANG)  # reaped: not even a zombie is left
+    assert not (tmp_path / "out" / ".tmp").exists()
+
+
+@pytest.mark.usefixtures("no_forkserver")
+@pytest.mark.parametrize("mode", [Mode.SEQUENTIAL, Mode.THREADS], ids=lambda m: m.value)
+def test_a_mode_without_workers_starts_no_forkserver(
+    mode: Mode, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """Sequential and threads runs start no helper process at all."""
+    urls = corpus_urls(server, corpus)[:1]
+    forkservers: list[list[int]] = []
+
+    def note(event: object) -> None:
+        forkservers.append(_forkservers())
+
+    report = run(urls, fast_settings(tmp_path / "out", mode=mode), events=note)
+
+    assert [r.status for r in report.results] == [Status.OK]
+    assert forkservers
+    assert all(found == [] for found in forkservers)
 
 
 @pytest.mark.usefixtures("no_forkserver")
