@@ -249,6 +249,12 @@ def parent(args: argparse.Namespace) -> int:
     """Generate, serve, run, print."""
     WORK.mkdir(parents=True, exist_ok=True)
     args.trees = [Path(tree).resolve() for tree in args.trees]
+    for tree in args.trees:
+        if not (tree / "downloader" / "__init__.py").is_file():
+            # PYTHONPATH would find no package there, and the child would silently
+            # measure the installed one (this checkout's, installed editable).
+            say(f"{tree}: not a source tree of this project (no downloader/)")
+            return 2
     say(f"load average {os.getloadavg()}")
     rows = []
     if args.images:
