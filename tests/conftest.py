@@ -132,7 +132,7 @@ def warm_forkserver(request: pytest.FixtureRequest) -> None:
     """A forkserver already running when a test that downloads the corpus starts.
 
     Each run starts its own forkserver when none runs (~0.6 CPU-s: a fresh
-    interpreter importing ``downloader.worker``), and stops it when it ends: most of
+    interpreter importing ``children.PRELOAD``), and stops it when it ends: most of
     a worker mode's test time. A forkserver started outside any run is one a run
     uses and leaves alone (``runtime.helper_processes``), as a Ray started once
     serves the session's ray tests; so does ``main()`` called in this process (a
