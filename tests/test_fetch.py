@@ -12,7 +12,7 @@ import struct
 import threading
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -765,26 +765,40 @@ def test_unwritable_tmp_dir_is_an_output_error(site: Site, tmp_path: Path) -> No
     assert list(tmp_path.iterdir()) == [blocker]
 
 
+def _slow_downloads(
+    pool: ThreadPoolExecutor,
+    site: Site,
+    client: Any,
+    http: HttpSettings,
+    hosts: HostLimiter,
+    tmp_path: Path,
+    numbers: Iterable[int],
+) -> list[int]:
+    """Fetch ``/slow/1000`` as ``item<n>`` for each of ``numbers``, all at once in
+    ``pool``; the sizes fetched."""
+    futures = [
+        pool.submit(
+            fetch,
+            make_job(site.url("/slow/1000"), f"item{n}"),
+            client,
+            http,
+            tmp_path,
+            cancel=threading.Event(),
+            hosts=hosts,
+        )
+        for n in numbers
+    ]
+    return [future.result(timeout=WAIT).nbytes for future in futures]
+
+
 def test_per_host_limit_holds_across_threads(site: Site, tmp_path: Path) -> None:
     """With per_host=1, four threads never have two requests open on one host."""
     http = replace(FAST, per_host=1)
     hosts = HostLimiter(1)
     with ThreadPoolExecutor(max_workers=4) as pool, make_client(http, 4) as client:
-        futures = [
-            pool.submit(
-                fetch,
-                make_job(site.url("/slow/1000"), f"item{n}"),
-                client,
-                http,
-                tmp_path,
-                cancel=threading.Event(),
-                hosts=hosts,
-            )
-            for n in range(4)
-        ]
-        results = [future.result(timeout=WAIT) for future in futures]
+        sizes = _slow_downloads(pool, site, client, http, hosts, tmp_path, range(4))
 
-    assert [r.nbytes for r in results] == [1000] * 4
+    assert sizes == [1000] * 4
     assert site.server.peak[site.token] == 1
     assert site.hits() == 4
 
@@ -801,19 +815,8 @@ def test_the_shared_pool_keeps_its_connections_in_one_pass(
     hosts = HostLimiter(threads)
 
     def round_of_downloads(first: int) -> list[int]:
-        futures = [
-            pool.submit(
-                fetch,
-                make_job(site.url("/slow/1000"), f"item{first + n}"),
-                client,
-                http,
-                tmp_path,
-                cancel=threading.Event(),
-                hosts=hosts,
-            )
-            for n in range(threads)
-        ]
-        return [future.result(timeout=WAIT).nbytes for future in futures]
+        numbers = range(first, first + threads)
+        return _slow_downloads(pool, site, client, http, hosts, tmp_path, numbers)
 
     with (
         ThreadPoolExecutor(max_workers=threads) as pool,
