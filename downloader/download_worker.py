@@ -47,7 +47,7 @@ import httpx
 
 from downloader.children import ChildFault, child_process
 from downloader.feed import RetryHeap
-from downloader.fetch import HostLimiter, make_client
+from downloader.fetch import HostLimiter, make_client, use_network_environ
 from downloader.lifecycle import Lifecycle
 from downloader.politeness import process_pace
 from downloader.progress import EventKind, ProgressEvent
@@ -216,13 +216,17 @@ def download_main(
     lane: str,
     threads: int,
     number: int = 0,
+    environ: dict[str, str] | None = None,
 ) -> None:
     """Run in a download process: ``threads`` threads fetch jobs from ``inbox``.
 
     ``stop`` is the reader of the parent's ``children.StopLine``: at its EOF the
     downloads in progress are cancelled and no further job is taken. ``number``
     (the lane's) sets this process's phase of the rate per host (``Pace``).
+    ``environ``: the parent's variables a client reads (``fetch.network_environ``).
     """
+    if environ is not None:
+        use_network_environ(environ)
     link = _Link(results)
     cancel = Cancellation()
     try:

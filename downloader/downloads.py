@@ -40,7 +40,7 @@ from downloader.download_worker import (
 )
 from downloader.errors import OutputError, WorkerCrashed
 from downloader.feed import Feed
-from downloader.fetch import HostLimiter, make_client
+from downloader.fetch import HostLimiter, make_client, network_environ
 from downloader.lifecycle import Lifecycle
 from downloader.politeness import process_rate
 from downloader.progress import EventKind
@@ -347,6 +347,7 @@ class ProcessDownloads:
                 lane,
                 threads,
                 number,
+                network_environ(),
             ),
             name=f"downloader-{lane}",
             daemon=True,

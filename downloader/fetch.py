@@ -108,6 +108,8 @@ __all__ = [
     "host_key",
     "make_async_client",
     "make_client",
+    "network_environ",
+    "use_network_environ",
 ]
 
 CHUNK = 256 * 1024
@@ -175,6 +177,36 @@ def _client_options(http: HttpSettings, threads: int) -> dict[str, Any]:
         # A --header 'Cookie: …' is still sent, to the listed URL's origin only.
         "cookies": CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     }
+
+
+_TLS_ENVIRON = ("SSL_CERT_FILE", "SSL_CERT_DIR", "SSLKEYLOGFILE")
+
+
+def _read_by_a_client(name: str) -> bool:
+    """Tell whether a client reads variable ``name`` (trust, proxies: ``trust_env``)."""
+    return name in _TLS_ENVIRON or name.lower().endswith("_proxy")
+
+
+def network_environ() -> dict[str, str]:
+    """The variables a client reads, as this process has them now (for a worker)."""
+    return {
+        name: value for name, value in os.environ.items() if _read_by_a_client(name)
+    }
+
+
+def use_network_environ(environ: dict[str, str]) -> None:
+    """Make the variables a client reads in this process exactly ``environ``.
+
+    A worker process is forked from the forkserver, whose environment is the one it
+    started with: a forkserver that was running before the run (a Python caller's)
+    would give the workers a CA bundle or a proxy the caller has since changed or
+    withdrawn. The parent's, sent with the worker's arguments, is put in its place
+    before the worker makes its client.
+    """
+    for name in [name for name in os.environ if _read_by_a_client(name)]:
+        if name not in environ:
+            del os.environ[name]
+    os.environ.update(environ)
 
 
 class _TrustOnFirstUse(ssl.SSLContext):

@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 
 from downloader.children import enter_child
-from downloader.fetch import HostLimiter, make_client
+from downloader.fetch import HostLimiter, make_client, use_network_environ
 from downloader.lifecycle import Lifecycle
 from downloader.politeness import process_pace
 from downloader.progress import EventKind, ProgressEvent
@@ -133,9 +133,16 @@ _state: _WorkerState | None = None
 
 
 def init_worker(
-    settings: Settings, out: str, tmp: str, stop: Connection, numbers: Synchronized[int]
+    settings: Settings,
+    out: str,
+    tmp: str,
+    stop: Connection,
+    numbers: Synchronized[int],
+    environ: dict[str, str],
 ) -> None:
     """Prepare a pool worker; ``stop`` reads EOF when the parent wants it to stop.
+
+    ``environ``: the parent's variables a client reads (``fetch.network_environ``).
 
     ``numbers`` counts the workers started: this one's number sets its phase of the
     rate per host (``politeness.Pace``), so that the pool's workers interleave.
@@ -147,6 +154,7 @@ def init_worker(
     cancel = Cancellation()
     enter_child(stop, functools.partial(cancel.set, "stopped by the parent"))
     configure_pillow(settings.image)
+    use_network_environ(environ)
     client = make_client(settings.http, 1)
     # Pool workers end through multiprocessing's exit path, which runs finalisers.
     util.Finalize(client, client.close, exitpriority=_CLIENT_EXIT_PRIORITY)

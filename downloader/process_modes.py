@@ -32,7 +32,7 @@ from typing import Any
 
 from downloader.children import RestartBudget, StopLine, mp_context
 from downloader.errors import OutputError, WorkerCrashed
-from downloader.fetch import AsyncHostLimiter, make_async_client
+from downloader.fetch import AsyncHostLimiter, make_async_client, network_environ
 from downloader.itemwork import (
     FetchReport,
     JobReport,
@@ -90,7 +90,14 @@ class _ProcessPool:
         self._procs = settings.procs
         self._mp = mp_context()
         numbers = self._mp.Value("i", 0)  # workers' numbers: their rate phases
-        self._initargs = (settings, str(context.out), str(context.tmp), stop, numbers)
+        self._initargs = (
+            settings,
+            str(context.out),
+            str(context.tmp),
+            stop,
+            numbers,
+            network_environ(),
+        )
         self.executor = self._start()
 
     def _start(self) -> ProcessPoolExecutor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing.forkserver
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -31,7 +32,6 @@ from downloader.dryrun import Action
 from downloader.fetch import _pools, make_client
 from downloader.progress import Bars, BarsHandler, EventKind, ProgressEvent
 from downloader.records import Outcome, Stage
-from downloader.runtime import stop_helper_processes
 from downloader.settings import LOCAL_MODES
 from tests.helpers import (
     LocalServer,
@@ -716,13 +716,15 @@ def test_the_ca_bundle_is_loaded_at_the_first_handshake_and_trusts_as_httpx(
 ) -> None:
     """A client loads no CA until its first TLS handshake (a run of http:// URLs
     never pays for it); then it trusts what httpx trusts: ``SSL_CERT_FILE`` names
-    the self-signed certificate, and the https fetch that fails without it passes."""
+    the self-signed certificate, and the https fetch that fails without it passes.
+    Set after the forkserver started (the suite's, as a Python caller's own): the
+    workers are given the run's own variables, not the forkserver's older ones."""
+    assert getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
     with make_client(HttpSettings(), 1) as client:
         [pool] = _pools(client)
         assert pool._ssl_context.cert_store_stats()["x509_ca"] == 0
         assert pool._ssl_context._made is None
     monkeypatch.setenv("SSL_CERT_FILE", str(tls_files[0]))
-    stop_helper_processes()  # workers see the forkserver's environment: a fresh one
     urls = [u.replace("http://", "https://") for u in corpus_urls(tls_server, corpus)]
     url_list = write_list(tmp_path / "urls.txt", urls[:2])
 
