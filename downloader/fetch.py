@@ -244,10 +244,25 @@ class _TrustOnFirstUse(ssl.SSLContext):
         return self.real().wrap_bio(*args, **kwargs)
 
     def real(self) -> ssl.SSLContext:
-        """The context httpx would have made, made once, with the ALPN noted."""
+        """The context httpx would have made, made once, with the ALPN noted.
+
+        Raises:
+            FetchError: the CA bundle named by ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``
+                cannot be loaded (final: every attempt would meet it again).
+        """
         with self._made_lock:
             if self._made is None:
-                self._made = httpx.create_ssl_context(verify=True, trust_env=True)
+                try:
+                    self._made = httpx.create_ssl_context(verify=True, trust_env=True)
+                except (OSError, ssl.SSLError) as exc:
+                    named = [
+                        f"{name}={os.environ[name]}"
+                        for name in ("SSL_CERT_FILE", "SSL_CERT_DIR")
+                        if os.environ.get(name)
+                    ]
+                    where = f" ({', '.join(named)})" if named else ""
+                    reason = f"cannot load the CA bundle{where}: {exc}"
+                    raise FetchError(reason) from exc
             if self._alpn is not None:
                 self._made.set_alpn_protocols(self._alpn)
             return self._made

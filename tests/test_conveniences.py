@@ -736,6 +736,38 @@ def test_the_ca_bundle_is_loaded_at_the_first_handshake_and_trusts_as_httpx(
     assert [r["status"] for r in read_manifest(tmp_path / "t")] == ["ok", "ok"]
 
 
+@pytest.mark.parametrize("mode", list(LOCAL_MODES), ids=lambda m: m.value)
+def test_a_ca_bundle_that_cannot_be_loaded_fails_each_https_url_saying_so(
+    tls_server: LocalServer,
+    corpus: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    mode: Mode,
+) -> None:
+    """``SSL_CERT_FILE`` naming no file: each https URL fails once (not retried),
+    saying which bundle could not be loaded, in every mode alike; http is unharmed."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "no-such-bundle.pem"))
+    urls = corpus_urls(tls_server, corpus)[:2]
+    url_list = write_list(
+        tmp_path / "urls.txt", [u.replace("http://", "https://") for u in urls]
+    )
+
+    argv = [str(url_list), "--out", str(tmp_path / "t"), "--mode", mode.value, *FAST]
+    code = main([*argv, "--retries", "2"])
+
+    assert code == 1, capsys.readouterr().err
+    records = read_manifest(tmp_path / "t")
+    assert len(records) == 2
+    for record in records:
+        assert record["status"] == "failed"
+        assert str(record["error"]).startswith(
+            "cannot load the CA bundle (SSL_CERT_FILE="
+        )
+        assert "no-such-bundle.pem" in str(record["error"])
+        assert record["attempts"] == 1
+
+
 def test_insecure_from_python_is_recorded(
     server: LocalServer, corpus: Path, tmp_path: Path
 ) -> None:
