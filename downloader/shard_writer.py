@@ -441,9 +441,9 @@ def adopt_unrecorded_shards(
     the one the last shard record names: of the manifest, or of the updates file
     the kill left (``OutputFolder.crash_tails``, read before the two are merged), or
     of a killed ``--mode ray`` part (``cut_short``, from ``merge_leftover_parts``).
-    Its samples that no record names are recorded too (one some record names was
-    recorded, whatever came since: other settings, a later failure). Only those
-    few shards are read: a folder of thousands costs a few reads.
+    Its samples that no record names are recorded too (one its URL's record names
+    was recorded, under whatever settings). Only those few shards are read: a
+    folder of thousands costs a few reads.
 
     Returns:
         True if records were written (``previous`` is then out of date).
@@ -462,7 +462,6 @@ def adopt_unrecorded_shards(
             last = {outcome.shard}
     tails = last | folder.crash_tails | set(cut_short)
     partly = tails & named & set(found)
-    recorded = _recorded_keys(folder, partly)
     todo = sorted((set(found) - named) | partly, key=lambda name: int(name[:-4]))
     adopted: set[bytes] = set()
     with contextlib.ExitStack() as stack:
@@ -470,8 +469,7 @@ def adopt_unrecorded_shards(
         for name in reversed(todo):  # newest first: the later shard wins a URL
             path = folder.path / name
             if name in partly:
-                unnamed = _unnamed_samples(path, previous, adopted, recorded[name])
-                records, why = unnamed, None
+                records, why = _unnamed_samples(path, previous, adopted), None
             else:
                 records, why = _adoptable(path, previous, adopted)
             if why is not None:
@@ -492,25 +490,14 @@ def adopt_unrecorded_shards(
     return manifest is not None
 
 
-def _recorded_keys(folder: OutputFolder, shards: set[str]) -> dict[str, set[str]]:
-    """The sample keys of each of ``shards`` that some record names (any status,
-    settings or age: that sample was recorded once)."""
-    keys: dict[str, set[str]] = {name: set() for name in shards}
-    if shards:
-        for outcome in read_outcomes(folder):
-            if outcome.shard in keys and outcome.key is not None:
-                keys[outcome.shard].add(outcome.key)
-    return keys
-
-
 def _unnamed_samples(
-    path: Path, previous: PreviousRun, adopted: set[bytes], recorded: set[str]
+    path: Path, previous: PreviousRun, adopted: set[bytes]
 ) -> list[Outcome]:
-    """The records of the samples of shard ``path`` that no record names (keys not
-    in ``recorded``): those a killed run had not written yet.
+    """The records of the samples of shard ``path`` that no record names: those a
+    killed run had not written yet.
 
-    A sample some record names was recorded, whatever came after (a rerun under
-    other settings, a later failure): it is not recorded again. One whose URL
+    The manifest keeps one line per URL, its latest: a sample that line names
+    (under any settings) was recorded, and is not recorded again. One whose URL
     stands elsewhere (or in a newer shard adopted just now) is a stray copy, left
     as it is: the shard's other samples are recorded in it. A shard that cannot be
     read gives none (its records then do not stand either). ``adopted`` gains the
@@ -525,10 +512,14 @@ def _unnamed_samples(
         key = record_key(outcome.url)
         if outcome.status is not Status.OK or outcome.shard != path.name:
             continue  # not a record of this shard's
-        if outcome.key in recorded:
-            continue  # recorded once already
         earlier = previous.earlier(outcome.url)
-        if key in adopted or (earlier is not None and previous.current(earlier)):
+        if key in adopted or (
+            earlier is not None
+            and (
+                (earlier.shard, earlier.key) == (path.name, outcome.key)
+                or previous.current(earlier)
+            )
+        ):
             continue  # recorded here already, or a stray copy
         records.append(outcome)
         adopted.add(key)

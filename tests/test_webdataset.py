@@ -330,12 +330,15 @@ def test_a_full_disk_ends_the_shards_in_progress_with_their_records(
 
 
 def _first_run(
-    server: LocalServer, corpus: Path, tmp_path: Path
+    server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode = Mode.PIPELINE
 ) -> tuple[Path, Settings]:
     """Run the corpus with captions into shards of SHARD_SIZE; its list and settings."""
     url_list = _caption_list(tmp_path / "urls.csv", corpus_urls(server, corpus))
     settings = fast_settings(
-        tmp_path / "out", output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
+        tmp_path / "out",
+        mode=mode,
+        output_format=OutputFormat.WEBDATASET,
+        shard_size=SHARD_SIZE,
     )
     run(url_list, settings)
     return url_list, settings
@@ -384,12 +387,8 @@ def test_a_shard_renamed_before_its_records_is_adopted_not_redone(
     a race: the rerun records the shard's samples from their <key>.json, fetches
     none of them again, writes no new shard, and every URL has one record."""
     urls = corpus_urls(server, corpus)
-    url_list = _caption_list(tmp_path / "urls.csv", urls)
-    out = tmp_path / "out"
-    settings = fast_settings(
-        out, mode=mode, output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
-    )
-    run(url_list, settings)
+    url_list, settings = _first_run(server, corpus, tmp_path, mode)
+    out = settings.out
     unrecorded = _unrecord(out, "00001.tar")
     assert len(unrecorded) == SHARD_SIZE
     shards = _snapshot(_shards(out))
@@ -427,12 +426,8 @@ def test_a_kill_as_a_shard_was_recorded_leaves_its_other_samples_adopted(
     samples from their <key>.json, fetches none of them, and puts none in a second
     shard (made without a race: the manifest cut after the shard's first record)."""
     urls = corpus_urls(server, corpus)
-    url_list = _caption_list(tmp_path / "urls.csv", urls)
-    out = tmp_path / "out"
-    settings = fast_settings(
-        out, mode=mode, output_format=OutputFormat.WEBDATASET, shard_size=SHARD_SIZE
-    )
-    run(url_list, settings)
+    url_list, settings = _first_run(server, corpus, tmp_path, mode)
+    out = settings.out
     manifest = out / "manifest.jsonl"
     lines = manifest.read_text(encoding="utf-8").splitlines(keepends=True)
     last = [json.loads(line).get("shard") for line in lines if "shard" in line][-1]
