@@ -10,15 +10,21 @@ per photo in a profile of ``benchmarks/main_cpu.py``, spent while every other
 thread waits on the lock (encode/httpcore#1035 and #929, not released).
 
 ``linear_assignment`` gives a pool the same method with that list's length taken
-as what it is, ``len(self._connections)``: the same decisions in the same order,
-each connection's ``is_idle()`` asked once. It is set on the pool object, not by
-subclassing, so proxy pools (subclasses) keep their own class; and only on
-httpcore 1.0.x, whose method body this one is (its second loop is copied as it
-is). On another version the pool is left as httpcore made it.
+as what it is, ``len(self._connections)``, each connection's ``is_idle()`` asked
+once. And it asks whether an idle connection was closed by its server (a ``poll``
+of its socket, ``has_expired``) where httpcore's answer is used: of the idle
+connection a request is about to be given, and of all of them at most once a
+second (``SWEEP_S``), rather than of every idle connection twice per download
+(16 threads: ~20 polls a photo). A connection the server closed is thus never
+handed out, as before; one nobody asks for is closed up to a second later. It is
+set on the pool object, not by subclassing, so proxy pools (subclasses) keep their
+own class; and only on httpcore 1.0.x, whose method this one mirrors. On another
+version the pool is left as httpcore made it.
 """
 
 from __future__ import annotations
 
+import time
 import types
 from typing import Any
 
@@ -28,6 +34,9 @@ __all__ = ["linear_assignment"]
 
 _KNOWN = "1.0."
 """The httpcore versions whose ``_assign_requests_to_connections`` this mirrors."""
+
+SWEEP_S = 1.0
+"""Seconds between two checks of every idle connection for a server's close."""
 
 
 def linear_assignment(pool: Any) -> bool:
@@ -46,38 +55,40 @@ def linear_assignment(pool: Any) -> bool:
 
 def _assign(self: Any) -> list[Any]:
     """httpcore 1.0.x's ``ConnectionPool._assign_requests_to_connections`` (sync
-    and async alike: it does no I/O), its first loop in one pass.
+    and async alike: it does no I/O but ``poll``), in one pass, polling idle
+    sockets only where it matters (the module's docstring).
 
     Called under the pool's lock, as the original is. Returns the connections to
     close, outside the lock.
     """
     closing_connections = []
     connections = self._connections
+    now = time.monotonic()
+    sweep = now - getattr(self, "_downloader_swept_at", -SWEEP_S) >= SWEEP_S
+    if sweep:
+        self._downloader_swept_at = now
 
-    # Closed, expired and (over max_keepalive_connections) idle connections go.
-    # httpcore compares len([c.is_idle() for c in connections]) with the maximum:
-    # that is len(connections), here without the list.
+    # Closed, (on a sweep) expired and (over max_keepalive_connections) idle
+    # connections go. httpcore compares len([c.is_idle() for c in connections])
+    # with the maximum: that is len(connections), here without the list.
     for connection in list(connections):
         if connection.is_closed():
             connections.remove(connection)
-        elif connection.has_expired() or (
+        elif (sweep and connection.has_expired()) or (
             connection.is_idle() and len(connections) > self._max_keepalive_connections
         ):
             connections.remove(connection)
             closing_connections.append(connection)
 
-    # Queued requests go to a connection: as httpcore 1.0.x does it.
+    # Queued requests go to a connection, as httpcore 1.0.x does it; an available
+    # one is first asked whether it has expired, as httpcore's first loop would.
     queued_requests = [request for request in self._requests if request.is_queued()]
     for pool_request in queued_requests:
         origin = pool_request.request.url.origin
-        available_connections = [
-            connection
-            for connection in connections
-            if connection.can_handle_request(origin) and connection.is_available()
-        ]
+        available = _first_available(self, origin, closing_connections)
         idle_connections = [c for c in connections if c.is_idle()]
-        if available_connections:
-            pool_request.assign_to_connection(available_connections[0])
+        if available is not None:
+            pool_request.assign_to_connection(available)
         elif len(connections) < self._max_connections:
             connection = self.create_connection(origin)
             connections.append(connection)
@@ -90,3 +101,18 @@ def _assign(self: Any) -> list[Any]:
             pool_request.assign_to_connection(connection)
 
     return closing_connections
+
+
+def _first_available(self: Any, origin: Any, closing: list[Any]) -> Any:
+    """The first connection that can take a request to ``origin`` now and has not
+    expired; the expired ones met on the way are moved to ``closing``."""
+    connections = self._connections
+    for connection in list(connections):
+        if not (connection.can_handle_request(origin) and connection.is_available()):
+            continue
+        if connection.has_expired():
+            connections.remove(connection)
+            closing.append(connection)
+            continue
+        return connection
+    return None

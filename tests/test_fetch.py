@@ -10,6 +10,7 @@ import select
 import socket
 import struct
 import threading
+import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from downloader.connection_pool import SWEEP_S
 from downloader.errors import FetchError, OutputError
 from downloader.fetch import (
     CHUNK,
@@ -158,6 +160,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_body(b"", 429, Retry_After=unquote(value))
         else:
             self.route_ok("100")
+
+    def route_ok_then_close(self, size: str) -> None:
+        """A keep-alive answer (no ``Connection: close``), then the server hangs up:
+        the client holds an idle connection its server has closed."""
+        self.route_ok(size)
+        self.close_connection = True
 
     def route_short(self) -> None:
         self.send_response(200)
@@ -843,6 +851,98 @@ def test_the_shared_pool_keeps_its_connections_in_one_pass(
 
     assert len(connections) == threads
     assert site.hits() == 2 * threads
+
+
+def test_the_pool_polls_idle_sockets_once_a_second_not_per_download(
+    site: Site, tmp_path: Path
+) -> None:
+    """Whether an idle connection was closed by its server costs a ``poll`` of its
+    socket. The pool's bookkeeping asks it of every idle connection on a sweep, at
+    most once per ``SWEEP_S``; between sweeps, a pass with no request to place asks
+    nothing, and a download asks it of the connection it is given only (httpcore
+    1.0 asks every idle connection on every pass: twice per download)."""
+    threads = 8
+    http = replace(FAST, per_host=threads)
+    hosts = HostLimiter(threads)
+    with (
+        ThreadPoolExecutor(max_workers=threads) as pool,
+        make_client(http, threads) as client,
+    ):
+        numbers = range(threads)
+        _slow_downloads(pool, site, client, http, hosts, tmp_path, numbers)
+        [connection_pool] = _pools(client)
+        connections = list(connection_pool._connections)
+        asked: Counter[int] = Counter()
+        for connection in connections:
+            has_expired = connection.has_expired
+
+            def counted(
+                connection: Any = connection, has_expired: Any = has_expired
+            ) -> bool:
+                asked[id(connection)] += 1
+                return bool(has_expired())
+
+            connection.has_expired = counted
+
+        def one_pass(swept_ago: float) -> int:
+            asked.clear()
+            connection_pool._downloader_swept_at = time.monotonic() - swept_ago
+            with connection_pool._optional_thread_lock:
+                assert connection_pool._assign_requests_to_connections() == []
+            return sum(asked.values())
+
+        assert one_pass(swept_ago=0.0) == 0
+        assert one_pass(swept_ago=SWEEP_S) == threads  # a sweep: each once
+        connection_pool._downloader_swept_at = time.monotonic()
+        asked.clear()
+        assert download(site.url("/ok/10"), tmp_path, http, hosts=hosts)
+        assert sum(asked.values()) == 0  # download() has its own client
+        fetch(
+            make_job(site.url("/ok/10")),
+            client,
+            http,
+            tmp_path,
+            hosts=hosts,
+            cancel=threading.Event(),
+        )
+        assert sum(asked.values()) == 1  # the connection it was given
+        assert connection_pool._connections == connections  # all kept
+
+
+def test_an_idle_connection_its_server_closed_is_never_handed_out(
+    site: Site, tmp_path: Path
+) -> None:
+    """Between sweeps, the connection a request is given is still asked whether
+    its server closed it: a keep-alive connection the server hung up is replaced
+    before the request is sent, so the download needs no second attempt."""
+    hosts = HostLimiter(1)
+    with make_client(FAST, 1) as client:
+        first = fetch(
+            make_job(site.url("/ok-then-close/10")),
+            client,
+            FAST,
+            tmp_path,
+            hosts=hosts,
+            cancel=threading.Event(),
+        )
+        [connection_pool] = _pools(client)
+        [connection] = connection_pool._connections
+        sock = connection._connection._network_stream.get_extra_info("socket")
+        readable, _, _ = select.select([sock], [], [], WAIT)  # the server's FIN
+        assert readable
+        connection_pool._downloader_swept_at = time.monotonic()  # no sweep now
+        second = fetch(
+            make_job(site.url("/ok/10")),
+            client,
+            FAST,
+            tmp_path,
+            hosts=hosts,
+            cancel=threading.Event(),
+        )
+        assert connection_pool._connections != [connection]
+
+    assert (first.attempts, second.attempts) == (1, 1)
+    assert site.hits() == 2
 
 
 def test_slot_is_released_after_a_failure(site: Site, tmp_path: Path) -> None:
