@@ -36,7 +36,7 @@ HOLD_S = 10.0
 # The slow drip sends one byte per this many seconds.
 DRIP_S = 0.05
 # Size of the oversized bodies (tests set --max-bytes far below it).
-BIG_BODY = 1_000_000
+BIG_BODY = 2_500_000
 # Zeros that the gzip bomb inflates to (about 20 KB on the wire).
 BOMB_BYTES = 20_000_000
 # The body of /noise: no image format's signature, and not text.

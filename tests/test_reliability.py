@@ -24,6 +24,7 @@ from downloader.report import RunReport
 from downloader.settings import LOCAL_MODES, HttpSettings, ImageSpec, Mode
 from downloader.transfer import STALL_RETRIES
 from tests.helpers import (
+    BIG_BODY,
     FLAT_IMAGE,
     LocalServer,
     corpus_urls,
@@ -221,7 +222,7 @@ FAILURES = [
     (
         "/big",
         Stage.DOWNLOAD,
-        f"larger than --max-bytes ({MAX_BYTES} bytes): Content-Length 1000000",
+        f"larger than --max-bytes ({MAX_BYTES} bytes): Content-Length {BIG_BODY}",
         1,
     ),
     ("/big-unsized", Stage.DOWNLOAD, f"larger than --max-bytes ({MAX_BYTES} bytes)", 1),

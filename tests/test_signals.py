@@ -452,7 +452,7 @@ def test_a_full_disk_stops_the_run_with_exit_3_and_a_true_manifest(
     capsys: pytest.CaptureFixture[str],
     mode: Mode,
 ) -> None:
-    """A 1 MB body on a 256 KiB filesystem: exit 3, a clear error, a record per input.
+    """A 2.5 MB body on a 256 KiB filesystem: exit 3, a clear error, a record per input.
 
     The URL that filled the disk fails with the reason; those before it are ok (or
     cut short), those after it are ``not started``, as after Ctrl-C.
