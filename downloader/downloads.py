@@ -46,6 +46,7 @@ from downloader.politeness import process_rate
 from downloader.progress import EventKind
 from downloader.records import Fetched, Job, Outcome, Stage
 from downloader.runtime import Wakeup
+from downloader.spares import SpareFiles
 from downloader.steps import Retry
 from downloader.transform_pool import (
     SHUTDOWN_GRACE_S,
@@ -133,9 +134,15 @@ class ThreadDownloads:
     """``--threads`` download threads in this process, one shared ``httpx.Client``."""
 
     def __init__(
-        self, lifecycle: Lifecycle, feed: Feed, pool: TransformPool, wakeup: Wakeup
+        self,
+        lifecycle: Lifecycle,
+        feed: Feed,
+        pool: TransformPool,
+        wakeup: Wakeup,
+        spares: SpareFiles | None = None,
     ) -> None:
         self._lifecycle = lifecycle
+        self._spares = spares
         self._feed = feed
         self._pool = pool
         self._wakeup = wakeup
@@ -232,7 +239,13 @@ class ThreadDownloads:
         lifecycle = self._lifecycle
         try:
             fetched = lifecycle.fetch(
-                item, self._client, self._hosts, lane, defer=True, worker_hashes=True
+                item,
+                self._client,
+                self._hosts,
+                lane,
+                defer=True,
+                worker_hashes=True,
+                spares=self._spares,
             )
         finally:
             self._feed.done(job)

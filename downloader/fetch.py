@@ -81,6 +81,7 @@ from downloader.resolve import (
     pin_backend,
 )
 from downloader.settings import HttpSettings, without_password
+from downloader.spares import SpareFiles
 from downloader.transfer import (
     SNIFF_BYTES,
     STALL_RETRIES,
@@ -145,6 +146,8 @@ _log = logging.getLogger("downloader")
 _PART_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 # A partial body is continued in the file this download made, never through a link.
 _PARTIAL_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW
+# A spare is written over from its start (``spares``), never through a link.
+_SPARE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
 def _client_options(http: HttpSettings, threads: int) -> dict[str, Any]:
@@ -745,13 +748,15 @@ def fetch(
     attempts_done: int = 0,
     state: AttemptState | None = None,
     hash_body: bool = True,
+    spares: SpareFiles | None = None,
 ) -> Fetched:
     """Download ``job.url`` to ``tmp_dir/<stem>.part``, retrying transient failures.
 
     With ``defer_retries`` a wait before the next attempt is raised as ``RetryLater``
     instead of slept; ``attempts_done`` and ``state`` (both from that ``RetryLater``)
     continue the retry budget of the calls before. Without ``hash_body`` the record's
-    ``sha256`` is None (whoever reads the file next hashes it).
+    ``sha256`` is None (whoever reads the file next hashes it). With ``spares`` the
+    body is written over a spare file when one is ready (``spares``).
 
     Raises:
         RetryLater: only with ``defer_retries``; nothing is left on disk but the
@@ -765,7 +770,9 @@ def fetch(
     attempts.count = attempts_done
     attempts.hash_body = hash_body
     attempts.carry(state or AttemptState())
-    download = _Download(attempts, client, hosts, cancel, defer_retries=defer_retries)
+    download = _Download(
+        attempts, client, hosts, cancel, defer_retries=defer_retries, spares=spares
+    )
     with attempts.cleanup():
         return download.run()
 
@@ -1148,6 +1155,7 @@ class _Download:
         cancel: threading.Event,
         *,
         defer_retries: bool = False,
+        spares: SpareFiles | None = None,
     ) -> None:
         self.attempts, self.client, self.hosts, self.cancel = (
             attempts,
@@ -1156,6 +1164,7 @@ class _Download:
             cancel,
         )
         self.defer_retries = defer_retries
+        self.spares = spares
 
     def run(self) -> Fetched:
         """Make attempts until one succeeds, a failure is final, or retries run out."""
@@ -1204,7 +1213,8 @@ class _Download:
         reader = self.attempts.body_reader(response, received)
         if reader.offset and reader.digest is not None:
             reader.digest = _digest_of(self.attempts.path, reader.offset)
-        with _PartFile(self.attempts.path, append=reader.offset > 0) as part:
+        append = reader.offset > 0
+        with _PartFile(self.attempts.path, append=append, spares=self.spares) as part:
             timeout = self.attempts.http.timeout
             receive = functools.partial(_receive, timeout=timeout)
             for direct in direct_reads(response, receive):
@@ -1379,21 +1389,34 @@ class _SpeedCheck:
 class _PartFile:
     """The ``.part`` being written with ``os.write``; local faults → OutputError.
 
-    A new file, or with ``append`` the partial body this download is continuing. A
-    failed transfer leaves the file to ``_Attempts``, which keeps it only to continue.
+    A new file; with ``append`` the partial body this download is continuing; or,
+    given ``spares`` with one ready, a spare renamed to ``path`` and written over
+    from its start (``spares``): closed, it is cut to what was written, so nothing
+    of the file it was is left past the body. A failed transfer leaves the file to
+    ``_Attempts``, which keeps it only to continue.
     """
 
-    def __init__(self, path: Path, *, append: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, append: bool = False, spares: SpareFiles | None = None
+    ) -> None:
         self.path = path
         self._append = append
+        self._spares = spares
         self._fd = -1
+        self._over = False
+        """Writing over a spare: cut to ``_written`` when closed."""
+        self._written = 0
 
     def __enter__(self) -> _PartFile:
-        opener = _open_partial if self._append else _open_part
-        try:
-            self._fd = opener(str(self.path), os.O_WRONLY)
-        except OSError as exc:
-            raise _output_error(self.path, exc) from exc
+        if self._spares is not None and not self._append:
+            self._fd = _spare_renamed(self._spares, str(self.path))
+            self._over = self._fd >= 0
+        if self._fd < 0:
+            opener = _open_partial if self._append else _open_part
+            try:
+                self._fd = opener(str(self.path), os.O_WRONLY)
+            except OSError as exc:
+                raise _output_error(self.path, exc) from exc
         return self
 
     def write_all(self, pieces: Iterator[_Bytes]) -> None:
@@ -1402,7 +1425,9 @@ class _PartFile:
             for piece in pieces:
                 view = memoryview(piece)
                 while view:
-                    view = view[os.write(self._fd, view) :]
+                    written = os.write(self._fd, view)
+                    self._written += written
+                    view = view[written:]
         except OSError as exc:
             raise _output_error(self.path, exc) from exc
 
@@ -1413,12 +1438,38 @@ class _PartFile:
         traceback: TracebackType | None,
     ) -> None:
         try:
-            os.close(self._fd)
+            try:
+                if self._over:
+                    os.ftruncate(self._fd, self._written)
+            finally:
+                os.close(self._fd)
         except OSError as close_exc:
             # A delayed write error (NFS, quota) shows up here; report it if first.
             _remove(self.path)
             if exc_type is None:
                 raise _output_error(self.path, close_exc) from close_exc
+
+
+def _spare_renamed(spares: SpareFiles, path: str) -> int:
+    """A ready spare, opened to be written over and renamed to ``path`` (replacing a
+    stale file there, as ``_open_part`` does); -1 if there is none to take.
+
+    A spare that cannot be opened is passed over. Opened never through a link, and
+    without blocking (a FIFO under a spare's name fails, it does not wait).
+    """
+    while (spare := spares.take()) is not None:
+        try:
+            fd = os.open(spare, _SPARE_FLAGS)
+        except OSError:
+            continue
+        try:
+            os.rename(spare, path)
+        except OSError:
+            os.close(fd)
+            _remove(Path(spare))
+            return -1
+        return fd
+    return -1
 
 
 class _Identity:

@@ -58,6 +58,7 @@ from downloader.reuse import Claim
 from downloader.runtime import RunContext
 from downloader.settings import NameBy, Settings
 from downloader.sources import earlier_stems
+from downloader.spares import SpareFiles
 from downloader.steps import (
     ORIGINALS_NAME,
     Retry,
@@ -143,12 +144,14 @@ class Lifecycle:
         *,
         defer: bool = False,
         worker_hashes: bool = False,
+        spares: SpareFiles | None = None,
     ) -> Fetched | Outcome | Retry:
         """Download a job (or continue a waiting one) with its progress events.
 
         With ``worker_hashes`` (the pipeline's downloads, whose worker reads the file
         in full anyway) the body is not hashed here (``Fetched.sha256`` None), unless
-        ``--name-by sha256`` needs the hash before the hand-off.
+        ``--name-by sha256`` needs the hash before the hand-off. ``spares``: files
+        the workers are done with, for the body to be written over (``spares``).
 
         With ``defer`` (or for a ``Retry``) a wait before the next attempt comes back
         as a ``Retry`` instead of being slept; the job's ``started`` event comes with
@@ -183,6 +186,7 @@ class Lifecycle:
                 attempts_done=attempts,
                 state=state,
                 hash_body=not worker_hashes or self.settings.name_by is NameBy.SHA256,
+                spares=spares,
             )
         except RetryLater as later:
             waits = True

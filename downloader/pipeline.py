@@ -43,7 +43,12 @@ from downloader.lifecycle import Lifecycle
 from downloader.records import Job, Outcome, Stage
 from downloader.runtime import Wakeup
 from downloader.scheduling import TICK_S
-from downloader.transform_pool import SHUTDOWN_GRACE_S, TransformPool
+from downloader.spares import SpareFiles
+from downloader.transform_pool import (
+    SHUTDOWN_GRACE_S,
+    WORK_QUEUE_SLACK,
+    TransformPool,
+)
 
 __all__ = ["HOST_LOOKAHEAD_PER_THREAD", "State", "run_pipeline"]
 
@@ -123,11 +128,19 @@ class _Pipeline:
             host_limit=settings.http.per_host * settings.download_processes,
             lookahead=HOST_LOOKAHEAD_PER_THREAD * settings.threads,
         )
-        self._pool = TransformPool(lifecycle, mp, self._wakeup)
+        # Downloads in this process write over the files the workers are done
+        # with (``spares``); download processes keep to new files.
+        spares = None
+        if not remote:
+            most = settings.threads + settings.procs * (1 + WORK_QUEUE_SLACK)
+            spares = SpareFiles(lifecycle.context.tmp, most)
+        self._pool = TransformPool(lifecycle, mp, self._wakeup, spares)
         self._downloads: Downloads = (
             ProcessDownloads(lifecycle, self._feed, self._pool, mp)
             if remote
-            else ThreadDownloads(lifecycle, self._feed, self._pool, self._wakeup)
+            else ThreadDownloads(
+                lifecycle, self._feed, self._pool, self._wakeup, spares
+            )
         )
 
     def __enter__(self) -> _Pipeline:

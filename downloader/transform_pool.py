@@ -47,6 +47,7 @@ from downloader.lifecycle import Lifecycle
 from downloader.records import Fetched, Outcome, Stage
 from downloader.runtime import Wakeup
 from downloader.scheduling import TICK_S
+from downloader.spares import SpareFiles
 from downloader.steps import discard
 from downloader.worker import (
     Task,
@@ -113,8 +114,13 @@ class TransformPool:
         lifecycle: Lifecycle,
         mp: ForkServerContext | SpawnContext,
         wakeup: Wakeup,
+        spares: SpareFiles | None = None,
     ) -> None:
         self._lifecycle = lifecycle
+        self._spares = spares
+        """Where a worker links a download nobody keeps, for the next one to reuse."""
+        self._lent: dict[int, str] = {}
+        """Job index -> the spare name its task was given (slots lock held)."""
         self._wakeup = wakeup
         """Woken when a worker has started (one more Pipe and sentinel to wait on)."""
         self._settings = lifecycle.settings
@@ -242,15 +248,29 @@ class TransformPool:
             worker.heard_at = time.monotonic()
         worker.assigned[fetched.job.index] = fetched
         job = fetched.job
+        discard_src = job.local_path is None and not self._settings.keep_originals
+        recycle_to = None
+        if discard_src and self._spares is not None:
+            self._settle(job.index, linked=False)  # handed out again: a new name
+            recycle_to = self._spares.lend(fetched.nbytes)
+            if recycle_to is not None:
+                self._lent[job.index] = recycle_to
         task = Task(
             job.index,
             str(fetched.path),
             job.stem,
             job.owned,
             hash_src=fetched.sha256 is None,
-            discard_src=job.local_path is None and not self._settings.keep_originals,
+            discard_src=discard_src,
+            recycle_to=recycle_to,
         )
         worker.inbox.put_nowait(task)
+
+    def _settle(self, index: int, *, linked: bool) -> None:
+        """The spare name lent for job ``index`` is answered for (slots lock held)."""
+        name = self._lent.pop(index, None)
+        if name is not None and self._spares is not None:
+            self._spares.settle(name, linked)
 
     def _release(self) -> None:
         """A slot is free again (its file was recorded and let go)."""
@@ -324,6 +344,9 @@ class TransformPool:
         elif isinstance(message, TaskDone | TaskFailed):
             worker.current = None
             fetched = worker.assigned.pop(message.index)
+            linked = isinstance(message, TaskDone) and message.recycled
+            with self._slots:
+                self._settle(message.index, linked=linked)
             if isinstance(message, TaskDone):
                 self._restarts.succeeded()
             outcome = self._lifecycle.transformed(fetched, message, worker.lane)
@@ -365,6 +388,8 @@ class TransformPool:
             self._workers.remove(worker)
             if replacement is not None:
                 self._workers.append(replacement)
+            for index in worker.assigned:
+                self._settle(index, linked=False)
         _discard_channels(worker)
         for index, fetched in worker.assigned.items():
             if self._stopping or (replacement is None and not self._workers):

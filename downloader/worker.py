@@ -17,7 +17,7 @@ import os
 import resource
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.queues import Queue
 from pathlib import Path
@@ -60,6 +60,9 @@ class Task:
     in the main process's loop (whose ``steps.discard`` then finds it gone). Sent
     first, so that a worker dying in between leaves the file to the main process,
     which removes it, as ever."""
+    recycle_to: str | None = None
+    """Link ``src`` to this name before ``TaskDone`` is sent, as a spare for the
+    next download to write over (``spares``): set only with ``discard_src``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,8 @@ class TaskDone:
     time: float
     sha256: str | None = None
     """The source file's SHA-256 (``Task.hash_src``)."""
+    recycled: bool = False
+    """``src`` was linked to ``Task.recycle_to``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +150,15 @@ def run_task(task: Task, out: Path, spec: ImageSpec) -> TaskDone | TaskFailed:
     return TaskDone(task.index, result, time.perf_counter(), sha256)
 
 
+def _linked(src: str, spare: str) -> bool:
+    """Link ``src`` to the name ``spare``; False if that cannot be done."""
+    try:
+        os.link(src, spare, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
+
+
 def worker_main(
     inbox: Queue[Task | None],
     results: Connection,
@@ -167,6 +181,10 @@ def worker_main(
                     break
                 results.send(TaskStarted(task.index, time.perf_counter()))
                 message = run_task(task, Path(out), spec)
+                if task.recycle_to is not None and isinstance(message, TaskDone):
+                    message = replace(
+                        message, recycled=_linked(task.src, task.recycle_to)
+                    )
                 results.send(message)
                 if task.discard_src and isinstance(message, TaskDone):
                     with contextlib.suppress(OSError):

@@ -31,6 +31,7 @@ from downloader.fetch import (
     CHUNK,
     AsyncHostLimiter,
     HostLimiter,
+    _PartFile,
     _pools,
     blocked_address_kind,
     fetch,
@@ -40,6 +41,7 @@ from downloader.fetch import (
 )
 from downloader.records import Fetched, Job
 from downloader.settings import HttpSettings
+from downloader.spares import SpareFiles
 from tests.helpers import block_127_0_0_2
 
 FAST = HttpSettings(
@@ -943,6 +945,93 @@ def test_an_idle_connection_its_server_closed_is_never_handed_out(
 
     assert (first.attempts, second.attempts) == (1, 1)
     assert site.hits() == 2
+
+
+def _ready_spare(folder: Path, content: bytes | None) -> tuple[SpareFiles, Path]:
+    """Spare files with one ready: a file of ``content``, or (None) nothing yet."""
+    spares = SpareFiles(folder, 4)
+    name = spares.lend(len(content or b""))
+    assert name is not None
+    if content is not None:
+        Path(name).write_bytes(content)
+    spares.settle(name, linked=True)
+    return spares, Path(name)
+
+
+def test_a_body_is_written_over_a_spare_and_cut_to_its_length(
+    site: Site, tmp_path: Path
+) -> None:
+    """A download given a ready spare (``spares``) renames it to its ``.part`` and
+    writes over it: the same inode, exactly the body, none of the 3 MB it held."""
+    spares, spare = _ready_spare(tmp_path, b"\x01" * 3_000_000)
+    inode = spare.stat().st_ino
+    (tmp_path / "item.part").write_bytes(b"stale")  # replaced, as _open_part does
+    with make_client(FAST, 1) as client:
+        fetched = fetch(
+            make_job(site.url("/ok/1000")),
+            client,
+            FAST,
+            tmp_path,
+            hosts=HostLimiter(1),
+            cancel=threading.Event(),
+            spares=spares,
+        )
+
+    assert fetched.path.read_bytes() == payload(1000)
+    assert fetched.path.stat().st_ino == inode
+    assert not spare.exists()
+    assert spares.take() is None
+
+
+def test_a_spare_that_is_a_link_or_gone_is_passed_over(
+    site: Site, tmp_path: Path
+) -> None:
+    """A spare's name is opened never through a link: one that is a link (or no
+    longer there) is passed over, what it points to is left as it is, and the body
+    goes to a new file."""
+    victim = tmp_path / "victim.jpg"
+    victim.write_bytes(b"not yours")
+    spares, spare = _ready_spare(tmp_path / "scratch", None)
+    spare.parent.mkdir()
+    spare.symlink_to(victim)
+    gone = spares.lend(10)
+    assert gone is not None
+    spares.settle(gone, linked=True)  # said linked, but not there
+    with make_client(FAST, 1) as client:
+        fetched = fetch(
+            make_job(site.url("/ok/1000")),
+            client,
+            FAST,
+            spare.parent,
+            hosts=HostLimiter(1),
+            cancel=threading.Event(),
+            spares=spares,
+        )
+
+    assert fetched.path.read_bytes() == payload(1000)
+    assert victim.read_bytes() == b"not yours"
+    assert spare.is_symlink()
+    assert spares.take() is None
+
+
+def test_a_write_cut_short_over_a_spare_keeps_only_what_was_written(
+    tmp_path: Path,
+) -> None:
+    """However the writing of a body over a spare ends, the file is cut to what was
+    written when it is closed: a partial body kept to be continued is exactly the
+    bytes received, never followed by the spare's old ones."""
+    spares, _ = _ready_spare(tmp_path, b"\x01" * 100_000)
+    path = tmp_path / "item.part"
+
+    def cut_short() -> None:
+        with _PartFile(path, spares=spares) as part:
+            part.write_all(iter([b"abc", memoryview(b"defg")]))
+            raise ConnectionResetError("cut")
+
+    with pytest.raises(ConnectionResetError):
+        cut_short()
+
+    assert path.read_bytes() == b"abcdefg"
 
 
 def test_slot_is_released_after_a_failure(site: Site, tmp_path: Path) -> None:

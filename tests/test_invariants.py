@@ -13,6 +13,7 @@ killed workers in ``test_pipeline.py``, ``test_modes.py`` and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -275,6 +276,22 @@ def test_download_lines_carry_the_bytes_received(shared: SharedRun) -> None:
 
     assert received(shared.library_events) >= ok_bytes > 0
     assert received(shared.cli_events) >= ok_bytes
+
+
+def test_ok_records_hash_and_size_the_body_served(
+    shared: SharedRun, corpus: Path
+) -> None:
+    """Each ok record's SHA-256 and size are those of the file the server sent,
+    whoever hashed it and whatever file the body was written to (``spares``)."""
+    for out in (shared.library_out, shared.cli_out):
+        records = [
+            r for r in _json_lines(out / "manifest.jsonl") if r["status"] == "ok"
+        ]
+        assert len(records) == 4
+        for record in records:
+            served = (corpus / str(record["url"]).rsplit("/", 1)[1]).read_bytes()
+            assert record["sha256"] == hashlib.sha256(served).hexdigest()
+            assert record["bytes"] == len(served)
 
 
 # -------------------------------------------------------- workers that keep dying

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ from downloader.children import mp_context
 from downloader.demo import serve_in_thread
 from downloader.pipeline import _Waiter
 from downloader.progress import EventLog
+from downloader.spares import SpareFiles
 from downloader.worker import Task, TaskDone, TaskFailed, worker_main
 from tests.helpers import (
     FLAT_IMAGE,
@@ -355,6 +357,96 @@ def test_a_worker_removes_a_download_nobody_keeps_once_it_said_done(
     assert kept.read_bytes() == image.read_bytes()
     assert broken.read_bytes() == b"not an image"
     assert {"a.jpg", "b.jpg"} <= {p.name for p in out.iterdir()}
+
+
+def test_a_worker_links_a_done_download_to_its_spare_name_before_saying_done(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """``Task.recycle_to``: the worker links its source to the spare name before it
+    sends ``TaskDone`` (``recycled``), then removes the source as ever: the spare is
+    the same file. A failed task links nothing; a link that cannot be made is said
+    (``recycled`` False) and the source still goes."""
+    mp = mp_context()
+    inbox: Queue[Task | None] = mp.Queue()
+    results, results_end = mp.Pipe(duplex=False)
+    stop_end, stop = mp.Pipe(duplex=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    image = next(p for p in sorted(corpus.iterdir()) if p.suffix == ".jpg")
+    good, broken, unlinkable = (tmp_path / f"{n}.part" for n in ("a", "b", "c"))
+    shutil.copyfile(image, good)
+    shutil.copyfile(image, unlinkable)
+    broken.write_bytes(b"not an image")
+    inode = good.stat().st_ino
+    spares = [tmp_path / f"{n}.spare" for n in range(3)]
+    worker = mp.Process(
+        target=worker_main,
+        args=(inbox, results_end, stop_end, str(out), ImageSpec(max_size=32), 10),
+    )
+    worker.start()
+    results_end.close()
+    stop_end.close()
+    for index, (src, spare) in enumerate(
+        [(good, spares[0]), (broken, spares[1]), (unlinkable, tmp_path / "no" / "x")]
+    ):
+        inbox.put(
+            Task(index, str(src), src.stem, discard_src=True, recycle_to=str(spare))
+        )
+    inbox.put(None)
+    ends: dict[int, TaskDone | TaskFailed] = {}
+    while len(ends) < 3 and results.poll(WAIT_S):
+        message = results.recv()
+        if isinstance(message, TaskDone | TaskFailed):
+            ends[message.index] = message
+    worker.join(WAIT_S)
+    stop.close()
+
+    assert [type(ends[i]) for i in range(3)] == [TaskDone, TaskFailed, TaskDone]
+    assert [getattr(ends[i], "recycled", None) for i in range(3)] == [True, None, False]
+    assert spares[0].stat().st_ino == inode
+    assert spares[0].read_bytes() == image.read_bytes()
+    assert not good.exists()
+    assert not unlinkable.exists()
+    assert not spares[1].exists()
+    assert broken.read_bytes() == b"not an image"  # the main process's to remove
+
+
+def test_downloads_written_over_spares_are_exactly_their_bodies(
+    server: LocalServer, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Download threads write over the files the workers are done with (``spares``):
+    each record's SHA-256 and size are those of the body served, and the outputs are
+    those of a run that writes every download to a new file; nothing is left in the
+    scratch folder. The corpus's images differ in size, so a body written over a
+    larger one would keep the old tail without the cut at close."""
+    taken: list[str | None] = []
+    take = SpareFiles.take
+
+    def noted_take(self: SpareFiles) -> str | None:
+        spare = take(self)
+        taken.append(spare)
+        return spare
+
+    urls = [f"{url}?n={n}" for n in range(3) for url in corpus_urls(server, corpus)]
+    serial = {"threads": 1, "procs": 1, "mode": Mode.PIPELINE}
+    baseline = run(urls, fast_settings(tmp_path / "new", mode=Mode.THREADS))
+    monkeypatch.setattr(SpareFiles, "take", noted_take)
+    report = run(urls, fast_settings(tmp_path / "over", **serial))
+
+    assert [o.status for o in report.results] == [Status.OK] * len(urls)
+    assert [o.status for o in baseline.results] == [Status.OK] * len(urls)
+    assert sum(spare is not None for spare in taken) >= len(urls) // 2
+    records = read_manifest(tmp_path / "over")
+    for record in records:
+        served = corpus / str(record["url"]).rsplit("/", 1)[1].split("?")[0]
+        assert record["sha256"] == hashlib.sha256(served.read_bytes()).hexdigest()
+        assert record["bytes"] == served.stat().st_size
+    for record in records:
+        output = str(record["path"])
+        assert (tmp_path / "over" / output).read_bytes() == (
+            tmp_path / "new" / output
+        ).read_bytes()
+    assert leftovers(tmp_path / "over") == []
 
 
 def test_the_coordinators_wait_keeps_watching_a_number_opened_again() -> None:
