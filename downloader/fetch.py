@@ -70,7 +70,7 @@ import idna
 from downloader.connection_pool import linear_assignment
 from downloader.errors import FetchError, OutputError
 from downloader.politeness import Pace, RequestRate, refused_use
-from downloader.raw_body import direct_reads
+from downloader.raw_body import direct_reads, whole
 from downloader.records import Fetched, Job
 from downloader.resolve import (
     UNRESOLVED_ATTEMPTS,
@@ -1222,8 +1222,9 @@ class _Download:
             # What direct_reads did not take (all of a body it cannot read). No
             # chunk_size: httpx would buffer reads up to it, so a slow drip would
             # never reach the deadline check. httpcore already reads 64 KiB at a time.
-            for data in response.iter_raw():
-                part.write_all(reader.feed(data))
+            if not whole(response):
+                for data in response.iter_raw():
+                    part.write_all(reader.feed(data))
             part.write_all(reader.finish())
             return reader.body(url)
 

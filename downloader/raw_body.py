@@ -7,7 +7,8 @@ six generator layers: ~4 ms of CPU for a 1.45 MB image where the socket alone co
 thread, for a plain HTTP/1.1 body with a ``Content-Length`` on a connection whose
 socket this process reads itself (plain TCP or ``ssl.SSLSocket``; not TLS inside a
 proxy's TLS, not chunked, not read-until-close). Whatever it does not take, httpx
-reads as before, so the caller always finishes with ``response.iter_raw()``; the
+reads as before, so the caller finishes with ``response.iter_raw()``, unless
+``whole`` says the body was all read here (then h11 has taken its end); the
 caller's checks (size caps, decoding, sniffing, speed, deadline, cancellation) see
 every piece either way.
 
@@ -34,9 +35,10 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import h11
 import httpx
 
-__all__ = ["READ_BYTES", "Read", "direct_reads", "plain_socket"]
+__all__ = ["READ_BYTES", "Read", "direct_reads", "plain_socket", "whole"]
 
 READ_BYTES = 1024 * 1024
 """Most bytes one direct read takes: sixteen of httpx's reads in one, so a photo
@@ -75,7 +77,7 @@ def direct_reads(
     parts = _body_parts(response)
     if parts is None:
         return
-    reader, buffered, sock = parts
+    _, reader, buffered, sock = parts
     early = buffered.maybe_extract_at_most(reader._remaining)
     if early:
         reader._remaining -= len(early)
@@ -94,8 +96,26 @@ def direct_reads(
         yield view[:received]
 
 
-def _body_parts(response: httpx.Response) -> tuple[Any, Any, socket.socket] | None:
-    """h11's body reader, its receive buffer and the socket, if all are as expected."""
+def whole(response: httpx.Response) -> bool:
+    """If ``direct_reads`` took all of the body of ``response``, let h11 take its end
+    (its count is zero: it reads nothing) and return True: httpx has nothing left to
+    read, so the caller skips ``iter_raw`` (which would walk six layers to find that
+    out, and after this would wait for more); closing the response puts the
+    connection back in the pool. False otherwise: the caller reads the rest with
+    ``iter_raw``, as ever."""
+    parts = _body_parts(response)
+    if parts is None:
+        return False
+    state, reader, _, _ = parts
+    if reader._remaining != 0:
+        return False
+    event = state.next_event()
+    return isinstance(event, h11.EndOfMessage) and state.their_state is h11.DONE
+
+
+def _body_parts(response: httpx.Response) -> tuple[Any, Any, Any, socket.socket] | None:
+    """h11's state, body reader and receive buffer, and the socket, if all are as
+    expected."""
     bound: Any = response.stream
     try:
         connection = bound._stream._httpcore_stream._stream._connection
@@ -112,7 +132,7 @@ def _body_parts(response: httpx.Response) -> tuple[Any, Any, socket.socket] | No
     sock = plain_socket(stream)
     if sock is None or not isinstance(remaining, int):
         return None
-    return reader, buffered, sock
+    return state, reader, buffered, sock
 
 
 def _buffer() -> memoryview:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from downloader.fetch import make_client
-from downloader.raw_body import READ_BYTES, Read, direct_reads
+from downloader.raw_body import READ_BYTES, Read, direct_reads, whole
 from downloader.settings import HttpSettings
 from tests.helpers import BIG_BODY, LocalServer
 
@@ -60,6 +60,37 @@ def test_a_sized_body_is_read_from_the_socket_and_its_connection_kept(
     assert again == direct
     assert len(first) == 1
     assert second == first
+
+
+def test_a_body_read_whole_needs_nothing_from_httpx_and_keeps_its_connection(
+    server: LocalServer, corpus: Path
+) -> None:
+    """Once ``direct_reads`` took the whole body, ``whole`` lets h11 take its end:
+    the caller skips httpx's reads, and closing the response still puts the
+    connection back in the pool for the next request. Before the body is whole,
+    ``whole`` says so and takes nothing."""
+    with make_client(HttpSettings(), 1) as client:
+        with _streamed(client, f"{server.base_url}/big") as response:
+            reads = direct_reads(response, _within(TIMEOUT))
+            first = bytes(next(reads))
+            early = whole(response)
+            big = first + b"".join(bytes(p) for p in reads)
+            done = whole(response)
+        image = _largest_image(corpus)
+        bodies, pools = [], []
+        for _ in range(2):
+            with _streamed(client, server.url_for(image.name)) as response:
+                reads = direct_reads(response, _within(TIMEOUT))
+                bodies.append(b"".join(bytes(p) for p in reads))
+                assert whole(response)
+            pools.append(_pool_connections(client))
+
+    assert (early, done) == (False, True)
+    assert len(first) < BIG_BODY
+    assert big == b"\xff" * BIG_BODY
+    assert bodies == [image.read_bytes()] * 2
+    assert len(pools[0]) == 1
+    assert pools[1] == pools[0]
 
 
 def test_a_large_body_comes_in_large_reads(server: LocalServer) -> None:
