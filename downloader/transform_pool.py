@@ -3,6 +3,11 @@
 Each worker (``worker.worker_main``) has its own inbox Queue and its own Pipe back, so
 a killed worker can damage only its own channels, which are thrown away with it (a
 shared Queue whose reader dies holding its lock would hang every other worker). The
+inbox is a ``multiprocessing.SimpleQueue``: the download thread that hands a file
+over writes its task to the pipe itself, where a ``Queue`` would wake a feeder
+thread to do it (a wake-up and a thread switch per photo, in the process whose CPU
+runs short); a task is a few hundred bytes and at most ``procs * (1 +
+WORK_QUEUE_SLACK)`` are in flight, far from filling a pipe. The
 pool hands a downloaded file (a ``Task``: a path, never the bytes) to the worker with
 the fewest assigned, at most ``procs * (1 + WORK_QUEUE_SLACK)`` at once: when they
 are all taken, ``hand_off`` waits, so downloads never run far ahead of transforms.
@@ -30,7 +35,7 @@ threads call ``hand_off`` (thread-safe); nothing else touches a worker.
 from __future__ import annotations
 
 import contextlib
-import queue
+import select
 import signal
 import threading
 import time
@@ -39,7 +44,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
-from multiprocessing.queues import Queue
+from multiprocessing.queues import SimpleQueue
 
 from downloader.children import ChildFault, RestartBudget, StopLine
 from downloader.errors import WorkerCrashed
@@ -90,7 +95,7 @@ def describe_exit(process: BaseProcess) -> str:
 class _Worker:
     number: int
     process: BaseProcess
-    inbox: Queue[Task | None]
+    inbox: SimpleQueue[Task | None]
     reader: Connection
     assigned: dict[int, Fetched] = field(default_factory=dict)
     current: int | None = None
@@ -100,6 +105,16 @@ class _Worker:
     retiring: bool = False
     timed_out: bool = False
     fault: ChildFault | None = None
+    _poller: select.poll = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._poller = select.poll()
+        self._poller.register(self.reader.fileno(), select.POLLIN)
+
+    def has_message(self) -> bool:
+        """A message (or the end of the Pipe) waits: ``Connection.poll`` without
+        the selector it builds, fills and closes on each call (several a photo)."""
+        return bool(self._poller.poll(0))
 
     @property
     def lane(self) -> str:
@@ -173,7 +188,7 @@ class TransformPool:
 
     def _start_worker(self) -> _Worker:
         reader, writer = self._mp.Pipe(duplex=False)
-        inbox: Queue[Task | None] = self._mp.Queue(maxsize=self._capacity + 1)
+        inbox: SimpleQueue[Task | None] = self._mp.SimpleQueue()
         number = next(self._numbers)
         process = self._mp.Process(
             target=worker_main,
@@ -264,7 +279,7 @@ class TransformPool:
             discard_src=discard_src,
             recycle_to=recycle_to,
         )
-        worker.inbox.put_nowait(task)
+        worker.inbox.put(task)
 
     def _settle(self, index: int, *, linked: bool) -> None:
         """The spare name lent for job ``index`` is answered for (slots lock held)."""
@@ -324,7 +339,7 @@ class TransformPool:
 
     def _read_worker(self, worker: _Worker) -> Iterator[Outcome]:
         try:
-            while worker.reader.poll():
+            while worker.has_message():
                 message: WorkerMessage = worker.reader.recv()
                 yield from self._handle(worker, message)
         except (EOFError, OSError):
@@ -483,13 +498,12 @@ def crash_error(who: str, fault: ChildFault) -> WorkerCrashed:
 
 def _tell_stop(worker: _Worker) -> None:
     """Ask ``worker`` to leave once its queued tasks are done (its sentinel)."""
-    with contextlib.suppress(ValueError, queue.Full, OSError):
-        worker.inbox.put_nowait(None)
+    with contextlib.suppress(ValueError, OSError):
+        worker.inbox.put(None)
 
 
 def _discard_channels(worker: _Worker) -> None:
     worker.reader.close()
     # The tasks still in a dead worker's inbox are tracked in ``assigned`` and handed
-    # out again, so its unsent data may be dropped.
-    worker.inbox.cancel_join_thread()
+    # out again, so what it holds may be dropped.
     worker.inbox.close()

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
-from multiprocessing.queues import Queue
+from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 
 from downloader.children import ChildFault, child_process
@@ -160,7 +160,7 @@ def _linked(src: str, spare: str) -> bool:
 
 
 def worker_main(
-    inbox: Queue[Task | None],
+    inbox: SimpleQueue[Task | None],
     results: Connection,
     stop: Connection,
     out: str,

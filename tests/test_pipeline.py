@@ -9,7 +9,7 @@ import shutil
 import signal
 import threading
 import time
-from multiprocessing.queues import Queue
+from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 
 import pytest
@@ -319,7 +319,7 @@ def test_a_worker_removes_a_download_nobody_keeps_once_it_said_done(
     source to keep (``--keep-originals``, a local file) stays, and so does one that
     failed, for the main process to hash and remove."""
     mp = mp_context()
-    inbox: Queue[Task | None] = mp.Queue()
+    inbox: SimpleQueue[Task | None] = mp.SimpleQueue()
     results, results_end = mp.Pipe(duplex=False)
     stop_end, stop = mp.Pipe(duplex=False)
     out = tmp_path / "out"
@@ -367,7 +367,7 @@ def test_a_worker_links_a_done_download_to_its_spare_name_before_saying_done(
     the same file. A failed task links nothing; a link that cannot be made is said
     (``recycled`` False) and the source still goes."""
     mp = mp_context()
-    inbox: Queue[Task | None] = mp.Queue()
+    inbox: SimpleQueue[Task | None] = mp.SimpleQueue()
     results, results_end = mp.Pipe(duplex=False)
     stop_end, stop = mp.Pipe(duplex=False)
     out = tmp_path / "out"
