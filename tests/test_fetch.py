@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import httpx
 import pytest
 
 from downloader.connection_pool import SWEEP_S
@@ -855,6 +856,27 @@ def test_the_shared_pool_keeps_its_connections_in_one_pass(
     assert site.hits() == 2 * threads
 
 
+def _fetch_on(
+    client: httpx.Client,
+    url: str,
+    tmp_dir: Path,
+    http: HttpSettings = FAST,
+    *,
+    hosts: HostLimiter,
+    spares: SpareFiles | None = None,
+) -> Fetched:
+    """``fetch`` of ``url`` on a client the test holds (its pool is looked at)."""
+    return fetch(
+        make_job(url),
+        client,
+        http,
+        tmp_dir,
+        hosts=hosts,
+        cancel=threading.Event(),
+        spares=spares,
+    )
+
+
 def test_the_pool_polls_idle_sockets_once_a_second_not_per_download(
     site: Site, tmp_path: Path
 ) -> None:
@@ -899,14 +921,7 @@ def test_the_pool_polls_idle_sockets_once_a_second_not_per_download(
         asked.clear()
         assert download(site.url("/ok/10"), tmp_path, http, hosts=hosts)
         assert sum(asked.values()) == 0  # download() has its own client
-        fetch(
-            make_job(site.url("/ok/10")),
-            client,
-            http,
-            tmp_path,
-            hosts=hosts,
-            cancel=threading.Event(),
-        )
+        _fetch_on(client, site.url("/ok/10"), tmp_path, http, hosts=hosts)
         assert sum(asked.values()) == 1  # the connection it was given
         assert connection_pool._connections == connections  # all kept
 
@@ -919,13 +934,8 @@ def test_an_idle_connection_its_server_closed_is_never_handed_out(
     before the request is sent, so the download needs no second attempt."""
     hosts = HostLimiter(1)
     with make_client(FAST, 1) as client:
-        first = fetch(
-            make_job(site.url("/ok-then-close/10")),
-            client,
-            FAST,
-            tmp_path,
-            hosts=hosts,
-            cancel=threading.Event(),
+        first = _fetch_on(
+            client, site.url("/ok-then-close/10"), tmp_path, FAST, hosts=hosts
         )
         [connection_pool] = _pools(client)
         [connection] = connection_pool._connections
@@ -933,14 +943,7 @@ def test_an_idle_connection_its_server_closed_is_never_handed_out(
         readable, _, _ = select.select([sock], [], [], WAIT)  # the server's FIN
         assert readable
         connection_pool._downloader_swept_at = time.monotonic()  # no sweep now
-        second = fetch(
-            make_job(site.url("/ok/10")),
-            client,
-            FAST,
-            tmp_path,
-            hosts=hosts,
-            cancel=threading.Event(),
-        )
+        second = _fetch_on(client, site.url("/ok/10"), tmp_path, FAST, hosts=hosts)
         assert connection_pool._connections != [connection]
 
     assert (first.attempts, second.attempts) == (1, 1)
@@ -967,13 +970,12 @@ def test_a_body_is_written_over_a_spare_and_cut_to_its_length(
     inode = spare.stat().st_ino
     (tmp_path / "item.part").write_bytes(b"stale")  # replaced, as _open_part does
     with make_client(FAST, 1) as client:
-        fetched = fetch(
-            make_job(site.url("/ok/1000")),
+        fetched = _fetch_on(
             client,
-            FAST,
+            site.url("/ok/1000"),
             tmp_path,
+            FAST,
             hosts=HostLimiter(1),
-            cancel=threading.Event(),
             spares=spares,
         )
 
@@ -998,13 +1000,12 @@ def test_a_spare_that_is_a_link_or_gone_is_passed_over(
     assert gone is not None
     spares.settle(gone, linked=True)  # said linked, but not there
     with make_client(FAST, 1) as client:
-        fetched = fetch(
-            make_job(site.url("/ok/1000")),
+        fetched = _fetch_on(
             client,
-            FAST,
+            site.url("/ok/1000"),
             spare.parent,
+            FAST,
             hosts=HostLimiter(1),
-            cancel=threading.Event(),
             spares=spares,
         )
 

@@ -311,24 +311,17 @@ def test_jobs_set_aside_for_a_busy_host_get_a_record_when_stopped(
     assert leftovers(tmp_path / "out") == []
 
 
-def test_a_worker_removes_a_download_nobody_keeps_once_it_said_done(
-    corpus: Path, tmp_path: Path
-) -> None:
-    """``Task.discard_src``: the worker removes its source after it sent ``TaskDone``
-    (a photo's removal is the costliest step of recording it in the main process); a
-    source to keep (``--keep-originals``, a local file) stays, and so does one that
-    failed, for the main process to hash and remove."""
+def _worker_ends(
+    tmp_path: Path, tasks: list[Task]
+) -> tuple[dict[int, TaskDone | TaskFailed], int | None]:
+    """Run ``tasks`` through one real worker process; its last answer for each task
+    and its exit code."""
     mp = mp_context()
     inbox: SimpleQueue[Task | None] = mp.SimpleQueue()
     results, results_end = mp.Pipe(duplex=False)
     stop_end, stop = mp.Pipe(duplex=False)
     out = tmp_path / "out"
     out.mkdir()
-    image = next(p for p in sorted(corpus.iterdir()) if p.suffix == ".jpg")
-    gone, kept, broken = (tmp_path / f"{name}.part" for name in ("a", "b", "c"))
-    shutil.copyfile(image, gone)
-    shutil.copyfile(image, kept)
-    broken.write_bytes(b"not an image")
     worker = mp.Process(
         target=worker_main,
         args=(inbox, results_end, stop_end, str(out), ImageSpec(max_size=32), 10),
@@ -336,27 +329,45 @@ def test_a_worker_removes_a_download_nobody_keeps_once_it_said_done(
     worker.start()
     results_end.close()
     stop_end.close()
-    for task in (
+    for task in tasks:
+        inbox.put(task)
+    inbox.put(None)
+    ends: dict[int, TaskDone | TaskFailed] = {}
+    while len(ends) < len(tasks) and results.poll(WAIT_S):
+        message = results.recv()
+        if isinstance(message, TaskDone | TaskFailed):
+            ends[message.index] = message
+    worker.join(WAIT_S)
+    stop.close()
+    return ends, worker.exitcode
+
+
+def test_a_worker_removes_a_download_nobody_keeps_once_it_said_done(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """``Task.discard_src``: the worker removes its source after it sent ``TaskDone``
+    (a photo's removal is the costliest step of recording it in the main process); a
+    source to keep (``--keep-originals``, a local file) stays, and so does one that
+    failed, for the main process to hash and remove."""
+    image = next(p for p in sorted(corpus.iterdir()) if p.suffix == ".jpg")
+    gone, kept, broken = (tmp_path / f"{name}.part" for name in ("a", "b", "c"))
+    shutil.copyfile(image, gone)
+    shutil.copyfile(image, kept)
+    broken.write_bytes(b"not an image")
+    tasks = [
         Task(0, str(gone), "a", discard_src=True),
         Task(1, str(kept), "b"),
         Task(2, str(broken), "c", discard_src=True),
-    ):
-        inbox.put(task)
-    inbox.put(None)
-    ends: dict[int, type] = {}
-    while len(ends) < 3 and results.poll(WAIT_S):
-        message = results.recv()
-        if isinstance(message, TaskDone | TaskFailed):
-            ends[message.index] = type(message)
-    worker.join(WAIT_S)
-    stop.close()
+    ]
+    answers, exitcode = _worker_ends(tmp_path, tasks)
+    ends = {index: type(message) for index, message in answers.items()}
 
     assert ends == {0: TaskDone, 1: TaskDone, 2: TaskFailed}
-    assert worker.exitcode == 0
+    assert exitcode == 0
     assert not gone.exists()
     assert kept.read_bytes() == image.read_bytes()
     assert broken.read_bytes() == b"not an image"
-    assert {"a.jpg", "b.jpg"} <= {p.name for p in out.iterdir()}
+    assert {"a.jpg", "b.jpg"} <= {p.name for p in (tmp_path / "out").iterdir()}
 
 
 def test_a_worker_links_a_done_download_to_its_spare_name_before_saying_done(
@@ -366,12 +377,6 @@ def test_a_worker_links_a_done_download_to_its_spare_name_before_saying_done(
     sends ``TaskDone`` (``recycled``), then removes the source as ever: the spare is
     the same file. A failed task links nothing; a link that cannot be made is said
     (``recycled`` False) and the source still goes."""
-    mp = mp_context()
-    inbox: SimpleQueue[Task | None] = mp.SimpleQueue()
-    results, results_end = mp.Pipe(duplex=False)
-    stop_end, stop = mp.Pipe(duplex=False)
-    out = tmp_path / "out"
-    out.mkdir()
     image = next(p for p in sorted(corpus.iterdir()) if p.suffix == ".jpg")
     good, broken, unlinkable = (tmp_path / f"{n}.part" for n in ("a", "b", "c"))
     shutil.copyfile(image, good)
@@ -379,27 +384,13 @@ def test_a_worker_links_a_done_download_to_its_spare_name_before_saying_done(
     broken.write_bytes(b"not an image")
     inode = good.stat().st_ino
     spares = [tmp_path / f"{n}.spare" for n in range(3)]
-    worker = mp.Process(
-        target=worker_main,
-        args=(inbox, results_end, stop_end, str(out), ImageSpec(max_size=32), 10),
-    )
-    worker.start()
-    results_end.close()
-    stop_end.close()
-    for index, (src, spare) in enumerate(
-        [(good, spares[0]), (broken, spares[1]), (unlinkable, tmp_path / "no" / "x")]
-    ):
-        inbox.put(
-            Task(index, str(src), src.stem, discard_src=True, recycle_to=str(spare))
+    tasks = [
+        Task(index, str(src), src.stem, discard_src=True, recycle_to=str(spare))
+        for index, (src, spare) in enumerate(
+            [(good, spares[0]), (broken, spares[1]), (unlinkable, tmp_path / "no/x")]
         )
-    inbox.put(None)
-    ends: dict[int, TaskDone | TaskFailed] = {}
-    while len(ends) < 3 and results.poll(WAIT_S):
-        message = results.recv()
-        if isinstance(message, TaskDone | TaskFailed):
-            ends[message.index] = message
-    worker.join(WAIT_S)
-    stop.close()
+    ]
+    ends, _ = _worker_ends(tmp_path, tasks)
 
     assert [type(ends[i]) for i in range(3)] == [TaskDone, TaskFailed, TaskDone]
     assert [getattr(ends[i], "recycled", None) for i in range(3)] == [True, None, False]
