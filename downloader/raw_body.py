@@ -99,10 +99,15 @@ def direct_reads(
 def whole(response: httpx.Response) -> bool:
     """If ``direct_reads`` took all of the body of ``response``, let h11 take its end
     (its count is zero: it reads nothing) and return True: httpx has nothing left to
-    read, so the caller skips ``iter_raw`` (which would walk six layers to find that
-    out, and after this would wait for more); closing the response puts the
-    connection back in the pool. False otherwise: the caller reads the rest with
-    ``iter_raw``, as ever."""
+    read, so the caller must skip ``iter_raw`` (which would walk six layers to find
+    that out, and, the end taken, would wait for more). Closing the response then
+    puts the connection back in the pool, or closes it if the server said it ends
+    with this response (``Connection: close``, HTTP/1.0). False otherwise, having
+    taken nothing: the caller reads the rest with ``iter_raw``, as ever.
+
+    Raises:
+        httpx.RemoteProtocolError: h11 had something else than the body's end.
+    """
     parts = _body_parts(response)
     if parts is None:
         return False
@@ -110,7 +115,9 @@ def whole(response: httpx.Response) -> bool:
     if reader._remaining != 0:
         return False
     event = state.next_event()
-    return isinstance(event, h11.EndOfMessage) and state.their_state is h11.DONE
+    if not isinstance(event, h11.EndOfMessage):
+        raise httpx.RemoteProtocolError(f"{type(event).__name__} at a body's end")
+    return True
 
 
 def _body_parts(response: httpx.Response) -> tuple[Any, Any, Any, socket.socket] | None:

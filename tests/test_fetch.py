@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import os
 import random
 import select
 import socket
@@ -304,6 +305,10 @@ class Handler(BaseHTTPRequestHandler):
             "bad-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"zz\r\nhello\r\n",
             "nothing": b"",
+            "http10": b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\n"
+            b"Content-Length: 4\r\n\r\n\xff\xd8\xff\xdb",
+            "close": b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
+            b"Connection: close\r\nContent-Length: 4\r\n\r\n\xff\xd8\xff\xdb",
         }
         self.wfile.write(replies[name])
         self.wfile.flush()
@@ -950,15 +955,15 @@ def test_an_idle_connection_its_server_closed_is_never_handed_out(
     assert site.hits() == 2
 
 
-def _ready_spare(folder: Path, content: bytes | None) -> tuple[SpareFiles, Path]:
-    """Spare files with one ready: a file of ``content``, or (None) nothing yet."""
+def _ready_spare(folder: Path, content: bytes) -> tuple[SpareFiles, Path]:
+    """Spare files with one ready: a file of ``content``, as a worker leaves one."""
     spares = SpareFiles(folder, 4)
-    name = spares.lend(len(content or b""))
+    name = spares.lend(len(content))
     assert name is not None
-    if content is not None:
-        Path(name).write_bytes(content)
-    spares.settle(name, linked=True)
-    return spares, Path(name)
+    spare = Path(name)
+    spare.write_bytes(content)
+    spares.settle(name, (spare.stat().st_dev, spare.stat().st_ino))
+    return spares, spare
 
 
 def test_a_body_is_written_over_a_spare_and_cut_to_its_length(
@@ -985,33 +990,46 @@ def test_a_body_is_written_over_a_spare_and_cut_to_its_length(
     assert spares.take() is None
 
 
-def test_a_spare_that_is_a_link_or_gone_is_passed_over(
-    site: Site, tmp_path: Path
+@pytest.mark.parametrize("planted", ["symlink", "hardlink", "fifo", "gone"])
+def test_what_is_put_under_a_spares_name_is_never_written_through(
+    site: Site, tmp_path: Path, planted: str
 ) -> None:
-    """A spare's name is opened never through a link: one that is a link (or no
-    longer there) is passed over, what it points to is left as it is, and the body
-    goes to a new file."""
+    """A spare is written over only if it is still the file its worker linked:
+    whatever replaced it under its name (a link to a file elsewhere, hard or
+    symbolic; a FIFO with a reader; nothing) is passed over and left as it is, and
+    the body goes to a new file."""
     victim = tmp_path / "victim.jpg"
     victim.write_bytes(b"not yours")
-    spares, spare = _ready_spare(tmp_path / "scratch", None)
-    spare.parent.mkdir()
-    spare.symlink_to(victim)
-    gone = spares.lend(10)
-    assert gone is not None
-    spares.settle(gone, linked=True)  # said linked, but not there
-    with make_client(FAST, 1) as client:
-        fetched = _fetch_on(
-            client,
-            site.url("/ok/1000"),
-            spare.parent,
-            FAST,
-            hosts=HostLimiter(1),
-            spares=spares,
-        )
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    spares, spare = _ready_spare(scratch, b"\x01" * 1000)
+    spare.unlink()
+    reader = -1
+    if planted == "symlink":
+        spare.symlink_to(victim)
+    elif planted == "hardlink":
+        os.link(victim, spare)
+    elif planted == "fifo":
+        os.mkfifo(spare)
+        reader = os.open(spare, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with make_client(FAST, 1) as client:
+            fetched = _fetch_on(
+                client,
+                site.url("/ok/1000"),
+                scratch,
+                FAST,
+                hosts=HostLimiter(1),
+                spares=spares,
+            )
+    finally:
+        if reader >= 0:
+            os.close(reader)
 
     assert fetched.path.read_bytes() == payload(1000)
     assert victim.read_bytes() == b"not yours"
-    assert spare.is_symlink()
+    assert spare.is_symlink() or spare.exists() is (planted != "gone")
+    assert fetched.path.stat().st_ino != victim.stat().st_ino
     assert spares.take() is None
 
 
@@ -1324,6 +1342,33 @@ def test_malformed_replies_are_not_retried(
 
     assert error.reason.startswith(reason)
     assert "bytearray" not in error.reason
+    assert site.hits() == 1
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("reply", ["http10", "close"])
+def test_a_body_that_ends_its_connection_is_saved_at_once(
+    site: Site, tmp_path: Path, driver: str, reply: str
+) -> None:
+    """An HTTP/1.0 answer, or one with ``Connection: close``, is read whole and
+    saved at once: the end of its body is the end of its connection, which is not
+    kept. (Taking the body's end in ``raw_body.whole`` without saying so left httpx
+    waiting for more, forever and at full CPU.) Bounded: the fetch runs in a daemon
+    thread given ``WAIT`` seconds."""
+    fetched: list[Fetched] = []
+    thread = threading.Thread(
+        target=lambda: fetched.append(
+            fetch_by(driver, site.url(f"/raw/{reply}"), tmp_path, FAST)
+        ),
+        daemon=True,
+    )
+    thread.start()
+    thread.join(WAIT)
+
+    assert not thread.is_alive()
+    [first] = fetched
+    assert first.path.read_bytes() == b"\xff\xd8\xff\xdb"
+    assert first.attempts == 1
     assert site.hits() == 1
 
 
