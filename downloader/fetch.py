@@ -51,6 +51,7 @@ import os
 import random
 import re
 import ssl
+import stat
 import threading
 import time
 import zlib
@@ -1455,19 +1456,27 @@ def _spare_renamed(spares: SpareFiles, path: str) -> int:
     """A ready spare, opened to be written over and renamed to ``path`` (replacing a
     stale file there, as ``_open_part`` does); -1 if there is none to take.
 
-    A spare that cannot be opened is passed over. Opened never through a link, and
-    without blocking (a FIFO under a spare's name fails, it does not wait).
+    A spare is taken only if the open file is the one the worker linked (a regular
+    file of its device and inode): whatever else is found under its name (gone, a
+    link, a FIFO, another file) is passed over and left alone. Opened never through
+    a link, and without blocking (a FIFO without a reader fails, it does not wait).
     """
     while (spare := spares.take()) is not None:
+        name, identity = spare
         try:
-            fd = os.open(spare, _SPARE_FLAGS)
+            fd = os.open(name, _SPARE_FLAGS)
         except OSError:
             continue
         try:
-            os.rename(spare, path)
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode) or (
+                (status.st_dev, status.st_ino) != identity
+            ):
+                os.close(fd)
+                continue
+            os.rename(name, path)
         except OSError:
             os.close(fd)
-            _remove(Path(spare))
             return -1
         return fd
     return -1

@@ -19,7 +19,10 @@ once it is closed, by then exactly its body.
 A spare is only a name in the run's scratch folder: the run removes the folder when
 it ends, and the next run when it starts after a crash. How many there are is
 bounded (``most``, lent and ready together), and a body larger than
-``MOST_BYTES`` is not kept as one.
+``MOST_BYTES`` is not kept as one. A spare is written over only if it is still the
+file the worker linked (``Identity``: device and inode, checked on the open file):
+a new ``.part`` used to be created, never opened, so nothing put under a spare's
+name (a link to a file elsewhere, a FIFO) may be written through instead.
 """
 
 from __future__ import annotations
@@ -29,11 +32,17 @@ import threading
 from collections import deque
 from pathlib import Path
 
-__all__ = ["MOST_BYTES", "SpareFiles"]
+__all__ = ["MOST_BYTES", "Identity", "Spare", "SpareFiles"]
 
-MOST_BYTES = 16 * 1024 * 1024
+MOST_BYTES = 8 * 1024 * 1024
 """The largest download kept as a spare: a spare's pages stay in the scratch folder
 until a download takes it, so one huge body must not be kept for small ones."""
+
+Identity = tuple[int, int]
+"""A file's device and inode (``st_dev``, ``st_ino``)."""
+
+Spare = tuple[str, Identity]
+"""A spare's name and the identity of the file the worker linked to it."""
 
 SUFFIX = ".spare"
 """No ``.part`` (``<stem>.part``) or output in the scratch folder ends so."""
@@ -49,7 +58,7 @@ class SpareFiles:
     def __init__(self, folder: Path, most: int) -> None:
         self._folder = folder
         self._most = most
-        self._ready: deque[str] = deque()
+        self._ready: deque[Spare] = deque()
         self._lent = 0
         self._numbers = itertools.count()
         self._lock = threading.Lock()
@@ -66,14 +75,15 @@ class SpareFiles:
             number = next(self._numbers)
         return str(self._folder / f"{number}{SUFFIX}")
 
-    def settle(self, name: str, linked: bool) -> None:
-        """The worker answered for ``name``: ``linked``, it is a spare now."""
+    def settle(self, name: str, linked: Identity | None) -> None:
+        """The worker answered for ``name``: ``linked`` to the file of that identity,
+        it is a spare now; None, it is not."""
         with self._lock:
             self._lent -= 1
-            if linked:
-                self._ready.append(name)
+            if linked is not None:
+                self._ready.append((name, linked))
 
-    def take(self) -> str | None:
+    def take(self) -> Spare | None:
         """A ready spare to write a download over (it is the caller's), or None."""
         try:
             return self._ready.popleft()

@@ -52,7 +52,7 @@ from downloader.lifecycle import Lifecycle
 from downloader.records import Fetched, Outcome, Stage
 from downloader.runtime import Wakeup
 from downloader.scheduling import TICK_S
-from downloader.spares import SpareFiles
+from downloader.spares import Identity, SpareFiles
 from downloader.steps import discard
 from downloader.worker import (
     Task,
@@ -266,7 +266,7 @@ class TransformPool:
         discard_src = job.local_path is None and not self._settings.keep_originals
         recycle_to = None
         if discard_src and self._spares is not None:
-            self._settle(job.index, linked=False)  # handed out again: a new name
+            self._settle(job.index, linked=None)  # handed out again: a new name
             recycle_to = self._spares.lend(fetched.nbytes)
             if recycle_to is not None:
                 self._lent[job.index] = recycle_to
@@ -281,7 +281,7 @@ class TransformPool:
         )
         worker.inbox.put(task)
 
-    def _settle(self, index: int, *, linked: bool) -> None:
+    def _settle(self, index: int, *, linked: Identity | None) -> None:
         """The spare name lent for job ``index`` is answered for (slots lock held)."""
         name = self._lent.pop(index, None)
         if name is not None and self._spares is not None:
@@ -359,7 +359,7 @@ class TransformPool:
         elif isinstance(message, TaskDone | TaskFailed):
             worker.current = None
             fetched = worker.assigned.pop(message.index)
-            linked = isinstance(message, TaskDone) and message.recycled
+            linked = message.recycled if isinstance(message, TaskDone) else None
             with self._slots:
                 self._settle(message.index, linked=linked)
             if isinstance(message, TaskDone):
@@ -404,7 +404,7 @@ class TransformPool:
             if replacement is not None:
                 self._workers.append(replacement)
             for index in worker.assigned:
-                self._settle(index, linked=False)
+                self._settle(index, linked=None)
         _discard_channels(worker)
         for index, fetched in worker.assigned.items():
             if self._stopping or (replacement is None and not self._workers):

@@ -82,8 +82,8 @@ class TaskDone:
     time: float
     sha256: str | None = None
     """The source file's SHA-256 (``Task.hash_src``)."""
-    recycled: bool = False
-    """``src`` was linked to ``Task.recycle_to``."""
+    recycled: tuple[int, int] | None = None
+    """``src`` was linked to ``Task.recycle_to``: the file's device and inode."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,13 +150,15 @@ def run_task(task: Task, out: Path, spec: ImageSpec) -> TaskDone | TaskFailed:
     return TaskDone(task.index, result, time.perf_counter(), sha256)
 
 
-def _linked(src: str, spare: str) -> bool:
-    """Link ``src`` to the name ``spare``; False if that cannot be done."""
+def _linked(src: str, spare: str) -> tuple[int, int] | None:
+    """Link ``src`` to the name ``spare``; the file's device and inode, or None if
+    that cannot be done."""
     try:
+        status = os.lstat(src)
         os.link(src, spare, follow_symlinks=False)
     except OSError:
-        return False
-    return True
+        return None
+    return status.st_dev, status.st_ino
 
 
 def worker_main(

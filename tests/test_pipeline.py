@@ -31,7 +31,7 @@ from downloader.children import mp_context
 from downloader.demo import serve_in_thread
 from downloader.pipeline import _Waiter
 from downloader.progress import EventLog
-from downloader.spares import SpareFiles
+from downloader.spares import Spare, SpareFiles
 from downloader.worker import Task, TaskDone, TaskFailed, worker_main
 from tests.helpers import (
     FLAT_IMAGE,
@@ -374,9 +374,9 @@ def test_a_worker_links_a_done_download_to_its_spare_name_before_saying_done(
     corpus: Path, tmp_path: Path
 ) -> None:
     """``Task.recycle_to``: the worker links its source to the spare name before it
-    sends ``TaskDone`` (``recycled``), then removes the source as ever: the spare is
-    the same file. A failed task links nothing; a link that cannot be made is said
-    (``recycled`` False) and the source still goes."""
+    sends ``TaskDone`` (``recycled``: the file's device and inode), then removes the
+    source as ever: the spare is the same file. A failed task links nothing; a link
+    that cannot be made is said (``recycled`` None) and the source still goes."""
     image = next(p for p in sorted(corpus.iterdir()) if p.suffix == ".jpg")
     good, broken, unlinkable = (tmp_path / f"{n}.part" for n in ("a", "b", "c"))
     shutil.copyfile(image, good)
@@ -393,7 +393,11 @@ def test_a_worker_links_a_done_download_to_its_spare_name_before_saying_done(
     ends, _ = _worker_ends(tmp_path, tasks)
 
     assert [type(ends[i]) for i in range(3)] == [TaskDone, TaskFailed, TaskDone]
-    assert [getattr(ends[i], "recycled", None) for i in range(3)] == [True, None, False]
+    assert [getattr(ends[i], "recycled", None) for i in range(3)] == [
+        (os.stat(spares[0]).st_dev, inode),
+        None,
+        None,
+    ]
     assert spares[0].stat().st_ino == inode
     assert spares[0].read_bytes() == image.read_bytes()
     assert not good.exists()
@@ -410,10 +414,10 @@ def test_downloads_written_over_spares_are_exactly_their_bodies(
     those of a run that writes every download to a new file; nothing is left in the
     scratch folder. The corpus's images differ in size, so a body written over a
     larger one would keep the old tail without the cut at close."""
-    taken: list[str | None] = []
+    taken: list[Spare | None] = []
     take = SpareFiles.take
 
-    def noted_take(self: SpareFiles) -> str | None:
+    def noted_take(self: SpareFiles) -> Spare | None:
         spare = take(self)
         taken.append(spare)
         return spare
