@@ -16,7 +16,8 @@ of its socket, ``has_expired``) where httpcore's answer is used: of the idle
 connection a request is about to be given, and of all of them at most once a
 second (``SWEEP_S``), rather than of every idle connection twice per download
 (16 threads: ~20 polls a photo). A connection the server closed is thus never
-handed out, as before; one nobody asks for is closed up to a second later. It is
+handed out, as before; one nobody asks for is closed up to a second later. Nor is
+one whose server sent more than its last response (``_holds_unasked_bytes``). It is
 set on the pool object, not by subclassing, so proxy pools (subclasses) keep their
 own class; and only on httpcore 1.0.x, whose method this one mirrors. On another
 version the pool is left as httpcore made it.
@@ -110,9 +111,19 @@ def _first_available(self: Any, origin: Any, closing: list[Any]) -> Any:
     for connection in list(connections):
         if not (connection.can_handle_request(origin) and connection.is_available()):
             continue
-        if connection.has_expired():
+        if connection.has_expired() or _holds_unasked_bytes(connection):
             connections.remove(connection)
             closing.append(connection)
             continue
         return connection
     return None
+
+
+def _holds_unasked_bytes(connection: Any) -> bool:
+    """An HTTP/1.1 connection with bytes in h11's buffer that no request asked for:
+    its server sent more than its last response's ``Content-Length`` (already read
+    with that response). Handed out, the next request would read them as the start
+    of its own response, and fail, or take a forged one. (Bytes that come later make
+    the idle socket readable: ``has_expired``.)"""
+    state = getattr(getattr(connection, "_connection", None), "_h11_state", None)
+    return state is not None and bool(getattr(state, "_receive_buffer", None))

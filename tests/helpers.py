@@ -66,7 +66,8 @@ class LocalHandler(CorpusHandler):
     ``/location/QUOTED`` (a redirect to any Location, percent-encoded in the path);
     ``/to-file``; ``/to-ftp``; ``/relative/NAME`` (``Location: ../NAME``);
     ``/disposition/dotdot|absolute/NAME``; ``/named/...`` (any path: the first file
-    of the corpus); ``/empty`` (a 200 with no body).
+    of the corpus); ``/empty`` (a 200 with no body); ``/overrun/NAME`` (NAME, then
+    bytes past its Content-Length).
     """
 
     def do_GET(self) -> None:
@@ -242,6 +243,18 @@ class LocalHandler(CorpusHandler):
     def _empty(self, rest: str) -> None:
         self.send_bytes(200, b"", "image/jpeg")
 
+    def _overrun(self, rest: str) -> None:
+        # /overrun/NAME: NAME, then bytes past its Content-Length in the same write,
+        # on a connection kept open.
+        data = (self.server.corpus / rest).read_bytes()
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+            + b"JUNKJUNKJUNK"
+        )
+        self.wfile.flush()
+
     def _robots(self, rest: str) -> None:
         # /robots/VALUE/NAME: NAME with "X-Robots-Tag: VALUE" (VALUE percent-encoded
         # in the path; "|" separates several headers).
@@ -279,6 +292,7 @@ class LocalHandler(CorpusHandler):
         "disposition": _disposition,
         "named": _named,
         "empty": _empty,
+        "overrun": _overrun,
         "robots": _robots,
     }
 

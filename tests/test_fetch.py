@@ -171,6 +171,18 @@ class Handler(BaseHTTPRequestHandler):
         self.route_ok(size)
         self.close_connection = True
 
+    def route_ok_then_junk(self, size: str) -> None:
+        """A keep-alive answer followed, in the same write, by bytes past its
+        Content-Length."""
+        body = payload(int(size))
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+            + b"JUNKJUNKJUNK"
+        )
+        self.wfile.flush()
+
     def route_short(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", "1000")
@@ -1370,6 +1382,43 @@ def test_a_body_that_ends_its_connection_is_saved_at_once(
     assert first.path.read_bytes() == b"\xff\xd8\xff\xdb"
     assert first.attempts == 1
     assert site.hits() == 1
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_bytes_past_a_body_do_not_reach_the_next_request_on_its_connection(
+    site: Site, tmp_path: Path, driver: str
+) -> None:
+    """A server that sends more than its Content-Length on a keep-alive connection:
+    the body is saved as it should be, and the connection is not used again, so the
+    next URL to that host gets a response of its own at its first attempt (it read
+    the extra bytes as its status line and failed)."""
+    first_url, next_url = site.url("/ok-then-junk/1000"), site.url("/ok/10")
+    if driver == "sync":
+        with make_client(FAST, 1) as client:
+            hosts = HostLimiter(1)
+            first = _fetch_on(client, first_url, tmp_path, FAST, hosts=hosts)
+            body = first.path.read_bytes()
+            second = _fetch_on(client, next_url, tmp_path, FAST, hosts=hosts)
+    else:
+
+        async def both() -> tuple[Fetched, bytes, Fetched]:
+            async with make_async_client(FAST, 1) as client:
+                hosts, stop = AsyncHostLimiter(1), asyncio.Event()
+                first = await fetch_async(
+                    make_job(first_url), client, FAST, tmp_path, stop=stop, hosts=hosts
+                )
+                body = first.path.read_bytes()
+                second = await fetch_async(
+                    make_job(next_url), client, FAST, tmp_path, stop=stop, hosts=hosts
+                )
+                return first, body, second
+
+        first, body, second = asyncio.run(asyncio.wait_for(both(), WAIT))
+
+    assert body == payload(1000)
+    assert second.path.read_bytes() == payload(10)
+    assert (first.attempts, second.attempts) == (1, 1)
+    assert site.hits() == 2
 
 
 @pytest.mark.parametrize("driver", DRIVERS)

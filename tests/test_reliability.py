@@ -6,6 +6,7 @@ then checks one URL's record, the server's request log, and the files on disk.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import re
@@ -583,3 +584,27 @@ def test_bad_redirects_fail_their_urls_in_every_mode(
             assert by_url[url]["attempts"] == 1
         assert report.summary.counts[Status.FAILED] == len(bad)
         assert report.summary.counts[Status.OK if attempt == 1 else Status.SKIPPED] == 4
+
+
+@pytest.mark.parametrize("mode", list(LOCAL_MODES))
+def test_bytes_past_a_body_never_reach_the_next_url_in_every_mode(
+    server: LocalServer, corpus: Path, tmp_path: Path, mode: Mode
+) -> None:
+    """A server that sends more than its Content-Length on a keep-alive connection:
+    its URL is ok with its own body, and the next URL from that host, on one
+    download thread, is ok at its first attempt (it used to read those bytes as its
+    status line and fail, without a retry)."""
+    good = corpus_urls(server, corpus)[:4]
+    names = [url.rpartition("/")[2] for url in good]
+    overrun = [server.url_for(f"overrun/{name}") for name in names]
+    urls = [url for pair in zip(overrun, good, strict=True) for url in pair]
+    settings = fast_settings(tmp_path / "out", mode=mode, threads=1)
+
+    report = run(urls, settings)
+
+    records = {r["url"]: r for r in read_manifest(settings.out)}
+    assert report.summary.counts[Status.OK] == len(urls), records
+    for url, name in zip(overrun, names, strict=True):
+        served = (corpus / name).read_bytes()
+        assert records[url]["sha256"] == hashlib.sha256(served).hexdigest()
+    assert {records[url]["attempts"] for url in urls} == {1}
