@@ -978,6 +978,19 @@ def _ready_spare(folder: Path, content: bytes) -> tuple[SpareFiles, Path]:
     return spares, spare
 
 
+def _fetch_with_spares(site: Site, folder: Path, spares: SpareFiles) -> Fetched:
+    """``/ok/1000`` into ``folder``, over a spare when one is ready."""
+    with make_client(FAST, 1) as client:
+        return _fetch_on(
+            client,
+            site.url("/ok/1000"),
+            folder,
+            FAST,
+            hosts=HostLimiter(1),
+            spares=spares,
+        )
+
+
 def test_a_body_is_written_over_a_spare_and_cut_to_its_length(
     site: Site, tmp_path: Path
 ) -> None:
@@ -986,15 +999,7 @@ def test_a_body_is_written_over_a_spare_and_cut_to_its_length(
     spares, spare = _ready_spare(tmp_path, b"\x01" * 3_000_000)
     inode = spare.stat().st_ino
     (tmp_path / "item.part").write_bytes(b"stale")  # replaced, as _open_part does
-    with make_client(FAST, 1) as client:
-        fetched = _fetch_on(
-            client,
-            site.url("/ok/1000"),
-            tmp_path,
-            FAST,
-            hosts=HostLimiter(1),
-            spares=spares,
-        )
+    fetched = _fetch_with_spares(site, tmp_path, spares)
 
     assert fetched.path.read_bytes() == payload(1000)
     assert fetched.path.stat().st_ino == inode
@@ -1025,15 +1030,7 @@ def test_what_is_put_under_a_spares_name_is_never_written_through(
         os.mkfifo(spare)
         reader = os.open(spare, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        with make_client(FAST, 1) as client:
-            fetched = _fetch_on(
-                client,
-                site.url("/ok/1000"),
-                scratch,
-                FAST,
-                hosts=HostLimiter(1),
-                spares=spares,
-            )
+        fetched = _fetch_with_spares(site, scratch, spares)
     finally:
         if reader >= 0:
             os.close(reader)
