@@ -125,5 +125,14 @@ def _holds_unasked_bytes(connection: Any) -> bool:
     with that response). Handed out, the next request would read them as the start
     of its own response, and fail, or take a forged one. (Bytes that come later make
     the idle socket readable: ``has_expired``.)"""
-    state = getattr(getattr(connection, "_connection", None), "_h11_state", None)
-    return state is not None and bool(getattr(state, "_receive_buffer", None))
+    for _ in range(_MOST_WRAPPERS):
+        connection = getattr(connection, "_connection", None)
+        state = getattr(connection, "_h11_state", None)
+        if state is not None:
+            return bool(getattr(state, "_receive_buffer", None))
+    return False
+
+
+_MOST_WRAPPERS = 4
+"""How deep the HTTP/1.1 connection may sit: ``HTTPConnection`` wraps it, a proxy's
+``ForwardHTTPConnection`` or ``TunnelHTTPConnection`` wraps that."""

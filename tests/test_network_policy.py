@@ -9,6 +9,7 @@ both drivers (``fetch`` and ``fetch_async``) and end to end in every mode.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import http.client
 import itertools
 import json
@@ -514,6 +515,17 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             body = reply.read()
         finally:
             upstream.close()
+        if "/overrun/" in parts.path:
+            # The proxy too sends bytes past the body, in the same write, on a
+            # connection it keeps.
+            self.wfile.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+                + b"JUNKJUNKJUNK"
+            )
+            self.close_connection = False
+            return
         self.send_response(reply.status)
         for name, value in reply.getheaders():
             if name.lower() not in (
@@ -566,6 +578,31 @@ def test_every_request_goes_through_the_proxy_in_every_mode(
     assert [r.status.value for r in report.results] == ["ok"] * 3
     assert sorted(proxy.seen) == sorted(urls)
     assert server.request_count() == 3
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+def test_bytes_past_a_body_from_a_proxy_never_reach_the_next_url(
+    mode: Mode, proxy: _Proxy, server: LocalServer, corpus: Path, tmp_path: Path
+) -> None:
+    """A proxy that sends more than its Content-Length on its kept connection: each
+    URL still gets its own body at its first attempt (the pool finds the bytes
+    through the proxy connection's wrapper too, and closes it)."""
+    port = server.server_address[1]
+    names = sorted(p.name for p in corpus.glob("img-*"))[:3]
+    overrun = [f"http://images.test:{port}/overrun/{name}" for name in names]
+    plain = [f"http://images.test:{port}/{name}" for name in names]
+    urls = [url for pair in zip(overrun, plain, strict=True) for url in pair]
+    http = replace(HTTP, proxy=proxy_url(proxy), retries=0)
+    out = tmp_path / "out"
+
+    report = downloader.run(urls, replace(settings_for(out, mode, http), threads=1))
+
+    assert [r.status.value for r in report.results] == ["ok"] * len(urls)
+    served = {
+        name: hashlib.sha256((corpus / name).read_bytes()).hexdigest() for name in names
+    }
+    for result in report.results:
+        assert result.sha256 == served[result.url.rpartition("/")[2]]
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
