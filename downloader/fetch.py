@@ -57,7 +57,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
@@ -835,6 +835,8 @@ class _Body:
     final_url: str
     nbytes: int
     sha256: str | None
+    identity: tuple[int, int] | None = None
+    """Its file's device and inode as written (``Fetched.identity``)."""
 
 
 class _Received:
@@ -1022,6 +1024,7 @@ class _Attempts:
             attempts=self.count,
             elapsed=self.clock() - self.started,
             insecure=not self.http.verify,
+            identity=body.identity,
         )
 
 
@@ -1227,7 +1230,8 @@ class _Download:
                 for data in response.iter_raw():
                     part.write_all(reader.feed(data))
             part.write_all(reader.finish())
-            return reader.body(url)
+            body = reader.body(url)
+        return replace(body, identity=part.identity)
 
 
 class _AsyncDownload:
@@ -1408,6 +1412,9 @@ class _PartFile:
         self._over = False
         """Writing over a spare: cut to ``_written`` when closed."""
         self._written = 0
+        self.identity: tuple[int, int] | None = None
+        """With ``spares``: the file's device and inode as it was closed, the only
+        file a worker may make a spare of (``Fetched.identity``)."""
 
     def __enter__(self) -> _PartFile:
         if self._spares is not None and not self._append:
@@ -1443,6 +1450,9 @@ class _PartFile:
             try:
                 if self._over:
                     os.ftruncate(self._fd, self._written)
+                if self._spares is not None and exc_type is None:
+                    status = os.fstat(self._fd)
+                    self.identity = status.st_dev, status.st_ino
             finally:
                 os.close(self._fd)
         except OSError as close_exc:

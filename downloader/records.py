@@ -133,6 +133,10 @@ class Fetched:
     elapsed: float
     insecure: bool = False
     """Fetched with TLS certificate verification off (``--insecure``)."""
+    identity: tuple[int, int] | None = None
+    """The device and inode of the file as its download closed it, where a worker may
+    make a spare of it (``spares``): it links ``path`` only while ``path`` is still
+    that file, so a file put in its place is never written over."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -265,7 +265,7 @@ class TransformPool:
         job = fetched.job
         discard_src = job.local_path is None and not self._settings.keep_originals
         recycle_to = None
-        if discard_src and self._spares is not None:
+        if discard_src and self._spares is not None and fetched.identity is not None:
             self._settle(job.index, linked=None)  # handed out again: a new name
             recycle_to = self._spares.lend(fetched.nbytes)
             if recycle_to is not None:
@@ -278,6 +278,7 @@ class TransformPool:
             hash_src=fetched.sha256 is None,
             discard_src=discard_src,
             recycle_to=recycle_to,
+            src_identity=fetched.identity if recycle_to is not None else None,
         )
         worker.inbox.put(task)
 

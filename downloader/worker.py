@@ -63,6 +63,9 @@ class Task:
     recycle_to: str | None = None
     """Link ``src`` to this name before ``TaskDone`` is sent, as a spare for the
     next download to write over (``spares``): set only with ``discard_src``."""
+    src_identity: tuple[int, int] | None = None
+    """``src``'s device and inode as its download closed it: linked only while
+    ``src`` is still that file (``Fetched.identity``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,15 +153,19 @@ def run_task(task: Task, out: Path, spec: ImageSpec) -> TaskDone | TaskFailed:
     return TaskDone(task.index, result, time.perf_counter(), sha256)
 
 
-def _linked(src: str, spare: str) -> tuple[int, int] | None:
-    """Link ``src`` to the name ``spare``; the file's device and inode, or None if
-    that cannot be done."""
+def _linked(task: Task) -> tuple[int, int] | None:
+    """Link ``task.src`` to its spare name if it is still the file its download
+    wrote (``Task.src_identity``); that identity, or None if not linked."""
+    if task.recycle_to is None or task.src_identity is None:
+        return None
     try:
-        status = os.lstat(src)
-        os.link(src, spare, follow_symlinks=False)
+        status = os.lstat(task.src)
+        if (status.st_dev, status.st_ino) != task.src_identity:
+            return None
+        os.link(task.src, task.recycle_to, follow_symlinks=False)
     except OSError:
         return None
-    return status.st_dev, status.st_ino
+    return task.src_identity
 
 
 def worker_main(
@@ -184,9 +191,7 @@ def worker_main(
                 results.send(TaskStarted(task.index, time.perf_counter()))
                 message = run_task(task, Path(out), spec)
                 if task.recycle_to is not None and isinstance(message, TaskDone):
-                    message = replace(
-                        message, recycled=_linked(task.src, task.recycle_to)
-                    )
+                    message = replace(message, recycled=_linked(task))
                 results.send(message)
                 if task.discard_src and isinstance(message, TaskDone):
                     with contextlib.suppress(OSError):

@@ -1003,6 +1003,7 @@ def test_a_body_is_written_over_a_spare_and_cut_to_its_length(
 
     assert fetched.path.read_bytes() == payload(1000)
     assert fetched.path.stat().st_ino == inode
+    assert fetched.identity == (fetched.path.stat().st_dev, inode)
     assert not spare.exists()
     assert spares.take() is None
 

@@ -375,35 +375,57 @@ def test_a_worker_links_a_done_download_to_its_spare_name_before_saying_done(
 ) -> None:
     """``Task.recycle_to``: the worker links its source to the spare name before it
     sends ``TaskDone`` (``recycled``: the file's device and inode), then removes the
-    source as ever: the spare is the same file. A failed task links nothing; a link
-    that cannot be made is said (``recycled`` None) and the source still goes."""
+    source as ever: the spare is the same file. It links nothing for a failed task,
+    nor when the source is no longer the file its download wrote (a hard link to a
+    file elsewhere put in its place, which a later download would otherwise write
+    over), nor when the link cannot be made; the source goes all the same."""
     image = next(p for p in sorted(corpus.iterdir()) if p.suffix == ".jpg")
-    good, broken, unlinkable = (tmp_path / f"{n}.part" for n in ("a", "b", "c"))
-    shutil.copyfile(image, good)
-    shutil.copyfile(image, unlinkable)
+    good, broken, unlinkable, swapped = (
+        tmp_path / f"{n}.part" for n in ("a", "b", "c", "d")
+    )
+    for src in (good, unlinkable, swapped):
+        shutil.copyfile(image, src)
     broken.write_bytes(b"not an image")
-    inode = good.stat().st_ino
-    spares = [tmp_path / f"{n}.spare" for n in range(3)]
+    identities = {
+        src: (src.stat().st_dev, src.stat().st_ino)
+        for src in (good, broken, unlinkable, swapped)
+    }
+    victim = tmp_path / "victim.jpg"
+    shutil.copyfile(image, victim)
+    swapped.unlink()
+    os.link(victim, swapped)
+    spares = [tmp_path / f"{n}.spare" for n in range(4)]
+    sources = [good, broken, unlinkable, swapped]
+    targets = [spares[0], spares[1], tmp_path / "no" / "x", spares[3]]
     tasks = [
-        Task(index, str(src), src.stem, discard_src=True, recycle_to=str(spare))
-        for index, (src, spare) in enumerate(
-            [(good, spares[0]), (broken, spares[1]), (unlinkable, tmp_path / "no/x")]
+        Task(
+            index,
+            str(src),
+            src.stem,
+            discard_src=True,
+            recycle_to=str(spare),
+            src_identity=identities[src],
         )
+        for index, (src, spare) in enumerate(zip(sources, targets, strict=True))
     ]
     ends, _ = _worker_ends(tmp_path, tasks)
 
-    assert [type(ends[i]) for i in range(3)] == [TaskDone, TaskFailed, TaskDone]
-    assert [getattr(ends[i], "recycled", None) for i in range(3)] == [
-        (os.stat(spares[0]).st_dev, inode),
-        None,
-        None,
+    assert [type(ends[i]) for i in range(4)] == [
+        TaskDone,
+        TaskFailed,
+        TaskDone,
+        TaskDone,
     ]
-    assert spares[0].stat().st_ino == inode
+    recycled = [getattr(ends[i], "recycled", None) for i in range(4)]
+    assert recycled == [identities[good], None, None, None]
+    assert spares[0].stat().st_ino == identities[good][1]
     assert spares[0].read_bytes() == image.read_bytes()
     assert not good.exists()
     assert not unlinkable.exists()
     assert not spares[1].exists()
+    assert not spares[3].exists()
     assert broken.read_bytes() == b"not an image"  # the main process's to remove
+    assert victim.read_bytes() == image.read_bytes()
 
 
 def test_downloads_written_over_spares_are_exactly_their_bodies(
