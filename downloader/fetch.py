@@ -72,7 +72,7 @@ from downloader.connection_pool import linear_assignment
 from downloader.errors import FetchError, OutputError
 from downloader.politeness import Pace, RequestRate, refused_use
 from downloader.raw_body import direct_reads, whole
-from downloader.records import Fetched, Job
+from downloader.records import Fetched, Identity, Job
 from downloader.resolve import (
     UNRESOLVED_ATTEMPTS,
     ProxiedCheck,
@@ -835,7 +835,7 @@ class _Body:
     final_url: str
     nbytes: int
     sha256: str | None
-    identity: tuple[int, int] | None = None
+    identity: Identity | None = None
     """Its file's device and inode as written (``Fetched.identity``)."""
 
 
@@ -1412,7 +1412,7 @@ class _PartFile:
         self._over = False
         """Writing over a spare: cut to ``_written`` when closed."""
         self._written = 0
-        self.identity: tuple[int, int] | None = None
+        self.identity: Identity | None = None
         """With ``spares``: the file's device and inode as it was closed, the only
         file a worker may make a spare of (``Fetched.identity``)."""
 

@@ -15,6 +15,7 @@ from typing import Any
 __all__ = [
     "Extra",
     "Fetched",
+    "Identity",
     "Job",
     "Outcome",
     "Stage",
@@ -33,6 +34,9 @@ Extra = tuple[tuple[str, Any], ...]
 """An input row's other fields, in order, with their values as given: text from
 CSV and TSV, any JSON value (number, list, object, ...) from JSON Lines, so that the
 manifest writes ``[1, 2]`` back as ``[1, 2]``, not as the text ``"[1, 2]"``."""
+
+Identity = tuple[int, int]
+"""A file's device and inode (``st_dev``, ``st_ino``): which file a name holds."""
 
 
 def _escaped(char: str) -> str:
@@ -133,7 +137,7 @@ class Fetched:
     elapsed: float
     insecure: bool = False
     """Fetched with TLS certificate verification off (``--insecure``)."""
-    identity: tuple[int, int] | None = None
+    identity: Identity | None = None
     """The device and inode of the file as its download closed it, where a worker may
     make a spare of it (``spares``): it links ``path`` only while ``path`` is still
     that file, so a file put in its place is never written over."""

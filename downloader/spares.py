@@ -32,14 +32,13 @@ import threading
 from collections import deque
 from pathlib import Path
 
-__all__ = ["MOST_BYTES", "Identity", "Spare", "SpareFiles"]
+from downloader.records import Identity
+
+__all__ = ["MOST_BYTES", "Spare", "SpareFiles"]
 
 MOST_BYTES = 8 * 1024 * 1024
 """The largest download kept as a spare: a spare's pages stay in the scratch folder
 until a download takes it, so one huge body must not be kept for small ones."""
-
-Identity = tuple[int, int]
-"""A file's device and inode (``st_dev``, ``st_ino``)."""
 
 Spare = tuple[str, Identity]
 """A spare's name and the identity of the file the worker linked to it."""

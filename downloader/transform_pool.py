@@ -49,10 +49,10 @@ from multiprocessing.queues import SimpleQueue
 from downloader.children import ChildFault, RestartBudget, StopLine
 from downloader.errors import WorkerCrashed
 from downloader.lifecycle import Lifecycle
-from downloader.records import Fetched, Outcome, Stage
+from downloader.records import Fetched, Identity, Outcome, Stage
 from downloader.runtime import Wakeup
 from downloader.scheduling import TICK_S
-from downloader.spares import Identity, SpareFiles
+from downloader.spares import SpareFiles
 from downloader.steps import discard
 from downloader.worker import (
     Task,
@@ -266,7 +266,6 @@ class TransformPool:
         discard_src = job.local_path is None and not self._settings.keep_originals
         recycle_to = None
         if discard_src and self._spares is not None and fetched.identity is not None:
-            self._settle(job.index, linked=None)  # handed out again: a new name
             recycle_to = self._spares.lend(fetched.nbytes)
             if recycle_to is not None:
                 self._lent[job.index] = recycle_to

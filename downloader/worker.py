@@ -24,7 +24,7 @@ from pathlib import Path
 
 from downloader.children import ChildFault, child_process
 from downloader.errors import OutputError, TransformError
-from downloader.records import Transformed
+from downloader.records import Identity, Transformed
 from downloader.settings import ImageSpec
 from downloader.transform import configure_pillow, transform_file
 
@@ -63,7 +63,7 @@ class Task:
     recycle_to: str | None = None
     """Link ``src`` to this name before ``TaskDone`` is sent, as a spare for the
     next download to write over (``spares``): set only with ``discard_src``."""
-    src_identity: tuple[int, int] | None = None
+    src_identity: Identity | None = None
     """``src``'s device and inode as its download closed it: linked only while
     ``src`` is still that file (``Fetched.identity``)."""
 
@@ -85,7 +85,7 @@ class TaskDone:
     time: float
     sha256: str | None = None
     """The source file's SHA-256 (``Task.hash_src``)."""
-    recycled: tuple[int, int] | None = None
+    recycled: Identity | None = None
     """``src`` was linked to ``Task.recycle_to``: the file's device and inode."""
 
 
@@ -153,7 +153,7 @@ def run_task(task: Task, out: Path, spec: ImageSpec) -> TaskDone | TaskFailed:
     return TaskDone(task.index, result, time.perf_counter(), sha256)
 
 
-def _linked(task: Task) -> tuple[int, int] | None:
+def _linked(task: Task) -> Identity | None:
     """Link ``task.src`` to its spare name if it is still the file its download
     wrote (``Task.src_identity``); that identity, or None if not linked."""
     if task.recycle_to is None or task.src_identity is None:
